@@ -1,0 +1,65 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Targets that import the C shim see only its public header, which keeps liburing.h, libaio.h and
+// OpenSSL out of Swift's module map (liburing.h redefines _GNU_SOURCE and clashes with SwiftGlibc).
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "Tandem",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "tandem", targets: ["tandem"]),
+        .library(name: "TandemCore", targets: ["TandemCore"]),
+        .library(name: "TandemNBD", targets: ["TandemNBD"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        .target(
+            name: "CTandem",
+            cSettings: [.unsafeFlags(["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"])],
+            linkerSettings: [
+                .linkedLibrary("uring"), .linkedLibrary("aio"),
+                .linkedLibrary("ssl"), .linkedLibrary("crypto"),
+            ]
+        ),
+        // Sans-I/O: no Glibc, no clock, no threads.
+        .target(name: "TandemCore", swiftSettings: strict),
+        .target(name: "TandemNBD", dependencies: ["TandemCore"], swiftSettings: strict),
+        .target(
+            name: "TandemIO",
+            dependencies: ["CTandem", "TandemCore", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "TandemNode",
+            dependencies: [
+                "CTandem", "TandemCore", "TandemNBD", "TandemIO",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "tandem",
+            dependencies: [
+                "CTandem", "TandemCore", "TandemNBD", "TandemIO", "TandemNode",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
+        .testTarget(name: "TandemNBDTests", dependencies: ["TandemNBD", "TandemCore"], swiftSettings: strict),
+        .testTarget(
+            name: "TandemIOTests",
+            dependencies: ["TandemIO", "CTandem", "TandemCore"],
+            swiftSettings: strict
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,71 @@
+/// Every bound Tandem enforces, in one place, with the relations between them asserted.
+///
+/// A limit that is not here does not exist: queues, sizes and loops take their bounds from this
+/// file, so a reader can see the whole resource envelope of a node at once (TigerBeetle's rule).
+public enum Limits {
+    /// Tandem's block: device sizes and (later) bitmap bits are multiples of it.
+    public static let blockSize = 4096
+
+    // MARK: NBD handshake
+
+    /// Options one client may send before it must choose an export.
+    public static let nbdOptionsPerHandshakeMax = 128
+    /// Bytes of data in one option; a longer option closes the connection unread.
+    public static let nbdOptionLengthMax = 16 * 1024
+    /// Bytes in one string (export name, meta-context query), as the spec's 4096.
+    public static let nbdStringLengthMax = 4096
+    /// Meta-context queries in one LIST/SET_META_CONTEXT option.
+    public static let nbdMetaContextQueriesMax = 32
+    /// Information requests in one INFO/GO option.
+    public static let nbdInfoRequestsMax = 64
+
+    // MARK: NBD transmission
+
+    /// Largest READ or WRITE payload (advertised as the maximum block size).
+    public static let nbdRequestBytesMax = 32 * 1024 * 1024
+    /// Requests one connection may have in flight; the next waits in the socket.
+    public static let nbdRequestsInFlightMax = 128
+    /// Extents in one BLOCK_STATUS reply.
+    public static let nbdBlockStatusExtentsMax = 1024
+    /// Concurrent NBD connections to one node (default; the CLI may lower it).
+    public static let nbdConnectionsMax = 64
+    /// Bytes of a connection's plaintext receive buffer.
+    public static let nbdReceiveBufferBytes = 256 * 1024
+    /// Replies gathered into one sendmsg.
+    public static let nbdRepliesPerSendMax = 64
+    /// Seconds a client may take to finish the handshake.
+    public static let nbdHandshakeTimeoutSeconds = 30
+    /// Seconds a shutting-down node waits for in-flight requests before closing connections.
+    public static let shutdownDrainSeconds = 10
+
+    // MARK: TLS
+
+    /// Bytes of ciphertext buffered per direction per connection.
+    public static let tlsCiphertextBufferBytes = 256 * 1024
+    /// Largest plaintext handed to one TLS record write.
+    public static let tlsRecordPlaintextMax = 16 * 1024
+
+    // MARK: I/O engine
+
+    /// Submission-queue entries of the io_uring (completion queue is four times larger).
+    public static let ringEntries = 1024
+    /// Completions reaped per loop iteration.
+    public static let completionBatchMax = 256
+    /// Worker threads of the thread-pool disk engine.
+    public static let diskThreads = 8
+    /// Disk operations queued to the thread pool or libaio at once: every request of every
+    /// connection, so submission never has to wait for room.
+    public static let diskQueueDepthMax = nbdConnectionsMax * nbdRequestsInFlightMax
+    /// Timers the event loop tracks at once.
+    public static let timersMax = 4096
+
+    /// Checks how the limits relate; a node calls it once at start.
+    public static func checkRelations() {
+        precondition(nbdRequestBytesMax >= 32 * 1024 * 1024, "spec: SHOULD allow >= 32 MiB")
+        precondition(nbdStringLengthMax <= nbdOptionLengthMax)
+        precondition(nbdReceiveBufferBytes >= 28 * nbdRequestsInFlightMax)
+        precondition(diskQueueDepthMax >= nbdRequestsInFlightMax)
+        precondition(completionBatchMax <= ringEntries)
+        precondition(tlsCiphertextBufferBytes >= 2 * (tlsRecordPlaintextMax + 256))
+    }
+}

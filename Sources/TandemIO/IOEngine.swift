@@ -1,0 +1,99 @@
+import CTandem
+import Glibc
+
+/// Which engine carries out I/O.
+public enum IOEngineKind: String, Sendable, CaseIterable {
+    /// io_uring for disk and sockets on one ring.
+    case uring
+    /// libaio for disk reads and writes (thread pool for fsync and fallocate), epoll for sockets.
+    case aio
+    /// A small thread pool doing pread/pwrite, epoll for sockets.
+    case threads
+}
+
+/// A completion-based (proactor) I/O engine. Every operation carries a `userData` word that comes
+/// back with its result (bytes, or -errno) through `wait`. Callers own all memory they pass until
+/// the completion arrives. Operations never complete inside the call that starts them: results
+/// always come from `wait`, so handlers never recurse.
+public protocol IOEngine: AnyObject {
+    var kind: IOEngineKind { get }
+    /// Why this engine was chosen (logged at start-up).
+    var reason: String { get }
+
+    /// Offers the buffer pool's registration iovecs; returns whether they were registered.
+    func registerBuffers(_ iovecs: [iovec]) -> Bool
+    /// Prepares a freshly accepted or created socket for this engine (non-blocking for epoll).
+    func adoptSocket(_ fd: Int32)
+
+    func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, userData: UInt64)
+    func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, userData: UInt64)
+    func fsync(fd: Int32, datasync: Bool, userData: UInt64)
+    func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, userData: UInt64)
+    func accept(fd: Int32, userData: UInt64)
+    func recv(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, userData: UInt64)
+    func sendmsg(fd: Int32, message: UnsafePointer<msghdr>, userData: UInt64)
+    /// Completes with the poll mask once `fd` is readable (one shot).
+    func pollReadable(fd: Int32, userData: UInt64)
+
+    /// Submits what is queued, waits up to `timeoutNanos` (nil: forever, 0: not at all) for at
+    /// least one completion, and copies up to `out.count` completions into `out`.
+    func wait(into out: UnsafeMutableBufferPointer<ctandem_cqe>, timeoutNanos: UInt64?) -> Int
+}
+
+/// Picks the engine: the one asked for, or for `nil` the best that works here, with the reason.
+public enum IOEngineFactory {
+    public static func make(_ requested: IOEngineKind?) throws(SystemError) -> any IOEngine {
+        switch requested {
+        case .uring?:
+            return try UringEngine(reason: "requested with --io-engine uring")
+        case .aio?:
+            return try EpollEngine(disk: .aio, reason: "requested with --io-engine aio")
+        case .threads?:
+            return try EpollEngine(disk: .threads, reason: "requested with --io-engine threads")
+        case nil:
+            let why: String
+            do {
+                return try UringEngine(reason: "io_uring is available")
+            } catch {
+                why = uringUnavailableReason(error)
+            }
+            do {
+                return try EpollEngine(disk: .aio, reason: "io_uring unavailable (\(why)); using libaio")
+            } catch {
+                return try EpollEngine(
+                    disk: .threads, reason: "io_uring unavailable (\(why)) and libaio unavailable (\(error)); using threads")
+            }
+        }
+    }
+
+    /// Says plainly why io_uring cannot be used here.
+    static func uringUnavailableReason(_ error: SystemError) -> String {
+        switch error.errno {
+        case ENOSYS: return "the kernel has no io_uring"
+        case EPERM:
+            let sysctl = (try? String(contentsOfFileNoFoundation: "/proc/sys/kernel/io_uring_disabled")) ?? "?"
+            return "io_uring is forbidden (kernel.io_uring_disabled=\(sysctl.trimmingNewline), or a seccomp filter)"
+        case ENOMEM: return "not enough locked memory for the ring (ulimit -l)"
+        default: return error.description
+        }
+    }
+}
+
+extension String {
+    /// Reads a small text file with plain syscalls (the I/O layer does not need Foundation).
+    init(contentsOfFileNoFoundation path: String) throws(SystemError) {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 { throw SystemError("open \(path)", errno: errno) }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: 4096)
+        let n = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        if n < 0 { throw SystemError("read \(path)", errno: errno) }
+        self = String(decoding: bytes[0..<n], as: UTF8.self)
+    }
+
+    var trimmingNewline: String {
+        var s = self
+        while s.last == "\n" || s.last == " " { s.removeLast() }
+        return s
+    }
+}

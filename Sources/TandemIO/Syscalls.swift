@@ -1,0 +1,57 @@
+import CTandem
+import Glibc
+
+/// An errno value with its text, for operating errors that are reported rather than crashed on.
+public struct SystemError: Error, CustomStringConvertible, Sendable {
+    public let errno: Int32
+    public let operation: String
+
+    public init(_ operation: String, errno: Int32) {
+        self.operation = operation
+        self.errno = errno
+    }
+
+    public var description: String { "\(operation): \(String(cString: strerror(errno)))" }
+
+    /// Text for an errno alone.
+    public static func text(_ errno: Int32) -> String { String(cString: strerror(errno)) }
+}
+
+/// Runs a syscall that returns -1 with errno, retrying on EINTR; throws other errors.
+@discardableResult
+@inline(__always)
+public func syscallRetrying<T: FixedWidthInteger>(_ operation: @autoclosure () -> String, _ body: () -> T) throws(SystemError) -> T {
+    while true {
+        let result = body()
+        if result >= 0 { return result }
+        let err = Glibc.errno
+        if err == EINTR { continue }
+        throw SystemError(operation(), errno: err)
+    }
+}
+
+/// Nanoseconds on the monotonic clock (the I/O layer's only clock; the core never reads one).
+@inline(__always)
+public func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// Closes a descriptor, ignoring EINTR (Linux always releases the descriptor).
+@inline(__always)
+public func closeDescriptor(_ fd: Int32) {
+    _ = Glibc.close(fd)
+}
+
+/// Memory for I/O: page-aligned, zeroed, from mmap, returned with `freeAligned`.
+public func allocateAligned(_ bytes: Int) -> UnsafeMutableRawPointer {
+    precondition(bytes > 0)
+    let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    guard let p, p != MAP_FAILED else { fatalError("mmap of \(bytes) bytes failed: \(SystemError.text(errno))") }
+    return p
+}
+
+public func freeAligned(_ p: UnsafeMutableRawPointer, _ bytes: Int) {
+    munmap(p, bytes)
+}

@@ -1,0 +1,99 @@
+public import CTandem
+import Glibc
+import TandemCore
+
+/// io_uring for everything: disk reads and writes (registered buffers where the pool offers
+/// them), fsync, fallocate, accept, recv and sendmsg on one ring, submitted in batches: an
+/// operation is only queued; the ring is entered once per loop iteration.
+public final class UringEngine: IOEngine {
+    public let kind = IOEngineKind.uring
+    public let reason: String
+    private let ring: OpaquePointer
+
+    public init(reason: String, entries: Int = Limits.ringEntries) throws(SystemError) {
+        var ring: OpaquePointer?
+        let rc = ctandem_ring_create(UInt32(entries), &ring)
+        if rc < 0 { throw SystemError("io_uring_setup", errno: -rc) }
+        self.ring = ring!
+        // Every operation Tandem uses must be there; say which one is missing otherwise.
+        let needed: [(Int32, String)] = [
+            (Int32(CTANDEM_OP_READ), "read"), (Int32(CTANDEM_OP_WRITE), "write"), (Int32(CTANDEM_OP_FSYNC), "fsync"),
+            (Int32(CTANDEM_OP_FALLOCATE), "fallocate"), (Int32(CTANDEM_OP_ACCEPT), "accept"),
+            (Int32(CTANDEM_OP_RECV), "recv"), (Int32(CTANDEM_OP_SENDMSG), "sendmsg"), (Int32(CTANDEM_OP_POLL), "poll"),
+        ]
+        for (op, name) in needed where ctandem_ring_supports_op(self.ring, op) == 0 {
+            ctandem_ring_destroy(self.ring)
+            throw SystemError("io_uring lacks the \(name) operation", errno: EOPNOTSUPP)
+        }
+        self.reason = reason
+    }
+
+    deinit { ctandem_ring_destroy(ring) }
+
+    public func registerBuffers(_ iovecs: [iovec]) -> Bool {
+        guard !iovecs.isEmpty else { return false }
+        let rc = iovecs.withUnsafeBufferPointer { ctandem_ring_register_buffers(ring, $0.baseAddress, UInt32($0.count)) }
+        return rc == 0
+    }
+
+    public func adoptSocket(_ fd: Int32) {}
+
+    /// Runs `prep`; when the submission queue is full, submits what is there and tries again.
+    @inline(__always)
+    private func queue(_ prep: () -> Int32) {
+        var rc = prep()
+        while rc == -EBUSY {
+            _ = ctandem_ring_submit_wait(ring, 0, -1)
+            rc = prep()
+        }
+        precondition(rc == 0, "io_uring prep failed: \(rc)")
+    }
+
+    public func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, userData: UInt64) {
+        queue { ctandem_prep_read(ring, fd, buffer, UInt32(length), offset, fixedIndex, userData) }
+    }
+
+    public func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, userData: UInt64) {
+        queue { ctandem_prep_write(ring, fd, buffer, UInt32(length), offset, fixedIndex, fua ? ctandem_RWF_DSYNC : 0, userData) }
+    }
+
+    public func fsync(fd: Int32, datasync: Bool, userData: UInt64) {
+        queue { ctandem_prep_fsync(ring, fd, datasync ? 1 : 0, userData) }
+    }
+
+    public func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, userData: UInt64) {
+        queue { ctandem_prep_fallocate(ring, fd, mode, offset, length, userData) }
+    }
+
+    public func accept(fd: Int32, userData: UInt64) {
+        queue { ctandem_prep_accept(ring, fd, userData) }
+    }
+
+    public func recv(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, userData: UInt64) {
+        queue { ctandem_prep_recv(ring, fd, buffer, UInt32(length), userData) }
+    }
+
+    public func sendmsg(fd: Int32, message: UnsafePointer<msghdr>, userData: UInt64) {
+        queue { ctandem_prep_sendmsg(ring, fd, message, 0, userData) }
+    }
+
+    public func pollReadable(fd: Int32, userData: UInt64) {
+        queue { ctandem_prep_poll(ring, fd, UInt32(POLLIN), userData) }
+    }
+
+    public func wait(into out: UnsafeMutableBufferPointer<ctandem_cqe>, timeoutNanos: UInt64?) -> Int {
+        // Completions already posted need no system call to wait for.
+        var n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))
+        if n > 0 {
+            _ = ctandem_ring_submit_wait(ring, 0, -1)
+            return n
+        }
+        let timeout: Int64 = timeoutNanos.map { Int64(min($0, UInt64(Int64.max))) } ?? -1
+        let rc = ctandem_ring_submit_wait(ring, timeout == 0 ? 0 : 1, timeout)
+        if rc < 0 && rc != -ETIME && rc != -EAGAIN && rc != -EBUSY {
+            fatalError("io_uring_enter failed: \(SystemError.text(-rc))")
+        }
+        n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))
+        return n
+    }
+}

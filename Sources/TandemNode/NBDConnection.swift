@@ -1,0 +1,832 @@
+import CTandem
+import Glibc
+import Logging
+import TandemCore
+import TandemIO
+import TandemNBD
+
+/// One NBD client: handshake, optional TLS, then transmission with many requests in flight and
+/// replies in completion order.
+///
+/// Bytes arrive in `input` (plaintext, straight from recv or out of TLS). Requests are parsed
+/// there; a WRITE's payload goes into a pool buffer, by copy for what already arrived and by recv
+/// straight into the buffer for the rest. Each request holds a slot (its buffer, its reply header)
+/// from parsing until its reply is sent. Replies queue in completion order and leave in batches:
+/// one sendmsg with many iovecs (header, data, header, ...). Nothing here allocates per request.
+final class NBDConnection: IOHandler {
+    private enum Phase: Equatable { case handshake, tlsHandshake, transmission }
+
+    private enum SlotState: UInt8 { case free, payload, disk, reply }
+
+    private struct Slot {
+        var state = SlotState.free
+        var request = NBDRequest(flags: 0, type: 0, cookie: 0, offset: 0, length: 0)
+        var buffer: PoolBuffer?
+        /// Bytes of a read or write (or zero-fill) done so far (short transfers are resubmitted).
+        var done = 0
+        var headerLength = 0
+        var dataLength = 0
+        /// An fdatasync must follow the current operation (FUA on TRIM/WRITE_ZEROES).
+        var syncAfter = false
+        var syncing = false
+        /// WRITE_ZEROES emulated by writing zeros (the device cannot zero a range by itself).
+        var zeroFill = false
+    }
+
+    private static let tagRecv: UInt32 = 0x1000_0000
+    private static let tagSend: UInt32 = 0x1000_0001
+    private static let tagHandshakeTimer: UInt32 = 0x1000_0002
+
+    unowned let server: NBDServer
+    let loop: IOLoop
+    let fd: Int32
+    let peer: String
+    private(set) var id: UInt32 = 0
+    private var logger: Logger
+
+    private var phase = Phase.handshake
+    private var handshake: NBDHandshake
+    private var session: NBDSession?
+    private var tls: TLSSession?
+    private var startTLSAfterSend = false
+    /// SSL_read last asked for more ciphertext (so posting a recv will not overfill the BIO).
+    private var tlsWantsCiphertext = true
+
+    // Input.
+    private let input: UnsafeMutableRawPointer
+    private let inputCapacity = Limits.nbdReceiveBufferBytes
+    private var inStart = 0
+    private var inEnd = 0
+    private var recvPosted = false
+    private var recvDirect = false
+    private var cipherIn: UnsafeMutableRawPointer?
+    private var cipherOut: UnsafeMutableRawPointer?
+    private var cipherOutLength = 0
+    private var cipherOutSent = 0
+
+    // Requests.
+    private var slots: [Slot]
+    private var freeSlots: [Int32]
+    private let headers: UnsafeMutableRawPointer
+    private var payloadSlot: Int32 = -1
+    private var skipRemaining = 0
+    private var waitingForBuffer = false
+    private var bufferBytesHeld = 0
+    private var runs: [(length: UInt32, flags: UInt32)] = []
+
+    // Output.
+    private var replies: FixedQueue<Int32>
+    private var control: [UInt8] = []
+    private var controlSent = 0
+    private var sendPosted = false
+    private let iov: UnsafeMutablePointer<iovec>
+    private let iovCapacity = 2 * Limits.nbdRepliesPerSendMax + 1
+    private var iovCount = 0
+    private var iovIndex = 0
+    private let message: UnsafeMutablePointer<msghdr>
+    private var sendingControlBytes = 0
+    private var sendingReplies = 0
+    /// TLS: bytes of the head reply already encrypted.
+    private var tlsReplyOffset = 0
+
+    // Lifecycle.
+    private var opsInFlight = 0
+    private var closing = false
+    private var closeAfterSendReason: String?
+    private var disconnectRequested = false
+    private var finished = false
+
+    /// Buffer bytes one connection may hold, so a client that never reads its replies cannot
+    /// take the whole pool from the others.
+    static let bufferBytesHeldMax = 96 << 20
+
+    init(server: NBDServer, fd: Int32, peer: String) {
+        self.server = server
+        self.loop = server.loop
+        self.fd = fd
+        self.peer = peer
+        var logger = server.logger
+        logger[metadataKey: "client"] = "\(peer)"
+        self.logger = logger
+        handshake = NBDHandshake(exports: [server.configuration.export], tlsMode: server.configuration.tlsMode)
+        input = allocateAligned(inputCapacity)
+        let slotCount = Limits.nbdRequestsInFlightMax
+        slots = Array(repeating: Slot(), count: slotCount)
+        freeSlots = (0..<Int32(slotCount)).reversed()
+        headers = allocateAligned(slotCount * NBDTransmission.replyHeaderBytesMax)
+        replies = FixedQueue(capacity: slotCount)
+        iov = .allocate(capacity: iovCapacity)
+        message = .allocate(capacity: 1)
+        message.initialize(to: msghdr())
+        runs.reserveCapacity(Limits.nbdBlockStatusExtentsMax)
+        id = loop.register(self)
+    }
+
+    deinit {
+        freeAligned(input, inputCapacity)
+        freeAligned(headers, Limits.nbdRequestsInFlightMax * NBDTransmission.replyHeaderBytesMax)
+        if let cipherIn { freeAligned(cipherIn, Limits.tlsCiphertextBufferBytes) }
+        if let cipherOut { freeAligned(cipherOut, Limits.tlsCiphertextBufferBytes) }
+        iov.deallocate()
+        message.deallocate()
+    }
+
+    func start() {
+        queueControl(NBDHandshake.greeting())
+        loop.addTimer(id: id, tag: Self.tagHandshakeTimer, afterNanos: UInt64(Limits.nbdHandshakeTimeoutSeconds) * 1_000_000_000)
+        flushSend()
+        postRecv()
+    }
+
+    // MARK: Completions
+
+    func ioCompleted(tag: UInt32, result: Int32) {
+        switch tag {
+        case Self.tagRecv:
+            opsInFlight -= 1
+            recvPosted = false
+            received(result)
+        case Self.tagSend:
+            opsInFlight -= 1
+            sendPosted = false
+            sent(result)
+        case Self.tagHandshakeTimer:
+            if phase != .transmission { close(reason: "handshake not finished within \(Limits.nbdHandshakeTimeoutSeconds) s") }
+        default:
+            opsInFlight -= 1
+            diskCompleted(Int32(tag), result)
+        }
+        if closing { finishIfDone() }
+    }
+
+    func ioBatchEnded() {
+        if !closing { flushSend() }
+    }
+
+    private func received(_ result: Int32) {
+        let wasDirect = recvDirect
+        recvDirect = false
+        if closing { return }
+        if result <= 0 {
+            if result == 0 || result == -ECONNRESET {
+                close(reason: phase == .transmission && !disconnectRequested ? "client disconnected without NBD_CMD_DISC" : "client disconnected")
+            } else {
+                close(reason: "receive failed: \(SystemError.text(-result))")
+            }
+            return
+        }
+        if wasDirect {
+            slots[Int(payloadSlot)].done += Int(result)
+        } else if let tls {
+            guard tls.feed(cipherIn!, Int(result)) else { return close(reason: "TLS: cannot buffer ciphertext") }
+            tlsWantsCiphertext = false
+            if phase == .tlsHandshake { return driveTLSHandshake() }
+        } else {
+            inEnd += Int(result)
+        }
+        processInput()
+    }
+
+    // MARK: Input
+
+    /// Parses and starts everything the received bytes allow, then keeps a receive posted.
+    private func processInput() {
+        while !closing {
+            if skipRemaining > 0 {
+                let n = min(skipRemaining, inEnd - inStart)
+                inStart += n
+                skipRemaining -= n
+                if skipRemaining > 0 {
+                    if pullTLS() { continue }
+                    break
+                }
+            }
+            if payloadSlot >= 0 {
+                if !fillPayload() {
+                    if pullTLS() { continue }
+                    break
+                }
+                continue
+            }
+            let available = UnsafeRawBufferPointer(start: input + inStart, count: inEnd - inStart)
+            if phase == .handshake {
+                if closeAfterSendReason != nil { break }
+                let (consumed, action) = handshake.receive(available)
+                inStart += consumed
+                if !handle(action) {
+                    if action == .needMore && (consumed > 0 || pullTLS()) { continue }
+                    break
+                }
+                continue
+            }
+            if phase != .transmission || disconnectRequested { break }
+            if available.count < NBD.requestHeaderBytes {
+                if pullTLS() { continue }
+                break
+            }
+            if freeSlots.isEmpty || waitingForBuffer { break }
+            switch NBDTransmission.decode(available) {
+            case .needMore:
+                preconditionFailure("decode wanted more than a header")
+            case .invalid(let why):
+                return close(reason: why)
+            case .request(let request):
+                guard start(request) else { break }
+                inStart += NBD.requestHeaderBytes
+                continue
+            }
+            break
+        }
+        if inStart == inEnd {
+            inStart = 0
+            inEnd = 0
+        } else if inStart > inputCapacity / 2 {
+            (input).copyMemory(from: input + inStart, byteCount: inEnd - inStart)
+            inEnd -= inStart
+            inStart = 0
+        }
+        postRecv()
+        loop.callAtBatchEnd(id)
+    }
+
+    /// TLS only: decrypts buffered ciphertext into `input`. True when it produced bytes.
+    private func pullTLS() -> Bool {
+        guard let tls, phase != .tlsHandshake else { return false }
+        if inStart == inEnd {
+            inStart = 0
+            inEnd = 0
+        } else if inEnd == inputCapacity {
+            input.copyMemory(from: input + inStart, byteCount: inEnd - inStart)
+            inEnd -= inStart
+            inStart = 0
+        }
+        guard inEnd < inputCapacity else { return false }
+        let (n, status) = tls.read(into: input + inEnd, count: inputCapacity - inEnd)
+        switch status {
+        case .ok:
+            inEnd += n
+            return true
+        case .wantMore:
+            tlsWantsCiphertext = true
+            return false
+        case .closed:
+            close(reason: "client closed the TLS session")
+            return false
+        case .failed:
+            close(reason: "TLS: \(tls.lastError)")
+            return false
+        }
+    }
+
+    /// Copies buffered payload into the pending WRITE; submits it when complete. False when more
+    /// bytes are needed.
+    private func fillPayload() -> Bool {
+        let index = Int(payloadSlot)
+        let length = Int(slots[index].request.length)
+        let n = min(length - slots[index].done, inEnd - inStart)
+        if n > 0 {
+            slots[index].buffer!.pointer.advanced(by: slots[index].done).copyMemory(from: input + inStart, byteCount: n)
+            slots[index].done += n
+            inStart += n
+        }
+        guard slots[index].done == length else { return false }
+        payloadSlot = -1
+        slots[index].done = 0
+        slots[index].state = .disk
+        submitWrite(index)
+        return true
+    }
+
+    private func postRecv() {
+        guard !recvPosted, !closing, closeAfterSendReason == nil, !(phase == .transmission && disconnectRequested && payloadSlot < 0 && skipRemaining == 0) else { return }
+        if startTLSAfterSend { return }
+        if tls != nil {
+            // Only ask for ciphertext once OpenSSL has consumed what it has (bounds its buffer).
+            guard tlsWantsCiphertext || phase == .tlsHandshake else { return }
+            recvPosted = true
+            opsInFlight += 1
+            loop.engine.recv(fd: fd, buffer: cipherIn!, length: Limits.tlsCiphertextBufferBytes, userData: IOLoop.userData(id, Self.tagRecv))
+            return
+        }
+        if payloadSlot >= 0 && inStart == inEnd {
+            let index = Int(payloadSlot)
+            let remaining = Int(slots[index].request.length) - slots[index].done
+            if remaining >= 16 * 1024 {
+                recvDirect = true
+                recvPosted = true
+                opsInFlight += 1
+                loop.engine.recv(fd: fd, buffer: slots[index].buffer!.pointer + slots[index].done, length: remaining, userData: IOLoop.userData(id, Self.tagRecv))
+                return
+            }
+        }
+        if inEnd == inputCapacity {
+            guard inStart > 0 else { return }  // full of unparsed requests: parsing resumes first
+            input.copyMemory(from: input + inStart, byteCount: inEnd - inStart)
+            inEnd -= inStart
+            inStart = 0
+        }
+        recvPosted = true
+        opsInFlight += 1
+        loop.engine.recv(fd: fd, buffer: input + inEnd, length: inputCapacity - inEnd, userData: IOLoop.userData(id, Self.tagRecv))
+    }
+
+    // MARK: Handshake
+
+    /// Carries out a handshake action; false when processing must stop for now.
+    private func handle(_ action: NBDHandshake.Action) -> Bool {
+        switch action {
+        case .needMore:
+            return false
+        case .send(let bytes):
+            queueControl(bytes)
+            return true
+        case .sendThenStartTLS(let bytes):
+            queueControl(bytes)
+            if inStart != inEnd {
+                // Plaintext sent after STARTTLS would be trusted as if it came over TLS.
+                closeAfterSend(reason: "client sent data after STARTTLS before the TLS handshake")
+                return false
+            }
+            startTLSAfterSend = true
+            return false
+        case .enterTransmission(let bytes, let session):
+            queueControl(bytes)
+            self.session = session
+            phase = .transmission
+            loop.cancelTimers(id: id, tag: Self.tagHandshakeTimer)
+            logger.info("NBD client \(peer) attached to export \"\(session.export.name)\"\(tls != nil ? " over \(tls!.version)" : "")\(session.structuredReplies ? ", structured replies" : "")")
+            if server.shuttingDown { serverShuttingDown() }
+            return true
+        case .close(let bytes, let reason):
+            queueControl(bytes)
+            closeAfterSend(reason: reason)
+            return false
+        }
+    }
+
+    private func startTLS() {
+        guard let context = server.tlsContext else { preconditionFailure("STARTTLS accepted without a TLS context") }
+        startTLSAfterSend = false
+        tls = TLSSession(context: context)
+        cipherIn = allocateAligned(Limits.tlsCiphertextBufferBytes)
+        cipherOut = allocateAligned(Limits.tlsCiphertextBufferBytes)
+        phase = .tlsHandshake
+        postRecv()
+    }
+
+    private func driveTLSHandshake() {
+        guard let tls else { return }
+        switch tls.handshake() {
+        case .ok:
+            phase = .handshake
+            handshake.tlsEstablished()
+            logger.debug("TLS \(tls.version) with \(peer)\(tls.peerName.isEmpty ? "" : " (\(tls.peerName))")")
+            tlsWantsCiphertext = false
+            flushSend()
+            processInput()
+        case .wantMore:
+            tlsWantsCiphertext = true
+            flushSend()
+            postRecv()
+        case .closed, .failed:
+            logger.warning("TLS handshake with \(peer) failed: \(tls.lastError)")
+            // Send the alert OpenSSL produced, then close.
+            closeAfterSend(reason: "TLS handshake failed")
+            flushSend()
+        }
+    }
+
+    // MARK: Requests
+
+    /// Starts one request. False when it has to wait for a buffer (the header stays unread).
+    private func start(_ request: NBDRequest) -> Bool {
+        let session = self.session!
+        var error = NBDTransmission.validate(request, session)
+        if error == .ok && server.shuttingDown && request.command != .disconnect { error = .shutdown }
+        if error != .ok {
+            if request.payloadLength > 0 { skipRemaining = request.payloadLength }
+            logger.debug("request \(request.command.map { "\($0)" } ?? "type \(request.type)") offset \(request.offset) length \(request.length) flags 0x\(String(request.flags, radix: 16)): \(error)")
+            let slot = takeSlot(request)
+            reply(slot, error: error)
+            return true
+        }
+        let device = server.device
+        switch request.command! {
+        case .read, .write:
+            guard let buffer = takeBuffer(Int(request.length)) else { return false }
+            let slot = takeSlot(request)
+            slots[Int(slot)].buffer = buffer
+            if request.command == .write {
+                slots[Int(slot)].state = .payload
+                payloadSlot = slot
+            } else {
+                submitRead(Int(slot))
+            }
+        case .flush:
+            let slot = takeSlot(request)
+            opsInFlight += 1
+            loop.engine.fsync(fd: device.fd, datasync: true, userData: IOLoop.userData(id, UInt32(slot)))
+        case .trim, .writeZeroes:
+            let slot = takeSlot(request)
+            slots[Int(slot)].syncAfter = request.has(NBD.CommandFlag.fua)
+            var mode = ctandem_FALLOC_FL_PUNCH_HOLE | ctandem_FALLOC_FL_KEEP_SIZE
+            if request.command == .writeZeroes && request.has(NBD.CommandFlag.noHole) {
+                mode = ctandem_FALLOC_FL_ZERO_RANGE | ctandem_FALLOC_FL_KEEP_SIZE
+            }
+            opsInFlight += 1
+            loop.engine.fallocate(fd: device.fd, mode: mode, offset: request.offset, length: UInt64(request.length), userData: IOLoop.userData(id, UInt32(slot)))
+        case .cache:
+            let slot = takeSlot(request)
+            if device.cache == .page {
+                // Advice only: the kernel starts readahead and returns at once.
+                _ = posix_fadvise(device.fd, Int(request.offset), Int(request.length), POSIX_FADV_WILLNEED)
+            }
+            reply(slot, error: .ok)
+        case .blockStatus:
+            let maxExtents = request.has(NBD.CommandFlag.reqOne) ? 1 : Limits.nbdBlockStatusExtentsMax
+            device.allocationRuns(offset: request.offset, length: UInt64(request.length), max: maxExtents, into: &runs)
+            guard let buffer = takeBuffer(24 + 8 * runs.count) else { return false }
+            let slot = takeSlot(request)
+            slots[Int(slot)].buffer = buffer
+            let bytes = runs.withUnsafeBufferPointer { NBDTransmission.encodeBlockStatus(cookie: request.cookie, extents: $0, into: buffer.pointer) }
+            slots[Int(slot)].headerLength = 0
+            slots[Int(slot)].dataLength = bytes
+            queueReply(slot)
+        case .disconnect:
+            disconnectRequested = true
+            logger.debug("client \(peer) sent NBD_CMD_DISC")
+            closeIfDisconnected()
+        }
+        return true
+    }
+
+    private func takeBuffer(_ bytes: Int) -> PoolBuffer? {
+        if bufferBytesHeld + bytes <= Self.bufferBytesHeldMax || bufferBytesHeld == 0, let buffer = loop.pool.take(bytes) {
+            bufferBytesHeld += buffer.capacity
+            return buffer
+        }
+        waitingForBuffer = true
+        server.waitForBuffer(self)
+        return nil
+    }
+
+    func resumeAfterBuffer() {
+        guard waitingForBuffer, !closing else { return }
+        waitingForBuffer = false
+        processInput()
+    }
+
+    private func takeSlot(_ request: NBDRequest) -> Int32 {
+        let slot = freeSlots.popLast()!
+        precondition(slots[Int(slot)].state == .free)
+        slots[Int(slot)] = Slot(state: .disk, request: request)
+        return slot
+    }
+
+    private func releaseSlot(_ slot: Int32) {
+        let index = Int(slot)
+        if let buffer = slots[index].buffer {
+            loop.pool.release(buffer)
+            bufferBytesHeld -= buffer.capacity
+            server.bufferReleased()
+        }
+        slots[index] = Slot()
+        freeSlots.append(slot)
+    }
+
+    private func submitRead(_ index: Int) {
+        let s = slots[index]
+        let buffer = s.buffer!
+        opsInFlight += 1
+        loop.engine.read(
+            fd: server.device.fd, buffer: buffer.pointer + s.done, length: Int(s.request.length) - s.done,
+            offset: s.request.offset + UInt64(s.done), fixedIndex: s.done == 0 ? buffer.fixedIndex : -1,
+            userData: IOLoop.userData(id, UInt32(index)))
+    }
+
+    private func submitWrite(_ index: Int) {
+        let s = slots[index]
+        let buffer = s.buffer!
+        opsInFlight += 1
+        loop.engine.write(
+            fd: server.device.fd, buffer: buffer.pointer + s.done, length: Int(s.request.length) - s.done,
+            offset: s.request.offset + UInt64(s.done), fixedIndex: s.done == 0 ? buffer.fixedIndex : -1,
+            fua: s.request.has(NBD.CommandFlag.fua), userData: IOLoop.userData(id, UInt32(index)))
+    }
+
+    private func submitZeroFill(_ index: Int) {
+        let s = slots[index]
+        let chunk = min(Int(s.request.length) - s.done, NBDServer.zeroBufferBytes)
+        opsInFlight += 1
+        loop.engine.write(
+            fd: server.device.fd, buffer: server.zeroBuffer, length: chunk, offset: s.request.offset + UInt64(s.done),
+            fixedIndex: -1, fua: false, userData: IOLoop.userData(id, UInt32(index)))
+    }
+
+    private func submitSync(_ index: Int) {
+        slots[index].syncing = true
+        opsInFlight += 1
+        loop.engine.fsync(fd: server.device.fd, datasync: true, userData: IOLoop.userData(id, UInt32(index)))
+    }
+
+    private func diskCompleted(_ slot: Int32, _ result: Int32) {
+        let index = Int(slot)
+        precondition(slots[index].state == .disk, "disk completion for a slot in state \(slots[index].state)")
+        if closing {
+            releaseSlot(slot)
+            return
+        }
+        let request = slots[index].request
+        if result == -EINTR || result == -EAGAIN {
+            return resubmit(index)
+        }
+        if slots[index].syncing {
+            return reply(slot, error: result < 0 ? NBD.Errno(localErrno: -result) : .ok)
+        }
+        switch request.command! {
+        case .read, .write:
+            if result < 0 { return reply(slot, error: NBD.Errno(localErrno: -result)) }
+            if result == 0 { return reply(slot, error: .io) }
+            slots[index].done += Int(result)
+            if slots[index].done < Int(request.length) { return resubmit(index) }
+            if request.command == .write { return reply(slot, error: .ok) }
+            let header = headers + index * NBDTransmission.replyHeaderBytesMax
+            if session!.structuredReplies {
+                slots[index].headerLength = NBDTransmission.encodeReadChunkHeader(cookie: request.cookie, offset: request.offset, dataLength: Int(request.length), into: header)
+            } else {
+                slots[index].headerLength = NBDTransmission.encodeSimpleReply(cookie: request.cookie, error: .ok, into: header)
+            }
+            slots[index].dataLength = Int(request.length)
+            queueReply(slot)
+        case .flush:
+            reply(slot, error: result < 0 ? NBD.Errno(localErrno: -result) : .ok)
+        case .trim, .writeZeroes:
+            if slots[index].zeroFill {
+                if result < 0 { return reply(slot, error: NBD.Errno(localErrno: -result)) }
+                slots[index].done += Int(result)
+                if slots[index].done < Int(request.length) { return submitZeroFill(index) }
+            } else if result == -EOPNOTSUPP || result == -EINVAL && server.device.isBlockDevice {
+                if request.command == .trim {
+                    // TRIM is advisory: a device that cannot discard still answers success.
+                    return reply(slot, error: .ok)
+                }
+                if request.has(NBD.CommandFlag.fastZero) { return reply(slot, error: .notsup) }
+                slots[index].zeroFill = true
+                slots[index].syncAfter = slots[index].syncAfter || request.has(NBD.CommandFlag.fua)
+                return submitZeroFill(index)
+            } else if result < 0 {
+                return reply(slot, error: NBD.Errno(localErrno: -result))
+            }
+            if slots[index].syncAfter { return submitSync(index) }
+            reply(slot, error: .ok)
+        case .cache, .blockStatus, .disconnect:
+            preconditionFailure("\(request.command!) does no disk I/O")
+        }
+    }
+
+    private func resubmit(_ index: Int) {
+        if slots[index].syncing { return submitSync(index) }
+        switch slots[index].request.command! {
+        case .read: submitRead(index)
+        case .write: submitWrite(index)
+        case .flush: submitSync(index)
+        case .trim, .writeZeroes:
+            if slots[index].zeroFill { return submitZeroFill(index) }
+            let r = slots[index].request
+            var mode = ctandem_FALLOC_FL_PUNCH_HOLE | ctandem_FALLOC_FL_KEEP_SIZE
+            if r.command == .writeZeroes && r.has(NBD.CommandFlag.noHole) { mode = ctandem_FALLOC_FL_ZERO_RANGE | ctandem_FALLOC_FL_KEEP_SIZE }
+            opsInFlight += 1
+            loop.engine.fallocate(fd: server.device.fd, mode: mode, offset: r.offset, length: UInt64(r.length), userData: IOLoop.userData(id, UInt32(index)))
+        case .cache, .blockStatus, .disconnect:
+            preconditionFailure("nothing to resubmit")
+        }
+    }
+
+    // MARK: Replies
+
+    /// Queues the status reply (no data) for a slot.
+    private func reply(_ slot: Int32, error: NBD.Errno) {
+        let index = Int(slot)
+        if slots[index].request.command == .read, let buffer = slots[index].buffer {
+            // A failed read sends no data: give its buffer back now.
+            loop.pool.release(buffer)
+            bufferBytesHeld -= buffer.capacity
+            slots[index].buffer = nil
+            server.bufferReleased()
+        }
+        let header = headers + index * NBDTransmission.replyHeaderBytesMax
+        slots[index].headerLength = NBDTransmission.encodeStatusReply(slots[index].request, error: error, session: session!, into: header)
+        slots[index].dataLength = 0
+        queueReply(slot)
+    }
+
+    private func queueReply(_ slot: Int32) {
+        slots[Int(slot)].state = .reply
+        replies.push(slot)
+        loop.callAtBatchEnd(id)
+    }
+
+    private func queueControl(_ bytes: [UInt8]) {
+        guard !bytes.isEmpty else { return }
+        if controlSent == control.count {
+            control.removeAll(keepingCapacity: true)
+            controlSent = 0
+        }
+        control += bytes
+        loop.callAtBatchEnd(id)
+    }
+
+    /// Starts a send of what is queued, unless one is in flight.
+    private func flushSend() {
+        guard !sendPosted, !closing else { return }
+        if tls != nil && !startTLSAfterSend { return flushSendTLS() }
+        iovCount = 0
+        iovIndex = 0
+        sendingControlBytes = 0
+        sendingReplies = 0
+        if controlSent < control.count {
+            control.withUnsafeMutableBytes { raw in
+                iov[0] = iovec(iov_base: raw.baseAddress! + controlSent, iov_len: raw.count - controlSent)
+            }
+            sendingControlBytes = control.count - controlSent
+            iovCount = 1
+        }
+        while sendingReplies < replies.count && sendingReplies < Limits.nbdRepliesPerSendMax {
+            let index = Int(replies[sendingReplies])
+            let s = slots[index]
+            if s.headerLength > 0 {
+                iov[iovCount] = iovec(iov_base: headers + index * NBDTransmission.replyHeaderBytesMax, iov_len: s.headerLength)
+                iovCount += 1
+            }
+            if s.dataLength > 0 {
+                iov[iovCount] = iovec(iov_base: s.buffer!.pointer, iov_len: s.dataLength)
+                iovCount += 1
+            }
+            sendingReplies += 1
+        }
+        guard iovCount > 0 else { return afterSendDrained() }
+        postSendmsg()
+    }
+
+    private func postSendmsg() {
+        message.pointee.msg_iov = iov + iovIndex
+        message.pointee.msg_iovlen = iovCount - iovIndex
+        sendPosted = true
+        opsInFlight += 1
+        loop.engine.sendmsg(fd: fd, message: message, userData: IOLoop.userData(id, Self.tagSend))
+    }
+
+    private func sent(_ result: Int32) {
+        if closing { return }
+        if result < 0 {
+            return close(reason: result == -EPIPE || result == -ECONNRESET ? "client went away" : "send failed: \(SystemError.text(-result))")
+        }
+        if tls != nil && !startTLSAfterSend {
+            cipherOutSent += Int(result)
+            flushSend()
+            return
+        }
+        // Advance through the iovecs; resend the rest of a partial send.
+        var left = Int(result)
+        while left > 0 && iovIndex < iovCount {
+            let length = iov[iovIndex].iov_len
+            if left >= length {
+                left -= length
+                iovIndex += 1
+            } else {
+                iov[iovIndex].iov_base += left
+                iov[iovIndex].iov_len -= left
+                left = 0
+            }
+        }
+        if iovIndex < iovCount { return postSendmsg() }
+        controlSent += sendingControlBytes
+        for _ in 0..<sendingReplies { releaseSlot(replies.pop()!) }
+        if startTLSAfterSend && controlSent == control.count {
+            return startTLS()
+        }
+        flushSend()
+        if !closing && (waitingForBuffer == false) { processInputIfStalled() }
+    }
+
+    /// Resumes parsing that stopped for lack of a free slot.
+    private func processInputIfStalled() {
+        if phase == .transmission && !disconnectRequested && !freeSlots.isEmpty {
+            processInput()
+        } else {
+            postRecv()
+        }
+    }
+
+    private func flushSendTLS() {
+        guard let tls, let cipherOut else { return }
+        if cipherOutSent < cipherOutLength {
+            iov[0] = iovec(iov_base: cipherOut + cipherOutSent, iov_len: cipherOutLength - cipherOutSent)
+            iovCount = 1
+            iovIndex = 0
+            return postSendmsg()
+        }
+        cipherOutLength = 0
+        cipherOutSent = 0
+        let budget = Limits.tlsCiphertextBufferBytes / 2
+        var failed = false
+        if phase != .tlsHandshake {
+            var encrypted = 0
+            if controlSent < control.count {
+                let n = control.count - controlSent
+                failed = !control.withUnsafeBytes { tls.write($0.baseAddress! + controlSent, count: n) }
+                controlSent = control.count
+                encrypted += n
+            }
+            while !failed && encrypted < budget, let head = replies.first {
+                let index = Int(head)
+                let s = slots[index]
+                let total = s.headerLength + s.dataLength
+                while tlsReplyOffset < total && encrypted < budget && !failed {
+                    let piece: UnsafeRawPointer
+                    let n: Int
+                    if tlsReplyOffset < s.headerLength {
+                        piece = UnsafeRawPointer(headers + index * NBDTransmission.replyHeaderBytesMax + tlsReplyOffset)
+                        n = s.headerLength - tlsReplyOffset
+                    } else {
+                        let at = tlsReplyOffset - s.headerLength
+                        piece = UnsafeRawPointer(s.buffer!.pointer + at)
+                        n = min(s.dataLength - at, Limits.tlsRecordPlaintextMax * 4)
+                    }
+                    failed = !tls.write(piece, count: n)
+                    tlsReplyOffset += n
+                    encrypted += n
+                }
+                if tlsReplyOffset == total {
+                    tlsReplyOffset = 0
+                    releaseSlot(replies.pop()!)
+                }
+            }
+        }
+        if failed { return close(reason: "TLS: \(tls.lastError)") }
+        cipherOutLength = tls.takeOutput(into: cipherOut, count: Limits.tlsCiphertextBufferBytes)
+        if cipherOutLength > 0 {
+            iov[0] = iovec(iov_base: cipherOut, iov_len: cipherOutLength)
+            iovCount = 1
+            iovIndex = 0
+            return postSendmsg()
+        }
+        afterSendDrained()
+        if !closing { processInputIfStalled() }
+    }
+
+    /// Everything queued has been sent.
+    private func afterSendDrained() {
+        if let reason = closeAfterSendReason { return close(reason: reason) }
+        closeIfDisconnected()
+    }
+
+    // MARK: Closing
+
+    /// After NBD_CMD_DISC: close once every request in flight has been answered.
+    private func closeIfDisconnected() {
+        guard disconnectRequested || (server.shuttingDown && phase == .transmission) else { return }
+        if freeSlots.count == slots.count && replies.isEmpty && !sendPosted && (controlSent == control.count) && payloadSlot < 0 {
+            if disconnectRequested {
+                close(reason: "client disconnected")
+            } else if inEnd - inStart < NBD.requestHeaderBytes {
+                close(reason: "server shut down")
+            }
+        }
+    }
+
+    func serverShuttingDown() {
+        if phase != .transmission { return close(reason: "server shut down during the handshake") }
+        // New requests get ESHUTDOWN; close when nothing is in flight.
+        processInput()
+        closeIfDisconnected()
+    }
+
+    private func closeAfterSend(reason: String) {
+        closeAfterSendReason = reason
+        loop.callAtBatchEnd(id)
+    }
+
+    func close(reason: String) {
+        guard !closing else { return }
+        closing = true
+        if reason == "client disconnected" || reason == "server shut down" {
+            logger.info("NBD client \(peer) disconnected")
+        } else {
+            logger.notice("closing NBD client \(peer): \(reason)")
+        }
+        shutdown(fd, Int32(SHUT_RDWR))
+        finishIfDone()
+    }
+
+    private func finishIfDone() {
+        guard closing, opsInFlight == 0, !finished else { return }
+        finished = true
+        for i in 0..<slots.count where slots[i].state != .free { releaseSlot(Int32(i)) }
+        replies.removeAll()
+        payloadSlot = -1
+        closeDescriptor(fd)
+        loop.unregister(id)
+        server.connectionClosed(self)
+    }
+}

@@ -1,0 +1,226 @@
+import CTandem
+import Glibc
+import Logging
+import TandemIO
+import TandemNBD
+import TandemCore
+
+/// What `tandem serve` exports and how.
+public struct NBDServerConfiguration: Sendable {
+    public var host: String
+    public var port: UInt16
+    public var export: NBDExport
+    public var tlsMode: NBDTLSMode
+    public var connectionsMax: Int
+
+    public init(host: String, port: UInt16, export: NBDExport, tlsMode: NBDTLSMode, connectionsMax: Int) {
+        self.host = host
+        self.port = port
+        self.export = export
+        self.tlsMode = tlsMode
+        self.connectionsMax = connectionsMax
+    }
+}
+
+public struct ServeError: Error, CustomStringConvertible, Sendable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// The NBD listener of a node: accepts clients on the loop and runs one `NBDConnection` each.
+public final class NBDServer: IOHandler {
+    let loop: IOLoop
+    let device: BackingDevice
+    let configuration: NBDServerConfiguration
+    let tlsContext: TLSContext?
+    let logger: Logger
+    private let listenFD: Int32
+    private(set) var id: UInt32 = 0
+    private var connections: [UInt32: NBDConnection] = [:]
+    private var acceptPosted = false
+    private var bufferWaiters: [NBDConnection] = []
+    public private(set) var shuttingDown = false
+    /// Called once the server has stopped and every connection is closed.
+    public var onStopped: (() -> Void)?
+    /// The address actually bound (the port is chosen by the kernel when 0 was asked for).
+    public let boundAddress: String
+    /// One MiB of zeros, for WRITE_ZEROES where the device cannot zero by itself.
+    let zeroBuffer: UnsafeMutableRawPointer
+    static let zeroBufferBytes = 1 << 20
+
+    private static let tagAccept: UInt32 = 1
+    private static let tagDrainTimer: UInt32 = 2
+
+    public init(loop: IOLoop, device: BackingDevice, configuration: NBDServerConfiguration, tlsContext: TLSContext?, logger: Logger) throws(ServeError) {
+        self.loop = loop
+        self.device = device
+        self.configuration = configuration
+        self.tlsContext = tlsContext
+        self.logger = logger
+        (listenFD, boundAddress) = try Self.listen(host: configuration.host, port: configuration.port)
+        loop.engine.adoptSocket(listenFD)
+        zeroBuffer = allocateAligned(Self.zeroBufferBytes)
+    }
+
+    deinit {
+        closeDescriptor(listenFD)
+        freeAligned(zeroBuffer, Self.zeroBufferBytes)
+    }
+
+    public var connectionCount: Int { connections.count }
+
+    /// Binds and listens on host:port, IPv4 or IPv6; "port in use" and the like come back as one
+    /// clear message.
+    static func listen(host: String, port: UInt16) throws(ServeError) -> (Int32, String) {
+        var hints = addrinfo()
+        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var result: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host, String(port), &hints, &result)
+        guard rc == 0, let info = result else {
+            throw ServeError("cannot resolve listen address \(host): \(String(cString: gai_strerror(rc)))")
+        }
+        defer { freeaddrinfo(result) }
+        let fd = socket(info.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if fd < 0 { throw ServeError("cannot create a socket: \(SystemError.text(errno))") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        if bind(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) != 0 {
+            let err = errno
+            closeDescriptor(fd)
+            if err == EADDRINUSE { throw ServeError("cannot listen on \(host):\(port): the port is already in use") }
+            throw ServeError("cannot listen on \(host):\(port): \(SystemError.text(err))")
+        }
+        if Glibc.listen(fd, 128) != 0 {
+            let err = errno
+            closeDescriptor(fd)
+            throw ServeError("cannot listen on \(host):\(port): \(SystemError.text(err))")
+        }
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        var bound = "\(host):\(port)"
+        withUnsafeMutablePointer(to: &storage) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                if getsockname(fd, sa, &length) == 0 { bound = Self.describe(sa) ?? bound }
+            }
+        }
+        return (fd, bound)
+    }
+
+    static func describe(_ sa: UnsafePointer<sockaddr>) -> String? {
+        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        var service = [CChar](repeating: 0, count: Int(NI_MAXSERV))
+        let length = socklen_t(sa.pointee.sa_family == sa_family_t(AF_INET6) ? MemoryLayout<sockaddr_in6>.size : MemoryLayout<sockaddr_in>.size)
+        guard getnameinfo(sa, length, &host, socklen_t(host.count), &service, socklen_t(service.count), NI_NUMERICHOST | NI_NUMERICSERV) == 0 else { return nil }
+        let h = String(cString: host)
+        return h.contains(":") ? "[\(h)]:\(String(cString: service))" : "\(h):\(String(cString: service))"
+    }
+
+    public func start() {
+        id = loop.register(self)
+        postAccept()
+    }
+
+    private func postAccept() {
+        guard !acceptPosted, !shuttingDown else { return }
+        acceptPosted = true
+        loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept))
+    }
+
+    public func ioCompleted(tag: UInt32, result: Int32) {
+        switch tag {
+        case Self.tagAccept:
+            acceptPosted = false
+            if shuttingDown {
+                if result >= 0 { closeDescriptor(result) }
+                finishIfIdle()
+                return
+            }
+            if result >= 0 {
+                accepted(result)
+            } else if result != -EAGAIN && result != -EINTR && result != -ECONNABORTED {
+                logger.warning("accept failed: \(SystemError.text(-result))")
+                if result == -EMFILE || result == -ENFILE {
+                    // Out of descriptors: try again after a pause rather than spin.
+                    loop.addTimer(id: id, tag: Self.tagDrainTimer + 1, afterNanos: 100_000_000)
+                    return
+                }
+            }
+            postAccept()
+        case Self.tagDrainTimer:
+            // The drain deadline passed: close whoever is still connected.
+            for connection in connections.values { connection.close(reason: "server shut down") }
+        case Self.tagDrainTimer + 1:
+            postAccept()
+        default:
+            preconditionFailure("NBDServer: unknown tag \(tag)")
+        }
+    }
+
+    private func accepted(_ fd: Int32) {
+        var peer = "?"
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        withUnsafeMutablePointer(to: &storage) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                if getpeername(fd, sa, &length) == 0 { peer = Self.describe(sa) ?? peer }
+            }
+        }
+        if connections.count >= configuration.connectionsMax {
+            logger.warning("refusing NBD client \(peer): \(configuration.connectionsMax) connections already")
+            closeDescriptor(fd)
+            return
+        }
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        loop.engine.adoptSocket(fd)
+        let connection = NBDConnection(server: self, fd: fd, peer: peer)
+        connections[connection.id] = connection
+        logger.debug("NBD client \(peer) connected")
+        connection.start()
+    }
+
+    func connectionClosed(_ connection: NBDConnection) {
+        connections[connection.id] = nil
+        bufferWaiters.removeAll { $0 === connection }
+        finishIfIdle()
+    }
+
+    /// A connection found no free buffer; it is resumed when one is given back.
+    func waitForBuffer(_ connection: NBDConnection) {
+        if !bufferWaiters.contains(where: { $0 === connection }) { bufferWaiters.append(connection) }
+    }
+
+    func bufferReleased() {
+        if !bufferWaiters.isEmpty { loop.callAtBatchEnd(id) }
+    }
+
+    public func ioBatchEnded() {
+        guard !bufferWaiters.isEmpty else { return }
+        let waiters = bufferWaiters
+        bufferWaiters.removeAll(keepingCapacity: true)
+        for connection in waiters { connection.resumeAfterBuffer() }
+    }
+
+    /// Stops accepting, answers new requests with ESHUTDOWN, lets in-flight ones finish, then
+    /// closes every connection (at the latest after the drain deadline).
+    public func beginShutdown() {
+        guard !shuttingDown else { return }
+        shuttingDown = true
+        logger.info("shutting down: \(connections.count) NBD connection(s) to drain")
+        shutdown(listenFD, Int32(SHUT_RDWR))
+        for connection in connections.values { connection.serverShuttingDown() }
+        loop.addTimer(id: id, tag: Self.tagDrainTimer, afterNanos: UInt64(Limits.shutdownDrainSeconds) * 1_000_000_000)
+        finishIfIdle()
+    }
+
+    private func finishIfIdle() {
+        guard shuttingDown, connections.isEmpty, !acceptPosted else { return }
+        if let done = onStopped {
+            onStopped = nil
+            loop.cancelTimers(id: id, tag: Self.tagDrainTimer)
+            done()
+        }
+    }
+}
