@@ -523,13 +523,16 @@ int ctandem_cert_make_signed(const char *common_name, const char *sans, int days
         fail_ossl(err, err_len, "invalid common name (at most 64 characters)");
         goto out;
     }
+    // authorityKeyIdentifier is the CA's key identifier; "issuer" only takes effect for a CA
+    // certificate without a subjectKeyIdentifier (not one of ours), where OpenSSL 3 would
+    // otherwise fail with "unable to get issuer keyid".
     X509V3_CTX ctx;
     X509V3_set_ctx(&ctx, ca, x, NULL, NULL, 0);
     if (!add_ext(x, &ctx, NID_basic_constraints, "critical,CA:FALSE") ||
         !add_ext(x, &ctx, NID_key_usage, "critical,digitalSignature,keyEncipherment") ||
         !add_ext(x, &ctx, NID_ext_key_usage, "serverAuth,clientAuth") ||
         !add_ext(x, &ctx, NID_subject_key_identifier, "hash") ||
-        !add_ext(x, &ctx, NID_authority_key_identifier, "keyid")) {
+        !add_ext(x, &ctx, NID_authority_key_identifier, "keyid,issuer")) {
         fail_ossl(err, err_len, "cannot add certificate extensions");
         goto out;
     }

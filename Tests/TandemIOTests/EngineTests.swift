@@ -1,0 +1,136 @@
+import CTandem
+import Glibc
+import Logging
+import Testing
+@testable import TandemIO
+
+/// Collects completions by tag.
+final class Recorder: IOHandler {
+    var results: [UInt32: Int32] = [:]
+    func ioCompleted(tag: UInt32, result: Int32) { results[tag] = result }
+}
+
+func run(_ loop: IOLoop, until done: () -> Bool) {
+    for _ in 0..<10_000 where !done() { loop.runOnce(timeoutNanos: 100_000_000) }
+}
+
+func tempFile(size: Int) -> (String, Int32) {
+    var template = Array("/tmp/tandem-engine-XXXXXX".utf8CString)
+    let fd = mkstemp(&template)
+    precondition(fd >= 0)
+    ftruncate(fd, off_t(size))
+    return (String(cString: template), fd)
+}
+
+@Suite(.serialized) struct EngineTests {
+    static let kinds: [IOEngineKind] = IOEngineKind.allCases
+
+    @Test(arguments: kinds)
+    func diskReadWriteSyncAndZero(kind: IOEngineKind) throws {
+        let engine = try IOEngineFactory.make(kind)
+        #expect(engine.kind == kind)
+        let pool = BufferPool()
+        let loop = IOLoop(engine: engine, pool: pool, logger: Logger(label: "test"))
+        let recorder = Recorder()
+        let id = loop.register(recorder)
+        let (path, fd) = tempFile(size: 1 << 20)
+        defer { close(fd); unlink(path) }
+        let buffer = pool.take(65536)!
+        memset(buffer.pointer, 0x5a, 65536)
+        engine.write(fd: fd, buffer: buffer.pointer, length: 65536, offset: 4096, fixedIndex: buffer.fixedIndex, fua: true, userData: IOLoop.userData(id, 1))
+        run(loop) { recorder.results[1] != nil }
+        #expect(recorder.results[1] == 65536)
+        engine.fsync(fd: fd, datasync: true, userData: IOLoop.userData(id, 2))
+        run(loop) { recorder.results[2] != nil }
+        #expect(recorder.results[2] == 0)
+        memset(buffer.pointer, 0, 65536)
+        engine.read(fd: fd, buffer: buffer.pointer, length: 65536, offset: 4096, fixedIndex: buffer.fixedIndex, userData: IOLoop.userData(id, 3))
+        run(loop) { recorder.results[3] != nil }
+        #expect(recorder.results[3] == 65536)
+        #expect(UnsafeRawBufferPointer(start: buffer.pointer, count: 65536).allSatisfy { $0 == 0x5a })
+        engine.fallocate(fd: fd, mode: ctandem_FALLOC_FL_PUNCH_HOLE | ctandem_FALLOC_FL_KEEP_SIZE, offset: 4096, length: 8192, userData: IOLoop.userData(id, 4))
+        run(loop) { recorder.results[4] != nil }
+        #expect(recorder.results[4] == 0)
+        var check = [UInt8](repeating: 1, count: 8192)
+        #expect(pread(fd, &check, 8192, 4096) == 8192)
+        #expect(check.allSatisfy { $0 == 0 }, "punched range reads as zeros")
+        pool.release(buffer)
+    }
+
+    @Test(arguments: kinds)
+    func socketsRecvSendAccept(kind: IOEngineKind) throws {
+        let engine = try IOEngineFactory.make(kind)
+        let loop = IOLoop(engine: engine, pool: BufferPool(), logger: Logger(label: "test"))
+        let recorder = Recorder()
+        let id = loop.register(recorder)
+        var fds: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        defer { close(fds[0]); close(fds[1]) }
+        engine.adoptSocket(fds[0])
+        let incoming = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
+        defer { incoming.deallocate() }
+        // The receive is posted before any data exists: it must wait, then complete.
+        engine.recv(fd: fds[0], buffer: incoming, length: 64, userData: IOLoop.userData(id, 1))
+        loop.runOnce(timeoutNanos: 10_000_000)
+        #expect(recorder.results[1] == nil)
+        #expect(write(fds[1], "hello", 5) == 5)
+        run(loop) { recorder.results[1] != nil }
+        #expect(recorder.results[1] == 5)
+        #expect(String(decoding: UnsafeRawBufferPointer(start: incoming, count: 5), as: UTF8.self) == "hello")
+        // Gathered send of two pieces.
+        let a = Array("tan".utf8), b = Array("dem".utf8)
+        a.withUnsafeBytes { pa in
+            b.withUnsafeBytes { pb in
+                var iov = [iovec(iov_base: UnsafeMutableRawPointer(mutating: pa.baseAddress), iov_len: 3),
+                           iovec(iov_base: UnsafeMutableRawPointer(mutating: pb.baseAddress), iov_len: 3)]
+                iov.withUnsafeMutableBufferPointer { iovs in
+                    var msg = msghdr()
+                    msg.msg_iov = iovs.baseAddress
+                    msg.msg_iovlen = 2
+                    withUnsafePointer(to: &msg) { engine.sendmsg(fd: fds[0], message: $0, userData: IOLoop.userData(id, 2)) }
+                    run(loop) { recorder.results[2] != nil }
+                }
+            }
+        }
+        #expect(recorder.results[2] == 6)
+        var out = [UInt8](repeating: 0, count: 6)
+        #expect(read(fds[1], &out, 6) == 6)
+        #expect(String(decoding: out, as: UTF8.self) == "tandem")
+        // Peer closes: a posted receive completes with 0.
+        engine.recv(fd: fds[0], buffer: incoming, length: 64, userData: IOLoop.userData(id, 3))
+        shutdown(fds[1], Int32(SHUT_WR))
+        run(loop) { recorder.results[3] != nil }
+        #expect(recorder.results[3] == 0)
+    }
+
+    @Test func timersFire() throws {
+        let loop = IOLoop(engine: try IOEngineFactory.make(.threads), pool: BufferPool(), logger: Logger(label: "test"))
+        let recorder = Recorder()
+        let id = loop.register(recorder)
+        loop.addTimer(id: id, tag: 9, afterNanos: 5_000_000)
+        loop.addTimer(id: id, tag: 10, afterNanos: 5_000_000)
+        loop.cancelTimers(id: id, tag: 10)
+        run(loop) { recorder.results[9] != nil }
+        #expect(recorder.results[9] == -ETIME)
+        #expect(recorder.results[10] == nil)
+    }
+}
+
+@Suite struct BufferPoolTests {
+    @Test func takesTheSmallestFittingClassAndRunsOut() {
+        let pool = BufferPool(classes: [.init(bytes: 4096, count: 2), .init(bytes: 32 << 20, count: 1)])
+        let a = pool.take(100)!
+        #expect(a.capacity == 4096)
+        #expect(Int(bitPattern: a.pointer) % 4096 == 0, "page aligned for O_DIRECT")
+        let b = pool.take(4096)!
+        let c = pool.take(1)!
+        #expect(c.capacity == 32 << 20, "falls back to a larger class")
+        #expect(pool.take(1) == nil, "empty pool is back-pressure, not an allocation")
+        pool.release(b)
+        #expect(pool.take(10) == b)
+        pool.release(a)
+        pool.release(b)
+        pool.release(c)
+        #expect(pool.freeCounts == [2, 1])
+    }
+}
