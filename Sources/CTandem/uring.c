@@ -132,10 +132,11 @@ int ctandem_prep_accept(ctandem_ring *r, int fd, uint64_t user_data) {
     return 0;
 }
 
-int ctandem_prep_recv(ctandem_ring *r, int fd, void *buf, unsigned len, uint64_t user_data) {
+int ctandem_prep_recv(ctandem_ring *r, int fd, void *buf, unsigned len, int flags,
+                      uint64_t user_data) {
     struct io_uring_sqe *sqe = sqe_or_null(r);
     if (!sqe) return -EBUSY;
-    io_uring_prep_recv(sqe, fd, buf, len, 0);
+    io_uring_prep_recv(sqe, fd, buf, len, flags);
     io_uring_sqe_set_data64(sqe, user_data);
     return 0;
 }

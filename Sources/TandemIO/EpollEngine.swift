@@ -111,9 +111,9 @@ public final class EpollEngine: IOEngine {
         pool.submit(.init(op: .read, fd: fd, buffer: buffer, length: length, offset: offset, userData: userData))
     }
 
-    public func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, userData: UInt64) {
+    public func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, offload: Bool, userData: UInt64) {
         let flags = fua ? ctandem_RWF_DSYNC : 0
-        if let aio, let slot = aioFreeSlots.popLast() {
+        if !offload, let aio, let slot = aioFreeSlots.popLast() {
             aioSlotUserData[Int(slot)] = userData
             let rc = ctandem_aio_submit_rw(aio, slot, 1, fd, UnsafeMutableRawPointer(mutating: buffer), length, offset, flags, UInt64(slot))
             if rc < 0 {
@@ -145,7 +145,8 @@ public final class EpollEngine: IOEngine {
         update(fd)
     }
 
-    public func recv(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, userData: UInt64) {
+    /// `waitAll` is ignored: a partial receive completes, and the caller posts the rest.
+    public func recv(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, waitAll: Bool, userData: UInt64) {
         let n = Glibc.recv(fd, buffer, length, Int32(MSG_DONTWAIT))
         if n >= 0 || (errno != EAGAIN && errno != EINTR) {
             complete(userData, n >= 0 ? Int32(n) : -errno)

@@ -26,11 +26,16 @@ public protocol IOEngine: AnyObject {
     func adoptSocket(_ fd: Int32)
 
     func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, userData: UInt64)
-    func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, userData: UInt64)
+    /// Writes `length` bytes. `offload` marks a write through the page cache: engines run it on
+    /// worker threads in parallel (io_uring would serialize buffered writes to one file on one
+    /// io-wq worker, and libaio would block in io_submit).
+    func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, offload: Bool, userData: UInt64)
     func fsync(fd: Int32, datasync: Bool, userData: UInt64)
     func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, userData: UInt64)
     func accept(fd: Int32, userData: UInt64)
-    func recv(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, userData: UInt64)
+    /// Receives up to `length` bytes; with `waitAll`, completes only once all `length` arrived
+    /// (or the peer closed, or an error), which saves round trips for large payloads.
+    func recv(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, waitAll: Bool, userData: UInt64)
     func sendmsg(fd: Int32, message: UnsafePointer<msghdr>, userData: UInt64)
     /// Completes with the poll mask once `fd` is readable (one shot).
     func pollReadable(fd: Int32, userData: UInt64)

@@ -9,6 +9,14 @@ public final class UringEngine: IOEngine {
     public let kind = IOEngineKind.uring
     public let reason: String
     private let ring: OpaquePointer
+    /// Worker threads for offloaded (page-cache) writes, started on first use, and the eventfd
+    /// they signal, watched by a poll on the ring.
+    private var offloadPool: DiskThreadPool?
+    private var offloadEventFD: Int32 = -1
+    private var offloadPollArmed = false
+    /// Completions taken from the pool that did not fit the caller's array yet.
+    private var offloaded: [ctandem_cqe] = []
+    private static let offloadMarker = UInt64.max
 
     public init(reason: String, entries: Int = Limits.ringEntries) throws(SystemError) {
         var ring: OpaquePointer?
@@ -28,7 +36,49 @@ public final class UringEngine: IOEngine {
         self.reason = reason
     }
 
-    deinit { ctandem_ring_destroy(ring) }
+    deinit {
+        offloadPool?.stop()
+        ctandem_ring_destroy(ring)
+        if offloadEventFD >= 0 { close(offloadEventFD) }
+    }
+
+    private func startOffload() {
+        if offloadPool != nil { return }
+        offloadEventFD = ctandem_eventfd()
+        precondition(offloadEventFD >= 0, "eventfd: \(SystemError.text(-offloadEventFD))")
+        offloadPool = DiskThreadPool(threads: Limits.diskThreads, capacity: Limits.diskQueueDepthMax, eventFD: offloadEventFD)
+        offloaded.reserveCapacity(Limits.diskQueueDepthMax)
+        armOffloadPoll()
+    }
+
+    private func armOffloadPoll() {
+        offloadPollArmed = true
+        queue { ctandem_prep_poll(ring, offloadEventFD, UInt32(POLLIN), Self.offloadMarker) }
+    }
+
+    /// Replaces offload poll completions in `out[0..<n]` with the pool's results.
+    private func mergeOffloaded(_ out: UnsafeMutableBufferPointer<ctandem_cqe>, _ n: Int) -> Int {
+        var count = 0
+        var sawMarker = false
+        for i in 0..<n {
+            if out[i].user_data == Self.offloadMarker {
+                sawMarker = true
+                continue
+            }
+            out[count] = out[i]
+            count += 1
+        }
+        if sawMarker {
+            ctandem_eventfd_drain(offloadEventFD)
+            offloadPool!.reap { offloaded.append($0) }
+            armOffloadPoll()
+        }
+        while count < out.count, let c = offloaded.popLast() {
+            out[count] = c
+            count += 1
+        }
+        return count
+    }
 
     public func registerBuffers(_ iovecs: [iovec]) -> Bool {
         guard !iovecs.isEmpty else { return false }
@@ -53,7 +103,12 @@ public final class UringEngine: IOEngine {
         queue { ctandem_prep_read(ring, fd, buffer, UInt32(length), offset, fixedIndex, userData) }
     }
 
-    public func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, userData: UInt64) {
+    public func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, offload: Bool, userData: UInt64) {
+        if offload {
+            startOffload()
+            offloadPool!.submit(.init(op: .write, fd: fd, buffer: UnsafeMutableRawPointer(mutating: buffer), length: length, offset: offset, flags: fua ? ctandem_RWF_DSYNC : 0, userData: userData))
+            return
+        }
         queue { ctandem_prep_write(ring, fd, buffer, UInt32(length), offset, fixedIndex, fua ? ctandem_RWF_DSYNC : 0, userData) }
     }
 
@@ -69,8 +124,8 @@ public final class UringEngine: IOEngine {
         queue { ctandem_prep_accept(ring, fd, userData) }
     }
 
-    public func recv(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, userData: UInt64) {
-        queue { ctandem_prep_recv(ring, fd, buffer, UInt32(length), userData) }
+    public func recv(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, waitAll: Bool, userData: UInt64) {
+        queue { ctandem_prep_recv(ring, fd, buffer, UInt32(length), waitAll ? Int32(MSG_WAITALL) : 0, userData) }
     }
 
     public func sendmsg(fd: Int32, message: UnsafePointer<msghdr>, userData: UInt64) {
@@ -84,9 +139,9 @@ public final class UringEngine: IOEngine {
     public func wait(into out: UnsafeMutableBufferPointer<ctandem_cqe>, timeoutNanos: UInt64?) -> Int {
         // Completions already posted need no system call to wait for.
         var n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))
-        if n > 0 {
+        if n > 0 || !offloaded.isEmpty {
             _ = ctandem_ring_submit_wait(ring, 0, -1)
-            return n
+            return offloadPool == nil ? n : mergeOffloaded(out, n)
         }
         let timeout: Int64 = timeoutNanos.map { Int64(min($0, UInt64(Int64.max))) } ?? -1
         let rc = ctandem_ring_submit_wait(ring, timeout == 0 ? 0 : 1, timeout)
@@ -94,6 +149,6 @@ public final class UringEngine: IOEngine {
             fatalError("io_uring_enter failed: \(SystemError.text(-rc))")
         }
         n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))
-        return n
+        return offloadPool == nil ? n : mergeOffloaded(out, n)
     }
 }

@@ -305,7 +305,7 @@ final class NBDConnection: IOHandler {
             guard tlsWantsCiphertext || phase == .tlsHandshake else { return }
             recvPosted = true
             opsInFlight += 1
-            loop.engine.recv(fd: fd, buffer: cipherIn!, length: Limits.tlsCiphertextBufferBytes, userData: IOLoop.userData(id, Self.tagRecv))
+            loop.engine.recv(fd: fd, buffer: cipherIn!, length: Limits.tlsCiphertextBufferBytes, waitAll: false, userData: IOLoop.userData(id, Self.tagRecv))
             return
         }
         if payloadSlot >= 0 && inStart == inEnd {
@@ -315,7 +315,7 @@ final class NBDConnection: IOHandler {
                 recvDirect = true
                 recvPosted = true
                 opsInFlight += 1
-                loop.engine.recv(fd: fd, buffer: slots[index].buffer!.pointer + slots[index].done, length: remaining, userData: IOLoop.userData(id, Self.tagRecv))
+                loop.engine.recv(fd: fd, buffer: slots[index].buffer!.pointer + slots[index].done, length: remaining, waitAll: true, userData: IOLoop.userData(id, Self.tagRecv))
                 return
             }
         }
@@ -327,7 +327,7 @@ final class NBDConnection: IOHandler {
         }
         recvPosted = true
         opsInFlight += 1
-        loop.engine.recv(fd: fd, buffer: input + inEnd, length: inputCapacity - inEnd, userData: IOLoop.userData(id, Self.tagRecv))
+        loop.engine.recv(fd: fd, buffer: input + inEnd, length: inputCapacity - inEnd, waitAll: false, userData: IOLoop.userData(id, Self.tagRecv))
     }
 
     // MARK: Handshake
@@ -504,6 +504,14 @@ final class NBDConnection: IOHandler {
             userData: IOLoop.userData(id, UInt32(index)))
     }
 
+    /// Large writes through the page cache go to worker threads, which copy in parallel; small
+    /// ones stay on io_uring, whose single io-wq worker per file handles them with less hand-off.
+    private func offloads(_ length: Int) -> Bool {
+        server.device.cache == .page && length >= Self.offloadWriteBytesMin
+    }
+
+    static let offloadWriteBytesMin = 64 << 10
+
     private func submitWrite(_ index: Int) {
         let s = slots[index]
         let buffer = s.buffer!
@@ -511,7 +519,7 @@ final class NBDConnection: IOHandler {
         loop.engine.write(
             fd: server.device.fd, buffer: buffer.pointer + s.done, length: Int(s.request.length) - s.done,
             offset: s.request.offset + UInt64(s.done), fixedIndex: s.done == 0 ? buffer.fixedIndex : -1,
-            fua: s.request.has(NBD.CommandFlag.fua), userData: IOLoop.userData(id, UInt32(index)))
+            fua: s.request.has(NBD.CommandFlag.fua), offload: offloads(Int(s.request.length) - s.done), userData: IOLoop.userData(id, UInt32(index)))
     }
 
     private func submitZeroFill(_ index: Int) {
@@ -520,7 +528,7 @@ final class NBDConnection: IOHandler {
         opsInFlight += 1
         loop.engine.write(
             fd: server.device.fd, buffer: server.zeroBuffer, length: chunk, offset: s.request.offset + UInt64(s.done),
-            fixedIndex: -1, fua: false, userData: IOLoop.userData(id, UInt32(index)))
+            fixedIndex: -1, fua: false, offload: offloads(chunk), userData: IOLoop.userData(id, UInt32(index)))
     }
 
     private func submitSync(_ index: Int) {

@@ -37,7 +37,7 @@ func tempFile(size: Int) -> (String, Int32) {
         defer { close(fd); unlink(path) }
         let buffer = pool.take(65536)!
         memset(buffer.pointer, 0x5a, 65536)
-        engine.write(fd: fd, buffer: buffer.pointer, length: 65536, offset: 4096, fixedIndex: buffer.fixedIndex, fua: true, userData: IOLoop.userData(id, 1))
+        engine.write(fd: fd, buffer: buffer.pointer, length: 65536, offset: 4096, fixedIndex: buffer.fixedIndex, fua: true, offload: false, userData: IOLoop.userData(id, 1))
         run(loop) { recorder.results[1] != nil }
         #expect(recorder.results[1] == 65536)
         engine.fsync(fd: fd, datasync: true, userData: IOLoop.userData(id, 2))
@@ -70,7 +70,7 @@ func tempFile(size: Int) -> (String, Int32) {
         let incoming = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
         defer { incoming.deallocate() }
         // The receive is posted before any data exists: it must wait, then complete.
-        engine.recv(fd: fds[0], buffer: incoming, length: 64, userData: IOLoop.userData(id, 1))
+        engine.recv(fd: fds[0], buffer: incoming, length: 64, waitAll: false, userData: IOLoop.userData(id, 1))
         loop.runOnce(timeoutNanos: 10_000_000)
         #expect(recorder.results[1] == nil)
         #expect(write(fds[1], "hello", 5) == 5)
@@ -97,7 +97,7 @@ func tempFile(size: Int) -> (String, Int32) {
         #expect(read(fds[1], &out, 6) == 6)
         #expect(String(decoding: out, as: UTF8.self) == "tandem")
         // Peer closes: a posted receive completes with 0.
-        engine.recv(fd: fds[0], buffer: incoming, length: 64, userData: IOLoop.userData(id, 3))
+        engine.recv(fd: fds[0], buffer: incoming, length: 64, waitAll: false, userData: IOLoop.userData(id, 3))
         shutdown(fds[1], Int32(SHUT_WR))
         run(loop) { recorder.results[3] != nil }
         #expect(recorder.results[3] == 0)

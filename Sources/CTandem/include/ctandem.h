@@ -60,7 +60,10 @@ int ctandem_prep_fsync(ctandem_ring *ring, int fd, int datasync, uint64_t user_d
 int ctandem_prep_fallocate(ctandem_ring *ring, int fd, int mode, uint64_t offset, uint64_t len,
                            uint64_t user_data);
 int ctandem_prep_accept(ctandem_ring *ring, int fd, uint64_t user_data);
-int ctandem_prep_recv(ctandem_ring *ring, int fd, void *buf, unsigned len, uint64_t user_data);
+/// `flags` are MSG_* recv flags (MSG_WAITALL: complete only when `len` bytes arrived or the peer
+/// closed).
+int ctandem_prep_recv(ctandem_ring *ring, int fd, void *buf, unsigned len, int flags,
+                      uint64_t user_data);
 int ctandem_prep_sendmsg(ctandem_ring *ring, int fd, const struct msghdr *msg, int flags,
                          uint64_t user_data);
 int ctandem_prep_poll(ctandem_ring *ring, int fd, unsigned poll_mask, uint64_t user_data);
