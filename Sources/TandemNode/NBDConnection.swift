@@ -512,9 +512,24 @@ final class NBDConnection: IOHandler {
 
     static let offloadWriteBytesMin = 64 << 10
 
+    /// Small whole-page writes without FUA, in page-cache mode, are copied into the page cache
+    /// right here: a 4 KiB memcpy costs less than handing the write to a kernel worker and back
+    /// (about 20 us of latency at QD1). Nothing else may block the loop: FUA, partial pages (which
+    /// may read the page first), large writes and every direct-I/O write go to the engine.
+    private func writesInline(_ request: NBDRequest) -> Bool {
+        server.device.cache == .page && !request.has(NBD.CommandFlag.fua) && request.length <= Self.inlineWriteBytesMax
+            && request.offset % 4096 == 0 && request.length % 4096 == 0
+    }
+
+    static let inlineWriteBytesMax: UInt32 = 16 << 10
+
     private func submitWrite(_ index: Int) {
         let s = slots[index]
         let buffer = s.buffer!
+        if s.done == 0 && writesInline(s.request) {
+            let n = ctandem_pwrite_flags(server.device.fd, buffer.pointer, Int(s.request.length), s.request.offset, 0)
+            return diskCompleted(Int32(index), Int32(n))
+        }
         opsInFlight += 1
         loop.engine.write(
             fd: server.device.fd, buffer: buffer.pointer + s.done, length: Int(s.request.length) - s.done,
