@@ -237,17 +237,23 @@ final class NBDConnection: IOHandler {
             }
             break
         }
-        if inStart == inEnd {
-            inStart = 0
-            inEnd = 0
-        } else if inStart > inputCapacity / 2 {
-            (input).copyMemory(from: input + inStart, byteCount: inEnd - inStart)
-            inEnd -= inStart
-            inStart = 0
+        // A receive in flight writes at `inEnd`: the buffer may only move when none is.
+        if !receivingIntoInput {
+            if inStart == inEnd {
+                inStart = 0
+                inEnd = 0
+            } else if inStart > inputCapacity / 2 {
+                input.copyMemory(from: input + inStart, byteCount: inEnd - inStart)
+                inEnd -= inStart
+                inStart = 0
+            }
         }
         postRecv()
         loop.callAtBatchEnd(id)
     }
+
+    /// Whether a plaintext receive into `input` is in flight (then `input` must not move).
+    private var receivingIntoInput: Bool { recvPosted && !recvDirect && tls == nil }
 
     /// TLS only: decrypts buffered ciphertext into `input`. True when it produced bytes.
     private func pullTLS() -> Bool {

@@ -16,6 +16,28 @@ struct Tandem: ParsableCommand {
             releases) mirrors every write synchronously to a peer over TLS.
             """,
         subcommands: [Serve.self, Certs.self])
+
+    /// Every failure, from argument parsing or from running, ends as one `error: ...` line on
+    /// stderr and a non-zero exit; `--help` prints help and exits 0.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success {
+                print(fullMessage(for: error))
+                Glibc.exit(0)
+            }
+            let text = message(for: error)
+            if !text.isEmpty {
+                var line = "error: \(text)\n"
+                if code == .validationFailure { line += "(see tandem --help, or tandem help SUBCOMMAND)\n" }
+                line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+            }
+            Glibc.exit(code.rawValue)
+        }
+    }
 }
 
 /// Options every long-running command shares.
