@@ -6,6 +6,7 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
+#include <sys/socket.h>
 #include <pthread.h>
 
 #include "ctandem.h"
@@ -147,4 +148,19 @@ int ctandem_epoll_wait(int epfd, ctandem_epoll_event *out, int max, int timeout_
         out[i].data = evs[i].data.u64;
     }
     return n;
+}
+
+int ctandem_connect(int fd, const struct sockaddr *addr, socklen_t len) {
+    for (;;) {
+        if (connect(fd, addr, len) == 0) return 0;
+        if (errno == EINTR) continue;
+        return -errno;
+    }
+}
+
+int ctandem_socket_error(int fd) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return -errno;
+    return -err;
 }

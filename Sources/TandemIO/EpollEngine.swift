@@ -34,6 +34,7 @@ public final class EpollEngine: IOEngine {
         var message: UnsafePointer<msghdr>?
         var sendUserData: UInt64 = 0
         var acceptUserData: UInt64?
+        var connectUserData: UInt64?
         var pollUserData: UInt64?
         var registered: UInt32 = 0
         var added = false
@@ -41,7 +42,7 @@ public final class EpollEngine: IOEngine {
         var wanted: UInt32 {
             var mask: UInt32 = 0
             if recvBuffer != nil || acceptUserData != nil || pollUserData != nil { mask |= UInt32(CTANDEM_EPOLLIN) }
-            if message != nil { mask |= UInt32(CTANDEM_EPOLLOUT) }
+            if message != nil || connectUserData != nil { mask |= UInt32(CTANDEM_EPOLLOUT) }
             return mask
         }
     }
@@ -173,6 +174,16 @@ public final class EpollEngine: IOEngine {
         update(fd)
     }
 
+    public func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, userData: UInt64) {
+        let rc = ctandem_connect(fd, address, length)
+        if rc != -EINPROGRESS {
+            complete(userData, rc)
+            return
+        }
+        sockets[fd, default: SocketOps()].connectUserData = userData
+        update(fd)
+    }
+
     public func pollReadable(fd: Int32, userData: UInt64) {
         sockets[fd, default: SocketOps()].pollUserData = userData
         update(fd)
@@ -197,6 +208,7 @@ public final class EpollEngine: IOEngine {
             if ops.message != nil { complete(ops.sendUserData, err) }
             if let a = ops.acceptUserData { complete(a, err) }
             if let p = ops.pollUserData { complete(p, err) }
+            if let c = ops.connectUserData { complete(c, err) }
             sockets[fd] = nil
             return
         }
@@ -226,6 +238,10 @@ public final class EpollEngine: IOEngine {
         if readable, let userData = ops.pollUserData {
             complete(userData, Int32(bitPattern: mask))
             ops.pollUserData = nil
+        }
+        if writable, let userData = ops.connectUserData {
+            complete(userData, ctandem_socket_error(fd))
+            ops.connectUserData = nil
         }
         if writable, let message = ops.message {
             let n = Glibc.sendmsg(fd, message, Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))

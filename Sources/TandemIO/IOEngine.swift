@@ -37,6 +37,8 @@ public protocol IOEngine: AnyObject {
     /// (or the peer closed, or an error), which saves round trips for large payloads.
     func recv(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, waitAll: Bool, userData: UInt64)
     func sendmsg(fd: Int32, message: UnsafePointer<msghdr>, userData: UInt64)
+    /// Connects a socket the engine adopted; the caller keeps `address` alive until completion.
+    func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, userData: UInt64)
     /// Completes with the poll mask once `fd` is readable (one shot).
     func pollReadable(fd: Int32, userData: UInt64)
 

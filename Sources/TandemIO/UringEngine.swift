@@ -132,6 +132,10 @@ public final class UringEngine: IOEngine {
         queue { ctandem_prep_sendmsg(ring, fd, message, 0, userData) }
     }
 
+    public func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, userData: UInt64) {
+        queue { ctandem_prep_connect(ring, fd, address, length, userData) }
+    }
+
     public func pollReadable(fd: Int32, userData: UInt64) {
         queue { ctandem_prep_poll(ring, fd, UInt32(POLLIN), userData) }
     }

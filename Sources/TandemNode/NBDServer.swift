@@ -58,7 +58,13 @@ public final class NBDServer: IOHandler {
         self.configuration = configuration
         self.tlsContext = tlsContext
         self.logger = logger
-        (listenFD, boundAddress) = try Self.listen(host: configuration.host, port: configuration.port)
+        do {
+            let (fd, bound) = try Sockets.listen(host: configuration.host, port: configuration.port)
+            listenFD = fd
+            boundAddress = bound.description
+        } catch {
+            throw ServeError(error.errno == EADDRINUSE ? error.operation : error.description)
+        }
         loop.engine.adoptSocket(listenFD)
         zeroBuffer = allocateAligned(Self.zeroBufferBytes)
     }
@@ -69,53 +75,6 @@ public final class NBDServer: IOHandler {
     }
 
     public var connectionCount: Int { connections.count }
-
-    /// Binds and listens on host:port, IPv4 or IPv6; "port in use" and the like come back as one
-    /// clear message.
-    static func listen(host: String, port: UInt16) throws(ServeError) -> (Int32, String) {
-        var hints = addrinfo()
-        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        var result: UnsafeMutablePointer<addrinfo>?
-        let rc = getaddrinfo(host, String(port), &hints, &result)
-        guard rc == 0, let info = result else {
-            throw ServeError("cannot resolve listen address \(host): \(String(cString: gai_strerror(rc)))")
-        }
-        defer { freeaddrinfo(result) }
-        let fd = socket(info.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        if fd < 0 { throw ServeError("cannot create a socket: \(SystemError.text(errno))") }
-        var one: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        if bind(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) != 0 {
-            let err = errno
-            closeDescriptor(fd)
-            if err == EADDRINUSE { throw ServeError("cannot listen on \(host):\(port): the port is already in use") }
-            throw ServeError("cannot listen on \(host):\(port): \(SystemError.text(err))")
-        }
-        if Glibc.listen(fd, 128) != 0 {
-            let err = errno
-            closeDescriptor(fd)
-            throw ServeError("cannot listen on \(host):\(port): \(SystemError.text(err))")
-        }
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        var bound = "\(host):\(port)"
-        withUnsafeMutablePointer(to: &storage) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
-                if getsockname(fd, sa, &length) == 0 { bound = Self.describe(sa) ?? bound }
-            }
-        }
-        return (fd, bound)
-    }
-
-    static func describe(_ sa: UnsafePointer<sockaddr>) -> String? {
-        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
-        var service = [CChar](repeating: 0, count: Int(NI_MAXSERV))
-        let length = socklen_t(sa.pointee.sa_family == sa_family_t(AF_INET6) ? MemoryLayout<sockaddr_in6>.size : MemoryLayout<sockaddr_in>.size)
-        guard getnameinfo(sa, length, &host, socklen_t(host.count), &service, socklen_t(service.count), NI_NUMERICHOST | NI_NUMERICSERV) == 0 else { return nil }
-        let h = String(cString: host)
-        return h.contains(":") ? "[\(h)]:\(String(cString: service))" : "\(h):\(String(cString: service))"
-    }
 
     public func start() {
         id = loop.register(self)
@@ -159,21 +118,13 @@ public final class NBDServer: IOHandler {
     }
 
     private func accepted(_ fd: Int32) {
-        var peer = "?"
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        withUnsafeMutablePointer(to: &storage) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
-                if getpeername(fd, sa, &length) == 0 { peer = Self.describe(sa) ?? peer }
-            }
-        }
+        let peer = SocketAddress(of: fd, peer: true)?.description ?? "?"
         if connections.count >= configuration.connectionsMax {
             logger.warning("refusing NBD client \(peer): \(configuration.connectionsMax) connections already")
             closeDescriptor(fd)
             return
         }
-        var one: Int32 = 1
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        Sockets.setNoDelay(fd)
         loop.engine.adoptSocket(fd)
         let connection = NBDConnection(server: self, fd: fd, peer: peer)
         connections[connection.id] = connection

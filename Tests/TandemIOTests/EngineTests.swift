@@ -134,3 +134,47 @@ func tempFile(size: Int) -> (String, Int32) {
         #expect(pool.freeCounts == [2, 1])
     }
 }
+
+@Suite(.serialized) struct ConnectTests {
+    @Test(arguments: [IOEngineKind.threads])
+    func connectsToAListener(kind: IOEngineKind) throws {
+        let engine = try IOEngineFactory.make(kind)
+        let loop = IOLoop(engine: engine, pool: BufferPool(classes: [.init(bytes: 4096, count: 1), .init(bytes: 32 << 20, count: 1)]), logger: Logger(label: "test"))
+        let recorder = Recorder()
+        let id = loop.register(recorder)
+        let (listener, bound) = try Sockets.listen(host: "127.0.0.1", port: 0)
+        defer { close(listener) }
+        engine.adoptSocket(listener)
+        engine.accept(fd: listener, userData: IOLoop.userData(id, 1))
+        let client = try Sockets.stream(family: bound.family)
+        defer { close(client) }
+        engine.adoptSocket(client)
+        // The engine reads the address when it submits, so it must outlive this call.
+        let address = UnsafeMutablePointer<SocketAddress>.allocate(capacity: 2)
+        defer { address.deallocate() }
+        address.initialize(to: bound)
+        engine.connect(fd: client, address: SocketAddress.sockaddrPointer(address), length: bound.length, userData: IOLoop.userData(id, 2))
+        run(loop) { recorder.results[1] != nil && recorder.results[2] != nil }
+        #expect(recorder.results[2] == 0)
+        let accepted = recorder.results[1]!
+        #expect(accepted >= 0)
+        close(accepted)
+        // Nobody listens on the port any more after closing: connecting is refused.
+        let (other, otherAddress) = try Sockets.listen(host: "127.0.0.1", port: 0)
+        close(other)
+        let refused = try Sockets.stream(family: otherAddress.family)
+        defer { close(refused) }
+        engine.adoptSocket(refused)
+        (address + 1).initialize(to: otherAddress)
+        engine.connect(fd: refused, address: SocketAddress.sockaddrPointer(address + 1), length: otherAddress.length, userData: IOLoop.userData(id, 3))
+        run(loop) { recorder.results[3] != nil }
+        #expect(recorder.results[3] == -ECONNREFUSED)
+    }
+
+    @Test func listenReportsPortInUse() throws {
+        let (fd, bound) = try Sockets.listen(host: "127.0.0.1", port: 0)
+        defer { close(fd) }
+        let port = UInt16(bound.description.split(separator: ":").last!)!
+        #expect(throws: SystemError.self) { try Sockets.listen(host: "127.0.0.1", port: port) }
+    }
+}

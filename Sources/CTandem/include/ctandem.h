@@ -66,6 +66,8 @@ int ctandem_prep_recv(ctandem_ring *ring, int fd, void *buf, unsigned len, int f
                       uint64_t user_data);
 int ctandem_prep_sendmsg(ctandem_ring *ring, int fd, const struct msghdr *msg, int flags,
                          uint64_t user_data);
+int ctandem_prep_connect(ctandem_ring *ring, int fd, const struct sockaddr *addr, socklen_t len,
+                         uint64_t user_data);
 int ctandem_prep_poll(ctandem_ring *ring, int fd, unsigned poll_mask, uint64_t user_data);
 int ctandem_prep_cancel_fd(ctandem_ring *ring, int fd, uint64_t user_data);
 
@@ -148,6 +150,10 @@ long ctandem_pread(int fd, void *buf, size_t len, uint64_t offset);
 int ctandem_fallocate(int fd, int mode, uint64_t offset, uint64_t len);
 /// accept4 with SOCK_CLOEXEC (and SOCK_NONBLOCK when asked); returns fd or -errno.
 int ctandem_accept(int fd, int nonblocking);
+/// connect(2) on a non-blocking socket: 0, -EINPROGRESS, or -errno.
+int ctandem_connect(int fd, const struct sockaddr *addr, socklen_t len);
+/// The pending error of a socket (SO_ERROR) as -errno, or 0.
+int ctandem_socket_error(int fd);
 /// An eventfd (non-blocking, close-on-exec) or -errno; signal adds 1, drain reads it to zero.
 int ctandem_eventfd(void);
 void ctandem_eventfd_signal(int fd);
