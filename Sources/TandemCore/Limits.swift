@@ -67,5 +67,7 @@ public enum Limits {
         precondition(diskQueueDepthMax >= nbdRequestsInFlightMax)
         precondition(completionBatchMax <= ringEntries)
         precondition(tlsCiphertextBufferBytes >= 2 * (tlsRecordPlaintextMax + 256))
+        checkMetadataRelations()
+        PeerProtocol.checkRelations()
     }
 }

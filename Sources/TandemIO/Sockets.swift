@@ -57,8 +57,8 @@ public struct SocketAddress: CustomStringConvertible, @unchecked Sendable {
             var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
             var service = [CChar](repeating: 0, count: Int(NI_MAXSERV))
             guard getnameinfo(sa, len, &host, socklen_t(host.count), &service, socklen_t(service.count), NI_NUMERICHOST | NI_NUMERICSERV) == 0 else { return "?" }
-            let h = String(cString: host)
-            return h.contains(":") ? "[\(h)]:\(String(cString: service))" : "\(h):\(String(cString: service))"
+            let h = String(nulTerminated: host)
+            return h.contains(":") ? "[\(h)]:\(String(nulTerminated: service))" : "\(h):\(String(nulTerminated: service))"
         }
     }
 }

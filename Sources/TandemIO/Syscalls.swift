@@ -55,3 +55,11 @@ public func allocateAligned(_ bytes: Int) -> UnsafeMutableRawPointer {
 public func freeAligned(_ p: UnsafeMutableRawPointer, _ bytes: Int) {
     munmap(p, bytes)
 }
+
+extension String {
+    /// A string from a NUL-terminated C buffer (C APIs that fill caller arrays).
+    public init(nulTerminated chars: [CChar]) {
+        let bytes = chars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
+        self = String(decoding: bytes, as: UTF8.self)
+    }
+}

@@ -12,7 +12,7 @@ public final class TLSContext: @unchecked Sendable {
         let made = err.withUnsafeMutableBufferPointer { buf in
             ctandem_tls_ctx_new(server ? 1 : 0, certificate, key, ca, requirePeerCertificate ? 1 : 0, tls13Only ? 1 : 0, buf.baseAddress, buf.count)
         }
-        guard let made else { throw TLSError(message: String(cString: err)) }
+        guard let made else { throw TLSError(message: String(nulTerminated: err)) }
         context = made
     }
 

@@ -230,7 +230,7 @@ struct Certs: ParsableCommand {
         let sans = (["localhost", "127.0.0.1", "::1"] + san).joined(separator: ",")
         var err = [CChar](repeating: 0, count: 512)
         func check(_ rc: Int32) throws {
-            if rc != 0 { throw fail(String(cString: err)) }
+            if rc != 0 { throw fail(String(nulTerminated: err)) }
         }
         try check(ctandem_cert_make_ca("Tandem CA", Int32(days), path("ca-cert.pem"), path("ca-key.pem"), &err, err.count))
         let signed: [(cn: String, file: String, sans: String)] =

@@ -19,7 +19,7 @@ func tempFile(size: Int) -> (String, Int32) {
     let fd = mkstemp(&template)
     precondition(fd >= 0)
     ftruncate(fd, off_t(size))
-    return (String(cString: template), fd)
+    return (String(nulTerminated: template), fd)
 }
 
 @Suite(.serialized) struct EngineTests {

@@ -18,14 +18,14 @@ struct PKI {
     func makeCA(_ name: String) throws {
         var err = [CChar](repeating: 0, count: 256)
         guard ctandem_cert_make_ca("CA \(name)", 30, path("\(name)-ca.pem"), path("\(name)-ca-key.pem"), &err, err.count) == 0 else {
-            throw TLSError(message: String(cString: err))
+            throw TLSError(message: String(nulTerminated: err))
         }
     }
 
     func makeCert(_ name: String, ca: String, days: Int32 = 30) throws {
         var err = [CChar](repeating: 0, count: 256)
         guard ctandem_cert_make_signed(name, "127.0.0.1", days, path("\(ca)-ca.pem"), path("\(ca)-ca-key.pem"), path("\(name).pem"), path("\(name)-key.pem"), &err, err.count) == 0 else {
-            throw TLSError(message: String(cString: err))
+            throw TLSError(message: String(nulTerminated: err))
         }
     }
 

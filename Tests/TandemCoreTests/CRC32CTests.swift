@@ -1,0 +1,93 @@
+import Testing
+import TandemCore
+
+@Suite struct CRC32CTests {
+    /// Bit at a time, straight from the definition: the reference the tables must agree with.
+    static func bitwise(_ bytes: [UInt8], seed: UInt32 = 0) -> UInt32 {
+        var crc = ~seed
+        for byte in bytes {
+            crc ^= UInt32(byte)
+            for _ in 0..<8 { crc = crc & 1 != 0 ? (crc >> 1) ^ 0x82F6_3B78 : crc >> 1 }
+        }
+        return ~crc
+    }
+
+    @Test func standardVectors() {
+        // RFC 3720 appendix B.4 and the usual check value.
+        #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
+        #expect(CRC32C.checksum([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
+        #expect(CRC32C.checksum([UInt8](repeating: 0xFF, count: 32)) == 0x62A8_AB43)
+        #expect(CRC32C.checksum((0..<32).map { UInt8($0) }) == 0x46DD_794E)
+        #expect(CRC32C.checksum((0..<32).reversed().map { UInt8($0) }) == 0x113F_DB5C)
+        #expect(CRC32C.checksum(Array("The quick brown fox jumps over the lazy dog".utf8)) == 0x2262_0404)
+        #expect(CRC32C.checksum([]) == 0)
+        #expect(CRC32C().value == 0)
+    }
+
+    @Test func tablesAgreeWithBitwiseAtEveryLengthAndAlignment() {
+        var rng = MetadataTestRNG(seed: 7)
+        let data = (0..<300).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        data.withUnsafeBytes { all in
+            for start in 0..<9 {
+                for length in 0...(data.count - start) where length < 40 || length % 17 == 0 {
+                    let slice = UnsafeRawBufferPointer(rebasing: all[start..<(start + length)])
+                    #expect(CRC32C.checksum(slice) == Self.bitwise(Array(data[start..<(start + length)])))
+                }
+            }
+        }
+    }
+
+    @Test func streamingAndSeedsChain() {
+        var rng = MetadataTestRNG(seed: 11)
+        for _ in 0..<200 {
+            let data = (0..<rng.below(5000)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            let oneShot = CRC32C.checksum(data)
+            var crc = CRC32C()
+            var cut = 0
+            data.withUnsafeBytes { raw in
+                while cut < data.count {
+                    let next = min(data.count, cut + rng.below(100))
+                    crc.update(UnsafeRawBufferPointer(rebasing: raw[cut..<next]))
+                    cut = next
+                }
+            }
+            #expect(crc.value == oneShot)
+            let split = data.isEmpty ? 0 : rng.below(data.count)
+            let head = CRC32C.checksum(Array(data[..<split]))
+            #expect(CRC32C.checksum(Array(data[split...]), seed: head) == oneShot)
+            var resumed = CRC32C(seed: head)
+            Array(data[split...]).withUnsafeBytes { resumed.update($0) }
+            #expect(resumed.value == oneShot)
+        }
+    }
+
+    @Test func detectsEverySingleBitFlipInABlock() {
+        var block = [UInt8](repeating: 0x5A, count: 4096)
+        let good = CRC32C.checksum(block)
+        for bit in stride(from: 0, to: 4096 * 8, by: 97) {
+            block[bit / 8] ^= 1 << UInt8(bit % 8)
+            #expect(CRC32C.checksum(block) != good)
+            block[bit / 8] ^= 1 << UInt8(bit % 8)
+        }
+    }
+}
+
+/// SplitMix64: a seeded, reproducible generator for the randomized metadata tests.
+struct MetadataTestRNG: RandomNumberGenerator {
+    var state: UInt64
+
+    init(seed: UInt64) { state = seed }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// A value in 0..<bound (0 when bound is 0).
+    mutating func below(_ bound: Int) -> Int {
+        bound <= 0 ? 0 : Int(next() % UInt64(bound))
+    }
+}
