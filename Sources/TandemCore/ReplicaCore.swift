@@ -1,0 +1,391 @@
+/// The replication state machine of one node, sans I/O: events in (a client write, a local disk
+/// completion, a peer message, the link going up or down, a tick), actions out (write locally,
+/// send to the peer, answer the client, persist metadata). It never reads a clock, a socket or a
+/// random number: the node supplies time and fresh identifiers in the events. The same code runs
+/// in `tandem up` and in the simulator.
+///
+/// Protocol C (DRBD's): a client write is answered once it is done on the local disk and the
+/// peer has acknowledged it as written on its disk. A client FLUSH is answered once the local
+/// fdatasync and the peer's flush are both done; the peer's flush covers every write it received
+/// before it, so writes the peer acknowledged stay in the transfer log until a flush covers them:
+/// if the link drops first, they are marked out of sync (the peer may have lost them from a
+/// volatile cache) and the next resync sends them again.
+///
+/// Status: the write path (both roles), flushes, epochs and barriers, the transfer log and link
+/// loss are here and tested; the connect handshake (sync decision, bitmap exchange), resync,
+/// verify and role changes are the next steps (see DEVELOPERS.md, "Replication: state of work").
+public struct ReplicaCore {
+    public struct Configuration: Sendable {
+        public var nodeID: UInt8
+        public var deviceBytes: UInt64
+        public var granularityBytes: Int
+        /// Writes acknowledged by the peer but not yet covered by a peer flush. When full, the
+        /// primary sends a flush of its own to make room (bounded memory, bounded exposure).
+        public var transferLogEntriesMax: Int
+
+        public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192) {
+            precondition(transferLogEntriesMax > 0)
+            self.nodeID = nodeID
+            self.deviceBytes = deviceBytes
+            self.granularityBytes = granularityBytes
+            self.transferLogEntriesMax = transferLogEntriesMax
+        }
+    }
+
+    /// What the node must do, in order.
+    public enum Action: Sendable, Equatable {
+        case submitLocal(LocalIO)
+        /// A control message for the peer.
+        case send(PeerMessage)
+        /// A replicated write (`data`, `trim` or `zeroes`); a `data` payload comes from `buffer`.
+        case sendWrite(PeerWrite, kind: WriteKind, buffer: BufferRef?)
+        case completeClient(id: UInt64, result: Int32)
+        case completeClientFlush(id: UInt64, result: Int32)
+        /// Close the link (it will be re-established by the node unless `standalone`).
+        case dropLink(LinkDownReason)
+        /// A state worth telling the operator (role, disk, link and sync state changes).
+        case stateChanged(ReplicaStatus)
+    }
+
+    public let configuration: Configuration
+    public private(set) var role: PeerRole
+    public private(set) var disk: PeerDiskState
+    public private(set) var peerDisk: PeerDiskState?
+    public private(set) var link: LinkState = .connecting
+    public private(set) var sync: SyncState = .established
+    public private(set) var uuids: GenerationUUIDs
+    public private(set) var bitmap: DirtyBitmap
+
+    // MARK: Primary state
+
+    private struct ClientWrite {
+        var offset: UInt64
+        var length: UInt32
+        var localDone = false
+        var localResult: Int32 = 0
+        var peerPending = false
+        var peerResult: Int32 = 0
+        /// The link sequence of the data message (for transfer-log coverage by flushes).
+        var linkSequence: UInt64 = 0
+    }
+
+    private struct ClientFlush {
+        var localDone = false
+        var localResult: Int32 = 0
+        var peerPending = false
+        var peerResult: Int32 = 0
+    }
+
+    private struct TransferLogEntry {
+        var offset: UInt64
+        var length: UInt32
+        var linkSequence: UInt64
+    }
+
+    private var writes: [UInt64: ClientWrite] = [:]
+    private var flushes: [UInt64: ClientFlush] = [:]
+    private var transferLog: FixedQueue<TransferLogEntry>
+    /// Sequence numbers of data messages sent on the current link.
+    private var linkSequence: UInt64 = 0
+    /// Peer flushes in flight: flush id -> data messages it covers (sequence below this).
+    private var peerFlushCoverage: [UInt64: UInt64] = [:]
+    /// Ids of flushes the core sent on its own (to trim the transfer log), not a client's.
+    private var ownFlushID: UInt64 = 1 << 63
+    private var epoch: UInt64 = 1
+    /// A client write completed since the last barrier: the next write opens a new epoch.
+    private var epochClosePending = false
+
+    // MARK: Secondary state
+
+    /// Peer writes being written locally: write id -> arrival number.
+    private var peerWritesInFlight: [UInt64: UInt64] = [:]
+    private var peerArrivals: UInt64 = 0
+    /// Peer flushes waiting for earlier writes: (flush id, arrivals before it).
+    private var peerFlushesWaiting: [(id: UInt64, before: UInt64)] = []
+    /// Barriers waiting for earlier writes: (epoch, arrivals before it, writes in the epoch).
+    private var barriersWaiting: [(epoch: UInt64, before: UInt64, writes: UInt32)] = []
+    private var peerEpochWrites: UInt32 = 0
+
+    public init(configuration: Configuration, role: PeerRole, disk: PeerDiskState, uuids: GenerationUUIDs, bitmap: DirtyBitmap) {
+        precondition(bitmap.deviceBytes == configuration.deviceBytes, "bitmap of another size")
+        self.configuration = configuration
+        self.role = role
+        self.disk = disk
+        self.uuids = uuids
+        self.bitmap = bitmap
+        transferLog = FixedQueue(capacity: configuration.transferLogEntriesMax)
+        writes.reserveCapacity(Limits.nbdRequestsInFlightMax * 4)
+        peerWritesInFlight.reserveCapacity(Limits.nbdRequestsInFlightMax * 4)
+    }
+
+    /// Whether client writes go to the peer right now.
+    public var replicating: Bool {
+        link == .connected && (sync == .established || sync == .syncSource) && peerDisk != nil && peerDisk != .failed
+    }
+
+    public var status: ReplicaStatus {
+        ReplicaStatus(
+            role: role, disk: disk, peerDisk: peerDisk, link: link, sync: sync,
+            outOfSyncBytes: bitmap.outOfSyncBytes, writesInFlight: writes.count, transferLogEntries: transferLog.count)
+    }
+
+    // MARK: Client requests (primary)
+
+    /// A client write (WRITE, TRIM or WRITE_ZEROES) whose payload the node holds as
+    /// `.client(id)`. `id` must be unique among writes and flushes in flight.
+    public mutating func clientWrite(id: UInt64, offset: UInt64, length: UInt32, kind: WriteKind, fua: Bool, into actions: inout [Action]) {
+        precondition(role == .primary, "client write on a secondary")
+        precondition(writes[id] == nil, "duplicate client write id \(id)")
+        var write = ClientWrite(offset: offset, length: length)
+        let payload: BufferRef? = kind == .write ? .client(id) : nil
+        actions.append(.submitLocal(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload)))
+        if replicating {
+            if epochClosePending {
+                actions.append(.send(.barrier(epoch: epoch)))
+                epoch &+= 1
+                epochClosePending = false
+            }
+            linkSequence += 1
+            write.linkSequence = linkSequence
+            write.peerPending = true
+            var flags: UInt16 = fua ? PeerFlags.Write.fua : 0
+            if case .zeroes(noHole: true) = kind { flags |= PeerFlags.Write.noHole }
+            actions.append(.sendWrite(PeerWrite(id: id, offset: offset, length: length, epoch: epoch, flags: flags), kind: kind, buffer: payload))
+        } else {
+            // The peer will need this range: it is out of sync from now on.
+            bitmap.setRange(offset: offset, length: UInt64(length))
+        }
+        writes[id] = write
+    }
+
+    /// A client FLUSH: durable on both sides before it is answered.
+    public mutating func clientFlush(id: UInt64, into actions: inout [Action]) {
+        precondition(flushes[id] == nil, "duplicate client flush id \(id)")
+        var flush = ClientFlush()
+        actions.append(.submitLocal(LocalIO(tag: .clientFlush(id), operation: .flush, offset: 0, length: 0, buffer: nil)))
+        if replicating {
+            flush.peerPending = true
+            peerFlushCoverage[id] = linkSequence + 1
+            actions.append(.send(.flush(id: id)))
+        }
+        flushes[id] = flush
+    }
+
+    // MARK: Local completions
+
+    public mutating func localCompleted(_ tag: LocalIO.Tag, result: Int32, into actions: inout [Action]) {
+        switch tag {
+        case .client(let id):
+            guard var write = writes[id] else { preconditionFailure("completion of unknown client write \(id)") }
+            precondition(!write.localDone, "client write \(id) completed twice")
+            write.localDone = true
+            write.localResult = result
+            writes[id] = write
+            finishWriteIfDone(id, into: &actions)
+        case .clientFlush(let id):
+            guard var flush = flushes[id] else { preconditionFailure("completion of unknown flush \(id)") }
+            flush.localDone = true
+            flush.localResult = result
+            flushes[id] = flush
+            finishFlushIfDone(id, into: &actions)
+        case .peerWrite(let id):
+            guard peerWritesInFlight.removeValue(forKey: id) != nil else { preconditionFailure("completion of unknown peer write \(id)") }
+            actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+            startWaitingPeerFlushes(into: &actions)
+        case .peerFlush(let id):
+            actions.append(.send(.flushAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+        case .resyncRead, .resyncWrite:
+            preconditionFailure("this core issues no resync I/O yet, so none can complete")
+        }
+    }
+
+    private mutating func finishWriteIfDone(_ id: UInt64, into actions: inout [Action]) {
+        guard let write = writes[id], write.localDone, !write.peerPending else { return }
+        writes[id] = nil
+        var result = write.localResult
+        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 {
+            // The peer has the data: the client loses nothing (the local disk is detached).
+            result = 0
+            detachLocalDisk(into: &actions)
+        } else if result < 0 {
+            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+        }
+        epochClosePending = true
+        actions.append(.completeClient(id: id, result: result))
+    }
+
+    private mutating func finishFlushIfDone(_ id: UInt64, into actions: inout [Action]) {
+        guard let flush = flushes[id], flush.localDone, !flush.peerPending else { return }
+        flushes[id] = nil
+        // A peer that failed its flush is out of sync, not the client's problem; a detached local
+        // disk leaves the peer's answer as the only one.
+        actions.append(.completeClientFlush(id: id, result: disk == .failed ? flush.peerResult : flush.localResult))
+    }
+
+    private mutating func detachLocalDisk(into actions: inout [Action]) {
+        guard disk != .failed else { return }
+        disk = .failed
+        actions.append(.stateChanged(status))
+    }
+
+    // MARK: Peer messages
+
+    /// A replicated write arrived (its `data` payload is in the node's buffer `.peer(id)`).
+    public mutating func peerWrite(_ write: PeerWrite, kind: WriteKind, into actions: inout [Action]) {
+        guard role == .secondary else { return protocolError("a replicated write arrived while primary", into: &actions) }
+        guard peerWritesInFlight[write.id] == nil else { return protocolError("duplicate write id \(write.id)", into: &actions) }
+        peerArrivals += 1
+        peerWritesInFlight[write.id] = peerArrivals
+        if write.epoch != epoch {
+            epoch = write.epoch
+            peerEpochWrites = 0
+        }
+        peerEpochWrites += 1
+        let fua = write.flags & PeerFlags.Write.fua != 0
+        actions.append(.submitLocal(LocalIO(tag: .peerWrite(write.id), operation: .write(kind: kind, fua: fua), offset: write.offset, length: write.length, buffer: kind == .write ? .peer(write.id) : nil)))
+    }
+
+    /// A control message from the peer.
+    public mutating func peerMessage(_ message: PeerMessage, into actions: inout [Action]) {
+        switch message {
+        case .data(let write, _):
+            peerWrite(write, kind: .write, into: &actions)
+        case .trim(let write):
+            peerWrite(write, kind: .trim, into: &actions)
+        case .zeroes(let write):
+            peerWrite(write, kind: .zeroes(noHole: write.flags & PeerFlags.Write.noHole != 0), into: &actions)
+        case .writeAck(let id, let code):
+            guard var write = writes[id], write.peerPending else { return protocolError("ack of unknown write \(id)", into: &actions) }
+            write.peerPending = false
+            write.peerResult = -Int32(bitPattern: code)
+            writes[id] = write
+            if code == 0 {
+                recordInTransferLog(TransferLogEntry(offset: write.offset, length: write.length, linkSequence: write.linkSequence), into: &actions)
+            } else {
+                // The peer could not write it: out of sync until a resync repairs it.
+                bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+            }
+            finishWriteIfDone(id, into: &actions)
+        case .flush(let id):
+            peerFlushesWaiting.append((id, peerArrivals))
+            startWaitingPeerFlushes(into: &actions)
+        case .flushAck(let id, let code):
+            guard let covered = peerFlushCoverage.removeValue(forKey: id) else { return protocolError("ack of unknown flush \(id)", into: &actions) }
+            if code == 0 {
+                while let head = transferLog.first, head.linkSequence < covered { transferLog.pop() }
+            }
+            if var flush = flushes[id] {
+                flush.peerPending = false
+                flush.peerResult = -Int32(bitPattern: code)
+                flushes[id] = flush
+                finishFlushIfDone(id, into: &actions)
+            }
+        case .barrier(let closed):
+            barriersWaiting.append((closed, peerArrivals, peerEpochWrites))
+            startWaitingPeerFlushes(into: &actions)
+        case .barrierAck:
+            // Epoch bookkeeping only: durability comes from flushes (see the type's comment).
+            break
+        case .ping(let id):
+            actions.append(.send(.pingAck(id: id)))
+        case .pingAck, .hello, .stateChange, .disconnect, .bitmapChunk, .bitmapDone, .resyncRequest, .resyncData, .resyncAck, .resyncDone, .verifyRequest, .verifyDigest:
+            // Link management, resync and verify are handled by the node until they move here.
+            break
+        }
+    }
+
+    private mutating func recordInTransferLog(_ entry: TransferLogEntry, into actions: inout [Action]) {
+        if transferLog.isFull {
+            // Make room: a flush of our own covers everything sent so far.
+            ownFlushID += 1
+            peerFlushCoverage[ownFlushID] = linkSequence + 1
+            actions.append(.send(.flush(id: ownFlushID)))
+            // Until it returns, the oldest entry is remembered in the bitmap instead.
+            let oldest = transferLog.pop()!
+            bitmap.setRange(offset: oldest.offset, length: UInt64(oldest.length))
+        }
+        transferLog.push(entry)
+    }
+
+    /// Starts peer flushes and acks barriers whose earlier writes are all done.
+    private mutating func startWaitingPeerFlushes(into actions: inout [Action]) {
+        let oldestInFlight = peerWritesInFlight.values.min() ?? UInt64.max
+        while let first = peerFlushesWaiting.first, first.before < oldestInFlight {
+            peerFlushesWaiting.removeFirst()
+            actions.append(.submitLocal(LocalIO(tag: .peerFlush(first.id), operation: .flush, offset: 0, length: 0, buffer: nil)))
+        }
+        while let first = barriersWaiting.first, first.before < oldestInFlight {
+            barriersWaiting.removeFirst()
+            actions.append(.send(.barrierAck(epoch: first.epoch, writes: first.writes, result: 0)))
+        }
+    }
+
+    private mutating func protocolError(_ why: String, into actions: inout [Action]) {
+        actions.append(.dropLink(.protocolError(why)))
+    }
+
+    // MARK: Link
+
+    /// The link is up and the peer's hello arrived.
+    public mutating func linkUp(peer hello: PeerHello, into actions: inout [Action]) {
+        guard hello.deviceSizeBytes == configuration.deviceBytes else {
+            link = .standalone
+            actions.append(.dropLink(.sizeMismatch))
+            actions.append(.stateChanged(status))
+            return
+        }
+        linkSequence = 0
+        epoch = 1
+        epochClosePending = false
+        peerDisk = hello.diskState
+        link = .connected
+        sync = .established
+        actions.append(.stateChanged(status))
+    }
+
+    /// The link went down: whatever the peer may not have is marked out of sync, and writes that
+    /// waited for the peer complete on the local disk alone.
+    public mutating func linkDown(_ reason: LinkDownReason, freshUUID: UInt64, into actions: inout [Action]) {
+        guard link == .connected || link == .handshaking else { return }
+        while let entry = transferLog.pop() {
+            bitmap.setRange(offset: entry.offset, length: UInt64(entry.length))
+        }
+        for (id, var write) in writes where write.peerPending {
+            write.peerPending = false
+            write.peerResult = -5  // EIO: the peer never confirmed it
+            writes[id] = write
+            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+        }
+        for (id, var flush) in flushes where flush.peerPending {
+            flush.peerPending = false
+            flushes[id] = flush
+        }
+        peerFlushCoverage.removeAll()
+        peerFlushesWaiting.removeAll()
+        barriersWaiting.removeAll()
+        if role == .primary && uuids.bitmap == 0 {
+            // New data from here on belongs to a generation the peer does not have.
+            uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
+        }
+        peerDisk = nil
+        sync = .established
+        link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch) ? .standalone : .connecting
+        let ids = Array(writes.keys)
+        for id in ids { finishWriteIfDone(id, into: &actions) }
+        let flushIDs = Array(flushes.keys)
+        for id in flushIDs { finishFlushIfDone(id, into: &actions) }
+        actions.append(.stateChanged(status))
+    }
+}
+
+/// A node's state as `tandem status` shows it.
+public struct ReplicaStatus: Sendable, Equatable {
+    public var role: PeerRole
+    public var disk: PeerDiskState
+    public var peerDisk: PeerDiskState?
+    public var link: LinkState
+    public var sync: SyncState
+    public var outOfSyncBytes: UInt64
+    public var writesInFlight: Int
+    public var transferLogEntries: Int
+}

@@ -1,0 +1,75 @@
+/// The vocabulary of the replication state machine (`ReplicaCore`): roles, states, the events it
+/// takes and the actions it returns. Modelled on DRBD 9 (see shared/notes/drbd.md), reduced to two
+/// data nodes.
+
+/// The state of the link to the peer.
+public enum LinkState: String, Sendable, Equatable {
+    /// Not trying to connect (administratively down, or after split brain / unrelated data).
+    case standalone
+    /// Trying to reach the peer.
+    case connecting
+    /// Hello exchanged; bitmaps being exchanged before a resync.
+    case handshaking
+    /// Replicating; `sync` says whether a resync runs.
+    case connected
+}
+
+/// What runs over a connected link besides replication.
+public enum SyncState: String, Sendable, Equatable {
+    case established
+    case syncSource
+    case syncTarget
+}
+
+/// Why the link went down, as both sides log it.
+public enum LinkDownReason: Sendable, Equatable {
+    case peerClosed
+    case timeout
+    case protocolError(String)
+    case splitBrain
+    case unrelatedData
+    case sizeMismatch
+    case administrative
+}
+
+/// The kind of a write-like request.
+public enum WriteKind: Sendable, Equatable {
+    case write
+    case trim
+    /// Zeroes; `noHole` keeps the range allocated.
+    case zeroes(noHole: Bool)
+}
+
+/// Where the bytes of a data transfer live; the node maps these to its buffers.
+public enum BufferRef: Sendable, Equatable, Hashable {
+    /// The payload of a client (NBD) write, or the buffer of a client read.
+    case client(UInt64)
+    /// The payload of a write received from the peer (by its write id).
+    case peer(UInt64)
+    /// A resync buffer slot.
+    case resync(Int)
+}
+
+/// A local disk operation the node must carry out; the tag comes back with its result.
+public struct LocalIO: Sendable, Equatable {
+    public enum Operation: Sendable, Equatable {
+        case write(kind: WriteKind, fua: Bool)
+        case read
+        case flush
+    }
+
+    public enum Tag: Sendable, Equatable, Hashable {
+        case client(UInt64)
+        case clientFlush(UInt64)
+        case peerWrite(UInt64)
+        case peerFlush(UInt64)
+        case resyncRead(Int)
+        case resyncWrite(Int)
+    }
+
+    public var tag: Tag
+    public var operation: Operation
+    public var offset: UInt64
+    public var length: UInt32
+    public var buffer: BufferRef?
+}

@@ -1,0 +1,286 @@
+import Testing
+@testable import TandemCore
+
+/// Two cores wired by hand: the test plays disk and network, one step at a time, so every
+/// interleaving in a test is explicit. (The seeded simulator grows from this.)
+struct Pair {
+    var primary: ReplicaCore
+    var secondary: ReplicaCore
+    /// Local operations each side has been asked to do and not yet completed.
+    var primaryDisk: [LocalIO] = []
+    var secondaryDisk: [LocalIO] = []
+    /// Messages in flight, in order.
+    var toSecondary: [ReplicaCore.Action] = []
+    var toPrimary: [PeerMessage] = []
+    var completed: [UInt64: Int32] = [:]
+    var flushed: [UInt64: Int32] = [:]
+    var dropped: [LinkDownReason] = []
+    static let size: UInt64 = 64 << 20
+
+    init(transferLog: Int = 64) {
+        let config = { (id: UInt8) in ReplicaCore.Configuration(nodeID: id, deviceBytes: Pair.size, transferLogEntriesMax: transferLog) }
+        let uuids = GenerationUUIDs(current: 0x1000, bitmap: 0, history0: 0, history1: 0)
+        primary = ReplicaCore(configuration: config(0), role: .primary, disk: .upToDate, uuids: uuids, bitmap: DirtyBitmap(deviceBytes: Pair.size))
+        secondary = ReplicaCore(configuration: config(1), role: .secondary, disk: .upToDate, uuids: uuids, bitmap: DirtyBitmap(deviceBytes: Pair.size))
+        var actions: [ReplicaCore.Action] = []
+        primary.linkUp(peer: Pair.hello(1, .secondary), into: &actions)
+        secondary.linkUp(peer: Pair.hello(0, .primary), into: &actions)
+    }
+
+    static func hello(_ id: UInt8, _ role: PeerRole) -> PeerHello {
+        PeerHello(versionMin: 1, versionMax: 1, nodeID: id, role: role, diskState: .upToDate, flags: 0, resourceName: "r0",
+                  deviceSizeBytes: size, bitmapGranularityBytes: 4096, uuids: PeerGenerationUUIDs(current: 0x1000, bitmap: 0, history: [0, 0, 0, 0]))
+    }
+
+    mutating func applyPrimary(_ actions: [ReplicaCore.Action]) {
+        for action in actions {
+            switch action {
+            case .submitLocal(let io): primaryDisk.append(io)
+            case .send, .sendWrite: toSecondary.append(action)
+            case .completeClient(let id, let result): completed[id] = result
+            case .completeClientFlush(let id, let result): flushed[id] = result
+            case .dropLink(let reason): dropped.append(reason)
+            case .stateChanged: break
+            }
+        }
+    }
+
+    mutating func applySecondary(_ actions: [ReplicaCore.Action]) {
+        for action in actions {
+            switch action {
+            case .submitLocal(let io): secondaryDisk.append(io)
+            case .send(let message): toPrimary.append(message)
+            case .sendWrite: Issue.record("secondary sent a write")
+            case .completeClient, .completeClientFlush: Issue.record("secondary answered a client")
+            case .dropLink(let reason): dropped.append(reason)
+            case .stateChanged: break
+            }
+        }
+    }
+
+    mutating func write(_ id: UInt64, at offset: UInt64, _ length: UInt32 = 4096, fua: Bool = false) {
+        var actions: [ReplicaCore.Action] = []
+        primary.clientWrite(id: id, offset: offset, length: length, kind: .write, fua: fua, into: &actions)
+        applyPrimary(actions)
+    }
+
+    mutating func flush(_ id: UInt64) {
+        var actions: [ReplicaCore.Action] = []
+        primary.clientFlush(id: id, into: &actions)
+        applyPrimary(actions)
+    }
+
+    /// Delivers every message queued for the secondary.
+    mutating func deliverToSecondary() {
+        let queued = toSecondary
+        toSecondary.removeAll()
+        for action in queued {
+            var actions: [ReplicaCore.Action] = []
+            switch action {
+            case .sendWrite(let write, let kind, _): secondary.peerWrite(write, kind: kind, into: &actions)
+            case .send(let message): secondary.peerMessage(message, into: &actions)
+            default: Issue.record("unexpected \(action)")
+            }
+            applySecondary(actions)
+        }
+    }
+
+    mutating func deliverToPrimary() {
+        let queued = toPrimary
+        toPrimary.removeAll()
+        for message in queued {
+            var actions: [ReplicaCore.Action] = []
+            primary.peerMessage(message, into: &actions)
+            applyPrimary(actions)
+        }
+    }
+
+    /// Completes the first pending local operation on a side matching `tag`.
+    mutating func completePrimary(_ tag: LocalIO.Tag, _ result: Int32 = 0) {
+        guard let i = primaryDisk.firstIndex(where: { $0.tag == tag }) else { Issue.record("no primary op \(tag)"); return }
+        primaryDisk.remove(at: i)
+        var actions: [ReplicaCore.Action] = []
+        primary.localCompleted(tag, result: result, into: &actions)
+        applyPrimary(actions)
+    }
+
+    mutating func completeSecondary(_ tag: LocalIO.Tag, _ result: Int32 = 0) {
+        guard let i = secondaryDisk.firstIndex(where: { $0.tag == tag }) else { Issue.record("no secondary op \(tag)"); return }
+        secondaryDisk.remove(at: i)
+        var actions: [ReplicaCore.Action] = []
+        secondary.localCompleted(tag, result: result, into: &actions)
+        applySecondary(actions)
+    }
+
+    mutating func dropLink() {
+        var actions: [ReplicaCore.Action] = []
+        primary.linkDown(.peerClosed, freshUUID: 0x2000, into: &actions)
+        applyPrimary(actions)
+        actions.removeAll()
+        secondary.linkDown(.peerClosed, freshUUID: 0x3000, into: &actions)
+        applySecondary(actions)
+        toSecondary.removeAll()
+        toPrimary.removeAll()
+    }
+}
+
+@Suite struct ReplicaCoreTests {
+    @Test func protocolCAnswersOnlyWhenBothSidesWrote() {
+        var pair = Pair()
+        pair.write(1, at: 8192)
+        #expect(pair.primaryDisk.count == 1 && pair.toSecondary.count == 1)
+        pair.completePrimary(.client(1))
+        #expect(pair.completed[1] == nil, "local alone is not enough under protocol C")
+        pair.deliverToSecondary()
+        #expect(pair.secondaryDisk.first?.buffer == .peer(1))
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        #expect(pair.completed[1] == 0)
+        // The other order: peer ack first, then the local disk.
+        pair.write(2, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        #expect(pair.completed[2] == nil)
+        pair.completePrimary(.client(2))
+        #expect(pair.completed[2] == 0)
+        #expect(pair.primary.bitmap.setBitCount == 0)
+    }
+
+    @Test func aNewEpochStartsAfterACompletedWrite() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.write(2, at: 4096)
+        let epochs = pair.toSecondary.compactMap { action -> UInt64? in
+            if case .sendWrite(let w, _, _) = action { return w.epoch }
+            return nil
+        }
+        #expect(epochs == [1, 1], "concurrent writes share an epoch")
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        pair.completePrimary(.client(2))
+        pair.write(3, at: 8192)
+        guard case .send(.barrier(let closed)) = pair.toSecondary.first, case .sendWrite(let w, _, _) = pair.toSecondary.last else {
+            Issue.record("no barrier before the next epoch: \(pair.toSecondary)")
+            return
+        }
+        #expect(closed == 1 && w.epoch == 2)
+        pair.deliverToSecondary()
+        #expect(pair.toPrimary.contains(.barrierAck(epoch: 1, writes: 2, result: 0)), "all writes of epoch 1 were done")
+    }
+
+    @Test func peerFlushWaitsForEarlierWritesAndCoversTheTransferLog() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.flush(100)
+        pair.deliverToSecondary()
+        #expect(!pair.secondaryDisk.contains { $0.tag == .peerFlush(100) }, "flush must wait for write 1 on the secondary")
+        pair.completeSecondary(.peerWrite(1))
+        #expect(pair.secondaryDisk.contains { $0.tag == .peerFlush(100) })
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        #expect(pair.primary.status.transferLogEntries == 1, "acked but not yet flushed")
+        pair.completePrimary(.clientFlush(100))
+        #expect(pair.flushed[100] == nil, "the peer's flush is still out")
+        pair.completeSecondary(.peerFlush(100))
+        pair.deliverToPrimary()
+        #expect(pair.flushed[100] == 0)
+        #expect(pair.primary.status.transferLogEntries == 0)
+    }
+
+    @Test func linkLossMarksWhatThePeerMayLackAndFinishesLocally() {
+        var pair = Pair()
+        // Write 1: acked by the peer, not flushed. Write 2: never reached the peer.
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        pair.write(2, at: 1 << 20, 65536)
+        pair.completePrimary(.client(2))
+        #expect(pair.completed[2] == nil)
+        pair.dropLink()
+        #expect(pair.completed[2] == 0, "the client is answered once the peer is gone")
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096), "acked but unflushed: may be lost on the peer")
+        #expect(pair.primary.bitmap.isDirty(offset: 1 << 20, length: 65536))
+        #expect(pair.primary.bitmap.outOfSyncBytes == 4096 + 65536)
+        #expect(pair.primary.uuids.bitmap == 0x1000 && pair.primary.uuids.current == 0x2000, "new generation for data the peer lacks")
+        #expect(pair.secondary.uuids.current == 0x1000, "a secondary keeps its generation")
+        // Writes while disconnected go to the bitmap only.
+        pair.write(3, at: 8 << 20)
+        #expect(pair.toSecondary.isEmpty)
+        pair.completePrimary(.client(3))
+        #expect(pair.completed[3] == 0)
+        #expect(pair.primary.bitmap.isDirty(offset: 8 << 20, length: 4096))
+        #expect(pair.primary.link == .connecting)
+    }
+
+    @Test func aFullTransferLogFlushesThePeerAndRemembersTheOldest() {
+        var pair = Pair(transferLog: 4)
+        for id in UInt64(1)...5 {
+            pair.write(id, at: id * 4096)
+            pair.deliverToSecondary()
+            pair.completeSecondary(.peerWrite(id))
+            pair.deliverToPrimary()
+            pair.completePrimary(.client(id))
+        }
+        #expect(pair.primary.status.transferLogEntries == 4)
+        #expect(pair.toSecondary.contains { if case .send(.flush) = $0 { true } else { false } }, "the core flushed the peer itself")
+        #expect(pair.primary.bitmap.isDirty(offset: 4096, length: 4096), "the evicted oldest entry is remembered in the bitmap")
+        pair.deliverToSecondary()
+        guard let own = pair.secondaryDisk.first(where: { if case .peerFlush = $0.tag { true } else { false } }) else {
+            Issue.record("no peer flush")
+            return
+        }
+        pair.completeSecondary(own.tag)
+        pair.deliverToPrimary()
+        #expect(pair.primary.status.transferLogEntries == 0)
+    }
+
+    @Test func aLocalDiskErrorIsServedByThePeer() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1), -5)
+        #expect(pair.completed[1] == 0, "the peer has the data: the client sees no error")
+        #expect(pair.primary.disk == .failed)
+    }
+
+    @Test func aPeerWriteErrorLeavesTheRangeOutOfSync() {
+        var pair = Pair()
+        pair.write(1, at: 12288)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1), -28)
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        #expect(pair.completed[1] == 0)
+        #expect(pair.primary.bitmap.isDirty(offset: 12288, length: 4096))
+    }
+
+    @Test func protocolViolationsDropTheLink() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.peerMessage(.writeAck(id: 42, result: 0), into: &actions)
+        #expect(actions.contains(.dropLink(.protocolError("ack of unknown write 42"))))
+        actions.removeAll()
+        pair.primary.peerWrite(PeerWrite(id: 1, offset: 0, length: 4096, epoch: 1), kind: .write, into: &actions)
+        #expect(actions.contains { if case .dropLink = $0 { true } else { false } }, "a primary takes no replicated writes")
+    }
+
+    @Test func sizeMismatchRefusesTheLink() {
+        var pair = Pair()
+        pair.dropLink()
+        var hello = Pair.hello(1, .secondary)
+        hello.deviceSizeBytes += 4096
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.linkUp(peer: hello, into: &actions)
+        #expect(actions.contains(.dropLink(.sizeMismatch)))
+        #expect(pair.primary.link == .standalone)
+    }
+}
