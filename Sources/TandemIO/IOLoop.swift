@@ -27,6 +27,7 @@ public final class IOLoop {
     private var handlers: [(any IOHandler)?] = []
     private var freeIDs: [UInt32] = []
     private var timers: [(deadline: UInt64, id: UInt32, tag: UInt32)] = []
+    private var dueTimers: [(UInt32, UInt32)] = []
     private let completions: UnsafeMutableBufferPointer<ctandem_cqe>
     private var stopRequested = false
     private var batchEndIDs: [UInt32] = []
@@ -40,6 +41,7 @@ public final class IOLoop {
         completions = .allocate(capacity: Limits.completionBatchMax)
         if engine.registerBuffers(pool.registrationIOVecs()) { pool.markRegistered() }
         timers.reserveCapacity(Limits.timersMax)
+        dueTimers.reserveCapacity(Limits.timersMax)
     }
 
     deinit { completions.deallocate() }
@@ -134,15 +136,16 @@ public final class IOLoop {
     private func fireTimers() {
         guard !timers.isEmpty else { return }
         let now = monotonicNanos()
-        var due: [(UInt32, UInt32)] = []
+        guard timers.contains(where: { $0.deadline <= now }) else { return }
+        dueTimers.removeAll(keepingCapacity: true)
         timers.removeAll { timer in
             if timer.deadline <= now {
-                due.append((timer.id, timer.tag))
+                dueTimers.append((timer.id, timer.tag))
                 return true
             }
             return false
         }
-        for (id, tag) in due {
+        for (id, tag) in dueTimers {
             handlers[Int(id)]?.ioCompleted(tag: tag, result: -ETIME)
         }
     }
