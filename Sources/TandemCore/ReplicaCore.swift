@@ -55,6 +55,17 @@ public struct ReplicaCore {
     public private(set) var sync: SyncState = .established
     public private(set) var uuids: GenerationUUIDs
     public private(set) var bitmap: DirtyBitmap
+    /// This node's superblock flags that the sync decision needs (the node keeps them current).
+    public var localFlags: Superblock.Flags
+    /// What the last connect decided, and by which rule (for status and the log).
+    public private(set) var lastDecision: (decision: GenerationUUIDs.SyncDecision, rule: GenerationUUIDs.SyncRule)?
+
+    // MARK: Connect state
+
+    /// The resync role the connect decided, waiting for the peer's bitmap.
+    private var pendingSync: SyncState?
+    /// The lower node id chose the UUID after a skipped initial sync; the other adopts it.
+    private var awaitingSkippedSyncUUID = false
 
     // MARK: Primary state
 
@@ -106,9 +117,10 @@ public struct ReplicaCore {
     private var barriersWaiting: [(epoch: UInt64, before: UInt64, writes: UInt32)] = []
     private var peerEpochWrites: UInt32 = 0
 
-    public init(configuration: Configuration, role: PeerRole, disk: PeerDiskState, uuids: GenerationUUIDs, bitmap: DirtyBitmap) {
+    public init(configuration: Configuration, role: PeerRole, disk: PeerDiskState, uuids: GenerationUUIDs, bitmap: DirtyBitmap, flags: Superblock.Flags = [.consistent]) {
         precondition(bitmap.deviceBytes == configuration.deviceBytes, "bitmap of another size")
         self.configuration = configuration
+        self.localFlags = flags
         self.role = role
         self.disk = disk
         self.uuids = uuids
@@ -288,7 +300,17 @@ public struct ReplicaCore {
             break
         case .ping(let id):
             actions.append(.send(.pingAck(id: id)))
-        case .pingAck, .hello, .stateChange, .disconnect, .bitmapChunk, .bitmapDone, .resyncRequest, .resyncData, .resyncAck, .resyncDone, .verifyRequest, .verifyDigest:
+        case .bitmapChunk(let chunk):
+            receivedBitmapChunk(chunk, into: &actions)
+        case .bitmapDone(let totalBits, _):
+            receivedBitmapDone(totalBits: totalBits, into: &actions)
+        case .stateChange(let change):
+            peerDisk = change.diskState
+            if awaitingSkippedSyncUUID {
+                awaitingSkippedSyncUUID = false
+                uuids = uuids.afterSkippedInitialSync(newCurrent: change.uuids.current)
+            }
+        case .pingAck, .hello, .disconnect, .resyncRequest, .resyncData, .resyncAck, .resyncDone, .verifyRequest, .verifyDigest:
             // Link management, resync and verify are handled by the node until they move here.
             break
         }
@@ -326,8 +348,10 @@ public struct ReplicaCore {
 
     // MARK: Link
 
-    /// The link is up and the peer's hello arrived.
-    public mutating func linkUp(peer hello: PeerHello, into actions: inout [Action]) {
+    /// The link is up and the peer's hello arrived: compare generations, then replicate, resync,
+    /// or refuse (split brain, unrelated data, another size). `freshUUID` is a random value the
+    /// node supplies in case this side must start a generation.
+    public mutating func linkUp(peer hello: PeerHello, freshUUID: UInt64, into actions: inout [Action]) {
         guard hello.deviceSizeBytes == configuration.deviceBytes else {
             link = .standalone
             actions.append(.dropLink(.sizeMismatch))
@@ -338,9 +362,113 @@ public struct ReplicaCore {
         epoch = 1
         epochClosePending = false
         peerDisk = hello.diskState
-        link = .connected
         sync = .established
+        pendingSync = nil
+        awaitingSkippedSyncUUID = false
+        let result = GenerationUUIDs.decideWithRule(
+            local: uuids, peer: Self.uuids(of: hello), localFlags: localFlags, peerFlags: Self.flags(of: hello),
+            localWinsTie: configuration.nodeID < hello.nodeID)
+        lastDecision = result
+        switch result.decision {
+        case .noSync:
+            link = .connected
+        case .skipInitialSync:
+            link = .connected
+            if configuration.nodeID < hello.nodeID {
+                uuids = uuids.afterSkippedInitialSync(newCurrent: freshUUID)
+                actions.append(.send(.stateChange(PeerStateChange(role: role, diskState: disk, uuids: Self.wire(uuids)))))
+            } else {
+                awaitingSkippedSyncUUID = true
+            }
+            disk = .upToDate
+            peerDisk = .upToDate
+        case .becomeSource, .becomeTarget:
+            // Both sides send their bitmaps; the union is what the resync copies.
+            link = .handshaking
+            pendingSync = result.decision == .becomeSource ? .syncSource : .syncTarget
+            sendBitmap(into: &actions)
+        case .fullSyncAsSource, .fullSyncAsTarget:
+            bitmap.setAll()
+            link = .handshaking
+            pendingSync = result.decision == .fullSyncAsSource ? .syncSource : .syncTarget
+            actions.append(.send(.bitmapDone(totalBits: UInt64(bitmap.bitCount), setBits: bitmap.setBitCount)))
+        case .splitBrain, .unrelatedData:
+            link = .standalone
+            peerDisk = nil
+            actions.append(.dropLink(result.decision == .splitBrain ? .splitBrain : .unrelatedData))
+        }
         actions.append(.stateChanged(status))
+    }
+
+    /// Sends every bitmap page that has a bit set, then `bitmapDone`.
+    private mutating func sendBitmap(into actions: inout [Action]) {
+        var bit = 0
+        while let next = bitmap.nextSetBit(from: bit) {
+            let page = bitmap.page(ofBit: next)
+            let first = page * DirtyBitmap.bitsPerPage
+            let count = min(DirtyBitmap.bitsPerPage, bitmap.bitCount - first)
+            let words = bitmap.withPageBytes(page) { raw in
+                (0..<(count + 63) / 64).map { raw.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self).littleEndian }
+            }
+            actions.append(.send(.bitmapChunk(PeerBitmapChunk(firstBit: UInt64(first), bitCount: UInt32(count), words: words))))
+            bit = first + count
+            if bit >= bitmap.bitCount { break }
+        }
+        actions.append(.send(.bitmapDone(totalBits: UInt64(bitmap.bitCount), setBits: bitmap.setBitCount)))
+    }
+
+    private mutating func receivedBitmapChunk(_ chunk: PeerBitmapChunk, into actions: inout [Action]) {
+        guard link == .handshaking, pendingSync != nil,
+              chunk.firstBit + UInt64(chunk.bitCount) <= UInt64(bitmap.bitCount)
+        else { return protocolError("unexpected bitmap chunk", into: &actions) }
+        for (i, word) in chunk.words.enumerated() where word != 0 {
+            var w = word
+            while w != 0 {
+                let bit = Int(chunk.firstBit) + i * 64 + w.trailingZeroBitCount
+                if bit < Int(chunk.firstBit) + Int(chunk.bitCount) { bitmap.setBit(bit) }
+                w &= w - 1
+            }
+        }
+    }
+
+    private mutating func receivedBitmapDone(totalBits: UInt64, into actions: inout [Action]) {
+        guard link == .handshaking, let next = pendingSync, totalBits == UInt64(bitmap.bitCount) else {
+            return protocolError("unexpected bitmapDone", into: &actions)
+        }
+        pendingSync = nil
+        link = .connected
+        sync = next
+        if next == .syncTarget {
+            disk = .inconsistent
+            localFlags.insert(.resyncTarget)
+        } else {
+            peerDisk = .inconsistent
+        }
+        actions.append(.stateChanged(status))
+    }
+
+    static func uuids(of hello: PeerHello) -> GenerationUUIDs {
+        GenerationUUIDs(
+            current: hello.uuids.current, bitmap: hello.uuids.bitmap,
+            history0: hello.uuids.history.first ?? 0, history1: hello.uuids.history.dropFirst().first ?? 0)
+    }
+
+    /// The peer's flags as the decision reads them (Protocol/peer.md §5).
+    static func flags(of hello: PeerHello) -> Superblock.Flags {
+        var flags: Superblock.Flags = []
+        switch hello.diskState {
+        case .upToDate, .outdated, .consistent: flags.insert(.consistent)
+        case .inconsistent: flags.insert(.resyncTarget)
+        case .diskless, .failed: break
+        }
+        if hello.flags & PeerFlags.Hello.crashedPrimary != 0 { flags.insert(.crashedPrimary) }
+        if hello.flags & PeerFlags.Hello.newZeroed != 0 { flags.insert(.newZeroed) }
+        return flags
+    }
+
+    /// UUIDs as the wire carries them (four history slots; the superblock keeps two).
+    static func wire(_ u: GenerationUUIDs) -> PeerGenerationUUIDs {
+        PeerGenerationUUIDs(current: u.current, bitmap: u.bitmap, history: [u.history0, u.history1, 0, 0])
     }
 
     /// The link went down: whatever the peer may not have is marked out of sync, and writes that
@@ -369,6 +497,8 @@ public struct ReplicaCore {
         }
         peerDisk = nil
         sync = .established
+        pendingSync = nil
+        awaitingSkippedSyncUUID = false
         link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch) ? .standalone : .connecting
         let ids = Array(writes.keys)
         for id in ids { finishWriteIfDone(id, into: &actions) }

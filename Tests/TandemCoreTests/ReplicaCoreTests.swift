@@ -23,13 +23,34 @@ struct Pair {
         primary = ReplicaCore(configuration: config(0), role: .primary, disk: .upToDate, uuids: uuids, bitmap: DirtyBitmap(deviceBytes: Pair.size))
         secondary = ReplicaCore(configuration: config(1), role: .secondary, disk: .upToDate, uuids: uuids, bitmap: DirtyBitmap(deviceBytes: Pair.size))
         var actions: [ReplicaCore.Action] = []
-        primary.linkUp(peer: Pair.hello(1, .secondary), into: &actions)
-        secondary.linkUp(peer: Pair.hello(0, .primary), into: &actions)
+        primary.linkUp(peer: Pair.hello(1, .secondary), freshUUID: 0x5000, into: &actions)
+        secondary.linkUp(peer: Pair.hello(0, .primary), freshUUID: 0x6000, into: &actions)
     }
 
     static func hello(_ id: UInt8, _ role: PeerRole) -> PeerHello {
         PeerHello(versionMin: 1, versionMax: 1, nodeID: id, role: role, diskState: .upToDate, flags: 0, resourceName: "r0",
                   deviceSizeBytes: size, bitmapGranularityBytes: 4096, uuids: PeerGenerationUUIDs(current: 0x1000, bitmap: 0, history: [0, 0, 0, 0]))
+    }
+
+    /// The hello a core would send now.
+    static func hello(of core: ReplicaCore, flags: UInt16 = 0) -> PeerHello {
+        PeerHello(versionMin: 1, versionMax: 1, nodeID: core.configuration.nodeID, role: core.role, diskState: core.disk, flags: flags,
+                  resourceName: "r0", deviceSizeBytes: size, bitmapGranularityBytes: 4096, uuids: ReplicaCore.wire(core.uuids))
+    }
+
+    /// Reconnects: both hellos, then every message exchanged until both sides are quiet.
+    mutating func reconnect() {
+        let helloP = Pair.hello(of: primary), helloS = Pair.hello(of: secondary)
+        var actions: [ReplicaCore.Action] = []
+        primary.linkUp(peer: helloS, freshUUID: 0x7000, into: &actions)
+        applyPrimary(actions)
+        actions.removeAll()
+        secondary.linkUp(peer: helloP, freshUUID: 0x8000, into: &actions)
+        applySecondary(actions)
+        for _ in 0..<4 {
+            deliverToSecondary()
+            deliverToPrimary()
+        }
     }
 
     mutating func applyPrimary(_ actions: [ReplicaCore.Action]) {
@@ -279,8 +300,68 @@ struct Pair {
         var hello = Pair.hello(1, .secondary)
         hello.deviceSizeBytes += 4096
         var actions: [ReplicaCore.Action] = []
-        pair.primary.linkUp(peer: hello, into: &actions)
+        pair.primary.linkUp(peer: hello, freshUUID: 1, into: &actions)
         #expect(actions.contains(.dropLink(.sizeMismatch)))
         #expect(pair.primary.link == .standalone)
+    }
+
+    @Test func sameGenerationNeedsNoSync() {
+        let pair = Pair()
+        #expect(pair.primary.lastDecision?.decision == .noSync)
+        #expect(pair.primary.link == .connected && pair.primary.sync == .established)
+        #expect(pair.primary.replicating)
+    }
+
+    @Test func reconnectAfterPrimaryWroteAloneResyncsFromThePrimary() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 3 << 20, 8192)
+        pair.completePrimary(.client(1))
+        #expect(pair.completed[1] == 0)
+        pair.reconnect()
+        #expect(pair.primary.lastDecision?.decision == .becomeSource)
+        #expect(pair.secondary.lastDecision?.decision == .becomeTarget)
+        #expect(pair.primary.sync == .syncSource && pair.secondary.sync == .syncTarget)
+        #expect(pair.secondary.disk == .inconsistent)
+        #expect(pair.secondary.bitmap.isDirty(offset: 3 << 20, length: 8192), "the target learned the source's bitmap")
+        #expect(pair.secondary.bitmap.outOfSyncBytes == pair.primary.bitmap.outOfSyncBytes)
+        #expect(pair.primary.replicating, "application writes keep flowing during a resync")
+    }
+
+    @Test func bothSidesWritingApartIsSplitBrainAndNeverMerged() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 0)
+        pair.completePrimary(.client(1))
+        // The secondary is forced primary while apart and writes too (its own new generation).
+        var forced = ReplicaCore(configuration: pair.secondary.configuration, role: .primary, disk: .upToDate,
+                                 uuids: pair.secondary.uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: 0x9000),
+                                 bitmap: pair.secondary.bitmap)
+        var actions: [ReplicaCore.Action] = []
+        forced.linkUp(peer: Pair.hello(of: pair.primary), freshUUID: 1, into: &actions)
+        #expect(actions.contains(.dropLink(.splitBrain)))
+        #expect(forced.link == .standalone)
+        actions.removeAll()
+        pair.primary.linkUp(peer: Pair.hello(of: forced), freshUUID: 2, into: &actions)
+        #expect(actions.contains(.dropLink(.splitBrain)))
+        #expect(pair.primary.link == .standalone)
+    }
+
+    @Test func newZeroedPairsSkipTheInitialSyncAndAgreeOnAGeneration() {
+        let config = { (id: UInt8) in ReplicaCore.Configuration(nodeID: id, deviceBytes: Pair.size) }
+        var a = ReplicaCore(configuration: config(0), role: .primary, disk: .inconsistent, uuids: GenerationUUIDs(), bitmap: DirtyBitmap(deviceBytes: Pair.size), flags: [.newZeroed])
+        var b = ReplicaCore(configuration: config(1), role: .secondary, disk: .inconsistent, uuids: GenerationUUIDs(), bitmap: DirtyBitmap(deviceBytes: Pair.size), flags: [.newZeroed])
+        let helloA = Pair.hello(of: a, flags: PeerFlags.Hello.newZeroed), helloB = Pair.hello(of: b, flags: PeerFlags.Hello.newZeroed)
+        var fromA: [ReplicaCore.Action] = [], fromB: [ReplicaCore.Action] = []
+        a.linkUp(peer: helloB, freshUUID: 0xabc0, into: &fromA)
+        b.linkUp(peer: helloA, freshUUID: 0xdef0, into: &fromB)
+        #expect(a.lastDecision?.decision == .skipInitialSync)
+        for case .send(let message) in fromA {
+            var ignored: [ReplicaCore.Action] = []
+            b.peerMessage(message, into: &ignored)
+        }
+        #expect(a.uuids.current == b.uuids.current, "one generation for both")
+        #expect(!a.uuids.isInitial)
+        #expect(a.disk == .upToDate && b.disk == .upToDate)
     }
 }
