@@ -22,9 +22,20 @@ public struct ReplicaCore {
         /// Writes acknowledged by the peer but not yet covered by a peer flush. When full, the
         /// primary sends a flush of its own to make room (bounded memory, bounded exposure).
         public var transferLogEntriesMax: Int
+        /// Resync reads in flight at once, and the largest range one covers.
+        public var resyncInFlightMax: Int
+        public var resyncRunBytesMax: Int
+        /// Resync pace (bytes per second of `tick` time); the node adapts it between the
+        /// resource file's bounds.
+        public var resyncBytesPerSecond: UInt64
 
-        public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192) {
+        public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192,
+                    resyncInFlightMax: Int = 8, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20) {
             precondition(transferLogEntriesMax > 0)
+            precondition(resyncInFlightMax > 0 && resyncRunBytesMax >= granularityBytes && resyncRunBytesMax <= Limits.nbdRequestBytesMax)
+            self.resyncInFlightMax = resyncInFlightMax
+            self.resyncRunBytesMax = resyncRunBytesMax
+            self.resyncBytesPerSecond = resyncBytesPerSecond
             self.nodeID = nodeID
             self.deviceBytes = deviceBytes
             self.granularityBytes = granularityBytes
@@ -39,6 +50,8 @@ public struct ReplicaCore {
         case send(PeerMessage)
         /// A replicated write (`data`, `trim` or `zeroes`); a `data` payload comes from `buffer`.
         case sendWrite(PeerWrite, kind: WriteKind, buffer: BufferRef?)
+        /// Resync data from `buffer` (source only).
+        case sendResync(PeerResyncData, buffer: BufferRef)
         case completeClient(id: UInt64, result: Int32)
         case completeClientFlush(id: UInt64, result: Int32)
         /// Close the link (it will be re-established by the node unless `standalone`).
@@ -66,6 +79,33 @@ public struct ReplicaCore {
     private var pendingSync: SyncState?
     /// The lower node id chose the UUID after a skipped initial sync; the other adopts it.
     private var awaitingSkippedSyncUUID = false
+    /// The peer's current UUID as of the connect: what a resync target adopts at the end.
+    private var peerCurrentUUID: UInt64 = 0
+
+    // MARK: Resync state (source)
+
+    private struct ResyncSlot {
+        var offset: UInt64
+        var length: UInt32
+        /// The data was sent; a client write after this point follows it on the wire.
+        var sent = false
+        /// A client write touched the range before the data was sent: the data is stale.
+        var stale = false
+    }
+
+    private var resyncSlots: [ResyncSlot?]
+    private var resyncCursor = 0
+    private var resyncBudget: Int64 = 0
+    private var lastTickNanos: UInt64?
+    /// Bytes the current resync has copied (for status and the note in the log).
+    public private(set) var resyncedBytes: UInt64 = 0
+
+    // MARK: Ordering on the receiving side
+
+    /// Writes from the peer (replicated or resync) on the local disk now, and those waiting for an
+    /// overlapping earlier one: overlapping writes are applied in arrival order.
+    private var appliedInFlight: [(tag: LocalIO.Tag, offset: UInt64, length: UInt32)] = []
+    private var appliedWaiting: [LocalIO] = []
 
     // MARK: Primary state
 
@@ -126,6 +166,7 @@ public struct ReplicaCore {
         self.uuids = uuids
         self.bitmap = bitmap
         transferLog = FixedQueue(capacity: configuration.transferLogEntriesMax)
+        resyncSlots = Array(repeating: nil, count: configuration.resyncInFlightMax)
         writes.reserveCapacity(Limits.nbdRequestsInFlightMax * 4)
         peerWritesInFlight.reserveCapacity(Limits.nbdRequestsInFlightMax * 4)
     }
@@ -151,6 +192,7 @@ public struct ReplicaCore {
         var write = ClientWrite(offset: offset, length: length)
         let payload: BufferRef? = kind == .write ? .client(id) : nil
         actions.append(.submitLocal(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload)))
+        if sync == .syncSource { markResyncStale(offset: offset, length: length) }
         if replicating {
             if epochClosePending {
                 actions.append(.send(.barrier(epoch: epoch)))
@@ -203,11 +245,14 @@ public struct ReplicaCore {
         case .peerWrite(let id):
             guard peerWritesInFlight.removeValue(forKey: id) != nil else { preconditionFailure("completion of unknown peer write \(id)") }
             actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+            applied(tag, into: &actions)
             startWaitingPeerFlushes(into: &actions)
         case .peerFlush(let id):
             actions.append(.send(.flushAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
-        case .resyncRead, .resyncWrite:
-            preconditionFailure("this core issues no resync I/O yet, so none can complete")
+        case .resyncRead(let slot):
+            resyncReadCompleted(slot, result: result, into: &actions)
+        case .resyncWrite(let id):
+            resyncWriteCompleted(id, result: result, into: &actions)
         }
     }
 
@@ -254,7 +299,27 @@ public struct ReplicaCore {
         }
         peerEpochWrites += 1
         let fua = write.flags & PeerFlags.Write.fua != 0
-        actions.append(.submitLocal(LocalIO(tag: .peerWrite(write.id), operation: .write(kind: kind, fua: fua), offset: write.offset, length: write.length, buffer: kind == .write ? .peer(write.id) : nil)))
+        apply(LocalIO(tag: .peerWrite(write.id), operation: .write(kind: kind, fua: fua), offset: write.offset, length: write.length, buffer: kind == .write ? .peer(write.id) : nil), into: &actions)
+    }
+
+    /// Submits a write from the peer, or queues it behind an overlapping earlier one.
+    private mutating func apply(_ io: LocalIO, into actions: inout [Action]) {
+        let overlaps = { (o: UInt64, l: UInt32) in o < io.offset + UInt64(io.length) && io.offset < o + UInt64(l) }
+        if appliedInFlight.contains(where: { overlaps($0.offset, $0.length) }) || appliedWaiting.contains(where: { overlaps($0.offset, $0.length) }) {
+            appliedWaiting.append(io)
+            return
+        }
+        appliedInFlight.append((io.tag, io.offset, io.length))
+        actions.append(.submitLocal(io))
+    }
+
+    /// A peer write finished: start queued writes no longer behind an overlapping one.
+    private mutating func applied(_ tag: LocalIO.Tag, into actions: inout [Action]) {
+        appliedInFlight.removeAll { $0.tag == tag }
+        guard !appliedWaiting.isEmpty else { return }
+        let waiting = appliedWaiting
+        appliedWaiting.removeAll()
+        for io in waiting { apply(io, into: &actions) }
     }
 
     /// A control message from the peer.
@@ -310,7 +375,13 @@ public struct ReplicaCore {
                 awaitingSkippedSyncUUID = false
                 uuids = uuids.afterSkippedInitialSync(newCurrent: change.uuids.current)
             }
-        case .pingAck, .hello, .disconnect, .resyncRequest, .resyncData, .resyncAck, .resyncDone, .verifyRequest, .verifyDigest:
+        case .resyncData(let data, _):
+            resyncDataArrived(data, into: &actions)
+        case .resyncAck(let id, let offset, let length, let code):
+            resyncAcked(id: id, offset: offset, length: length, code: code, into: &actions)
+        case .resyncDone:
+            resyncDone(into: &actions)
+        case .pingAck, .hello, .disconnect, .resyncRequest, .verifyRequest, .verifyDigest:
             // Link management, resync and verify are handled by the node until they move here.
             break
         }
@@ -365,6 +436,7 @@ public struct ReplicaCore {
         sync = .established
         pendingSync = nil
         awaitingSkippedSyncUUID = false
+        peerCurrentUUID = hello.uuids.current
         let result = GenerationUUIDs.decideWithRule(
             local: uuids, peer: Self.uuids(of: hello), localFlags: localFlags, peerFlags: Self.flags(of: hello),
             localWinsTie: configuration.nodeID < hello.nodeID)
@@ -443,7 +515,125 @@ public struct ReplicaCore {
             localFlags.insert(.resyncTarget)
         } else {
             peerDisk = .inconsistent
+            resyncCursor = 0
+            resyncedBytes = 0
         }
+        actions.append(.stateChanged(status))
+        if next == .syncSource { pumpResync(into: &actions) }
+    }
+
+    // MARK: Resync
+
+    /// Time passes: the resync budget grows at the configured rate (bounded to one second's
+    /// worth, so a pause does not turn into a burst).
+    public mutating func tick(nowNanos: UInt64, into actions: inout [Action]) {
+        defer { lastTickNanos = nowNanos }
+        guard sync == .syncSource, let last = lastTickNanos, nowNanos > last else { return }
+        let earned = Int64(min(UInt64(Int64.max), (nowNanos - last) * configuration.resyncBytesPerSecond / 1_000_000_000))
+        resyncBudget = min(resyncBudget + earned, Int64(configuration.resyncBytesPerSecond))
+        pumpResync(into: &actions)
+    }
+
+    /// Starts resync reads while slots, budget and out-of-sync ranges allow; ends the resync
+    /// when nothing is left.
+    private mutating func pumpResync(into actions: inout [Action]) {
+        guard sync == .syncSource, link == .connected else { return }
+        let runBits = max(1, configuration.resyncRunBytesMax / bitmap.granularityBytes)
+        var wrapped = false
+        while resyncBudget > 0 || resyncSlots.allSatisfy({ $0 == nil }) {
+            guard let slot = resyncSlots.firstIndex(where: { $0 == nil }) else { return }
+            guard let run = bitmap.firstRun(from: resyncCursor, maxBits: runBits) else {
+                if !wrapped && resyncCursor > 0 {
+                    wrapped = true
+                    resyncCursor = 0
+                    continue
+                }
+                if resyncSlots.allSatisfy({ $0 == nil }) && bitmap.setBitCount == 0 { finishResyncAsSource(into: &actions) }
+                return
+            }
+            resyncCursor = run.upperBound
+            let range = bitmap.byteRange(bits: run)
+            let length = UInt32(range.upperBound - range.lowerBound)
+            if clientWriteInFlight(offset: range.lowerBound, length: length) || resyncSlots.contains(where: { $0.map { $0.offset < range.upperBound && range.lowerBound < $0.offset + UInt64($0.length) } ?? false }) {
+                // Copy it later: reading under a client write could send stale data.
+                if wrapped { return }
+                continue
+            }
+            resyncSlots[slot] = ResyncSlot(offset: range.lowerBound, length: length)
+            resyncBudget -= Int64(length)
+            actions.append(.submitLocal(LocalIO(tag: .resyncRead(slot), operation: .read, offset: range.lowerBound, length: length, buffer: .resync(slot))))
+        }
+    }
+
+    private func clientWriteInFlight(offset: UInt64, length: UInt32) -> Bool {
+        writes.values.contains { $0.offset < offset + UInt64(length) && offset < $0.offset + UInt64($0.length) }
+    }
+
+    private mutating func markResyncStale(offset: UInt64, length: UInt32) {
+        for i in resyncSlots.indices {
+            guard let slot = resyncSlots[i], !slot.sent else { continue }
+            if slot.offset < offset + UInt64(length) && offset < slot.offset + UInt64(slot.length) { resyncSlots[i]!.stale = true }
+        }
+    }
+
+    private mutating func resyncReadCompleted(_ slot: Int, result: Int32, into actions: inout [Action]) {
+        guard let entry = resyncSlots[slot] else { preconditionFailure("resync read completion for a free slot \(slot)") }
+        if entry.stale || result < 0 || sync != .syncSource {
+            // The bits stay set; the range is copied again later.
+            resyncSlots[slot] = nil
+            return pumpResync(into: &actions)
+        }
+        resyncSlots[slot]!.sent = true
+        actions.append(.sendResync(PeerResyncData(id: UInt64(slot) + 1, offset: entry.offset, length: entry.length), buffer: .resync(slot)))
+    }
+
+    private mutating func resyncAcked(id: UInt64, offset: UInt64, length: UInt32, code: UInt32, into actions: inout [Action]) {
+        let slot = Int(id) - 1
+        guard sync == .syncSource, slot >= 0, slot < resyncSlots.count, let entry = resyncSlots[slot], entry.sent,
+              entry.offset == offset, entry.length == length
+        else { return protocolError("ack of unknown resync data \(id)", into: &actions) }
+        resyncSlots[slot] = nil
+        if code == 0 {
+            _ = bitmap.clearRange(offset: offset, length: UInt64(length))
+            resyncedBytes += UInt64(length)
+        }
+        pumpResync(into: &actions)
+    }
+
+    private mutating func finishResyncAsSource(into actions: inout [Action]) {
+        uuids = uuids.afterResyncAsSource()
+        localFlags.remove(.crashedPrimary)
+        sync = .established
+        peerDisk = .upToDate
+        actions.append(.send(.resyncDone))
+        actions.append(.stateChanged(status))
+    }
+
+    private mutating func resyncDataArrived(_ data: PeerResyncData, into actions: inout [Action]) {
+        guard sync == .syncTarget else { return protocolError("resync data outside a resync", into: &actions) }
+        guard data.result == 0 else { return }  // the source could not read it: stays out of sync
+        let isZero = data.flags & PeerFlags.ResyncData.zero != 0
+        apply(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: false),
+                      offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id))), into: &actions)
+    }
+
+    private mutating func resyncWriteCompleted(_ id: Int, result: Int32, into actions: inout [Action]) {
+        guard let done = appliedInFlight.first(where: { $0.tag == .resyncWrite(id) }) else { preconditionFailure("unknown resync write \(id)") }
+        if result == 0 { _ = bitmap.clearRange(offset: done.offset, length: UInt64(done.length)) }
+        actions.append(.send(.resyncAck(id: UInt64(id), offset: done.offset, length: done.length, result: UInt32(bitPattern: -min(result, 0)))))
+        applied(.resyncWrite(id), into: &actions)
+    }
+
+    private mutating func resyncDone(into actions: inout [Action]) {
+        guard sync == .syncTarget else { return protocolError("resyncDone outside a resync", into: &actions) }
+        uuids = uuids.adoptedAfterResyncAsTarget(sourceCurrent: peerCurrentUUID)
+        localFlags.remove(.resyncTarget)
+        localFlags.remove(.crashedPrimary)
+        localFlags.insert(.consistent)
+        bitmap.clearAll()
+        disk = .upToDate
+        peerDisk = .upToDate
+        sync = .established
         actions.append(.stateChanged(status))
     }
 
@@ -499,6 +689,8 @@ public struct ReplicaCore {
         sync = .established
         pendingSync = nil
         awaitingSkippedSyncUUID = false
+        for i in resyncSlots.indices where resyncSlots[i] != nil { resyncSlots[i]!.stale = true }
+        lastTickNanos = nil
         link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch) ? .standalone : .connecting
         let ids = Array(writes.keys)
         for id in ids { finishWriteIfDone(id, into: &actions) }

@@ -57,7 +57,7 @@ struct Pair {
         for action in actions {
             switch action {
             case .submitLocal(let io): primaryDisk.append(io)
-            case .send, .sendWrite: toSecondary.append(action)
+            case .send, .sendWrite, .sendResync: toSecondary.append(action)
             case .completeClient(let id, let result): completed[id] = result
             case .completeClientFlush(let id, let result): flushed[id] = result
             case .dropLink(let reason): dropped.append(reason)
@@ -71,7 +71,7 @@ struct Pair {
             switch action {
             case .submitLocal(let io): secondaryDisk.append(io)
             case .send(let message): toPrimary.append(message)
-            case .sendWrite: Issue.record("secondary sent a write")
+            case .sendWrite, .sendResync: Issue.record("secondary sent a write")
             case .completeClient, .completeClientFlush: Issue.record("secondary answered a client")
             case .dropLink(let reason): dropped.append(reason)
             case .stateChanged: break
@@ -99,6 +99,7 @@ struct Pair {
             var actions: [ReplicaCore.Action] = []
             switch action {
             case .sendWrite(let write, let kind, _): secondary.peerWrite(write, kind: kind, into: &actions)
+            case .sendResync(let data, _): secondary.peerMessage(.resyncData(data, payload: []), into: &actions)
             case .send(let message): secondary.peerMessage(message, into: &actions)
             default: Issue.record("unexpected \(action)")
             }
@@ -363,5 +364,81 @@ struct Pair {
         #expect(a.uuids.current == b.uuids.current, "one generation for both")
         #expect(!a.uuids.isInitial)
         #expect(a.disk == .upToDate && b.disk == .upToDate)
+    }
+
+    /// Runs the resync to its end: completes every read and write as it appears.
+    static func driveResync(_ pair: inout Pair, steps: Int = 200) {
+        var now: UInt64 = 1_000_000_000
+        for _ in 0..<steps {
+            var actions: [ReplicaCore.Action] = []
+            pair.primary.tick(nowNanos: now, into: &actions)
+            pair.applyPrimary(actions)
+            now += 10_000_000
+            for io in pair.primaryDisk { if case .resyncRead = io.tag { pair.completePrimary(io.tag) } }
+            pair.deliverToSecondary()
+            for io in pair.secondaryDisk { if case .resyncWrite = io.tag { pair.completeSecondary(io.tag) } }
+            pair.deliverToPrimary()
+            if pair.primary.sync == .established && pair.secondary.sync == .established { return }
+        }
+    }
+
+    @Test func resyncCopiesExactlyTheOutOfSyncRangesAndEnds() {
+        var pair = Pair()
+        pair.dropLink()
+        for (i, offset) in [UInt64(0), 5 << 20, 40 << 20].enumerated() {
+            pair.write(UInt64(i + 1), at: offset, 65536)
+            pair.completePrimary(.client(UInt64(i + 1)))
+        }
+        let dirty = pair.primary.bitmap.outOfSyncBytes
+        #expect(dirty == 3 * 65536)
+        pair.reconnect()
+        #expect(pair.primary.sync == .syncSource)
+        Self.driveResync(&pair)
+        #expect(pair.primary.sync == .established && pair.secondary.sync == .established)
+        #expect(pair.primary.resyncedBytes == dirty, "moved the dirty amount, no more")
+        #expect(pair.primary.bitmap.setBitCount == 0 && pair.secondary.bitmap.setBitCount == 0)
+        #expect(pair.secondary.disk == .upToDate && pair.primary.peerDisk == .upToDate)
+        #expect(pair.secondary.uuids.current == pair.primary.uuids.current, "the target adopted the source's generation")
+        #expect(pair.primary.uuids.bitmap == 0)
+    }
+
+    @Test func aClientWriteDuringAResyncReadMakesItsDataStale() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 0, 4096)
+        pair.completePrimary(.client(1))
+        pair.reconnect()
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.tick(nowNanos: 1, into: &actions)
+        pair.applyPrimary(actions)
+        guard let read = pair.primaryDisk.first(where: { if case .resyncRead = $0.tag { true } else { false } }) else {
+            Issue.record("no resync read started")
+            return
+        }
+        // A client writes the same block while the resync read is on the disk.
+        pair.write(2, at: 0, 4096)
+        pair.completePrimary(read.tag)
+        #expect(!pair.toSecondary.contains { if case .sendResync = $0 { true } else { false } }, "stale resync data must not be sent")
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096), "the block stays out of sync")
+        // The client write completes on both sides; the resync then copies the block again.
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(2))
+        #expect(pair.completed[2] == 0)
+        Self.driveResync(&pair)
+        #expect(pair.primary.sync == .established && pair.primary.bitmap.setBitCount == 0)
+    }
+
+    @Test func overlappingWritesApplyInArrivalOrderOnTheSecondary() {
+        var pair = Pair()
+        pair.write(1, at: 0, 8192)
+        pair.write(2, at: 4096, 4096)
+        pair.write(3, at: 65536, 4096)
+        pair.deliverToSecondary()
+        let started = pair.secondaryDisk.map(\.tag)
+        #expect(started == [.peerWrite(1), .peerWrite(3)], "write 2 waits for the overlapping write 1")
+        pair.completeSecondary(.peerWrite(1))
+        #expect(pair.secondaryDisk.contains { $0.tag == .peerWrite(2) })
     }
 }
