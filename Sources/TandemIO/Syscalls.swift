@@ -63,3 +63,21 @@ extension String {
         self = String(decoding: bytes, as: UTF8.self)
     }
 }
+
+/// Reads a whole small text file (a resource file), refusing anything over `maxBytes`.
+public func readTextFile(_ path: String, maxBytes: Int) throws(SystemError) -> String {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    if fd < 0 { throw SystemError("cannot open \(path)", errno: errno) }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n < 0 { throw SystemError("cannot read \(path)", errno: errno) }
+        if n == 0 { break }
+        bytes += chunk[0..<n]
+        if bytes.count > maxBytes { throw SystemError("\(path) is larger than \(maxBytes) bytes", errno: EFBIG) }
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}

@@ -1,0 +1,178 @@
+import ArgumentParser
+import CTandem
+import Glibc
+import TandemCore
+import TandemIO
+import TandemNode
+
+/// Reads and validates a resource file; every problem becomes one `path:line: message (fix: ...)`
+/// line and the command fails.
+func loadResource(_ path: String) throws -> ResourceConfig {
+    let text: String
+    do {
+        text = try readTextFile(path, maxBytes: Limits.tomlFileBytesMax)
+    } catch {
+        throw fail(error.description)
+    }
+    switch ResourceConfig.parse(text, path: path) {
+    case .success(let config):
+        return config
+    case .failure(let errors):
+        for e in errors.errors.dropLast() { printError("error: \(e.description)") }
+        throw fail(errors.errors.last!.description)
+    }
+}
+
+func printError(_ line: String) {
+    var text = line + "\n"
+    text.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+}
+
+func fileExists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+func fileReadable(_ path: String) -> Bool { access(path, R_OK) == 0 }
+
+struct Config: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Work with resource files.",
+        subcommands: [Check.self])
+
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate a resource file: syntax, keys, types, ranges, duplicates, and (with --node) the node's files.",
+            discussion: """
+                Every problem is reported as FILE:LINE: message (fix: ...); the exit status is 0 when
+                the file is valid, 1 otherwise.
+
+                Examples:
+                  tandem config check /etc/tandem/r0.toml
+                  tandem config check /etc/tandem/r0.toml --node alpha
+                """)
+
+        @Argument(help: "The resource file.")
+        var file: String
+
+        @Option(help: "Also check that this node's device, TLS files and directories exist.")
+        var node: String?
+
+        func run() throws {
+            let config = try loadResource(file)
+            if let node {
+                guard config.node(named: node) != nil else { throw fail("\(file): no node named '\(node)' (nodes: \(config.nodes.map(\.name).joined(separator: ", ")))") }
+                let problems = config.checkFiles(forNode: node, fileExists: fileExists, fileReadable: fileReadable)
+                if !problems.isEmpty {
+                    for p in problems.dropLast() { printError("error: \(p.description)") }
+                    throw fail(problems.last!.description)
+                }
+            }
+            print("\(file): resource \(config.name), nodes \(config.nodes.map { "\($0.name) (id \($0.id)\($0.isWitness ? ", witness" : ""))" }.joined(separator: ", ")): valid")
+        }
+    }
+}
+
+struct Init: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write a node's metadata (superblock, activity log, dirty bitmap), like drbdadm create-md.",
+        discussion: """
+            The metadata file named in the resource file is created for this node's device. With
+            --zeroed (or when the device is a file with no data at all), the metadata records a new,
+            zeroed device: if the peer's is too, the first connection skips the initial full sync.
+
+            Examples:
+              tandem init /etc/tandem/r0.toml --node alpha
+              tandem init r0.toml --node beta --zeroed
+            """)
+
+    @Argument(help: "The resource file.")
+    var file: String
+
+    @Option(help: "The node to initialise (its device and metadata paths come from the file).")
+    var node: String
+
+    @Flag(help: "The device is known to be all zeros (new): the initial sync may be skipped.")
+    var zeroed = false
+
+    @Flag(help: "Overwrite existing metadata (its bitmap and generation history are lost).")
+    var force = false
+
+    func run() throws {
+        let config = try loadResource(file)
+        guard let me = config.node(named: node) else { throw fail("\(file): no node named '\(node)'") }
+        guard let devicePath = me.devicePath, let metadataPath = me.metadataPath else {
+            throw fail("node '\(node)' is a witness: it keeps no data and needs no metadata")
+        }
+        let device: BackingDevice
+        do {
+            device = try BackingDevice.open(path: devicePath, readOnly: true, cache: .page)
+        } catch {
+            throw fail(error.message)
+        }
+        let empty = !device.isBlockDevice && ctandem_seek_data(device.fd, 0) == -Int64(ENXIO)
+        var flags: Superblock.Flags = []
+        if zeroed || empty { flags.insert(.newZeroed) }
+        let superblock: Superblock
+        do {
+            superblock = try Superblock(
+                resourceName: config.name, nodeID: UInt8(me.id), deviceBytes: device.size, flags: flags,
+                bitmapGranularityBytes: config.tuning.bitmapGranularityBytes,
+                activityLogExtentBytes: config.tuning.activityLogExtentBytes,
+                activityLogExtents: config.tuning.activityLogExtents,
+                createdUnixSeconds: Int64(time(nil)))
+        } catch {
+            throw fail("cannot lay out metadata for \(devicePath): \(error)")
+        }
+        do {
+            try MetadataFile.create(path: metadataPath, superblock: superblock, force: force)
+        } catch {
+            throw fail(error.message)
+        }
+        print("initialised \(metadataPath): resource \(config.name), node \(node) (id \(me.id)), device \(device.size) bytes, \(superblock.layout.totalBytes) bytes of metadata\(flags.contains(.newZeroed) ? ", new and zeroed" : "")")
+    }
+}
+
+struct DumpMetadata: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dump-metadata",
+        abstract: "Print a metadata file: superblock, generation UUIDs, flags, out-of-sync bytes, activity log.",
+        discussion: """
+            Examples:
+              tandem dump-metadata /var/lib/tandem/alpha.meta
+              tandem dump-metadata /var/lib/tandem/alpha.meta --json
+            """)
+
+    @Argument(help: "The metadata file.")
+    var path: String
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func run() throws {
+        let loaded: MetadataFile.Loaded
+        do {
+            loaded = try MetadataFile.load(path: path, deviceBytes: nil)
+        } catch {
+            throw fail(error.message)
+        }
+        let sb = loaded.superblock
+        let hex = { (v: UInt64) in "0x" + String(v, radix: 16) }
+        var flagNames: [String] = []
+        let known: [(Superblock.Flags, String)] = [(.consistent, "consistent"), (.outdated, "outdated"), (.wasPrimary, "was-primary"), (.newZeroed, "new-zeroed"), (.resyncTarget, "resync-target"), (.crashedPrimary, "crashed-primary")]
+        for (flag, name) in known where sb.flags.contains(flag) { flagNames.append(name) }
+        if json {
+            print("""
+                {"resource":"\(sb.resourceName)","node_id":\(sb.nodeID),"device_bytes":\(sb.layout.deviceBytes),"sequence":\(sb.sequence),\
+                "uuids":{"current":"\(hex(sb.uuids.current))","bitmap":"\(hex(sb.uuids.bitmap))","history":["\(hex(sb.uuids.history0))","\(hex(sb.uuids.history1))"]},\
+                "flags":[\(flagNames.map { "\"\($0)\"" }.joined(separator: ","))],"bitmap_granularity_bytes":\(sb.layout.granularityBytes),\
+                "out_of_sync_bytes":\(loaded.bitmap.outOfSyncBytes),"activity_log":{"extents":\(sb.activityLogExtents),"extent_bytes":\(sb.activityLogExtentBytes),\
+                "hot_extents":\(loaded.recovery.hotExtents.count),"complete":\(loaded.recovery.isComplete)}}
+                """)
+        } else {
+            print("""
+                resource \(sb.resourceName), node id \(sb.nodeID), device \(sb.layout.deviceBytes) bytes (superblock sequence \(sb.sequence))
+                uuids: current \(hex(sb.uuids.current)), bitmap \(hex(sb.uuids.bitmap)), history \(hex(sb.uuids.history0)) \(hex(sb.uuids.history1))
+                flags: \(flagNames.isEmpty ? "none" : flagNames.joined(separator: ", "))
+                bitmap: \(sb.layout.granularityBytes)-byte granules, \(loaded.bitmap.outOfSyncBytes) bytes out of sync
+                activity log: \(sb.activityLogExtents) extents of \(sb.activityLogExtentBytes) bytes, \(loaded.recovery.hotExtents.count) hot at the last transaction
+                """)
+        }
+    }
+}
