@@ -69,23 +69,23 @@ public enum PeerDecoder {
     /// against the type's bounds, sequence, empty-payload CRC, and the block extension.
     public static func decodeHeader(_ bytes: UnsafeRawBufferPointer) -> HeaderResult {
         guard bytes.count >= PeerProtocol.headerBytes else { return .needMore }
-        let magic = bytes.peerBE32(at: 0)
+        let magic = bytes.loadBE32(at: 0)
         guard magic == PeerProtocol.magic else { return .invalid("bad magic 0x\(String(magic, radix: 16))") }
-        let version = bytes.peerBE16(at: 4)
+        let version = bytes.loadBE16(at: 4)
         guard version == PeerProtocol.version else { return .invalid("unsupported frame version \(version)") }
-        let rawType = bytes.peerBE16(at: 6)
+        let rawType = bytes.loadBE16(at: 6)
         guard let type = PeerMessageType(rawValue: rawType) else { return .invalid("unknown message type \(rawType)") }
         guard bytes.count >= type.headerBytes else { return .needMore }
 
-        let headerCRC = bytes.peerBE32(at: 24)
+        let headerCRC = bytes.loadBE32(at: 24)
         let computedCRC = PeerEncoder.headerCRC(UnsafeRawBufferPointer(rebasing: bytes[0..<type.headerBytes]))
         guard headerCRC == computedCRC else { return .invalid("\(type): header crc mismatch") }
 
-        let flags = bytes.peerBE16(at: 8)
-        let reserved = bytes.peerBE16(at: 10)
-        let payloadLength = Int(bytes.peerBE32(at: 12))
-        let sequence = bytes.peerBE64(at: 16)
-        let payloadCRC = bytes.peerBE32(at: 28)
+        let flags = bytes.loadBE16(at: 8)
+        let reserved = bytes.loadBE16(at: 10)
+        let payloadLength = Int(bytes.loadBE32(at: 12))
+        let sequence = bytes.loadBE64(at: 16)
+        let payloadCRC = bytes.loadBE32(at: 28)
 
         guard reserved == 0 else { return .invalid("\(type): reserved header field is \(reserved)") }
         guard flags & ~type.allowedFlags == 0 else {
@@ -112,8 +112,8 @@ public enum PeerDecoder {
         var block: PeerBlock?
         if type.isBlock {
             let b = PeerBlock(
-                offset: bytes.peerBE64(at: 32), epoch: bytes.peerBE64(at: 40),
-                length: bytes.peerBE32(at: 48), result: bytes.peerBE32(at: 52))
+                offset: bytes.loadBE64(at: 32), epoch: bytes.loadBE64(at: 40),
+                length: bytes.loadBE32(at: 48), result: bytes.loadBE32(at: 52))
             if let problem = validate(block: b, type: type, flags: flags, payloadLength: payloadLength) {
                 return .invalid("\(type): \(problem)")
             }
@@ -415,10 +415,10 @@ public enum PeerEncoder {
         precondition(PeerDecoder.validate(block: block, type: type, flags: flags, payloadLength: payloadLength) == nil,
                      "invalid block for \(type): \(block)")
         storeCommon(type: type, flags: flags, sequence: sequence, payloadLength: payloadLength, payloadCRC: payloadCRC, into: p)
-        p.peerStoreBE(block.offset, at: 32)
-        p.peerStoreBE(block.epoch, at: 40)
-        p.peerStoreBE(block.length, at: 48)
-        p.peerStoreBE(block.result, at: 52)
+        p.storeBE(block.offset, at: 32)
+        p.storeBE(block.epoch, at: 40)
+        p.storeBE(block.length, at: 48)
+        p.storeBE(block.result, at: 52)
         seal(p, headerBytes: PeerProtocol.blockHeaderBytes)
         return PeerProtocol.blockHeaderBytes
     }
@@ -438,20 +438,20 @@ public enum PeerEncoder {
 
     private static func storeCommon(type: PeerMessageType, flags: UInt16, sequence: UInt64, payloadLength: Int,
                                     payloadCRC: UInt32, into p: UnsafeMutableRawPointer) {
-        p.peerStoreBE(PeerProtocol.magic, at: 0)
-        p.peerStoreBE(PeerProtocol.version, at: 4)
-        p.peerStoreBE(type.rawValue, at: 6)
-        p.peerStoreBE(flags, at: 8)
-        p.peerStoreBE(UInt16(0), at: 10)
-        p.peerStoreBE(UInt32(payloadLength), at: 12)
-        p.peerStoreBE(sequence, at: 16)
-        p.peerStoreBE(UInt32(0), at: 24)
-        p.peerStoreBE(payloadCRC, at: 28)
+        p.storeBE(PeerProtocol.magic, at: 0)
+        p.storeBE(PeerProtocol.version, at: 4)
+        p.storeBE(type.rawValue, at: 6)
+        p.storeBE(flags, at: 8)
+        p.storeBE(UInt16(0), at: 10)
+        p.storeBE(UInt32(payloadLength), at: 12)
+        p.storeBE(sequence, at: 16)
+        p.storeBE(UInt32(0), at: 24)
+        p.storeBE(payloadCRC, at: 28)
     }
 
     private static func seal(_ p: UnsafeMutableRawPointer, headerBytes: Int) {
         let crc = headerCRC(UnsafeRawBufferPointer(start: p, count: headerBytes))
-        p.peerStoreBE(crc, at: 24)
+        p.storeBE(crc, at: 24)
     }
 }
 
@@ -651,9 +651,9 @@ struct PeerReader {
     }
 
     mutating func u8() -> UInt8 { take(1).map { buffer[$0] } ?? 0 }
-    mutating func u16() -> UInt16 { take(2).map { buffer.peerBE16(at: $0) } ?? 0 }
-    mutating func u32() -> UInt32 { take(4).map { buffer.peerBE32(at: $0) } ?? 0 }
-    mutating func u64() -> UInt64 { take(8).map { buffer.peerBE64(at: $0) } ?? 0 }
+    mutating func u16() -> UInt16 { take(2).map { buffer.loadBE16(at: $0) } ?? 0 }
+    mutating func u32() -> UInt32 { take(4).map { buffer.loadBE32(at: $0) } ?? 0 }
+    mutating func u64() -> UInt64 { take(8).map { buffer.loadBE64(at: $0) } ?? 0 }
     mutating func u64LE() -> UInt64 {
         take(8).map { UInt64(littleEndian: buffer.loadUnaligned(fromByteOffset: $0, as: UInt64.self)) } ?? 0
     }
@@ -692,9 +692,9 @@ struct PeerWriter {
     }
 
     mutating func u8(_ v: UInt8) { base.storeBytes(of: v, toByteOffset: advance(1), as: UInt8.self) }
-    mutating func u16(_ v: UInt16) { base.peerStoreBE(v, at: advance(2)) }
-    mutating func u32(_ v: UInt32) { base.peerStoreBE(v, at: advance(4)) }
-    mutating func u64(_ v: UInt64) { base.peerStoreBE(v, at: advance(8)) }
+    mutating func u16(_ v: UInt16) { base.storeBE(v, at: advance(2)) }
+    mutating func u32(_ v: UInt32) { base.storeBE(v, at: advance(4)) }
+    mutating func u64(_ v: UInt64) { base.storeBE(v, at: advance(8)) }
     mutating func u64LE(_ v: UInt64) { base.storeBytes(of: v.littleEndian, toByteOffset: advance(8), as: UInt64.self) }
 
     mutating func uuids(_ uuids: PeerGenerationUUIDs) {
@@ -708,22 +708,4 @@ struct PeerWriter {
         let at = advance(bytes.count)
         UnsafeMutableRawBufferPointer(start: base + at, count: bytes.count).copyBytes(from: bytes)
     }
-}
-
-extension UnsafeRawBufferPointer {
-    @inline(__always)
-    func peerBE16(at offset: Int) -> UInt16 { UInt16(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt16.self)) }
-    @inline(__always)
-    func peerBE32(at offset: Int) -> UInt32 { UInt32(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt32.self)) }
-    @inline(__always)
-    func peerBE64(at offset: Int) -> UInt64 { UInt64(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt64.self)) }
-}
-
-extension UnsafeMutableRawPointer {
-    @inline(__always)
-    func peerStoreBE(_ v: UInt16, at offset: Int) { storeBytes(of: v.bigEndian, toByteOffset: offset, as: UInt16.self) }
-    @inline(__always)
-    func peerStoreBE(_ v: UInt32, at offset: Int) { storeBytes(of: v.bigEndian, toByteOffset: offset, as: UInt32.self) }
-    @inline(__always)
-    func peerStoreBE(_ v: UInt64, at offset: Int) { storeBytes(of: v.bigEndian, toByteOffset: offset, as: UInt64.self) }
 }

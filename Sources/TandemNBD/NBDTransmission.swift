@@ -1,3 +1,5 @@
+import TandemCore
+
 /// One request from a client (proto.md "Request message").
 public struct NBDRequest: Sendable, Equatable {
     public var flags: UInt16

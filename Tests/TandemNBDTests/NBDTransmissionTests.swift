@@ -1,4 +1,5 @@
 import Testing
+import TandemCore
 @testable import TandemNBD
 
 @Suite struct NBDTransmissionTests {

@@ -1,4 +1,4 @@
-/// Big-endian encoding helpers (network order, as NBD uses throughout).
+/// Big-endian (network order) encoding shared by the NBD and peer protocols.
 public extension Array where Element == UInt8 {
     mutating func appendBE(_ value: UInt64) {
         for shift in stride(from: 56, through: 0, by: -8) { append(UInt8(truncatingIfNeeded: value >> UInt64(shift))) }
