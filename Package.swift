@@ -56,6 +56,11 @@ let package = Package(
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
         .testTarget(name: "TandemNBDTests", dependencies: ["TandemNBD", "TandemCore"], swiftSettings: strict),
         .testTarget(
+            name: "TandemNodeTests",
+            dependencies: ["TandemNode", "TandemIO", "TandemCore", "CTandem", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "TandemIOTests",
             dependencies: ["TandemIO", "CTandem", "TandemCore"],
             swiftSettings: strict

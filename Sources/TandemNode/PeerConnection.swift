@@ -1,0 +1,321 @@
+import CTandem
+import Glibc
+import Logging
+import TandemCore
+import TandemIO
+
+/// What a `PeerConnection` tells its owner.
+protocol PeerConnectionDelegate: AnyObject {
+    /// TLS is up and the peer's certificate verified (CA and expected name).
+    func peerConnectionUp(_ connection: PeerConnection)
+    /// A whole frame whose header and payload checksums matched. `payload` is valid only during
+    /// the call: the owner copies what it keeps.
+    func peerConnection(_ connection: PeerConnection, received header: PeerHeader, payload: UnsafeRawBufferPointer)
+    /// A block frame's payload has been encrypted: its buffer may be reused.
+    func peerConnection(_ connection: PeerConnection, releasedPayload token: UInt64)
+    /// The link is gone (closed, failed verification, protocol error); nothing more will come.
+    func peerConnectionDown(_ connection: PeerConnection, reason: String)
+}
+
+/// One replication link (Protocol/peer.md) on the event loop: TLS 1.3 with mutual certificate
+/// verification against the resource's CA and the expected peer name, then frames.
+///
+/// Received ciphertext is decrypted into `input`, which holds at least one largest frame, and
+/// whole frames are handed to the delegate after their checksums pass. Frames to send wait in a
+/// bounded queue (control frames as encoded bytes; block frames as a 56-byte header plus the
+/// owner's payload buffer, not copied until TLS encrypts it) and leave in order.
+final class PeerConnection: IOHandler {
+    private enum Item {
+        case control([UInt8])
+        case block(header: Int, payload: UnsafeRawPointer?, length: Int, token: UInt64)
+    }
+
+    private static let tagRecv: UInt32 = 1
+    private static let tagSend: UInt32 = 2
+    /// Frames queued to send at once; `canSend` says when the owner must wait.
+    static let queueCapacity = 1024
+    private static let headerSlotBytes = 64
+
+    let loop: IOLoop
+    let fd: Int32
+    let peerName: String
+    private(set) var id: UInt32 = 0
+    private weak var delegate: (any PeerConnectionDelegate)?
+    private let tls: TLSSession
+    private var up = false
+    private var closing = false
+    private var finished = false
+    private var opsInFlight = 0
+
+    private let cipherIn: UnsafeMutableRawPointer
+    private let cipherOut: UnsafeMutableRawPointer
+    private let cipherBytes = Limits.tlsCiphertextBufferBytes
+    private var cipherOutLength = 0
+    private var cipherOutSent = 0
+    private var recvPosted = false
+    private var sendPosted = false
+    private var tlsWantsCiphertext = true
+
+    private let input: UnsafeMutableRawPointer
+    private let inputCapacity = PeerProtocol.frameBytesMax + Limits.tlsCiphertextBufferBytes
+    private var inStart = 0
+    private var inEnd = 0
+
+    private var queue = FixedQueue<Item>(capacity: PeerConnection.queueCapacity)
+    private let headerSlots: UnsafeMutableRawPointer
+    private var freeHeaderSlots: [Int]
+    /// Payload bytes of the head block frame already encrypted, and whether its header was.
+    private var headOffset = 0
+    private var headHeaderSent = false
+    private let iov: UnsafeMutablePointer<iovec>
+    private let message: UnsafeMutablePointer<msghdr>
+
+    init(loop: IOLoop, fd: Int32, context: TLSContext, expectedPeerName: String, delegate: any PeerConnectionDelegate) {
+        self.loop = loop
+        self.fd = fd
+        self.peerName = expectedPeerName
+        self.delegate = delegate
+        tls = TLSSession(context: context, expectedPeerName: expectedPeerName)
+        cipherIn = allocateAligned(cipherBytes)
+        cipherOut = allocateAligned(cipherBytes)
+        input = allocateAligned(inputCapacity)
+        headerSlots = allocateAligned(Self.queueCapacity * Self.headerSlotBytes)
+        freeHeaderSlots = Array((0..<Self.queueCapacity).reversed())
+        iov = .allocate(capacity: 1)
+        message = .allocate(capacity: 1)
+        message.initialize(to: msghdr())
+        id = loop.register(self)
+    }
+
+    deinit {
+        freeAligned(cipherIn, cipherBytes)
+        freeAligned(cipherOut, cipherBytes)
+        freeAligned(input, inputCapacity)
+        freeAligned(headerSlots, Self.queueCapacity * Self.headerSlotBytes)
+        iov.deallocate()
+        message.deallocate()
+    }
+
+    /// Starts the TLS handshake (the client side speaks first; both sides just pump).
+    func start() {
+        pumpHandshake()
+        postRecv()
+    }
+
+    var canSend: Bool { !closing && queue.count < Self.queueCapacity - 1 }
+
+    /// Queues a control message (block messages with small payloads may go this way too).
+    func send(_ message: PeerMessage) {
+        sendEncoded(message.encoded())
+    }
+
+    /// Queues bytes that are already one or more encoded frames.
+    func sendEncoded(_ bytes: [UInt8]) {
+        guard !closing else { return }
+        queue.push(.control(bytes))
+        loop.callAtBatchEnd(id)
+    }
+
+    /// Queues a block frame whose payload stays in the owner's buffer until
+    /// `releasedPayload(token)`.
+    func sendBlock(type: PeerMessageType, flags: UInt16, sequence: UInt64, block: PeerBlock, payload: UnsafeRawPointer?, token: UInt64) {
+        guard !closing else { return }
+        let length = block.payloadLength(type: type, flags: flags)
+        let crc = length == 0 ? 0 : PeerEncoder.payloadCRC(UnsafeRawBufferPointer(start: payload, count: length))
+        let slot = freeHeaderSlots.popLast()!
+        let bytes = PeerEncoder.encodeBlockHeader(type: type, flags: flags, sequence: sequence, block: block, payloadCRC: crc, into: headerSlots + slot * Self.headerSlotBytes)
+        precondition(bytes == PeerProtocol.blockHeaderBytes)
+        queue.push(.block(header: slot, payload: payload, length: length, token: token))
+        loop.callAtBatchEnd(id)
+    }
+
+    func ioBatchEnded() { flush() }
+
+    func ioCompleted(tag: UInt32, result: Int32) {
+        opsInFlight -= 1
+        switch tag {
+        case Self.tagRecv:
+            recvPosted = false
+            if !closing { received(result) }
+        case Self.tagSend:
+            sendPosted = false
+            if !closing {
+                if result < 0 {
+                    close(reason: "send failed: \(SystemError.text(-result))")
+                } else {
+                    cipherOutSent += Int(result)
+                    flush()
+                }
+            }
+        default:
+            preconditionFailure("PeerConnection: unknown tag \(tag)")
+        }
+        if closing { finishIfDone() }
+    }
+
+    // MARK: Receiving
+
+    private func received(_ result: Int32) {
+        guard result > 0 else {
+            return close(reason: result == 0 ? "peer closed the connection" : "receive failed: \(SystemError.text(-result))")
+        }
+        guard tls.feed(cipherIn, Int(result)) else { return close(reason: "TLS: cannot buffer ciphertext") }
+        tlsWantsCiphertext = false
+        if !up {
+            pumpHandshake()
+            if !up || closing { return postRecv() }
+        }
+        readFrames()
+    }
+
+    private func pumpHandshake() {
+        switch tls.handshake() {
+        case .ok:
+            guard tls.version == "TLSv1.3" else { return close(reason: "peer negotiated \(tls.version); the replication link needs TLS 1.3") }
+            up = true
+            tlsWantsCiphertext = true
+            flush()
+            delegate?.peerConnectionUp(self)
+        case .wantMore:
+            tlsWantsCiphertext = true
+            flush()
+        case .closed, .failed:
+            let why = tls.lastError
+            flush()
+            close(reason: "TLS with \(peerName) failed: \(why)")
+        }
+    }
+
+    /// Decrypts what TLS holds and hands every whole frame to the delegate.
+    private func readFrames() {
+        while !closing {
+            if inEnd == inputCapacity || (inStart > 0 && inputCapacity - inEnd < Limits.tlsCiphertextBufferBytes) {
+                input.copyMemory(from: input + inStart, byteCount: inEnd - inStart)
+                inEnd -= inStart
+                inStart = 0
+            }
+            var progressed = false
+            if inEnd < inputCapacity {
+                let (n, status) = tls.read(into: input + inEnd, count: inputCapacity - inEnd)
+                switch status {
+                case .ok:
+                    inEnd += n
+                    progressed = true
+                case .wantMore:
+                    tlsWantsCiphertext = true
+                case .closed:
+                    return close(reason: "peer closed the TLS session")
+                case .failed:
+                    return close(reason: "TLS: \(tls.lastError)")
+                }
+            }
+            while !closing {
+                let available = UnsafeRawBufferPointer(start: input + inStart, count: inEnd - inStart)
+                switch PeerDecoder.decodeHeader(available) {
+                case .needMore:
+                    break
+                case .invalid(let why):
+                    return close(reason: "protocol error: \(why)")
+                case .header(let header):
+                    guard available.count >= header.frameBytes else { break }
+                    let payload = UnsafeRawBufferPointer(rebasing: available[header.headerBytes..<header.frameBytes])
+                    guard header.verifyPayload(payload) else { return close(reason: "protocol error: payload checksum mismatch in \(header.type)") }
+                    inStart += header.frameBytes
+                    delegate?.peerConnection(self, received: header, payload: payload)
+                    continue
+                }
+                break
+            }
+            if inStart == inEnd {
+                inStart = 0
+                inEnd = 0
+            }
+            if !progressed { break }
+        }
+        postRecv()
+    }
+
+    private func postRecv() {
+        guard !recvPosted, !closing, tlsWantsCiphertext else { return }
+        recvPosted = true
+        opsInFlight += 1
+        loop.engine.recv(fd: fd, buffer: cipherIn, length: cipherBytes, waitAll: false, userData: IOLoop.userData(id, Self.tagRecv))
+    }
+
+    // MARK: Sending
+
+    /// Encrypts queued frames (bounded per round) and sends the ciphertext, one send at a time.
+    private func flush() {
+        guard !sendPosted, !closing else { return }
+        if cipherOutSent < cipherOutLength { return postSend() }
+        cipherOutLength = 0
+        cipherOutSent = 0
+        if up && tls.pendingOutput < cipherBytes / 2 {
+            var budget = cipherBytes / 2
+            while budget > 0, let head = queue.first {
+                switch head {
+                case .control(let bytes):
+                    guard bytes.withUnsafeBytes({ tls.write($0.baseAddress!, count: $0.count) }) else { return close(reason: "TLS: \(tls.lastError)") }
+                    budget -= bytes.count
+                    queue.pop()
+                case .block(let slot, let payload, let length, let token):
+                    if !headHeaderSent {
+                        guard tls.write(headerSlots + slot * Self.headerSlotBytes, count: PeerProtocol.blockHeaderBytes) else { return close(reason: "TLS: \(tls.lastError)") }
+                        headHeaderSent = true
+                        budget -= PeerProtocol.blockHeaderBytes
+                    }
+                    let n = min(length - headOffset, max(budget, 0))
+                    if n > 0 {
+                        guard tls.write(payload! + headOffset, count: n) else { return close(reason: "TLS: \(tls.lastError)") }
+                        headOffset += n
+                        budget -= n
+                    }
+                    if headOffset == length {
+                        headOffset = 0
+                        headHeaderSent = false
+                        queue.pop()
+                        freeHeaderSlots.append(slot)
+                        delegate?.peerConnection(self, releasedPayload: token)
+                    }
+                }
+            }
+        }
+        cipherOutLength = tls.takeOutput(into: cipherOut, count: cipherBytes)
+        if cipherOutLength > 0 { postSend() }
+    }
+
+    private func postSend() {
+        iov.pointee = iovec(iov_base: cipherOut + cipherOutSent, iov_len: cipherOutLength - cipherOutSent)
+        message.pointee.msg_iov = iov
+        message.pointee.msg_iovlen = 1
+        sendPosted = true
+        opsInFlight += 1
+        loop.engine.sendmsg(fd: fd, message: message, userData: IOLoop.userData(id, Self.tagSend))
+    }
+
+    // MARK: Closing
+
+    func close(reason: String) {
+        guard !closing else { return }
+        closing = true
+        shutdown(fd, Int32(SHUT_RDWR))
+        // Payloads still queued are no longer needed by this link.
+        while let item = queue.pop() {
+            if case .block(let slot, _, _, let token) = item {
+                freeHeaderSlots.append(slot)
+                delegate?.peerConnection(self, releasedPayload: token)
+            }
+        }
+        headOffset = 0
+        headHeaderSent = false
+        delegate?.peerConnectionDown(self, reason: reason)
+        finishIfDone()
+    }
+
+    private func finishIfDone() {
+        guard closing, opsInFlight == 0, !finished else { return }
+        finished = true
+        closeDescriptor(fd)
+        loop.unregister(id)
+    }
+}
