@@ -20,6 +20,8 @@ public struct ServeOptions: Sendable {
     public var tlsCA: String?
     public var tlsAnonymousClients: Bool
     public var connectionsMax: Int
+    /// Disk operations to fail on purpose (tests of error handling).
+    public var faults: [FaultRule] = []
 
     public init(backingPath: String, host: String, port: UInt16, exportName: String, description: String, readOnly: Bool, engine: IOEngineKind?, cache: CacheMode, tlsCertificate: String?, tlsKey: String?, tlsCA: String?, tlsAnonymousClients: Bool, connectionsMax: Int) {
         self.backingPath = backingPath
@@ -84,12 +86,13 @@ public enum Serve {
                 throw ServeError("TLS: \(error.message)")
             }
         }
-        let engine: any IOEngine
+        var engine: any IOEngine
         do {
             engine = try IOEngineFactory.make(options.engine)
         } catch {
             throw ServeError("cannot start the \(options.engine?.rawValue ?? "") I/O engine: \(error)")
         }
+        if !options.faults.isEmpty { engine = FaultInjectingEngine(engine, rules: options.faults) }
         logger.info("io engine: \(engine.kind.rawValue) (\(engine.reason))")
         let pool = BufferPool()
         let loop = IOLoop(engine: engine, pool: pool, logger: logger)

@@ -141,6 +141,9 @@ struct Serve: ParsableCommand {
     @Option(help: "Most NBD connections at once.")
     var maxConnections: Int = Limits.nbdConnectionsMax
 
+    @Option(help: ArgumentHelp("Fail chosen disk operations, for testing: OP:ERRNO[:offset=A-B][:after=N] (repeatable).", valueName: "rule"))
+    var injectFault: [String] = []
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -156,6 +159,9 @@ struct Serve: ParsableCommand {
             throw ValidationError("--max-connections must be between 1 and \(Limits.nbdConnectionsMax)")
         }
         guard exportName.utf8.count <= Limits.nbdStringLengthMax else { throw ValidationError("--export-name is too long") }
+        for rule in injectFault {
+            do { _ = try FaultRule(rule) } catch { throw ValidationError(error.operation) }
+        }
     }
 
     func run() throws {
@@ -166,10 +172,11 @@ struct Serve: ParsableCommand {
                 throw fail("cannot read \(flag) \(path): \(SystemError.text(errno))")
             }
         }
-        let options = ServeOptions(
+        var options = ServeOptions(
             backingPath: backing, host: host, port: port, exportName: exportName, description: description,
             readOnly: readOnly, engine: IOEngineKind(rawValue: ioEngine), cache: cache, tlsCertificate: tlsCert,
             tlsKey: tlsKey, tlsCA: tlsCa, tlsAnonymousClients: tlsAnonymousClients, connectionsMax: maxConnections)
+        options.faults = injectFault.compactMap { try? FaultRule($0) }  // validated above
         do {
             try TandemNode.Serve.run(options, logger: logger)
         } catch {
