@@ -374,6 +374,8 @@ public struct ReplicaCore {
             if awaitingSkippedSyncUUID {
                 awaitingSkippedSyncUUID = false
                 uuids = uuids.afterSkippedInitialSync(newCurrent: change.uuids.current)
+                // The node persists the adopted generation on this state change.
+                actions.append(.stateChanged(status))
             }
         case .resyncData(let data, _):
             resyncDataArrived(data, into: &actions)
@@ -637,7 +639,7 @@ public struct ReplicaCore {
         actions.append(.stateChanged(status))
     }
 
-    static func uuids(of hello: PeerHello) -> GenerationUUIDs {
+    public static func uuids(of hello: PeerHello) -> GenerationUUIDs {
         GenerationUUIDs(
             current: hello.uuids.current, bitmap: hello.uuids.bitmap,
             history0: hello.uuids.history.first ?? 0, history1: hello.uuids.history.dropFirst().first ?? 0)
@@ -657,7 +659,7 @@ public struct ReplicaCore {
     }
 
     /// UUIDs as the wire carries them (four history slots; the superblock keeps two).
-    static func wire(_ u: GenerationUUIDs) -> PeerGenerationUUIDs {
+    public static func wire(_ u: GenerationUUIDs) -> PeerGenerationUUIDs {
         PeerGenerationUUIDs(current: u.current, bitmap: u.bitmap, history: [u.history0, u.history1, 0, 0])
     }
 

@@ -299,6 +299,11 @@ final class NBDConnection: IOHandler {
         payloadSlot = -1
         slots[index].done = 0
         slots[index].state = .disk
+        if let replicator = server.replicator {
+            opsInFlight += 1
+            replicator.clientRequest(self, slot: index, slots[index].request)
+            return true
+        }
         submitWrite(index)
         return true
     }
@@ -428,6 +433,10 @@ final class NBDConnection: IOHandler {
             } else {
                 submitRead(Int(slot))
             }
+        case .flush where server.replicator != nil, .trim where server.replicator != nil, .writeZeroes where server.replicator != nil:
+            let slot = takeSlot(request)
+            opsInFlight += 1
+            server.replicator!.clientRequest(self, slot: Int(slot), request)
         case .flush:
             let slot = takeSlot(request)
             opsInFlight += 1
@@ -556,6 +565,20 @@ final class NBDConnection: IOHandler {
         slots[index].syncing = true
         opsInFlight += 1
         loop.engine.fsync(fd: server.device.fd, datasync: true, userData: IOLoop.userData(id, UInt32(index)))
+    }
+
+    /// The payload of a request slot (a WRITE's data), for the replicator.
+    func payload(slot: Int) -> UnsafeMutableRawPointer? { slots[slot].buffer?.pointer }
+
+    /// The replicator finished a request it took (protocol C: durable as the spec asks on both).
+    func replicatedCompleted(slot: Int, result: Int32) {
+        opsInFlight -= 1
+        precondition(slots[slot].state == .disk, "replicated completion for a slot in state \(slots[slot].state)")
+        if closing {
+            releaseSlot(Int32(slot))
+            return finishIfDone()
+        }
+        reply(Int32(slot), error: result < 0 ? NBD.Errno(localErrno: -result) : .ok)
     }
 
     private func diskCompleted(_ slot: Int32, _ result: Int32) {

@@ -29,8 +29,17 @@ public struct ServeError: Error, CustomStringConvertible, Sendable {
 }
 
 /// The NBD listener of a node: accepts clients on the loop and runs one `NBDConnection` each.
+/// Takes the write-like requests of NBD connections when the export is replicated.
+protocol NBDReplicator: AnyObject {
+    /// WRITE (payload in `connection.payload(slot:)`), TRIM, WRITE_ZEROES or FLUSH; answered with
+    /// `connection.replicatedCompleted(slot:result:)`.
+    func clientRequest(_ connection: NBDConnection, slot: Int, _ request: NBDRequest)
+}
+
 public final class NBDServer: IOHandler {
     let loop: IOLoop
+    /// Set on a replicated node: writes go through replication instead of straight to disk.
+    weak var replicator: (any NBDReplicator)?
     let device: BackingDevice
     let configuration: NBDServerConfiguration
     let tlsContext: TLSContext?

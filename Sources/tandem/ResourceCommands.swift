@@ -108,7 +108,9 @@ struct Init: ParsableCommand {
         }
         let empty = !device.isBlockDevice && ctandem_seek_data(device.fd, 0) == -Int64(ENXIO)
         var flags: Superblock.Flags = []
-        if zeroed || empty { flags.insert(.newZeroed) }
+        // A zeroed device is a consistent image already; other data is Inconsistent until an
+        // initial sync (or a primary that is told its data wins).
+        if zeroed || empty { flags.formUnion([.newZeroed, .consistent]) }
         let superblock: Superblock
         do {
             superblock = try Superblock(
@@ -173,6 +175,63 @@ struct DumpMetadata: ParsableCommand {
                 bitmap: \(sb.layout.granularityBytes)-byte granules, \(loaded.bitmap.outOfSyncBytes) bytes out of sync
                 activity log: \(sb.activityLogExtents) extents of \(sb.activityLogExtentBytes) bytes, \(loaded.recovery.hotExtents.count) hot at the last transaction
                 """)
+        }
+    }
+}
+
+struct Up: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run one node of a replicated resource.",
+        discussion: """
+            The primary exports the device over NBD (the node's nbd address, export name = the
+            resource name) and mirrors every write to the secondary over mutually authenticated
+            TLS 1.3 (protocol C: a write is answered once it is on both disks). The secondary
+            applies the primary's writes. After a disconnect, only out-of-sync blocks are resynced.
+
+            Examples:
+              tandem up r0.toml --node alpha --primary
+              tandem up r0.toml --node beta
+            """)
+
+    @Argument(help: "The resource file.")
+    var file: String
+
+    @Option(help: "This node's name in the resource file.")
+    var node: String
+
+    @Flag(help: "Start as primary (export over NBD); otherwise secondary.")
+    var primary = false
+
+    @Option(help: "I/O engine: auto, uring, aio or threads.")
+    var ioEngine: String = "auto"
+
+    @Option(help: "direct (O_DIRECT) or page (through the page cache).")
+    var cache: CacheMode = .direct
+
+    @Option(help: ArgumentHelp("Fail chosen disk operations, for testing: OP:ERRNO[:offset=A-B][:after=N] (repeatable).", valueName: "rule"))
+    var injectFault: [String] = []
+
+    @OptionGroup var logging: LoggingOptions
+
+    func validate() throws {
+        guard ioEngine == "auto" || IOEngineKind(rawValue: ioEngine) != nil else {
+            throw ValidationError("unknown I/O engine '\(ioEngine)' (use auto, uring, aio or threads)")
+        }
+        for rule in injectFault {
+            do { _ = try FaultRule(rule) } catch { throw ValidationError(error.operation) }
+        }
+    }
+
+    func run() throws {
+        let config = try loadResource(file)
+        let logger = logging.makeLogger()
+        let options = TandemNode.Up.Options(
+            resourceFile: file, config: config, node: node, primary: primary, engine: IOEngineKind(rawValue: ioEngine),
+            cache: cache, faults: injectFault.compactMap { try? FaultRule($0) })
+        do {
+            try TandemNode.Up.run(options, logger: logger)
+        } catch {
+            throw fail(error.message)
         }
     }
 }

@@ -1,0 +1,437 @@
+import CTandem
+import Glibc
+import Logging
+import TandemCore
+import TandemIO
+import TandemNBD
+
+/// A node of a replicated resource (`tandem up`): carries out `ReplicaCore`'s actions with the
+/// I/O engine, the peer link (`PeerConnection`) and, on the primary, the NBD server's requests.
+///
+/// First version: the link (the higher node id dials, the lower listens), protocol C writes,
+/// flushes, resync and metadata persisted at link loss, resync end and shutdown. Not yet: the
+/// activity log in front of client writes (a crashed primary therefore needs a full resync),
+/// role changes at run time, the control socket.
+final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
+    private static let tagAccept: UInt32 = 0x1000_0000
+    private static let tagConnect: UInt32 = 0x1000_0001
+    private static let tagTick: UInt32 = 0x1000_0002
+    private static let tagRetry: UInt32 = 0x1000_0003
+    private static let opsMax = Limits.diskQueueDepthMax
+    private static let tickNanos: UInt64 = 100_000_000
+
+    let loop: IOLoop
+    let logger: Logger
+    let config: ResourceConfig
+    let me: ResourceConfig.Node
+    let peer: ResourceConfig.Node
+    let device: BackingDevice
+    let metadataPath: String
+    private(set) var core: ReplicaCore
+    private var superblock: Superblock
+    private let serverTLS: TLSContext
+    private let clientTLS: TLSContext
+    private(set) var id: UInt32 = 0
+    private var link: PeerConnection?
+    private var listenFD: Int32 = -1
+    private var dialFD: Int32 = -1
+    private let dialAddress: UnsafeMutablePointer<SocketAddress>
+    private var stopping = false
+    var onStopped: (() -> Void)?
+
+    private var actions: [ReplicaCore.Action] = []
+    private var ops: [(tag: LocalIO.Tag, syncAfter: Bool)?]
+    private var freeOps: [Int]
+    private var clients: [UInt64: (connection: NBDConnection, slot: Int)] = [:]
+    private var nextClientID: UInt64 = 1
+    private var peerBuffers: [UInt64: PoolBuffer] = [:]
+    private var resyncBuffers: [Int: PoolBuffer] = [:]
+
+    init(loop: IOLoop, logger: Logger, config: ResourceConfig, me: ResourceConfig.Node, device: BackingDevice, primary: Bool) throws(ServeError) {
+        guard let peer = config.peer(of: me.name), let metadataPath = me.metadataPath else {
+            throw ServeError("resource \(config.name) has no peer data node for \(me.name)")
+        }
+        self.loop = loop
+        self.logger = logger
+        self.config = config
+        self.me = me
+        self.peer = peer
+        self.device = device
+        self.metadataPath = metadataPath
+        let loaded = try MetadataFile.load(path: metadataPath, deviceBytes: device.size)
+        superblock = loaded.superblock
+        guard superblock.resourceName == config.name, Int(superblock.nodeID) == me.id else {
+            throw ServeError("\(metadataPath) belongs to resource \(superblock.resourceName) node \(superblock.nodeID), not \(config.name) node \(me.id)")
+        }
+        var bitmap = loaded.bitmap
+        if superblock.flags.contains(.wasPrimary) || superblock.flags.contains(.crashedPrimary) {
+            // No activity log in this version: after a crash as primary, everything may differ.
+            bitmap.setAll()
+        }
+        var disk: PeerDiskState = superblock.flags.contains(.resyncTarget) || !superblock.flags.contains(.consistent) ? .inconsistent : .upToDate
+        if primary && disk == .inconsistent && !superblock.flags.contains(.resyncTarget) {
+            // A new node started as primary on data of its own: its data is the one the peer gets.
+            logger.warning("\(me.name) starts as primary on data never synced: it becomes the source of the initial sync")
+            superblock.flags.insert(.consistent)
+            disk = .upToDate
+        }
+        core = ReplicaCore(
+            configuration: .init(nodeID: UInt8(me.id), deviceBytes: device.size, granularityBytes: superblock.layout.granularityBytes,
+                                 resyncBytesPerSecond: UInt64(config.tuning.resyncBytesPerSecondMax)),
+            role: primary ? .primary : .secondary, disk: disk, uuids: superblock.uuids, bitmap: bitmap, flags: superblock.flags)
+        do {
+            serverTLS = try TLSContext(server: true, certificate: me.certPath, key: me.keyPath, ca: config.tls.caPath, requirePeerCertificate: true, tls13Only: true)
+            clientTLS = try TLSContext(server: false, certificate: me.certPath, key: me.keyPath, ca: config.tls.caPath, requirePeerCertificate: true, tls13Only: true)
+        } catch {
+            throw ServeError("TLS: \(error.message)")
+        }
+        ops = Array(repeating: nil, count: Self.opsMax)
+        freeOps = Array((0..<Self.opsMax).reversed())
+        dialAddress = .allocate(capacity: 1)
+        do {
+            dialAddress.initialize(to: try SocketAddress(host: peer.address.hostText, port: peer.address.port))
+        } catch {
+            throw ServeError("peer address \(peer.address): \(error)")
+        }
+        actions.reserveCapacity(256)
+    }
+
+    deinit {
+        dialAddress.deallocate()
+        if listenFD >= 0 { closeDescriptor(listenFD) }
+    }
+
+    var status: ReplicaStatus { core.status }
+
+    func start() throws(ServeError) {
+        id = loop.register(self)
+        if superblock.flags.contains(.wasPrimary) || core.role == .primary {
+            superblock.flags.insert(.wasPrimary)
+            persistMetadata()
+        }
+        if me.id < peer.id {
+            do {
+                let (fd, bound) = try Sockets.listen(host: me.address.hostText, port: me.address.port)
+                listenFD = fd
+                loop.engine.adoptSocket(fd)
+                logger.info("replication: listening for \(peer.name) on \(bound)")
+            } catch {
+                throw ServeError("replication address \(me.address): \(error.errno == EADDRINUSE ? error.operation : error.description)")
+            }
+            loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept))
+        } else {
+            dial()
+        }
+        loop.addTimer(id: id, tag: Self.tagTick, afterNanos: Self.tickNanos)
+    }
+
+    // MARK: Link establishment
+
+    private func dial() {
+        guard !stopping, link == nil, dialFD < 0 else { return }
+        do {
+            dialFD = try Sockets.stream(family: dialAddress.pointee.family)
+        } catch {
+            logger.warning("replication: cannot create a socket: \(error)")
+            return retryLater()
+        }
+        loop.engine.adoptSocket(dialFD)
+        loop.engine.connect(fd: dialFD, address: SocketAddress.sockaddrPointer(dialAddress), length: dialAddress.pointee.length, userData: IOLoop.userData(id, Self.tagConnect))
+    }
+
+    private func retryLater() {
+        guard !stopping else { return }
+        loop.addTimer(id: id, tag: Self.tagRetry, afterNanos: UInt64(config.tuning.connectRetryMillis) * 1_000_000)
+    }
+
+    private func attach(_ fd: Int32, server: Bool) {
+        Sockets.setNoDelay(fd)
+        let connection = PeerConnection(loop: loop, fd: fd, context: server ? serverTLS : clientTLS, expectedPeerName: peer.name, delegate: self)
+        link = connection
+        connection.start()
+    }
+
+    func ioCompleted(tag: UInt32, result: Int32) {
+        switch tag {
+        case Self.tagAccept:
+            if result >= 0 {
+                if link == nil && !stopping {
+                    attach(result, server: true)
+                } else {
+                    closeDescriptor(result)
+                }
+            }
+            if !stopping && result != -EINVAL { loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept)) }
+        case Self.tagConnect:
+            let fd = dialFD
+            dialFD = -1
+            if result == 0 && !stopping {
+                attach(fd, server: false)
+            } else {
+                closeDescriptor(fd)
+                retryLater()
+            }
+        case Self.tagRetry:
+            dial()
+        case Self.tagTick:
+            actions.removeAll(keepingCapacity: true)
+            core.tick(nowNanos: monotonicNanos(), into: &actions)
+            perform()
+            if !stopping { loop.addTimer(id: id, tag: Self.tagTick, afterNanos: Self.tickNanos) }
+        default:
+            localCompleted(Int(tag), result)
+        }
+    }
+
+    // MARK: PeerConnectionDelegate
+
+    func peerConnectionUp(_ connection: PeerConnection) {
+        logger.info("replication: TLS link to \(peer.name) up")
+        var flags: UInt16 = 0
+        if core.localFlags.contains(.newZeroed) { flags |= PeerFlags.Hello.newZeroed }
+        if core.localFlags.contains(.crashedPrimary) { flags |= PeerFlags.Hello.crashedPrimary }
+        connection.send(.hello(PeerHello(
+            versionMin: 1, versionMax: 1, nodeID: UInt8(me.id), role: core.role, diskState: core.disk, flags: flags,
+            resourceName: config.name, deviceSizeBytes: device.size, bitmapGranularityBytes: UInt32(superblock.layout.granularityBytes),
+            uuids: ReplicaCore.wire(core.uuids))))
+    }
+
+    func peerConnection(_ connection: PeerConnection, received header: PeerHeader, payload: UnsafeRawBufferPointer) {
+        actions.removeAll(keepingCapacity: true)
+        switch header.type {
+        case .data:
+            let block = header.block!
+            guard let buffer = loop.pool.take(max(payload.count, 1)) else { return connection.close(reason: "out of buffers for replicated writes") }
+            buffer.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
+            peerBuffers[header.sequence] = buffer
+            core.peerWrite(PeerWrite(id: header.sequence, offset: block.offset, length: block.length, epoch: block.epoch, flags: header.flags), kind: .write, into: &actions)
+        case .resyncData:
+            let block = header.block!
+            if payload.count > 0 {
+                guard let buffer = loop.pool.take(payload.count) else { return connection.close(reason: "out of buffers for resync") }
+                buffer.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
+                resyncBuffers[Int(header.sequence)] = buffer
+            }
+            core.peerMessage(.resyncData(PeerResyncData(id: header.sequence, offset: block.offset, length: block.length, result: block.result, flags: header.flags), payload: []), into: &actions)
+        default:
+            switch PeerMessage.decode(header: header, payload: payload) {
+            case .invalid(let why):
+                return connection.close(reason: "protocol error: \(why)")
+            case .message(.hello(let hello)):
+                guard hello.resourceName == config.name else { return connection.close(reason: "peer serves resource \(hello.resourceName), not \(config.name)") }
+                core.linkUp(peer: hello, freshUUID: Self.freshUUID(), into: &actions)
+                if let decision = core.lastDecision { logger.info("replication: connected to \(peer.name): \(decision.decision) (\(decision.rule))") }
+            case .message(let message):
+                core.peerMessage(message, into: &actions)
+            }
+        }
+        perform()
+    }
+
+    func peerConnection(_ connection: PeerConnection, releasedPayload token: UInt64) {
+        // Client payloads belong to their NBD slots; resync read buffers go back once sent.
+        if token & (1 << 63) != 0, let buffer = resyncBuffers.removeValue(forKey: -Int(token & ~(1 << 63)) - 1) {
+            loop.pool.release(buffer)
+        }
+    }
+
+    func peerConnectionDown(_ connection: PeerConnection, reason: String) {
+        guard link === connection else { return }
+        link = nil
+        logger.warning("replication: link to \(peer.name) down: \(reason)")
+        actions.removeAll(keepingCapacity: true)
+        core.linkDown(.peerClosed, freshUUID: Self.freshUUID(), into: &actions)
+        perform()
+        persistMetadata()
+        if me.id > peer.id { retryLater() }
+    }
+
+    // MARK: NBDReplicator
+
+    func clientRequest(_ connection: NBDConnection, slot: Int, _ request: NBDRequest) {
+        let clientID = nextClientID
+        nextClientID += 1
+        clients[clientID] = (connection, slot)
+        actions.removeAll(keepingCapacity: true)
+        let fua = request.has(NBD.CommandFlag.fua)
+        switch request.command! {
+        case .write:
+            core.clientWrite(id: clientID, offset: request.offset, length: request.length, kind: .write, fua: fua, into: &actions)
+        case .trim:
+            core.clientWrite(id: clientID, offset: request.offset, length: request.length, kind: .trim, fua: fua, into: &actions)
+        case .writeZeroes:
+            core.clientWrite(id: clientID, offset: request.offset, length: request.length, kind: .zeroes(noHole: request.has(NBD.CommandFlag.noHole)), fua: fua, into: &actions)
+        case .flush:
+            core.clientFlush(id: clientID, into: &actions)
+        case .read, .cache, .blockStatus, .disconnect:
+            preconditionFailure("\(request.command!) is not replicated")
+        }
+        perform()
+    }
+
+    // MARK: Carrying out actions
+
+    private func perform() {
+        var i = 0
+        while i < actions.count {
+            let action = actions[i]
+            i += 1
+            switch action {
+            case .submitLocal(let io):
+                submit(io)
+            case .send(let message):
+                link?.send(message)
+            case .sendWrite(let write, let kind, let buffer):
+                let type: PeerMessageType
+                switch kind {
+                case .write: type = .data
+                case .trim: type = .trim
+                case .zeroes: type = .zeroes
+                }
+                link?.sendBlock(type: type, flags: write.flags, sequence: write.id, block: PeerBlock(offset: write.offset, epoch: write.epoch, length: write.length),
+                                payload: buffer.map { UnsafeRawPointer(pointer(for: $0)) }, token: write.id)
+            case .sendResync(let data, let buffer):
+                guard case .resync(let slot) = buffer, let read = resyncBuffers[-slot - 1] else { preconditionFailure("resync data from \(buffer)") }
+                guard let link else {
+                    resyncBuffers[-slot - 1] = nil
+                    loop.pool.release(read)
+                    break
+                }
+                link.sendBlock(type: .resyncData, flags: data.flags, sequence: data.id, block: PeerBlock(offset: data.offset, length: data.length),
+                               payload: UnsafeRawPointer(read.pointer), token: (1 << 63) | UInt64(slot))
+            case .completeClient(let clientID, let result), .completeClientFlush(let clientID, let result):
+                guard let client = clients.removeValue(forKey: clientID) else { preconditionFailure("completion for unknown client request \(clientID)") }
+                client.connection.replicatedCompleted(slot: client.slot, result: result)
+            case .dropLink(let reason):
+                logger.warning("replication: dropping the link: \(reason)")
+                link?.close(reason: "\(reason)")
+            case .stateChanged(let status):
+                logger.info("replication: role \(status.role), disk \(status.disk), peer disk \(status.peerDisk.map { "\($0)" } ?? "unknown"), link \(status.link), \(status.sync), \(status.outOfSyncBytes) bytes out of sync")
+                if status.sync == .established && status.link == .connected { persistMetadata() }
+            }
+        }
+        actions.removeAll(keepingCapacity: true)
+    }
+
+    private func pointer(for buffer: BufferRef) -> UnsafeMutableRawPointer {
+        switch buffer {
+        case .client(let clientID):
+            guard let client = clients[clientID], let p = client.connection.payload(slot: client.slot) else { preconditionFailure("no payload for client request \(clientID)") }
+            return p
+        case .peer(let writeID):
+            return peerBuffers[writeID]!.pointer
+        case .resync(let key):
+            return resyncBuffers[key]!.pointer
+        }
+    }
+
+    private func submit(_ io: LocalIO) {
+        let index = freeOps.popLast()!
+        var syncAfter = false
+        let userData = IOLoop.userData(id, UInt32(index))
+        switch io.operation {
+        case .read:
+            // A resync read: its buffer comes from the pool now (keyed by the negative slot so it
+            // cannot clash with a target's incoming resync ids).
+            guard case .resync(let slot) = io.buffer!, let buffer = loop.pool.take(Int(io.length)) else { preconditionFailure("resync read without a buffer") }
+            resyncBuffers[-slot - 1] = buffer
+            loop.engine.read(fd: device.fd, buffer: buffer.pointer, length: Int(io.length), offset: io.offset, fixedIndex: buffer.fixedIndex, userData: userData)
+        case .flush:
+            loop.engine.fsync(fd: device.fd, datasync: true, userData: userData)
+        case .write(let kind, let fua):
+            switch kind {
+            case .write:
+                let p: UnsafeMutableRawPointer
+                if case .resync(let key)? = io.buffer { p = resyncBuffers[key]!.pointer } else { p = pointer(for: io.buffer!) }
+                loop.engine.write(fd: device.fd, buffer: p, length: Int(io.length), offset: io.offset, fixedIndex: -1, fua: fua,
+                                  offload: device.cache == .page && io.length >= 65536, userData: userData)
+            case .trim, .zeroes:
+                var mode = ctandem_FALLOC_FL_PUNCH_HOLE | ctandem_FALLOC_FL_KEEP_SIZE
+                if case .zeroes(noHole: true) = kind { mode = ctandem_FALLOC_FL_ZERO_RANGE | ctandem_FALLOC_FL_KEEP_SIZE }
+                syncAfter = fua
+                loop.engine.fallocate(fd: device.fd, mode: mode, offset: io.offset, length: UInt64(io.length), userData: userData)
+            }
+        }
+        ops[index] = (io.tag, syncAfter)
+    }
+
+    private func localCompleted(_ index: Int, _ result: Int32) {
+        guard let op = ops[index] else { preconditionFailure("completion of free local op \(index)") }
+        if op.syncAfter && result >= 0 {
+            ops[index] = (op.tag, false)
+            return loop.engine.fsync(fd: device.fd, datasync: true, userData: IOLoop.userData(id, UInt32(index)))
+        }
+        ops[index] = nil
+        freeOps.append(index)
+        // Buffers the operation used go back to the pool (client payloads belong to their slots).
+        switch op.tag {
+        case .peerWrite(let writeID):
+            if let buffer = peerBuffers.removeValue(forKey: writeID) { loop.pool.release(buffer) }
+        case .resyncWrite(let key):
+            if let buffer = resyncBuffers.removeValue(forKey: key) { loop.pool.release(buffer) }
+        case .resyncRead(let slot):
+            if result < 0, let buffer = resyncBuffers.removeValue(forKey: -slot - 1) { loop.pool.release(buffer) }
+        case .client, .clientFlush, .peerFlush:
+            break
+        }
+        actions.removeAll(keepingCapacity: true)
+        core.localCompleted(op.tag, result: result >= 0 ? 0 : result, into: &actions)
+        if case .resyncRead(let slot) = op.tag, result >= 0,
+           !actions.contains(where: { if case .sendResync(_, .resync(slot)) = $0 { true } else { false } }),
+           let buffer = resyncBuffers.removeValue(forKey: -slot - 1) {
+            // The core dropped a stale read: its buffer is not needed.
+            loop.pool.release(buffer)
+        }
+        perform()
+    }
+
+    // MARK: Metadata
+
+    /// Writes the generation UUIDs, flags and dirty bitmap pages, then syncs (rare events only:
+    /// link loss, the end of a resync, shutdown; synchronous on purpose).
+    private func persistMetadata() {
+        superblock.uuids = core.uuids
+        let keep: Superblock.Flags = superblock.flags.intersection([.wasPrimary])
+        superblock.flags = core.localFlags.union(keep)
+        superblock.flags.remove(.newZeroed)
+        if core.disk == .upToDate { superblock.flags.insert(.consistent) }
+        superblock.advanceSequence()
+        let fd = open(metadataPath, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return logger.error("cannot open metadata \(metadataPath): \(SystemError.text(errno))") }
+        defer { close(fd) }
+        var block = [UInt8](repeating: 0, count: Superblock.encodedBytes)
+        block.withUnsafeMutableBytes { superblock.encode(into: $0) }
+        var failed = block.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(superblock.offset)) } != block.count
+        let bitmap = core.bitmap
+        var page = 0
+        while let next = bitmap.nextDirtyPage(from: page) {
+            let offset = superblock.layout.bitmapPageOffset(next)
+            failed = failed || bitmap.withPageBytes(next) { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) } != MetadataLayout.blockBytes
+            page = next + 1
+            if page >= bitmap.pageCount { break }
+        }
+        if fdatasync(fd) != 0 || failed { logger.error("cannot write metadata \(metadataPath): \(SystemError.text(errno))") }
+    }
+
+    // MARK: Stopping
+
+    func stop() {
+        guard !stopping else { return }
+        stopping = true
+        if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
+        link?.close(reason: "node stopping")
+        persistMetadata()
+        if core.role == .primary {
+            superblock.flags.remove(.wasPrimary)
+            persistMetadata()
+        }
+    }
+
+    static func freshUUID() -> UInt64 {
+        var value: UInt64 = 0
+        while value == 0 || value & ~1 == GenerationUUIDs.initialCurrent & ~1 {
+            value = UInt64.random(in: 1...UInt64.max)
+        }
+        return value & ~1
+    }
+}

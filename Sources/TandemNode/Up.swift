@@ -1,0 +1,91 @@
+import CTandem
+import Glibc
+import Logging
+import TandemCore
+import TandemIO
+import TandemNBD
+
+/// Runs one node of a replicated resource until SIGINT/SIGTERM: the `tandem up` command.
+public enum Up {
+    public struct Options: Sendable {
+        public var resourceFile: String
+        public var config: ResourceConfig
+        public var node: String
+        public var primary: Bool
+        public var engine: IOEngineKind?
+        public var cache: CacheMode
+        public var faults: [FaultRule]
+
+        public init(resourceFile: String, config: ResourceConfig, node: String, primary: Bool, engine: IOEngineKind?, cache: CacheMode, faults: [FaultRule]) {
+            self.resourceFile = resourceFile
+            self.config = config
+            self.node = node
+            self.primary = primary
+            self.engine = engine
+            self.cache = cache
+            self.faults = faults
+        }
+    }
+
+    public static func run(_ options: Options, logger: Logger) throws(ServeError) {
+        Limits.checkRelations()
+        let signalFD = ctandem_signalfd_for_termination()
+        guard signalFD >= 0 else { throw ServeError("cannot watch signals: \(SystemError.text(-signalFD))") }
+        guard let me = options.config.node(named: options.node), !me.isWitness, let devicePath = me.devicePath else {
+            throw ServeError("\(options.resourceFile): no data node named '\(options.node)'")
+        }
+        let device: BackingDevice
+        do {
+            device = try BackingDevice.open(path: devicePath, readOnly: false, cache: options.cache)
+        } catch {
+            throw ServeError(error.message)
+        }
+        var engine: any IOEngine
+        do {
+            engine = try IOEngineFactory.make(options.engine)
+        } catch {
+            throw ServeError("cannot start the I/O engine: \(error)")
+        }
+        if !options.faults.isEmpty { engine = FaultInjectingEngine(engine, rules: options.faults) }
+        logger.info("io engine: \(engine.kind.rawValue) (\(engine.reason))")
+        let loop = IOLoop(engine: engine, pool: BufferPool(), logger: logger)
+        let node = try ReplicatedNode(loop: loop, logger: logger, config: options.config, me: me, device: device, primary: options.primary)
+        var server: NBDServer?
+        if options.primary {
+            guard let nbd = me.nbd else { throw ServeError("node \(me.name) has no nbd address to export on") }
+            let export = NBDExport(
+                name: options.config.name, size: device.size, readOnly: false, blockSizeMin: device.alignment,
+                blockSizePreferred: UInt32(Limits.blockSize), blockSizeMax: UInt32(Limits.nbdRequestBytesMax),
+                canTrim: true, canZero: true, canFastZero: false)
+            let s = try NBDServer(
+                loop: loop, device: device,
+                configuration: NBDServerConfiguration(host: nbd.hostText, port: nbd.port, export: export, tlsMode: .none, connectionsMax: Limits.nbdConnectionsMax),
+                tlsContext: nil, logger: logger)
+            s.replicator = node
+            server = s
+        }
+        var stopping = false
+        let signals = SignalWatcher(loop: loop, fd: signalFD) { signal in
+            guard !stopping else { return }
+            stopping = true
+            logger.info("signal \(signal): stopping")
+            if let server {
+                server.onStopped = {
+                    node.stop()
+                    loop.stop()
+                }
+                server.beginShutdown()
+            } else {
+                node.stop()
+                loop.stop()
+            }
+        }
+        try node.start()
+        server?.start()
+        logger.info("node \(me.name) of \(options.config.name) up as \(options.primary ? "primary" : "secondary")\(server.map { ", exporting \"\(options.config.name)\" on \($0.boundAddress)" } ?? "")")
+        loop.run()
+        _ = fdatasync(device.fd)
+        withExtendedLifetime((signals, node)) {}
+        logger.info("stopped")
+    }
+}
