@@ -513,8 +513,10 @@ public struct ReplicaCore {
         link = .connected
         sync = next
         if next == .syncTarget {
+            // Until the resync ends, this copy mixes old and new blocks: not a consistent image.
             disk = .inconsistent
             localFlags.insert(.resyncTarget)
+            localFlags.remove(.consistent)
         } else {
             peerDisk = .inconsistent
             resyncCursor = 0

@@ -1,0 +1,177 @@
+"""A replicated pair on loopback (`tandem up`): writes reach both disks, a killed secondary is
+resynced with only what changed, and peers that cannot prove who they are get nothing."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import MiB, TANDEM_BIN, free_port, make_backing, run
+
+SIZE = 64 * MiB
+
+
+class Pair:
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        run([TANDEM_BIN, "certs", "--dir", str(tmp_path / "pki"), "--node", "alpha", "--node", "beta"])
+        self.nbd_port = free_port()
+        ports = [free_port(), free_port()]
+        text = f'resource = "r0"\n\n[tls]\nca = "{tmp_path}/pki/ca-cert.pem"\n\n[tuning]\nconnect-retry-ms = 100\n'
+        for i, name in enumerate(("alpha", "beta")):
+            make_backing(tmp_path / f"{name}.img", SIZE)
+            text += (f'\n[[node]]\nname = "{name}"\nid = {i}\naddress = "127.0.0.1:{ports[i]}"\n'
+                     f'device = "{tmp_path}/{name}.img"\nmetadata = "{tmp_path}/{name}.meta"\n'
+                     f'nbd = "127.0.0.1:{self.nbd_port if i == 0 else free_port()}"\ncontrol = "{tmp_path}/{name}.sock"\n'
+                     f'cert = "{tmp_path}/pki/{name}-cert.pem"\nkey = "{tmp_path}/pki/{name}-key.pem"\n')
+        self.resource = tmp_path / "r0.toml"
+        self.resource.write_text(text)
+        for name in ("alpha", "beta"):
+            run([TANDEM_BIN, "init", str(self.resource), "--node", name])
+        self.procs = {}
+        self.logs = {}
+
+    def up(self, name, *extra):
+        log = self.dir / f"{name}-{len(self.logs)}.log"
+        self.logs[name] = log
+        args = [TANDEM_BIN, "up", str(self.resource), "--node", name, *extra]
+        self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        return self.procs[name]
+
+    def log(self, name):
+        return self.logs[name].read_text()
+
+    def mark(self, name):
+        """The current end of a node's log: later waits look only past it."""
+        return len(self.log(name))
+
+    def wait_for(self, name, pattern, timeout=30, since=0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log(name)[since:]
+            if re.search(pattern, text):
+                return text
+            assert self.procs[name].poll() is None, f"{name} exited:\n{text}"
+            time.sleep(0.05)
+        raise AssertionError(f"{name}: no /{pattern}/ within {timeout}s:\n{self.log(name)}")
+
+    def wait_in_sync(self, since=0):
+        self.wait_for("alpha", r"link connected, established, 0 bytes out of sync", since=since)
+
+    @property
+    def uri(self):
+        return f"nbd://127.0.0.1:{self.nbd_port}/r0"
+
+    def stop(self, name, sig=signal.SIGTERM):
+        p = self.procs.pop(name, None)
+        if p and p.poll() is None:
+            p.send_signal(sig)
+            try:
+                return p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                raise AssertionError(f"{name} did not stop:\n{self.log(name)}")
+
+    def stop_all(self):
+        for name in list(self.procs):
+            self.stop(name, signal.SIGKILL)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    p = Pair(tmp_path)
+    yield p
+    p.stop_all()
+
+
+def qemu_io(uri, *cmds):
+    args = ["qemu-io", "-f", "raw", uri]
+    for c in cmds:
+        args += ["-c", c]
+    cp = run(args, check=False, timeout=120)
+    assert cp.returncode == 0 and "error" not in (cp.stdout_text + cp.stderr_text).lower(), cp.stdout_text + cp.stderr_text
+
+
+def test_writes_reach_both_disks(pair, tmp_path):
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_for("alpha", "connected to beta: skipInitialSync")
+    pair.wait_in_sync()
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(16 * MiB))
+    run(["nbdcopy", "--flush", str(data), pair.uri], timeout=120)
+    qemu_io(pair.uri, "write -P 0x3c 40M 1M", "write -z 41M 1M", "discard 42M 1M", "write -f -P 0x3d 43M 64k", "flush")
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    a = (tmp_path / "alpha.img").read_bytes()
+    b = (tmp_path / "beta.img").read_bytes()
+    assert a[:16 * MiB] == data.read_bytes()
+    assert a == b, "the secondary's disk equals the primary's"
+
+
+def test_killed_secondary_resyncs_only_what_changed(pair, tmp_path):
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    qemu_io(pair.uri, "write -P 0x11 0 8M", "flush")
+    pair.stop("beta", signal.SIGKILL)
+    pair.wait_for("alpha", "link to beta down")
+    # The primary keeps serving alone; what it writes now is out of sync.
+    qemu_io(pair.uri, "write -P 0x22 20M 3M", "write -P 0x23 50M 1M", "flush")
+    since = pair.mark("alpha")
+    pair.up("beta")
+    text = pair.wait_for("alpha", r"syncSource, (\d+) bytes out of sync", since=since)
+    moved = int(re.findall(r"syncSource, (\d+) bytes out of sync", text)[-1])
+    assert 4 * MiB <= moved <= 4 * MiB + 64 * 4096, f"resync should move about the 4 MiB written alone, moved {moved}"
+    pair.wait_in_sync(since=since)
+    pair.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes", since=0)
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_peer_with_a_certificate_from_another_ca_is_refused(pair, tmp_path):
+    # beta presents a certificate from a CA alpha does not trust.
+    run([TANDEM_BIN, "certs", "--dir", str(tmp_path / "evil"), "--node", "beta"])
+    text = pair.resource.read_text()
+    text = text.replace(f'cert = "{tmp_path}/pki/beta-cert.pem"', f'cert = "{tmp_path}/evil/beta-cert.pem"')
+    text = text.replace(f'key = "{tmp_path}/pki/beta-key.pem"', f'key = "{tmp_path}/evil/beta-key.pem"')
+    evil = tmp_path / "evil.toml"
+    evil.write_text(text)
+    pair.up("alpha", "--primary")
+    pair.wait_for("alpha", "up as primary")
+    log = tmp_path / "evil-beta.log"
+    proc = subprocess.Popen([TANDEM_BIN, "up", str(evil), "--node", "beta"], stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        text = pair.wait_for("alpha", r"TLS with beta failed: .*certificate", timeout=20)
+        assert "connected to beta" not in text
+        qemu_io(pair.uri, "write -P 0x55 0 64k", "read -P 0x55 0 64k")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_plaintext_and_garbage_peers_are_dropped(pair):
+    pair.up("alpha", "--primary")
+    pair.wait_for("alpha", "listening for beta on")
+    port = int(re.search(r"listening for beta on 127.0.0.1:(\d+)", pair.log("alpha")).group(1))
+    import socket
+    for payload in (b"\x00" * 64, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", os.urandom(4096)):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            s.sendall(payload)
+            s.settimeout(5)
+            try:
+                while s.recv(4096):
+                    pass
+            except (ConnectionResetError, socket.timeout):
+                pass
+        finally:
+            s.close()
+    pair.wait_for("alpha", r"TLS with beta failed")
+    qemu_io(pair.uri, "write -P 0x66 0 64k", "read -P 0x66 0 64k")
+    assert pair.procs["alpha"].poll() is None
