@@ -72,22 +72,5 @@ import TandemCore
     }
 }
 
-/// SplitMix64: a seeded, reproducible generator for the randomized metadata tests.
-struct MetadataTestRNG: RandomNumberGenerator {
-    var state: UInt64
-
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    /// A value in 0..<bound (0 when bound is 0).
-    mutating func below(_ bound: Int) -> Int {
-        bound <= 0 ? 0 : Int(next() % UInt64(bound))
-    }
-}
+/// The randomized metadata tests draw from the core's seeded generator.
+typealias MetadataTestRNG = SplitMix64

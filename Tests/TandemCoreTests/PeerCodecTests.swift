@@ -655,18 +655,6 @@ fileprivate enum TestCRC {
     }
 }
 
-/// Sebastiano Vigna's SplitMix64: a seeded generator, so every fuzz run sees the same inputs.
-fileprivate struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// Generation UUIDs on the wire (current 9, bitmap 0, no history).
 fileprivate let uuidBytes = be(UInt64(9)) + be(UInt64(0)) + [UInt8](repeating: 0, count: 32)

@@ -635,18 +635,6 @@ import TandemCore
 
     // MARK: Fuzz
 
-    /// SplitMix64: small, seeded, the same sequence on every platform.
-    struct SplitMix64: RandomNumberGenerator {
-        var state: UInt64
-
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
 
     static let palette: [Unicode.Scalar] = [
         "[", "]", "{", "}", "=", "\"", "'", "#", ",", ".", "\n", "\r", "\t", " ", "\\", "a", "z", "0", "9", "-",
@@ -693,7 +681,7 @@ import TandemCore
     }
 
     @Test func randomMutationsNeverCrashAndStayInTheFile() {
-        var rng = SplitMix64(state: 0x7A4D_E11E)
+        var rng = SplitMix64(seed: 0x7A4D_E11E)
         var accepted = 0
         var rejected = 0
         for round in 0..<2000 {
