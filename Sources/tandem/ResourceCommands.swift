@@ -202,32 +202,16 @@ struct Up: ParsableCommand {
     @Flag(help: "Start as primary (export over NBD); otherwise secondary.")
     var primary = false
 
-    @Option(help: "I/O engine: auto, uring, aio or threads.")
-    var ioEngine: String = "auto"
-
-    @Option(help: "direct (O_DIRECT) or page (through the page cache).")
-    var cache: CacheMode = .direct
-
-    @Option(help: ArgumentHelp("Fail chosen disk operations, for testing: OP:ERRNO[:offset=A-B][:after=N] (repeatable).", valueName: "rule"))
-    var injectFault: [String] = []
+    @OptionGroup var io: IOOptions
 
     @OptionGroup var logging: LoggingOptions
-
-    func validate() throws {
-        guard ioEngine == "auto" || IOEngineKind(rawValue: ioEngine) != nil else {
-            throw ValidationError("unknown I/O engine '\(ioEngine)' (use auto, uring, aio or threads)")
-        }
-        for rule in injectFault {
-            do { _ = try FaultRule(rule) } catch { throw ValidationError(error.operation) }
-        }
-    }
 
     func run() throws {
         let config = try loadResource(file)
         let logger = logging.makeLogger()
         let options = TandemNode.Up.Options(
-            resourceFile: file, config: config, node: node, primary: primary, engine: IOEngineKind(rawValue: ioEngine),
-            cache: cache, faults: injectFault.compactMap { try? FaultRule($0) })
+            resourceFile: file, config: config, node: node, primary: primary, engine: io.engine,
+            cache: io.cache, faults: io.faults)
         do {
             try TandemNode.Up.run(options, logger: logger)
         } catch {

@@ -88,6 +88,32 @@ func parseAddress(_ text: String) -> (String, UInt16)? {
 }
 
 extension IOEngineKind: ExpressibleByArgument {}
+
+/// How a node does its disk I/O: shared by `serve` and `up`.
+struct IOOptions: ParsableArguments {
+    @Option(help: "I/O engine: auto, uring, aio or threads (auto: io_uring, else libaio, else threads).")
+    var ioEngine: String = "auto"
+
+    @Option(help: "direct (O_DIRECT, no page cache) or page (through the page cache).")
+    var cache: CacheMode = .direct
+
+    @Option(help: ArgumentHelp("Fail chosen disk operations, for testing: OP:ERRNO[:offset=A-B][:after=N] (repeatable).", valueName: "rule"))
+    var injectFault: [String] = []
+
+    func validate() throws {
+        guard ioEngine == "auto" || IOEngineKind(rawValue: ioEngine) != nil else {
+            throw ValidationError("unknown I/O engine '\(ioEngine)' (use auto, uring, aio or threads)")
+        }
+        for rule in injectFault {
+            do { _ = try FaultRule(rule) } catch { throw ValidationError(error.operation) }
+        }
+    }
+
+    /// nil: pick the best engine available.
+    var engine: IOEngineKind? { IOEngineKind(rawValue: ioEngine) }
+    /// The fault rules (checked in `validate`).
+    var faults: [FaultRule] { injectFault.compactMap { try? FaultRule($0) } }
+}
 extension CacheMode: ExpressibleByArgument {}
 
 struct Serve: ParsableCommand {
@@ -120,11 +146,7 @@ struct Serve: ParsableCommand {
     @Flag(help: "Refuse writes (the device is opened read-only).")
     var readOnly = false
 
-    @Option(help: "I/O engine: auto, uring, aio or threads (auto: io_uring, else libaio, else threads).")
-    var ioEngine: String = "auto"
-
-    @Option(help: "direct (O_DIRECT, no page cache) or page (through the page cache).")
-    var cache: CacheMode = .direct
+    @OptionGroup var io: IOOptions
 
     @Option(help: "PEM certificate of this server; with --tls-key and --tls-ca, TLS is required.")
     var tlsCert: String?
@@ -141,16 +163,10 @@ struct Serve: ParsableCommand {
     @Option(help: "Most NBD connections at once.")
     var maxConnections: Int = Limits.nbdConnectionsMax
 
-    @Option(help: ArgumentHelp("Fail chosen disk operations, for testing: OP:ERRNO[:offset=A-B][:after=N] (repeatable).", valueName: "rule"))
-    var injectFault: [String] = []
-
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
         guard parseAddress(listen) != nil else { throw ValidationError("--listen wants HOST:PORT, got '\(listen)'") }
-        guard ioEngine == "auto" || IOEngineKind(rawValue: ioEngine) != nil else {
-            throw ValidationError("unknown I/O engine '\(ioEngine)' (use auto, uring, aio or threads)")
-        }
         let tls = [tlsCert, tlsKey, tlsCa].compactMap { $0 }
         guard tls.isEmpty || tls.count == 3 else {
             throw ValidationError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
@@ -159,9 +175,6 @@ struct Serve: ParsableCommand {
             throw ValidationError("--max-connections must be between 1 and \(Limits.nbdConnectionsMax)")
         }
         guard exportName.utf8.count <= Limits.nbdStringLengthMax else { throw ValidationError("--export-name is too long") }
-        for rule in injectFault {
-            do { _ = try FaultRule(rule) } catch { throw ValidationError(error.operation) }
-        }
     }
 
     func run() throws {
@@ -174,9 +187,9 @@ struct Serve: ParsableCommand {
         }
         var options = ServeOptions(
             backingPath: backing, host: host, port: port, exportName: exportName, description: description,
-            readOnly: readOnly, engine: IOEngineKind(rawValue: ioEngine), cache: cache, tlsCertificate: tlsCert,
+            readOnly: readOnly, engine: io.engine, cache: io.cache, tlsCertificate: tlsCert,
             tlsKey: tlsKey, tlsCA: tlsCa, tlsAnonymousClients: tlsAnonymousClients, connectionsMax: maxConnections)
-        options.faults = injectFault.compactMap { try? FaultRule($0) }  // validated above
+        options.faults = io.faults
         do {
             try TandemNode.Serve.run(options, logger: logger)
         } catch {
