@@ -413,6 +413,53 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if fdatasync(fd) != 0 || failed { logger.error("cannot write metadata \(metadataPath): \(SystemError.text(errno))") }
     }
 
+    // MARK: Status
+
+    /// DRBD-style names: `UpToDate`, `Primary`, `SyncSource`.
+    private static func title(_ value: String) -> String {
+        value.prefix(1).uppercased() + value.dropFirst()
+    }
+
+    /// The answer to a control request.
+    func control(_ request: String) -> String {
+        let words = request.split(separator: " ").map(String.init)
+        switch words.first {
+        case "ping":
+            return "{\"ok\":true}"
+        case "status" where words.dropFirst().first == "text":
+            return statusText()
+        case "status":
+            return statusJSON()
+        default:
+            return "{\"error\":\"unknown request '\(request.prefix(64).filter { $0 != "\"" && $0 != "\\" })'; known: status, status text, ping\"}"
+        }
+    }
+
+    func statusJSON() -> String {
+        let s = core.status
+        let connected = s.link == .connected
+        return """
+            {"resource":"\(config.name)","node":"\(me.name)","role":"\(Self.title("\(s.role)"))","disk":"\(Self.title("\(s.disk)"))",\
+            "peer":{"node":"\(peer.name)","connection":"\(Self.title(s.link.rawValue))","disk":\(s.peerDisk.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\
+            "replication":"\(connected ? Self.title(s.sync.rawValue) : "Off")","out_of_sync_bytes":\(s.outOfSyncBytes),\
+            "resync_done_bytes":\(core.resyncedBytes)},"writes_in_flight":\(s.writesInFlight),"transfer_log_entries":\(s.transferLogEntries)}
+            """
+    }
+
+    func statusText() -> String {
+        let s = core.status
+        var lines = ["\(config.name) role:\(Self.title("\(s.role)"))", "  disk:\(Self.title("\(s.disk)"))"]
+        lines.append("  \(peer.name) connection:\(Self.title(s.link.rawValue))")
+        if s.link == .connected {
+            var peerLine = "    peer-disk:\(s.peerDisk.map { Self.title("\($0)") } ?? "DUnknown") replication:\(Self.title(s.sync.rawValue))"
+            if s.outOfSyncBytes > 0 { peerLine += " out-of-sync:\(s.outOfSyncBytes / 1024)k" }
+            lines.append(peerLine)
+        } else if s.outOfSyncBytes > 0 {
+            lines.append("    out-of-sync:\(s.outOfSyncBytes / 1024)k")
+        }
+        return lines.joined(separator: "\n")
+    }
+
     // MARK: Stopping
 
     func stop() {

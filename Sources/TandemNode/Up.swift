@@ -51,24 +51,27 @@ public enum Up {
         let loop = IOLoop(engine: engine, pool: BufferPool(), logger: logger)
         let node = try ReplicatedNode(loop: loop, logger: logger, config: options.config, me: me, device: device, primary: options.primary)
         var server: NBDServer?
-        if options.primary {
-            guard let nbd = me.nbd else { throw ServeError("node \(me.name) has no nbd address to export on") }
+        if let nbd = me.nbd {
+            // The primary exports read-write through replication; a secondary exports read-only,
+            // so its NBD clients get EPERM for every write.
             let export = NBDExport(
-                name: options.config.name, size: device.size, readOnly: false, blockSizeMin: device.alignment,
+                name: options.config.name, size: device.size, readOnly: !options.primary, blockSizeMin: device.alignment,
                 blockSizePreferred: UInt32(Limits.blockSize), blockSizeMax: UInt32(Limits.nbdRequestBytesMax),
                 canTrim: true, canZero: true, canFastZero: false)
             let s = try NBDServer(
                 loop: loop, device: device,
                 configuration: NBDServerConfiguration(host: nbd.hostText, port: nbd.port, export: export, tlsMode: .none, connectionsMax: Limits.nbdConnectionsMax),
                 tlsContext: nil, logger: logger)
-            s.replicator = node
+            if options.primary { s.replicator = node }
             server = s
         }
+        let control = try ControlServer(loop: loop, path: me.controlPath, logger: logger) { node.control($0) }
         var stopping = false
         let signals = SignalWatcher(loop: loop, fd: signalFD) { signal in
             guard !stopping else { return }
             stopping = true
             logger.info("signal \(signal): stopping")
+            control.stop()
             if let server {
                 server.onStopped = {
                     node.stop()
@@ -82,10 +85,11 @@ public enum Up {
         }
         try node.start()
         server?.start()
-        logger.info("node \(me.name) of \(options.config.name) up as \(options.primary ? "primary" : "secondary")\(server.map { ", exporting \"\(options.config.name)\" on \($0.boundAddress)" } ?? "")")
+        control.start()
+        logger.info("node \(me.name) of \(options.config.name) up as \(options.primary ? "primary" : "secondary")\(server.map { ", exporting \"\(options.config.name)\"\(options.primary ? "" : " read-only") on \($0.boundAddress)" } ?? "")")
         loop.run()
         _ = fdatasync(device.fd)
-        withExtendedLifetime((signals, node)) {}
+        withExtendedLifetime((signals, node, control)) {}
         logger.info("stopped")
     }
 }

@@ -219,3 +219,36 @@ struct Up: ParsableCommand {
         }
     }
 }
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show a node's replication state (role, disks, connection, out-of-sync bytes).",
+        discussion: """
+            Asks the running node through its control socket (the resource file names it).
+            --json prints one JSON object: resource, node, role, disk, peer {node, connection,
+            disk, replication, out_of_sync_bytes, resync_done_bytes}, writes_in_flight,
+            transfer_log_entries. States use DRBD's names (UpToDate, Inconsistent, SyncSource...).
+
+            Examples:
+              tandem status r0.toml --node alpha
+              tandem status r0.toml --node beta --json
+            """)
+
+    @Argument(help: "The resource file.")
+    var file: String
+
+    @Option(help: "The node to ask.")
+    var node: String
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func run() throws {
+        let config = try loadResource(file)
+        guard let me = config.node(named: node) else { throw fail("\(file): no node named '\(node)'") }
+        guard let answer = ControlClient.request(path: me.controlPath, json ? "status" : "status text") else {
+            throw fail("node \(node) is not running (no answer on \(me.controlPath))")
+        }
+        print(answer, terminator: answer.hasSuffix("\n") ? "" : "\n")
+    }
+}

@@ -175,3 +175,51 @@ def test_plaintext_and_garbage_peers_are_dropped(pair):
     pair.wait_for("alpha", r"TLS with beta failed")
     qemu_io(pair.uri, "write -P 0x66 0 64k", "read -P 0x66 0 64k")
     assert pair.procs["alpha"].poll() is None
+
+
+def status(pair, name, json_output=True):
+    import json
+    args = [TANDEM_BIN, "status", str(pair.resource), "--node", name] + (["--json"] if json_output else [])
+    cp = run(args, check=False, timeout=30)
+    assert cp.returncode == 0, cp.stderr_text
+    return json.loads(cp.stdout_text) if json_output else cp.stdout_text
+
+
+def test_status_shows_roles_states_and_out_of_sync(pair):
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    a, b = status(pair, "alpha"), status(pair, "beta")
+    assert (a["role"], a["disk"]) == ("Primary", "UpToDate")
+    assert (b["role"], b["disk"]) == ("Secondary", "UpToDate")
+    assert a["peer"] == {"node": "beta", "connection": "Connected", "disk": "UpToDate", "replication": "Established",
+                         "out_of_sync_bytes": 0, "resync_done_bytes": 0}
+    text = status(pair, "alpha", json_output=False)
+    assert text.splitlines()[0] == "r0 role:Primary" and "beta connection:Connected" in text
+    since = pair.mark("alpha")
+    pair.stop("beta", signal.SIGKILL)
+    pair.wait_for("alpha", "link to beta down", since=since)
+    qemu_io(pair.uri, "write -P 0x42 0 1M")
+    a = status(pair, "alpha")
+    assert a["peer"]["connection"] == "Connecting" and a["peer"]["disk"] is None
+    assert a["peer"]["out_of_sync_bytes"] == 1 * MiB
+    cp = run([TANDEM_BIN, "status", str(pair.resource), "--node", "beta"], check=False, timeout=30)
+    assert cp.returncode != 0 and "not running" in cp.stderr_text
+
+
+def test_the_secondary_refuses_nbd_writes(pair):
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    port = int(re.search(r"read-only on 127.0.0.1:(\d+)", pair.wait_for("beta", "read-only on")).group(1))
+    import errno
+    import nbd
+    h = nbd.NBD()
+    h.set_strict_mode(0)  # send the write anyway: the server itself must refuse it
+    h.connect_uri(f"nbd://127.0.0.1:{port}/r0")
+    assert h.is_read_only()
+    with pytest.raises(nbd.Error) as refused:
+        h.pwrite(b"\x01" * 4096, 0)
+    assert refused.value.errno in (errno.EPERM, "EPERM"), refused.value  # libnbd gives the name
+    assert h.pread(4096, 0) == bytes(4096), "reads of the secondary's copy still work"
+    h.shutdown()

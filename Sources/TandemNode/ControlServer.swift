@@ -1,0 +1,178 @@
+import CTandem
+import Glibc
+import Logging
+import TandemCore
+import TandemIO
+
+/// The node's control socket (a Unix stream socket): a client sends one request line, the node
+/// answers with one JSON document and closes. Requests: `status`.
+///
+/// Bounded: one request of at most 4 KiB per connection, at most 16 connections at once.
+final class ControlServer: IOHandler {
+    private static let tagAccept: UInt32 = 0xFFFF_FFFF
+    private static let requestBytesMax = 4096
+    private static let connectionsMax = 16
+
+    private final class Client {
+        let fd: Int32
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: ControlServer.requestBytesMax, alignment: 8)
+        var received = 0
+        var reply: [UInt8] = []
+        let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
+        let message = UnsafeMutablePointer<msghdr>.allocate(capacity: 1)
+        var sent = 0
+        init(fd: Int32) {
+            self.fd = fd
+            message.initialize(to: msghdr())
+        }
+        deinit {
+            buffer.deallocate()
+            iov.deallocate()
+            message.deallocate()
+        }
+    }
+
+    let loop: IOLoop
+    let path: String
+    let logger: Logger
+    private let listenFD: Int32
+    private(set) var id: UInt32 = 0
+    /// Answers a request line with a JSON document.
+    private let handle: (String) -> String
+    private var clients: [UInt32: Client] = [:]
+    private var nextTag: UInt32 = 0
+    private var stopping = false
+
+    init(loop: IOLoop, path: String, logger: Logger, handle: @escaping (String) -> String) throws(ServeError) {
+        self.loop = loop
+        self.path = path
+        self.logger = logger
+        self.handle = handle
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw ServeError("control socket path \(path) is too long") }
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: bytes + [0]) }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw ServeError("cannot create the control socket: \(SystemError.text(errno))") }
+        // A socket file left by a node that died is replaced; a live node's is refused.
+        if access(path, F_OK) == 0 {
+            if ControlClient.request(path: path, "ping") != nil {
+                close(fd)
+                throw ServeError("control socket \(path) is in use by a running node")
+            }
+            unlink(path)
+        }
+        let rc = withUnsafePointer(to: &address) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0, Glibc.listen(fd, 16) == 0 else {
+            let err = errno
+            close(fd)
+            throw ServeError("cannot listen on control socket \(path): \(SystemError.text(err))")
+        }
+        chmod(path, 0o600)
+        listenFD = fd
+        loop.engine.adoptSocket(fd)
+    }
+
+    func start() {
+        id = loop.register(self)
+        loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept))
+    }
+
+    func stop() {
+        stopping = true
+        shutdown(listenFD, Int32(SHUT_RDWR))
+        unlink(path)
+    }
+
+    func ioCompleted(tag: UInt32, result: Int32) {
+        if tag == Self.tagAccept {
+            if result >= 0 {
+                if clients.count >= Self.connectionsMax || stopping {
+                    close(result)
+                } else {
+                    loop.engine.adoptSocket(result)
+                    let client = Client(fd: result)
+                    nextTag = (nextTag + 1) & 0x7FFF_FFFF
+                    clients[nextTag << 1] = client
+                    postRecv(nextTag << 1, client)
+                }
+            }
+            if !stopping && result != -EINVAL { loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept)) }
+            return
+        }
+        let key = tag & ~1
+        guard let client = clients[key] else { return }
+        if tag & 1 == 0 {
+            // Received part of a request.
+            guard result > 0 else { return finish(key) }
+            client.received += Int(result)
+            let text = String(decoding: UnsafeRawBufferPointer(start: client.buffer, count: client.received), as: UTF8.self)
+            if let newline = text.firstIndex(of: "\n") {
+                client.reply = Array((handle(String(text[..<newline])) + "\n").utf8)
+                postSend(key, client)
+            } else if client.received >= Self.requestBytesMax {
+                client.reply = Array("{\"error\":\"request too long\"}\n".utf8)
+                postSend(key, client)
+            } else {
+                postRecv(key, client)
+            }
+        } else {
+            guard result > 0 else { return finish(key) }
+            client.sent += Int(result)
+            if client.sent < client.reply.count { postSend(key, client) } else { finish(key) }
+        }
+    }
+
+    private func postRecv(_ key: UInt32, _ client: Client) {
+        loop.engine.recv(fd: client.fd, buffer: client.buffer + client.received, length: Self.requestBytesMax - client.received, waitAll: false, userData: IOLoop.userData(id, key))
+    }
+
+    private func postSend(_ key: UInt32, _ client: Client) {
+        client.reply.withUnsafeMutableBytes { raw in
+            client.iov.pointee = iovec(iov_base: raw.baseAddress! + client.sent, iov_len: raw.count - client.sent)
+        }
+        client.message.pointee.msg_iov = client.iov
+        client.message.pointee.msg_iovlen = 1
+        loop.engine.sendmsg(fd: client.fd, message: client.message, userData: IOLoop.userData(id, key | 1))
+    }
+
+    private func finish(_ key: UInt32) {
+        guard let client = clients.removeValue(forKey: key) else { return }
+        close(client.fd)
+    }
+}
+
+/// The client side: one request, one answer (used by `tandem status` and to detect live nodes).
+public enum ControlClient {
+    /// Sends `request` and returns the answer, or nil when nobody answers.
+    public static func request(path: String, _ request: String, timeoutSeconds: Int = 5) -> String? {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return nil }
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: bytes + [0]) }
+        let rc = withUnsafePointer(to: &address) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else { return nil }
+        let line = Array((request + "\n").utf8)
+        guard line.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == line.count else { return nil }
+        var answer: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while answer.count < 1 << 20 {
+            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            answer += chunk[0..<n]
+        }
+        return answer.isEmpty ? nil : String(decoding: answer, as: UTF8.self)
+    }
+}
