@@ -526,6 +526,11 @@ public struct ReplicaCore {
         if next == .syncSource { pumpResync(into: &actions) }
     }
 
+    /// The node wrote every dirty bitmap page to the metadata file.
+    public mutating func bitmapPersisted() {
+        bitmap.markAllPagesPersisted()
+    }
+
     // MARK: Resync
 
     /// Time passes: the resync budget grows at the configured rate (bounded to one second's
@@ -544,7 +549,8 @@ public struct ReplicaCore {
         guard sync == .syncSource, link == .connected else { return }
         let runBits = max(1, configuration.resyncRunBytesMax / bitmap.granularityBytes)
         var wrapped = false
-        while resyncBudget > 0 || resyncSlots.allSatisfy({ $0 == nil }) {
+        // Budget may go negative by one run; it is paid back before the next read starts.
+        while resyncBudget > 0 || (bitmap.setBitCount == 0 && resyncSlots.allSatisfy({ $0 == nil })) {
             guard let slot = resyncSlots.firstIndex(where: { $0 == nil }) else { return }
             guard let run = bitmap.firstRun(from: resyncCursor, maxBits: runBits) else {
                 if !wrapped && resyncCursor > 0 {

@@ -19,6 +19,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let tagRetry: UInt32 = 0x1000_0003
     private static let opsMax = Limits.diskQueueDepthMax
     private static let tickNanos: UInt64 = 100_000_000
+    /// Ticks between resync checkpoints (one second).
+    private static let resyncCheckpointTicks = 10
+    private var ticks = 0
 
     let loop: IOLoop
     let logger: Logger
@@ -177,6 +180,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             actions.removeAll(keepingCapacity: true)
             core.tick(nowNanos: monotonicNanos(), into: &actions)
             perform()
+            ticks &+= 1
+            if core.sync != .established && ticks % Self.resyncCheckpointTicks == 0 {
+                // Resync progress survives a crash: resynced blocks are made durable first, then
+                // the bitmap that says they are in sync (Protocol/peer.md, resync).
+                _ = fdatasync(device.fd)
+                persistMetadata()
+            }
             if !stopping { loop.addTimer(id: id, tag: Self.tagTick, afterNanos: Self.tickNanos) }
         default:
             localCompleted(Int(tag), result)
@@ -307,7 +317,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 link?.close(reason: "\(reason)")
             case .stateChanged(let status):
                 logger.info("replication: role \(status.role), disk \(status.disk), peer disk \(status.peerDisk.map { "\($0)" } ?? "unknown"), link \(status.link), \(status.sync), \(status.outOfSyncBytes) bytes out of sync")
-                if status.sync == .established && status.link == .connected { persistMetadata() }
+                // Every state change is rare and worth keeping across a crash (a resync target's
+                // Inconsistent mark above all).
+                persistMetadata()
             }
         }
         actions.removeAll(keepingCapacity: true)
@@ -410,7 +422,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             page = next + 1
             if page >= bitmap.pageCount { break }
         }
-        if fdatasync(fd) != 0 || failed { logger.error("cannot write metadata \(metadataPath): \(SystemError.text(errno))") }
+        if fdatasync(fd) != 0 || failed {
+            logger.error("cannot write metadata \(metadataPath): \(SystemError.text(errno))")
+        } else {
+            core.bitmapPersisted()
+        }
     }
 
     // MARK: Status

@@ -409,7 +409,9 @@ struct Pair {
         pair.completePrimary(.client(1))
         pair.reconnect()
         var actions: [ReplicaCore.Action] = []
+        // The first tick starts the clock; budget accrues from the second.
         pair.primary.tick(nowNanos: 1, into: &actions)
+        pair.primary.tick(nowNanos: 100_000_001, into: &actions)
         pair.applyPrimary(actions)
         guard let read = pair.primaryDisk.first(where: { if case .resyncRead = $0.tag { true } else { false } }) else {
             Issue.record("no resync read started")
@@ -440,5 +442,22 @@ struct Pair {
         #expect(started == [.peerWrite(1), .peerWrite(3)], "write 2 waits for the overlapping write 1")
         pair.completeSecondary(.peerWrite(1))
         #expect(pair.secondaryDisk.contains { $0.tag == .peerWrite(2) })
+    }
+
+    @Test func resyncKeepsToItsRate() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 0, 8 << 20)
+        pair.completePrimary(.client(1))
+        pair.reconnect()
+        var actions: [ReplicaCore.Action] = []
+        // 256 MiB/s for 10 ms earns 2.6 MiB: no more than that (plus one run of debt) is read.
+        pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
+        pair.primary.tick(nowNanos: 1_010_000_000, into: &actions)
+        let read = actions.reduce(0) { sum, action in
+            if case .submitLocal(let io) = action, case .resyncRead = io.tag { return sum + Int(io.length) }
+            return sum
+        }
+        #expect(read > 0 && read <= (256 << 20) / 100 + (1 << 20), "read \(read) bytes in 10 ms")
     }
 }

@@ -15,12 +15,12 @@ SIZE = 64 * MiB
 
 
 class Pair:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, tuning=""):
         self.dir = tmp_path
         run([TANDEM_BIN, "certs", "--dir", str(tmp_path / "pki"), "--node", "alpha", "--node", "beta"])
         self.nbd_port = free_port()
         ports = [free_port(), free_port()]
-        text = f'resource = "r0"\n\n[tls]\nca = "{tmp_path}/pki/ca-cert.pem"\n\n[tuning]\nconnect-retry-ms = 100\n'
+        text = f'resource = "r0"\n\n[tls]\nca = "{tmp_path}/pki/ca-cert.pem"\n\n[tuning]\nconnect-retry-ms = 100\n{tuning}'
         for i, name in enumerate(("alpha", "beta")):
             make_backing(tmp_path / f"{name}.img", SIZE)
             text += (f'\n[[node]]\nname = "{name}"\nid = {i}\naddress = "127.0.0.1:{ports[i]}"\n'
@@ -223,3 +223,41 @@ def test_the_secondary_refuses_nbd_writes(pair):
     assert refused.value.errno in (errno.EPERM, "EPERM"), refused.value  # libnbd gives the name
     assert h.pread(4096, 0) == bytes(4096), "reads of the secondary's copy still work"
     h.shutdown()
+
+
+def test_an_interrupted_resync_resumes_where_it_stopped(tmp_path):
+    pair = Pair(tmp_path, tuning='resync-rate-min = "1MiB"\nresync-rate-max = "2MiB"\n')
+    try:
+        pair.up("beta")
+        pair.up("alpha", "--primary")
+        pair.wait_in_sync()
+        since = pair.mark("alpha")
+        pair.stop("beta", signal.SIGKILL)
+        pair.wait_for("alpha", "link to beta down", since=since)
+        qemu_io(pair.uri, "write -P 0x5e 0 8M", "flush")
+        since = pair.mark("alpha")
+        pair.up("beta")
+        first = int(re.findall(r"syncSource, (\d+) bytes", pair.wait_for("alpha", r"syncSource, (\d+) bytes", since=since))[-1])
+        assert first >= 8 * MiB
+        # At 2 MiB/s the resync takes seconds: interrupt it part-way.
+        deadline = time.monotonic() + 20
+        while status(pair, "alpha")["peer"]["out_of_sync_bytes"] > first - 4 * MiB:
+            assert time.monotonic() < deadline, "the resync made no progress"
+            time.sleep(0.1)
+        since = pair.mark("alpha")
+        pair.stop("beta", signal.SIGKILL)
+        pair.wait_for("alpha", "link to beta down", since=since)
+        left = status(pair, "alpha")["peer"]["out_of_sync_bytes"]
+        assert 0 < left < first, (left, first)
+        since = pair.mark("alpha")
+        pair.up("beta")
+        second = int(re.findall(r"syncSource, (\d+) bytes", pair.wait_for("alpha", r"syncSource, (\d+) bytes", since=since))[-1])
+        # The target checkpoints its progress every second, so it may re-copy up to a second's worth.
+        assert left <= second < first, f"the second resync ({second}) resumes from what was left ({left}), not from scratch ({first})"
+        pair.wait_in_sync(since=since)
+        pair.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes")
+        assert pair.stop("alpha") == 0
+        assert pair.stop("beta") == 0
+        assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+    finally:
+        pair.stop_all()
