@@ -492,6 +492,13 @@ public struct ReplicaCore {
     }
 
     private mutating func receivedBitmapChunk(_ chunk: PeerBitmapChunk, into actions: inout [Action]) {
+        if link == .connected && sync == .established && role == .secondary && pendingSync == nil {
+            // The primary starts a resync of blocks it marked (online verify): this side is the
+            // target; its own bitmap (if any) goes back so the union is copied.
+            link = .handshaking
+            pendingSync = .syncTarget
+            sendBitmap(into: &actions)
+        }
         guard link == .handshaking, pendingSync != nil,
               chunk.firstBit + UInt64(chunk.bitCount) <= UInt64(bitmap.bitCount)
         else { return protocolError("unexpected bitmap chunk", into: &actions) }
@@ -506,6 +513,11 @@ public struct ReplicaCore {
     }
 
     private mutating func receivedBitmapDone(totalBits: UInt64, into actions: inout [Action]) {
+        if link == .connected && sync == .established && role == .secondary && pendingSync == nil {
+            link = .handshaking
+            pendingSync = .syncTarget
+            sendBitmap(into: &actions)
+        }
         guard link == .handshaking, let next = pendingSync, totalBits == UInt64(bitmap.bitCount) else {
             return protocolError("unexpected bitmapDone", into: &actions)
         }
@@ -524,6 +536,21 @@ public struct ReplicaCore {
         }
         actions.append(.stateChanged(status))
         if next == .syncSource { pumpResync(into: &actions) }
+    }
+
+    /// Marks a range out of sync (online verify found it differs on the peer).
+    public mutating func markOutOfSync(offset: UInt64, length: UInt64) {
+        bitmap.setRange(offset: offset, length: length)
+    }
+
+    /// Starts a resync of the blocks marked out of sync while connected (after a verify): this
+    /// side is the source; its bitmap goes to the peer, which becomes the target.
+    public mutating func resyncMarked(into actions: inout [Action]) {
+        guard link == .connected, sync == .established, role == .primary, bitmap.setBitCount > 0 else { return }
+        link = .handshaking
+        pendingSync = .syncSource
+        sendBitmap(into: &actions)
+        actions.append(.stateChanged(status))
     }
 
     /// The node wrote every dirty bitmap page to the metadata file.

@@ -17,6 +17,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let tagConnect: UInt32 = 0x1000_0001
     private static let tagTick: UInt32 = 0x1000_0002
     private static let tagRetry: UInt32 = 0x1000_0003
+    /// Verify reads: this base plus the request's window slot (primary) or the peer's request
+    /// slot (secondary).
+    private static let tagVerifyLocal: UInt32 = 0x2000_0000
+    private static let tagVerifyPeer: UInt32 = 0x3000_0000
+    private static let verifyWindow = 4
+    private static let verifyChunkBytes = PeerProtocol.verifyBytesMax
     private static let opsMax = Limits.diskQueueDepthMax
     private static let tickNanos: UInt64 = 100_000_000
     /// Ticks between resync checkpoints (one second).
@@ -49,6 +55,30 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var nextClientID: UInt64 = 1
     private var peerBuffers: [UInt64: PoolBuffer] = [:]
     private var resyncBuffers: [Int: PoolBuffer] = [:]
+
+    // MARK: Online verify state
+
+    private struct VerifyChunk {
+        var offset: UInt64
+        var length: UInt32
+        var local: [UInt32]?
+        var peer: [UInt32]?
+        var buffer: PoolBuffer?
+    }
+
+    private struct Verify {
+        var next: UInt64 = 0
+        var chunks: [VerifyChunk?] = Array(repeating: nil, count: ReplicatedNode.verifyWindow)
+        var checkedBytes: UInt64 = 0
+        var mismatchedBytes: UInt64 = 0
+        var running = true
+    }
+
+    private var verify: Verify?
+    /// The last verify's result, for status.
+    private var lastVerify: (checked: UInt64, mismatched: UInt64)?
+    /// Verify requests from the primary being read here: slot -> (id, offset, length, buffer).
+    private var peerVerify: [Int: (id: UInt64, offset: UInt64, length: UInt32, buffer: PoolBuffer)] = [:]
 
     init(loop: IOLoop, logger: Logger, config: ResourceConfig, me: ResourceConfig.Node, device: BackingDevice, primary: Bool) throws(ServeError) {
         guard let peer = config.peer(of: me.name), let metadataPath = me.metadataPath else {
@@ -189,7 +219,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
             if !stopping { loop.addTimer(id: id, tag: Self.tagTick, afterNanos: Self.tickNanos) }
         default:
-            localCompleted(Int(tag), result)
+            if tag >= Self.tagVerifyPeer {
+                peerVerifyRead(Int(tag - Self.tagVerifyPeer), result)
+            } else if tag >= Self.tagVerifyLocal {
+                verifyLocalRead(Int(tag - Self.tagVerifyLocal), result)
+            } else {
+                localCompleted(Int(tag), result)
+            }
         }
     }
 
@@ -231,6 +267,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 guard hello.resourceName == config.name else { return connection.close(reason: "peer serves resource \(hello.resourceName), not \(config.name)") }
                 core.linkUp(peer: hello, freshUUID: Self.freshUUID(), into: &actions)
                 if let decision = core.lastDecision { logger.info("replication: connected to \(peer.name): \(decision.decision) (\(decision.rule))") }
+            case .message(.verifyRequest(let requestID, let offset, let length, _)):
+                startPeerVerify(id: requestID, offset: offset, length: length)
+            case .message(.verifyDigest(let digest)):
+                verifyDigestArrived(digest)
             case .message(let message):
                 core.peerMessage(message, into: &actions)
             }
@@ -248,6 +288,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     func peerConnectionDown(_ connection: PeerConnection, reason: String) {
         guard link === connection else { return }
         link = nil
+        if let v = verify {
+            // The pass cannot finish without the peer: keep what it found so far.
+            for chunk in v.chunks { if let buffer = chunk?.buffer { loop.pool.release(buffer) } }
+            verify = nil
+            lastVerify = (v.checkedBytes, v.mismatchedBytes)
+            logger.warning("verify: stopped by the link loss after \(v.checkedBytes) bytes (\(v.mismatchedBytes) differ)")
+        }
         logger.warning("replication: link to \(peer.name) down: \(reason)")
         actions.removeAll(keepingCapacity: true)
         core.linkDown(.peerClosed, freshUUID: Self.freshUUID(), into: &actions)
@@ -429,6 +476,115 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
     }
 
+    // MARK: Online verify
+
+    /// Starts comparing every block with the peer (`tandem verify`). The primary reads its own
+    /// copy, the secondary its own, each computes a CRC-32C per 4 KiB; blocks that differ are
+    /// marked out of sync and resynced when the pass ends.
+    func startVerify() -> String {
+        guard core.role == .primary else { return "{\"error\":\"verify runs on the primary\"}" }
+        guard core.status.link == .connected, core.status.sync == .established, let link else {
+            return "{\"error\":\"verify needs the peer connected and in sync\"}"
+        }
+        guard verify == nil else { return "{\"error\":\"a verify is already running\"}" }
+        verify = Verify()
+        logger.info("verify: started (\(device.size) bytes)")
+        _ = link
+        pumpVerify()
+        return "{\"ok\":true,\"started\":true}"
+    }
+
+    private func pumpVerify() {
+        guard var v = verify, let link else { return }
+        for slot in 0..<Self.verifyWindow where v.chunks[slot] == nil && v.next < device.size {
+            let length = UInt32(min(UInt64(Self.verifyChunkBytes), device.size - v.next))
+            guard let buffer = loop.pool.take(Int(length)) else { break }
+            v.chunks[slot] = VerifyChunk(offset: v.next, length: length, buffer: buffer)
+            link.send(.verifyRequest(id: UInt64(slot) + 1, offset: v.next, length: length, algorithm: .crc32c))
+            loop.engine.read(fd: device.fd, buffer: buffer.pointer, length: Int(length), offset: v.next, fixedIndex: buffer.fixedIndex,
+                             userData: IOLoop.userData(id, Self.tagVerifyLocal + UInt32(slot)))
+            v.next += UInt64(length)
+        }
+        verify = v
+    }
+
+    private static func digests(_ p: UnsafeRawPointer, _ length: Int) -> [UInt32] {
+        stride(from: 0, to: length, by: PeerProtocol.digestBlockBytes).map {
+            CRC32C.checksum(UnsafeRawBufferPointer(start: p + $0, count: min(PeerProtocol.digestBlockBytes, length - $0)))
+        }
+    }
+
+    private func verifyLocalRead(_ slot: Int, _ result: Int32) {
+        guard var v = verify, var chunk = v.chunks[slot] else { return }
+        let buffer = chunk.buffer!
+        chunk.local = result == Int32(chunk.length) ? Self.digests(buffer.pointer, Int(chunk.length)) : []
+        loop.pool.release(buffer)
+        chunk.buffer = nil
+        v.chunks[slot] = chunk
+        verify = v
+        finishVerifyChunk(slot)
+    }
+
+    private func verifyDigestArrived(_ digest: PeerVerifyDigest) {
+        let slot = Int(digest.id) - 1
+        guard var v = verify, slot >= 0, slot < Self.verifyWindow, var chunk = v.chunks[slot], chunk.offset == digest.offset else {
+            return link?.close(reason: "protocol error: unexpected verifyDigest") ?? ()
+        }
+        chunk.peer = digest.result == 0 ? stride(from: 0, to: digest.digests.count, by: 4).map { i in
+            digest.digests[i..<i + 4].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        } : []
+        v.chunks[slot] = chunk
+        verify = v
+        finishVerifyChunk(slot)
+    }
+
+    private func finishVerifyChunk(_ slot: Int) {
+        guard var v = verify, let chunk = v.chunks[slot], let local = chunk.local, let peerDigests = chunk.peer else { return }
+        v.chunks[slot] = nil
+        let blocks = (Int(chunk.length) + PeerProtocol.digestBlockBytes - 1) / PeerProtocol.digestBlockBytes
+        for block in 0..<blocks where local.count != blocks || peerDigests.count != blocks || local[block] != peerDigests[block] {
+            let offset = chunk.offset + UInt64(block * PeerProtocol.digestBlockBytes)
+            let length = min(UInt64(PeerProtocol.digestBlockBytes), chunk.offset + UInt64(chunk.length) - offset)
+            core.markOutOfSync(offset: offset, length: length)
+            v.mismatchedBytes += length
+        }
+        v.checkedBytes += UInt64(chunk.length)
+        verify = v
+        if v.next >= device.size && v.chunks.allSatisfy({ $0 == nil }) {
+            verify = nil
+            lastVerify = (v.checkedBytes, v.mismatchedBytes)
+            logger.info("verify: finished: \(v.checkedBytes) bytes checked, \(v.mismatchedBytes) bytes differ\(v.mismatchedBytes > 0 ? ", resyncing them" : "")")
+            persistMetadata()
+            actions.removeAll(keepingCapacity: true)
+            core.resyncMarked(into: &actions)
+            perform()
+        } else {
+            pumpVerify()
+        }
+    }
+
+    /// Secondary: read what the primary asks to verify and answer with digests.
+    private func startPeerVerify(id requestID: UInt64, offset: UInt64, length: UInt32) {
+        guard length > 0, offset + UInt64(length) <= device.size, let buffer = loop.pool.take(Int(length)),
+              let slot = (0..<64).first(where: { peerVerify[$0] == nil })
+        else { return link?.close(reason: "cannot serve the verify request") ?? () }
+        peerVerify[slot] = (requestID, offset, length, buffer)
+        loop.engine.read(fd: device.fd, buffer: buffer.pointer, length: Int(length), offset: offset, fixedIndex: buffer.fixedIndex,
+                         userData: IOLoop.userData(id, Self.tagVerifyPeer + UInt32(slot)))
+    }
+
+    private func peerVerifyRead(_ slot: Int, _ result: Int32) {
+        guard let request = peerVerify.removeValue(forKey: slot) else { return }
+        var digests: [UInt8] = []
+        if result == Int32(request.length) {
+            for crc in Self.digests(request.buffer.pointer, Int(request.length)) { digests.appendBE(crc) }
+        }
+        loop.pool.release(request.buffer)
+        link?.send(.verifyDigest(PeerVerifyDigest(
+            id: request.id, offset: request.offset, length: request.length, result: result == Int32(request.length) ? 0 : UInt32(EIO),
+            algorithm: .crc32c, digests: digests)))
+    }
+
     // MARK: Status
 
     /// DRBD-style names: `UpToDate`, `Primary`, `SyncSource`.
@@ -446,8 +602,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             return statusText()
         case "status":
             return statusJSON()
+        case "verify":
+            return startVerify()
         default:
-            return "{\"error\":\"unknown request '\(request.prefix(64).filter { $0 != "\"" && $0 != "\\" })'; known: status, status text, ping\"}"
+            return "{\"error\":\"unknown request '\(request.prefix(64).filter { $0 != "\"" && $0 != "\\" })'; known: status, status text, verify, ping\"}"
         }
     }
 
@@ -458,7 +616,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             {"resource":"\(config.name)","node":"\(me.name)","role":"\(Self.title("\(s.role)"))","disk":"\(Self.title("\(s.disk)"))",\
             "peer":{"node":"\(peer.name)","connection":"\(Self.title(s.link.rawValue))","disk":\(s.peerDisk.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\
             "replication":"\(connected ? Self.title(s.sync.rawValue) : "Off")","out_of_sync_bytes":\(s.outOfSyncBytes),\
-            "resync_done_bytes":\(core.resyncedBytes)},"writes_in_flight":\(s.writesInFlight),"transfer_log_entries":\(s.transferLogEntries)}
+            "resync_done_bytes":\(core.resyncedBytes)},"writes_in_flight":\(s.writesInFlight),"transfer_log_entries":\(s.transferLogEntries),\
+            "verify":{"running":\(verify != nil),"checked_bytes":\(verify?.checkedBytes ?? lastVerify?.checked ?? 0),\
+            "mismatched_bytes":\(verify?.mismatchedBytes ?? lastVerify?.mismatched ?? 0),"total_bytes":\(device.size)}}
             """
     }
 

@@ -252,3 +252,47 @@ struct Status: ParsableCommand {
         print(answer, terminator: answer.hasSuffix("\n") ? "" : "\n")
     }
 }
+
+struct Verify: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Compare every block of the pair online; blocks that differ are marked out of sync and resynced.",
+        discussion: """
+            Runs on the primary while the pair serves: both nodes read their copy and compare a
+            CRC-32C per 4 KiB block. Progress and the result show in `tandem status`.
+
+            Examples:
+              tandem verify r0.toml --node alpha
+              tandem verify r0.toml --node alpha --wait
+            """)
+
+    @Argument(help: "The resource file.")
+    var file: String
+
+    @Option(help: "The primary node.")
+    var node: String
+
+    @Flag(help: "Wait for the pass to end and print its result.")
+    var wait = false
+
+    func run() throws {
+        let config = try loadResource(file)
+        guard let me = config.node(named: node) else { throw fail("\(file): no node named '\(node)'") }
+        guard let answer = ControlClient.request(path: me.controlPath, "verify") else {
+            throw fail("node \(node) is not running (no answer on \(me.controlPath))")
+        }
+        if answer.contains("\"error\"") { throw fail("verify refused: \(answer.filter { $0 != "\n" })") }
+        guard wait else { return print("verify started on \(node); see tandem status") }
+        while true {
+            usleep(200_000)
+            guard let status = ControlClient.request(path: me.controlPath, "status") else { throw fail("node \(node) stopped during the verify") }
+            if status.contains("\"verify\":{\"running\":false") {
+                let field = { (name: String) -> String in
+                    guard let range = status.firstRange(of: "\"\(name)\":") else { return "?" }
+                    return String(status[range.upperBound...].prefix { $0.isNumber })
+                }
+                print("verify finished: \(field("checked_bytes")) bytes checked, \(field("mismatched_bytes")) bytes differ")
+                return
+            }
+        }
+    }
+}

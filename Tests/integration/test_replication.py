@@ -261,3 +261,37 @@ def test_an_interrupted_resync_resumes_where_it_stopped(tmp_path):
         assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
     finally:
         pair.stop_all()
+
+
+def test_verify_finds_exactly_the_blocks_changed_behind_the_secondarys_back(pair, tmp_path):
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    qemu_io(pair.uri, "write -P 0x71 0 16M", "flush")
+    # Flip bytes in three 4 KiB blocks of beta's file, bypassing Tandem.
+    flipped = [5 * 4096, 1 * MiB + 3 * 4096, 12 * MiB]
+    with open(tmp_path / "beta.img", "r+b") as f:
+        for offset in flipped:
+            f.seek(offset + 100)
+            f.write(b"\x00\xff\x00")
+        f.flush()
+        os.fsync(f.fileno())
+    since = pair.mark("alpha")
+    cp = run([TANDEM_BIN, "verify", str(pair.resource), "--node", "alpha", "--wait"], timeout=120)
+    assert f"{len(flipped) * 4096} bytes differ" in cp.stdout_text, cp.stdout_text
+    st = status(pair, "alpha")
+    assert st["verify"]["mismatched_bytes"] == len(flipped) * 4096 and st["verify"]["checked_bytes"] == SIZE
+    # The resync that follows repairs them.
+    pair.wait_for("alpha", r"syncSource, 12288 bytes out of sync", since=since)
+    pair.wait_in_sync(since=since)
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_verify_is_refused_on_the_secondary(pair):
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    cp = run([TANDEM_BIN, "verify", str(pair.resource), "--node", "beta"], check=False, timeout=30)
+    assert cp.returncode != 0 and "primary" in cp.stderr_text
