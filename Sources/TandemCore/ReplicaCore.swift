@@ -191,7 +191,13 @@ public struct ReplicaCore {
         precondition(writes[id] == nil, "duplicate client write id \(id)")
         var write = ClientWrite(offset: offset, length: length)
         let payload: BufferRef? = kind == .write ? .client(id) : nil
-        actions.append(.submitLocal(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload)))
+        if disk == .failed {
+            // Detached: the peer's copy is the only one (the write fails if it is gone too).
+            write.localDone = true
+            write.localResult = replicating ? 0 : -5
+        } else {
+            actions.append(.submitLocal(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload)))
+        }
         if sync == .syncSource { markResyncStale(offset: offset, length: length) }
         if replicating {
             if epochClosePending {
@@ -210,20 +216,37 @@ public struct ReplicaCore {
             bitmap.setRange(offset: offset, length: UInt64(length))
         }
         writes[id] = write
+        if write.localDone && !write.peerPending { finishWriteIfDone(id, into: &actions) }
     }
 
     /// A client FLUSH: durable on both sides before it is answered.
     public mutating func clientFlush(id: UInt64, into actions: inout [Action]) {
         precondition(flushes[id] == nil, "duplicate client flush id \(id)")
         var flush = ClientFlush()
-        actions.append(.submitLocal(LocalIO(tag: .clientFlush(id), operation: .flush, offset: 0, length: 0, buffer: nil)))
+        if disk == .failed {
+            flush.localDone = true
+            flush.localResult = replicating ? 0 : -5
+        } else {
+            actions.append(.submitLocal(LocalIO(tag: .clientFlush(id), operation: .flush, offset: 0, length: 0, buffer: nil)))
+        }
         if replicating {
             flush.peerPending = true
             peerFlushCoverage[id] = linkSequence + 1
             actions.append(.send(.flush(id: id)))
         }
         flushes[id] = flush
+        finishFlushIfDone(id, into: &actions)
     }
+
+    /// The local disk failed a read: detach it, and tell the node whether the peer can serve
+    /// reads instead (UpToDate and connected).
+    public mutating func localReadFailed(into actions: inout [Action]) -> Bool {
+        detachLocalDisk(into: &actions)
+        return link == .connected && peerDisk == .upToDate
+    }
+
+    /// Whether reads must go to the peer (the local disk is detached).
+    public var readsFromPeer: Bool { disk == .failed && link == .connected && peerDisk == .upToDate }
 
     // MARK: Local completions
 

@@ -430,6 +430,9 @@ final class NBDConnection: IOHandler {
             if request.command == .write {
                 slots[Int(slot)].state = .payload
                 payloadSlot = slot
+            } else if let replicator = server.replicator, replicator.readsFromPeer {
+                opsInFlight += 1
+                replicator.clientRead(self, slot: Int(slot), request)
             } else {
                 submitRead(Int(slot))
             }
@@ -570,6 +573,30 @@ final class NBDConnection: IOHandler {
     /// The payload of a request slot (a WRITE's data), for the replicator.
     func payload(slot: Int) -> UnsafeMutableRawPointer? { slots[slot].buffer?.pointer }
 
+    /// Answers a READ whose data is in its slot's buffer.
+    private func replyRead(_ index: Int) {
+        let request = slots[index].request
+        let header = headers + index * NBDTransmission.replyHeaderBytesMax
+        if session!.structuredReplies {
+            slots[index].headerLength = NBDTransmission.encodeReadChunkHeader(cookie: request.cookie, offset: request.offset, dataLength: Int(request.length), into: header)
+        } else {
+            slots[index].headerLength = NBDTransmission.encodeSimpleReply(cookie: request.cookie, error: .ok, into: header)
+        }
+        slots[index].dataLength = Int(request.length)
+        queueReply(Int32(index))
+    }
+
+    /// The replicator answered a READ from the peer.
+    func replicatedReadCompleted(slot: Int, result: Int32) {
+        opsInFlight -= 1
+        if closing {
+            releaseSlot(Int32(slot))
+            return finishIfDone()
+        }
+        if result < 0 { return reply(Int32(slot), error: NBD.Errno(localErrno: -result)) }
+        replyRead(slot)
+    }
+
     /// The replicator finished a request it took (protocol C: durable as the spec asks on both).
     func replicatedCompleted(slot: Int, result: Int32) {
         opsInFlight -= 1
@@ -597,19 +624,18 @@ final class NBDConnection: IOHandler {
         }
         switch request.command! {
         case .read, .write:
+            if result < 0 && request.command == .read, let replicator = server.replicator, replicator.localReadFailed() {
+                // The local disk failed; the peer's copy answers instead (the client sees no error).
+                slots[index].done = 0
+                opsInFlight += 1
+                return replicator.clientRead(self, slot: index, request)
+            }
             if result < 0 { return reply(slot, error: NBD.Errno(localErrno: -result)) }
             if result == 0 { return reply(slot, error: .io) }
             slots[index].done += Int(result)
             if slots[index].done < Int(request.length) { return resubmit(index) }
             if request.command == .write { return reply(slot, error: .ok) }
-            let header = headers + index * NBDTransmission.replyHeaderBytesMax
-            if session!.structuredReplies {
-                slots[index].headerLength = NBDTransmission.encodeReadChunkHeader(cookie: request.cookie, offset: request.offset, dataLength: Int(request.length), into: header)
-            } else {
-                slots[index].headerLength = NBDTransmission.encodeSimpleReply(cookie: request.cookie, error: .ok, into: header)
-            }
-            slots[index].dataLength = Int(request.length)
-            queueReply(slot)
+            replyRead(index)
         case .flush:
             reply(slot, error: result < 0 ? NBD.Errno(localErrno: -result) : .ok)
         case .trim, .writeZeroes:

@@ -34,6 +34,13 @@ protocol NBDReplicator: AnyObject {
     /// WRITE (payload in `connection.payload(slot:)`), TRIM, WRITE_ZEROES or FLUSH; answered with
     /// `connection.replicatedCompleted(slot:result:)`.
     func clientRequest(_ connection: NBDConnection, slot: Int, _ request: NBDRequest)
+    /// Whether reads must be served by the peer (the local disk is detached).
+    var readsFromPeer: Bool { get }
+    /// A local read failed: detach the disk; true when the peer can serve reads instead.
+    func localReadFailed() -> Bool
+    /// Serves a READ from the peer into `connection.payload(slot:)`; answered with
+    /// `connection.replicatedReadCompleted(slot:result:)`.
+    func clientRead(_ connection: NBDConnection, slot: Int, _ request: NBDRequest)
 }
 
 public final class NBDServer: IOHandler {

@@ -21,6 +21,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// slot (secondary).
     private static let tagVerifyLocal: UInt32 = 0x2000_0000
     private static let tagVerifyPeer: UInt32 = 0x3000_0000
+    /// Reads served to the peer (its disk is detached): this base plus the slot.
+    private static let tagServeRead: UInt32 = 0x4000_0000
+    private static let servedReadToken: UInt64 = 1 << 62
     private static let verifyWindow = 4
     private static let verifyChunkBytes = PeerProtocol.verifyBytesMax
     private static let opsMax = Limits.diskQueueDepthMax
@@ -56,6 +59,53 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var peerBuffers: [UInt64: PoolBuffer] = [:]
     private var resyncBuffers: [Int: PoolBuffer] = [:]
 
+    var readsFromPeer: Bool { core.readsFromPeer }
+
+    func localReadFailed() -> Bool {
+        actions.removeAll(keepingCapacity: true)
+        let served = core.localReadFailed(into: &actions)
+        perform()
+        logger.error("local disk failed a read: detached\(served ? "; reads and writes go to \(peer.name)" : " and the peer cannot serve")")
+        return served
+    }
+
+    func clientRead(_ connection: NBDConnection, slot: Int, _ request: NBDRequest) {
+        // The peer serves whole 4 KiB blocks; the client's range sits inside.
+        let block = UInt64(PeerProtocol.digestBlockBytes)
+        let start = request.offset / block * block
+        let end = min((request.offset + UInt64(request.length) + block - 1) / block * block, device.size)
+        guard let link, end - start <= UInt64(PeerProtocol.dataPayloadBytesMax) else {
+            return connection.replicatedReadCompleted(slot: slot, result: -EIO)
+        }
+        let readID = nextClientID
+        nextClientID += 1
+        peerReads[readID] = (connection, slot, Int(request.offset - start), Int(request.length))
+        link.send(.resyncRequest(id: readID, offset: start, length: UInt32(end - start)))
+    }
+
+    /// Secondary: reads a block range for the primary and sends it back as resync data.
+    private func serveRead(id requestID: UInt64, offset: UInt64, length: UInt32) {
+        guard length > 0, offset + UInt64(length) <= device.size, let buffer = loop.pool.take(Int(length)),
+              let slot = (0..<Limits.nbdRequestsInFlightMax).first(where: { servedReads[$0] == nil })
+        else { return link?.close(reason: "cannot serve a read for the peer") ?? () }
+        servedReads[slot] = (requestID, offset, length, buffer)
+        loop.engine.read(fd: device.fd, buffer: buffer.pointer, length: Int(length), offset: offset, fixedIndex: buffer.fixedIndex,
+                         userData: IOLoop.userData(id, Self.tagServeRead + UInt32(slot)))
+    }
+
+    private func servedReadCompleted(_ slot: Int, _ result: Int32) {
+        guard let served = servedReads[slot] else { return }
+        guard let link else {
+            servedReads[slot] = nil
+            return loop.pool.release(served.buffer)
+        }
+        let ok = result == Int32(served.length)
+        link.sendBlock(type: .resyncData, flags: 0, sequence: served.id,
+                       block: PeerBlock(offset: served.offset, length: served.length, result: ok ? 0 : UInt32(EIO)),
+                       payload: ok ? UnsafeRawPointer(served.buffer.pointer) : nil, token: Self.servedReadToken | UInt64(slot))
+        // The buffer (and the slot) come back through `releasedPayload` once the frame is encrypted.
+    }
+
     // MARK: Online verify state
 
     private struct VerifyChunk {
@@ -79,6 +129,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var lastVerify: (checked: UInt64, mismatched: UInt64)?
     /// Verify requests from the primary being read here: slot -> (id, offset, length, buffer).
     private var peerVerify: [Int: (id: UInt64, offset: UInt64, length: UInt32, buffer: PoolBuffer)] = [:]
+
+    // MARK: Reads through the peer
+
+    /// Primary: client reads the peer serves (the local disk is detached), by request id.
+    private var peerReads: [UInt64: (connection: NBDConnection, slot: Int, skip: Int, length: Int)] = [:]
+    /// Secondary: reads being served to the primary, by slot.
+    private var servedReads: [Int: (id: UInt64, offset: UInt64, length: UInt32, buffer: PoolBuffer)] = [:]
 
     init(loop: IOLoop, logger: Logger, config: ResourceConfig, me: ResourceConfig.Node, device: BackingDevice, primary: Bool) throws(ServeError) {
         guard let peer = config.peer(of: me.name), let metadataPath = me.metadataPath else {
@@ -219,7 +276,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
             if !stopping { loop.addTimer(id: id, tag: Self.tagTick, afterNanos: Self.tickNanos) }
         default:
-            if tag >= Self.tagVerifyPeer {
+            if tag >= Self.tagServeRead {
+                servedReadCompleted(Int(tag - Self.tagServeRead), result)
+            } else if tag >= Self.tagVerifyPeer {
                 peerVerifyRead(Int(tag - Self.tagVerifyPeer), result)
             } else if tag >= Self.tagVerifyLocal {
                 verifyLocalRead(Int(tag - Self.tagVerifyLocal), result)
@@ -251,6 +310,14 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             buffer.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
             peerBuffers[header.sequence] = buffer
             core.peerWrite(PeerWrite(id: header.sequence, offset: block.offset, length: block.length, epoch: block.epoch, flags: header.flags), kind: .write, into: &actions)
+        case .resyncData where core.role == .primary:
+            // A primary is never a resync target: this answers one of its reads.
+            guard let read = peerReads.removeValue(forKey: header.sequence) else { return connection.close(reason: "protocol error: unexpected resyncData \(header.sequence)") }
+            let ok = header.block!.result == 0 && payload.count >= read.skip + read.length
+            if ok, let p = read.connection.payload(slot: read.slot) {
+                p.copyMemory(from: payload.baseAddress! + read.skip, byteCount: read.length)
+            }
+            read.connection.replicatedReadCompleted(slot: read.slot, result: ok ? 0 : -EIO)
         case .resyncData:
             let block = header.block!
             if payload.count > 0 {
@@ -267,6 +334,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 guard hello.resourceName == config.name else { return connection.close(reason: "peer serves resource \(hello.resourceName), not \(config.name)") }
                 core.linkUp(peer: hello, freshUUID: Self.freshUUID(), into: &actions)
                 if let decision = core.lastDecision { logger.info("replication: connected to \(peer.name): \(decision.decision) (\(decision.rule))") }
+            case .message(.resyncRequest(let requestID, let offset, let length)) where core.role == .secondary:
+                serveRead(id: requestID, offset: offset, length: length)
             case .message(.verifyRequest(let requestID, let offset, let length, _)):
                 startPeerVerify(id: requestID, offset: offset, length: length)
             case .message(.verifyDigest(let digest)):
@@ -279,6 +348,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     func peerConnection(_ connection: PeerConnection, releasedPayload token: UInt64) {
+        if token & Self.servedReadToken != 0, let served = servedReads.removeValue(forKey: Int(token & ~Self.servedReadToken)) {
+            loop.pool.release(served.buffer)
+            return
+        }
         // Client payloads belong to their NBD slots; resync read buffers go back once sent.
         if token & (1 << 63) != 0, let buffer = resyncBuffers.removeValue(forKey: -Int(token & ~(1 << 63)) - 1) {
             loop.pool.release(buffer)

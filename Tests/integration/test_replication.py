@@ -295,3 +295,21 @@ def test_verify_is_refused_on_the_secondary(pair):
     pair.wait_in_sync()
     cp = run([TANDEM_BIN, "verify", str(pair.resource), "--node", "beta"], check=False, timeout=30)
     assert cp.returncode != 0 and "primary" in cp.stderr_text
+
+
+def test_a_failing_local_disk_is_served_through_the_peer(pair, tmp_path):
+    pair.up("beta")
+    # alpha's disk fails every read in its first 4 MiB and every write at 8-9 MiB.
+    pair.up("alpha", "--primary", "--inject-fault", "read:EIO:offset=0-4M", "--inject-fault", "write:EIO:offset=8M-9M")
+    pair.wait_in_sync()
+    qemu_io(pair.uri, "write -P 0x61 0 2M", "flush")
+    # A read of the failing range: the client sees the data, no error (served by beta).
+    qemu_io(pair.uri, "read -P 0x61 0 2M", "read -P 0x61 512k 4k")
+    st = status(pair, "alpha")
+    assert st["disk"] == "Failed" and st["peer"]["disk"] == "UpToDate", st
+    assert "detached" in pair.log("alpha")
+    # Writes go on through the peer; reads anywhere now come from it.
+    qemu_io(pair.uri, "write -P 0x62 8M 64k", "write -P 0x63 20M 1M", "flush", "read -P 0x62 8M 64k", "read -P 0x63 20M 1M")
+    beta = (tmp_path / "beta.img").read_bytes()
+    assert beta[8 * MiB:8 * MiB + 65536] == b"\x62" * 65536
+    assert beta[20 * MiB:21 * MiB] == b"\x63" * MiB
