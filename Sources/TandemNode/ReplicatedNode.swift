@@ -31,6 +31,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// Ticks between resync checkpoints (one second).
     private static let resyncCheckpointTicks = 10
     private var ticks = 0
+    /// When the peer was last heard from, and the ping sent since (0: none).
+    private var lastHeardNanos: UInt64 = 0
+    private var pingSentNanos: UInt64 = 0
+    private var pingID: UInt64 = 0
 
     let loop: IOLoop
     let logger: Logger
@@ -268,6 +272,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             core.tick(nowNanos: monotonicNanos(), into: &actions)
             perform()
             ticks &+= 1
+            checkPeerAlive()
             if core.sync != .established && ticks % Self.resyncCheckpointTicks == 0 {
                 // Resync progress survives a crash: resynced blocks are made durable first, then
                 // the bitmap that says they are in sync (Protocol/peer.md, resync).
@@ -290,7 +295,24 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     // MARK: PeerConnectionDelegate
 
+    /// Pings a quiet peer, and drops the link when it stays silent past the timeout (a cut
+    /// cable sends no reset: without this the link would look up forever).
+    private func checkPeerAlive() {
+        guard let link, lastHeardNanos != 0 else { return }
+        let now = monotonicNanos()
+        let quiet = now - lastHeardNanos
+        if quiet > UInt64(config.tuning.peerTimeoutMillis) * 1_000_000 {
+            link.close(reason: "peer timed out: silent for \(quiet / 1_000_000) ms")
+        } else if quiet > UInt64(config.tuning.pingIntervalMillis) * 1_000_000 && pingSentNanos < lastHeardNanos {
+            pingID &+= 1
+            pingSentNanos = now
+            link.send(.ping(id: pingID))
+        }
+    }
+
     func peerConnectionUp(_ connection: PeerConnection) {
+        lastHeardNanos = monotonicNanos()
+        pingSentNanos = 0
         logger.info("replication: TLS link to \(peer.name) up")
         var flags: UInt16 = 0
         if core.localFlags.contains(.newZeroed) { flags |= PeerFlags.Hello.newZeroed }
@@ -302,6 +324,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     func peerConnection(_ connection: PeerConnection, received header: PeerHeader, payload: UnsafeRawBufferPointer) {
+        lastHeardNanos = monotonicNanos()
         actions.removeAll(keepingCapacity: true)
         switch header.type {
         case .data:
@@ -361,6 +384,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     func peerConnectionDown(_ connection: PeerConnection, reason: String) {
         guard link === connection else { return }
         link = nil
+        lastHeardNanos = 0
         if let v = verify {
             // The pass cannot finish without the peer: keep what it found so far.
             for chunk in v.chunks { if let buffer = chunk?.buffer { loop.pool.release(buffer) } }

@@ -313,3 +313,31 @@ def test_a_failing_local_disk_is_served_through_the_peer(pair, tmp_path):
     beta = (tmp_path / "beta.img").read_bytes()
     assert beta[8 * MiB:8 * MiB + 65536] == b"\x62" * 65536
     assert beta[20 * MiB:21 * MiB] == b"\x63" * MiB
+
+
+def test_a_silent_peer_times_out_and_the_primary_goes_on(tmp_path):
+    pair = Pair(tmp_path, tuning="ping-interval-ms = 200\npeer-timeout-ms = 1000\n")
+    try:
+        pair.up("beta")
+        pair.up("alpha", "--primary")
+        pair.wait_in_sync()
+        since = pair.mark("alpha")
+        # A stopped process keeps its socket open and sends nothing: like a cut cable.
+        pair.procs["beta"].send_signal(signal.SIGSTOP)
+        # The write completes: its peer ack never comes, the link times out, the primary goes on.
+        qemu_io(pair.uri, "write -P 0x7a 0 1M", "flush")
+        text = pair.wait_for("alpha", "peer timed out", since=since)
+        assert "link to beta down" in text
+        pair.procs["beta"].send_signal(signal.SIGCONT)
+        since = pair.mark("alpha")
+        pair.wait_in_sync(since=since)
+        assert pair.stop("alpha") == 0
+        assert pair.stop("beta") == 0
+        assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+    finally:
+        for p in pair.procs.values():
+            try:
+                p.send_signal(signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        pair.stop_all()
