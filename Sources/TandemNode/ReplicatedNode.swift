@@ -8,10 +8,9 @@ import TandemNBD
 /// A node of a replicated resource (`tandem up`): carries out `ReplicaCore`'s actions with the
 /// I/O engine, the peer link (`PeerConnection`) and, on the primary, the NBD server's requests.
 ///
-/// First version: the link (the higher node id dials, the lower listens), protocol C writes,
-/// flushes, resync and metadata persisted at link loss, resync end and shutdown. Not yet: the
-/// activity log in front of client writes (a crashed primary therefore needs a full resync),
-/// role changes at run time, the control socket.
+/// The link (the higher node id dials, the lower listens), protocol C writes behind the activity
+/// log, flushes, resync, verify, reads through the peer when the local disk fails, and metadata
+/// persisted at every state change. Not yet: role changes at run time.
 final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let tagAccept: UInt32 = 0x1000_0000
     private static let tagConnect: UInt32 = 0x1000_0001
@@ -63,10 +62,29 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var peerBuffers: [UInt64: PoolBuffer] = [:]
     private var resyncBuffers: [Int: PoolBuffer] = [:]
 
+    // MARK: Activity log (primary)
+
+    /// The write-intent log: a write to a cold extent waits until a transaction naming it is on
+    /// disk, so after a crash as primary only the hot extents need a resync.
+    private var activityLog: ActivityLog
+    /// Client writes waiting for room in the log, in arrival order.
+    private var waitingForLog: [(connection: NBDConnection, slot: Int, request: NBDRequest)] = []
+    /// Ranges of client writes in flight, for `endWrite` (by client id).
+    private var loggedWrites: [UInt64: (offset: UInt64, length: UInt64)] = [:]
+    private let transactionBuffer: UnsafeMutableRawPointer
+
+    /// Starts writes that waited for room in the activity log, in order.
+    private func admitWaitingWrites() {
+        while let first = waitingForLog.first, admitToLog(first.request) {
+            waitingForLog.removeFirst()
+            startClientRequest(first.connection, slot: first.slot, first.request)
+        }
+    }
+
     var readsFromPeer: Bool { core.readsFromPeer }
 
     func localReadFailed() -> Bool {
-        actions.removeAll(keepingCapacity: true)
+        beginActions()
         let served = core.localReadFailed(into: &actions)
         perform()
         logger.error("local disk failed a read: detached\(served ? "; reads and writes go to \(peer.name)" : " and the peer cannot serve")")
@@ -159,9 +177,20 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
         var bitmap = loaded.bitmap
         if superblock.flags.contains(.wasPrimary) || superblock.flags.contains(.crashedPrimary) {
-            // No activity log in this version: after a crash as primary, everything may differ.
-            bitmap.setAll()
+            // A crash as primary: writes may have reached this disk and not the peer (or the
+            // reverse) in the extents the activity log had hot. Those are out of sync.
+            if loaded.recovery.isComplete {
+                for range in loaded.recovery.hotByteRanges(deviceBytes: device.size) {
+                    bitmap.setRange(offset: range.lowerBound, length: range.upperBound - range.lowerBound)
+                }
+            } else {
+                bitmap.setAll()
+            }
+            superblock.flags.insert(.crashedPrimary)
+            logger.warning("\(me.name) crashed as primary: \(bitmap.outOfSyncBytes) bytes of hot extents marked out of sync")
         }
+        activityLog = ActivityLog(superblock: superblock, nextSequence: loaded.recovery.nextSequence)
+        transactionBuffer = allocateAligned(ActivityLog.transactionBytes)
         var disk: PeerDiskState = superblock.flags.contains(.resyncTarget) || !superblock.flags.contains(.consistent) ? .inconsistent : .upToDate
         if primary && disk == .inconsistent && !superblock.flags.contains(.resyncTarget) {
             // A new node started as primary on data of its own: its data is the one the peer gets.
@@ -191,6 +220,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     deinit {
+        freeAligned(transactionBuffer, ActivityLog.transactionBytes)
         dialAddress.deallocate()
         if listenFD >= 0 { closeDescriptor(listenFD) }
     }
@@ -268,7 +298,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         case Self.tagRetry:
             dial()
         case Self.tagTick:
-            actions.removeAll(keepingCapacity: true)
+            beginActions()
             core.tick(nowNanos: monotonicNanos(), into: &actions)
             perform()
             ticks &+= 1
@@ -325,7 +355,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     func peerConnection(_ connection: PeerConnection, received header: PeerHeader, payload: UnsafeRawBufferPointer) {
         lastHeardNanos = monotonicNanos()
-        actions.removeAll(keepingCapacity: true)
+        beginActions()
         switch header.type {
         case .data:
             let block = header.block!
@@ -393,7 +423,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             logger.warning("verify: stopped by the link loss after \(v.checkedBytes) bytes (\(v.mismatchedBytes) differ)")
         }
         logger.warning("replication: link to \(peer.name) down: \(reason)")
-        actions.removeAll(keepingCapacity: true)
+        beginActions()
         core.linkDown(.peerClosed, freshUUID: Self.freshUUID(), into: &actions)
         perform()
         persistMetadata()
@@ -403,11 +433,59 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     // MARK: NBDReplicator
 
     func clientRequest(_ connection: NBDConnection, slot: Int, _ request: NBDRequest) {
+        if request.command != .flush {
+            guard waitingForLog.isEmpty, admitToLog(request) else {
+                waitingForLog.append((connection, slot, request))
+                return
+            }
+        }
+        startClientRequest(connection, slot: slot, request)
+    }
+
+    /// Makes the extents of a write hot on disk first; false when the log has no room now.
+    private func admitToLog(_ request: NBDRequest) -> Bool {
+        while true {
+            switch activityLog.beginWrite(offset: request.offset, length: UInt64(request.length)) {
+            case .proceed:
+                return true
+            case .wait:
+                return false
+            case .waitForTransaction:
+                // Transactions are written synchronously below, so none is ever in flight here.
+                preconditionFailure("activity log transaction left in flight")
+            case .needTransaction(let first):
+                var transaction: ActivityLog.Transaction? = first
+                while let tx = transaction {
+                    persistTransaction(tx)
+                    transaction = activityLog.transactionPersisted(tx)
+                }
+                return true
+            }
+        }
+    }
+
+    /// Writes one AL transaction: bitmap pages of the extents it evicts first, then the
+    /// transaction, each synced (Protocol/metadata.md, write ordering).
+    private func persistTransaction(_ tx: ActivityLog.Transaction) {
+        if tx.evictedCount > 0 { persistMetadata() }
+        activityLog.encode(tx, into: UnsafeMutableRawBufferPointer(start: transactionBuffer, count: ActivityLog.transactionBytes))
+        let fd = open(metadataPath, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { fatalError("cannot open metadata \(metadataPath) for the activity log: \(SystemError.text(errno))") }
+        defer { close(fd) }
+        let offset = superblock.layout.activityLogSlotOffset(tx.slot)
+        guard pwrite(fd, transactionBuffer, ActivityLog.transactionBytes, off_t(offset)) == ActivityLog.transactionBytes, fdatasync(fd) == 0 else {
+            // Without the log, writes cannot be protected: stop rather than risk a silent loss.
+            fatalError("cannot write the activity log to \(metadataPath): \(SystemError.text(errno))")
+        }
+    }
+
+    private func startClientRequest(_ connection: NBDConnection, slot: Int, _ request: NBDRequest) {
         let clientID = nextClientID
         nextClientID += 1
         clients[clientID] = (connection, slot)
-        actions.removeAll(keepingCapacity: true)
+        beginActions()
         let fua = request.has(NBD.CommandFlag.fua)
+        if request.command != .flush { loggedWrites[clientID] = (request.offset, UInt64(request.length)) }
         switch request.command! {
         case .write:
             core.clientWrite(id: clientID, offset: request.offset, length: request.length, kind: .write, fua: fua, into: &actions)
@@ -425,7 +503,20 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     // MARK: Carrying out actions
 
+    /// Starts collecting actions for a core call, unless `perform` is already running (a core
+    /// call made while actions are carried out appends to the batch in progress).
+    private func beginActions() {
+        if !performing { actions.removeAll(keepingCapacity: true) }
+    }
+
+    private var performing = false
+
+    /// Carries out the collected actions in order. Re-entrant calls (an action whose effect calls
+    /// back into the core) only append; the outer call carries everything out.
     private func perform() {
+        guard !performing else { return }
+        performing = true
+        defer { performing = false }
         var i = 0
         while i < actions.count {
             let action = actions[i]
@@ -456,6 +547,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             case .completeClient(let clientID, let result), .completeClientFlush(let clientID, let result):
                 guard let client = clients.removeValue(forKey: clientID) else { preconditionFailure("completion for unknown client request \(clientID)") }
                 client.connection.replicatedCompleted(slot: client.slot, result: result)
+                if let range = loggedWrites.removeValue(forKey: clientID), activityLog.endWrite(offset: range.offset, length: range.length) {
+                    admitWaitingWrites()
+                }
             case .dropLink(let reason):
                 logger.warning("replication: dropping the link: \(reason)")
                 link?.close(reason: "\(reason)")
@@ -530,7 +624,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         case .client, .clientFlush, .peerFlush:
             break
         }
-        actions.removeAll(keepingCapacity: true)
+        beginActions()
         core.localCompleted(op.tag, result: result >= 0 ? 0 : result, into: &actions)
         if case .resyncRead(let slot) = op.tag, result >= 0,
            !actions.contains(where: { if case .sendResync(_, .resync(slot)) = $0 { true } else { false } }),
@@ -652,7 +746,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             lastVerify = (v.checkedBytes, v.mismatchedBytes)
             logger.info("verify: finished: \(v.checkedBytes) bytes checked, \(v.mismatchedBytes) bytes differ\(v.mismatchedBytes > 0 ? ", resyncing them" : "")")
             persistMetadata()
-            actions.removeAll(keepingCapacity: true)
+            beginActions()
             core.resyncMarked(into: &actions)
             perform()
         } else {

@@ -341,3 +341,23 @@ def test_a_silent_peer_times_out_and_the_primary_goes_on(tmp_path):
             except ProcessLookupError:
                 pass
         pair.stop_all()
+
+
+def test_a_crashed_primary_resyncs_only_its_hot_extents(pair, tmp_path):
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    # Two regions in two 4 MiB activity-log extents (2 and 10) of the 64 MiB device.
+    qemu_io(pair.uri, "write -P 0x31 8M 1M", "write -P 0x32 40M 512k", "flush")
+    pair.stop("alpha", signal.SIGKILL)
+    pair.up("alpha", "--primary")
+    text = pair.wait_for("alpha", r"crashed as primary: (\d+) bytes of hot extents")
+    marked = int(re.search(r"crashed as primary: (\d+) bytes", text).group(1))
+    assert marked == 2 * 4 * MiB, f"the activity log names the 2 hot extents, not the whole device: {marked}"
+    text = pair.wait_for("alpha", r"syncSource, (\d+) bytes out of sync")
+    assert int(re.findall(r"syncSource, (\d+) bytes out of sync", text)[-1]) == marked
+    pair.wait_in_sync()
+    qemu_io(pair.uri, "read -P 0x31 8M 1M", "read -P 0x32 40M 512k")
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
