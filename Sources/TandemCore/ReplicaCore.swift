@@ -397,6 +397,7 @@ public struct ReplicaCore {
             if awaitingSkippedSyncUUID {
                 awaitingSkippedSyncUUID = false
                 uuids = uuids.afterSkippedInitialSync(newCurrent: change.uuids.current)
+                link = .connected
                 // The node persists the adopted generation on this state change.
                 actions.append(.stateChanged(status))
             }
@@ -475,7 +476,9 @@ public struct ReplicaCore {
                 uuids = uuids.afterSkippedInitialSync(newCurrent: freshUUID)
                 actions.append(.send(.stateChange(PeerStateChange(role: role, diskState: disk, uuids: Self.wire(uuids)))))
             } else {
+                // Not connected until the generation both will share arrives.
                 awaitingSkippedSyncUUID = true
+                link = .handshaking
             }
             disk = .upToDate
             peerDisk = .upToDate

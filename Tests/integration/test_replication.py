@@ -60,6 +60,9 @@ class Pair:
 
     def wait_in_sync(self, since=0):
         self.wait_for("alpha", r"link connected, established, 0 bytes out of sync", since=since)
+        if "beta" in self.procs:
+            # The secondary too: it may still be adopting the generation or finishing a resync.
+            self.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync")
 
     @property
     def uri(self):
