@@ -28,8 +28,10 @@ let package = Package(
                 .linkedLibrary("ssl"), .linkedLibrary("crypto"),
             ]
         ),
+        // CRC-32C with the CPU's instruction: pure computation, so the sans-I/O core may use it.
+        .target(name: "CTandemCRC", cSettings: [.unsafeFlags(["-O2"])]),
         // Sans-I/O: no Glibc, no clock, no threads.
-        .target(name: "TandemCore", swiftSettings: strict),
+        .target(name: "TandemCore", dependencies: ["CTandemCRC"], swiftSettings: strict),
         .target(name: "TandemNBD", dependencies: ["TandemCore"], swiftSettings: strict),
         .target(
             name: "TandemIO",

@@ -1,3 +1,5 @@
+import CTandemCRC
+
 /// CRC-32C (Castagnoli): the reflected polynomial 0x82F63B78, initial value and final xor
 /// 0xFFFFFFFF, as in iSCSI (RFC 3720 appendix B.4), ext4, btrfs and DRBD's on-disk metadata.
 /// Castagnoli's polynomial detects more error patterns in blocks of metadata size than the
@@ -62,8 +64,20 @@ public struct CRC32C: Equatable, Sendable {
         bytes.withUnsafeBytes { checksum($0, seed: seed) }
     }
 
+    /// Whether the CPU's CRC-32C instruction does the work (SSE 4.2): about four times the
+    /// table's speed, and every replicated byte is checksummed on both sides.
+    public static let hardware = ctandem_crc32c_hardware() != 0
+
     /// Folds `bytes` into the (inverted) register.
     private static func advance(_ start: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
+        if hardware, let base = bytes.baseAddress, bytes.count > 0 {
+            return ctandem_crc32c_update(start, base, bytes.count)
+        }
+        return advanceByTable(start, bytes)
+    }
+
+    /// The portable path (slicing-by-8), also the reference the hardware path is tested against.
+    static func advanceByTable(_ start: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         var crc = start
         let count = bytes.count
         guard count > 0 else { return crc }

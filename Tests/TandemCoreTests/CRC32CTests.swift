@@ -1,5 +1,5 @@
 import Testing
-import TandemCore
+@testable import TandemCore
 
 @Suite struct CRC32CTests {
     /// Bit at a time, straight from the definition: the reference the tables must agree with.
@@ -74,3 +74,19 @@ import TandemCore
 
 /// The randomized metadata tests draw from the core's seeded generator.
 typealias MetadataTestRNG = SplitMix64
+
+@Suite struct CRC32CHardwareTests {
+    @Test func hardwareAndTableAgreeOnEveryLengthAndAlignment() {
+        var rng = SplitMix64(seed: 0xC3C3)
+        let bytes = (0..<4096 + 64).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        bytes.withUnsafeBytes { raw in
+            for length in [0, 1, 3, 7, 8, 9, 15, 16, 63, 64, 65, 511, 4096] {
+                for shift in 0..<8 {
+                    let slice = UnsafeRawBufferPointer(rebasing: raw[shift..<shift + length])
+                    let table = ~CRC32C.advanceByTable(~0, slice)
+                    #expect(CRC32C.checksum(slice) == table, "length \(length) shift \(shift)")
+                }
+            }
+        }
+    }
+}
