@@ -555,6 +555,12 @@ extension ResourceConfig {
             self = address
         }
 
+        /// A listen address, where port 0 asks the kernel to choose one.
+        public init?(listen text: String) {
+            guard case .success(let address) = Self.parse(text, examplePort: 1, portMin: 0) else { return nil }
+            self = address
+        }
+
         /// The host as `getaddrinfo` and `inet_pton` take it: no brackets.
         public var hostText: String {
             switch host {
@@ -602,7 +608,7 @@ extension ResourceConfig {
         }
 
         /// Parses an address; a problem's message is a clause to follow the key and text.
-        static func parse(_ text: String, examplePort: Int) -> Result<Address, Problem> {
+        static func parse(_ text: String, examplePort: Int, portMin: Int = 1) -> Result<Address, Problem> {
             let generic = "write HOST:PORT or [IPv6]:PORT, e.g. \"192.0.2.10:\(examplePort)\""
             if text.isEmpty { return .failure(Problem(message: "is empty", fix: generic)) }
             if text.unicodeScalars.contains(where: { $0 == " " || $0 == "\t" || TOML.isControl($0) }) {
@@ -655,7 +661,7 @@ extension ResourceConfig {
                 return .failure(Problem(message: "has no port after ':'", fix: generic))
             }
             guard portBytes.count <= 5, portBytes.allSatisfy({ (0x30...0x39).contains($0) }),
-                  let port = Int(String(decoding: portBytes, as: UTF8.self)), (1...65535).contains(port)
+                  let port = Int(String(decoding: portBytes, as: UTF8.self)), (portMin...65535).contains(port)
             else {
                 return .failure(Problem(
                     message: "has an invalid port '\(String(decoding: portBytes, as: UTF8.self))'",

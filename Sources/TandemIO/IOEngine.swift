@@ -78,7 +78,7 @@ public enum IOEngineFactory {
         switch error.errno {
         case ENOSYS: return "the kernel has no io_uring"
         case EPERM:
-            let sysctl = (try? String(contentsOfFileNoFoundation: "/proc/sys/kernel/io_uring_disabled")) ?? "?"
+            let sysctl = (try? readTextFile("/proc/sys/kernel/io_uring_disabled", maxBytes: 64)) ?? "?"
             return "io_uring is forbidden (kernel.io_uring_disabled=\(sysctl.trimmingNewline), or a seccomp filter)"
         case ENOMEM: return "not enough locked memory for the ring (ulimit -l)"
         default: return error.description
@@ -87,17 +87,6 @@ public enum IOEngineFactory {
 }
 
 extension String {
-    /// Reads a small text file with plain syscalls (the I/O layer does not need Foundation).
-    init(contentsOfFileNoFoundation path: String) throws(SystemError) {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        if fd < 0 { throw SystemError("open \(path)", errno: errno) }
-        defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 4096)
-        let n = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-        if n < 0 { throw SystemError("read \(path)", errno: errno) }
-        self = String(decoding: bytes[0..<n], as: UTF8.self)
-    }
-
     var trimmingNewline: String {
         var s = self
         while s.last == "\n" || s.last == " " { s.removeLast() }

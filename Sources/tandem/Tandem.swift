@@ -69,24 +69,6 @@ func fail(_ message: String) -> ExitCode {
     return ExitCode(1)
 }
 
-/// Splits HOST:PORT, [IPv6]:PORT.
-func parseAddress(_ text: String) -> (String, UInt16)? {
-    var host: Substring
-    var port: Substring
-    if text.hasPrefix("[") {
-        guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else { return nil }
-        host = text[text.index(after: text.startIndex)..<close]
-        port = text[text.index(close, offsetBy: 2)...]
-    } else {
-        guard let colon = text.lastIndex(of: ":") else { return nil }
-        host = text[..<colon]
-        port = text[text.index(after: colon)...]
-        if host.contains(":") { return nil }
-    }
-    guard !host.isEmpty, let p = UInt16(port) else { return nil }
-    return (String(host), p)
-}
-
 extension IOEngineKind: ExpressibleByArgument {}
 
 /// How a node does its disk I/O: shared by `serve` and `up`.
@@ -166,7 +148,7 @@ struct Serve: ParsableCommand {
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
-        guard parseAddress(listen) != nil else { throw ValidationError("--listen wants HOST:PORT, got '\(listen)'") }
+        guard ResourceConfig.Address(listen: listen) != nil else { throw ValidationError("--listen wants HOST:PORT or [IPv6]:PORT, got '\(listen)'") }
         let tls = [tlsCert, tlsKey, tlsCa].compactMap { $0 }
         guard tls.isEmpty || tls.count == 3 else {
             throw ValidationError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
@@ -179,7 +161,8 @@ struct Serve: ParsableCommand {
 
     func run() throws {
         let logger = logging.makeLogger()
-        let (host, port) = parseAddress(listen)!
+        let address = ResourceConfig.Address(listen: listen)!
+        let (host, port) = (address.hostText, address.port)
         for (flag, path) in [("--tls-cert", tlsCert), ("--tls-key", tlsKey), ("--tls-ca", tlsCa)] {
             if let path, access(path, R_OK) != 0 {
                 throw fail("cannot read \(flag) \(path): \(SystemError.text(errno))")
