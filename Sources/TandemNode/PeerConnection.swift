@@ -27,13 +27,16 @@ protocol PeerConnectionDelegate: AnyObject {
 final class PeerConnection: IOHandler {
     private enum Item {
         case control([UInt8])
-        case block(header: Int, payload: UnsafeRawPointer?, length: Int, token: UInt64)
+        /// A frame whose header (or whole small frame) sits in header slot `header`, followed by
+        /// `length` bytes from the owner's `payload`; `token` (if any) is released after.
+        case block(header: Int, headerLength: Int, payload: UnsafeRawPointer?, length: Int, token: UInt64?)
     }
 
     private static let tagRecv: UInt32 = 1
     private static let tagSend: UInt32 = 2
-    /// Frames queued to send at once; `canSend` says when the owner must wait.
-    static let queueCapacity = 1024
+    /// Frames queued to send at once: every request the node can have in flight (each queues at
+    /// most one data frame or one ack) plus room for resync, verify and control traffic.
+    static let queueCapacity = Limits.diskQueueDepthMax + 1024
     private static let headerSlotBytes = 64
 
     let loop: IOLoop
@@ -102,11 +105,15 @@ final class PeerConnection: IOHandler {
         postRecv()
     }
 
-    var canSend: Bool { !closing && queue.count < Self.queueCapacity - 1 }
-
-    /// Queues a control message (block messages with small payloads may go this way too).
+    /// Queues a control message. Small ones (acks, pings, barriers: the per-write traffic) are
+    /// encoded into a header slot, so they allocate nothing.
     func send(_ message: PeerMessage) {
-        sendEncoded(message.encoded())
+        guard !closing else { return }
+        let bytes = message.frameBytes
+        guard bytes <= Self.headerSlotBytes, let slot = freeHeaderSlots.popLast() else { return sendEncoded(message.encoded()) }
+        message.encode(into: UnsafeMutableRawBufferPointer(start: headerSlots + slot * Self.headerSlotBytes, count: Self.headerSlotBytes))
+        queue.push(.block(header: slot, headerLength: bytes, payload: nil, length: 0, token: nil))
+        loop.callAtBatchEnd(id)
     }
 
     /// Queues bytes that are already one or more encoded frames.
@@ -125,7 +132,7 @@ final class PeerConnection: IOHandler {
         let slot = freeHeaderSlots.popLast()!
         let bytes = PeerEncoder.encodeBlockHeader(type: type, flags: flags, sequence: sequence, block: block, payloadCRC: crc, into: headerSlots + slot * Self.headerSlotBytes)
         precondition(bytes == PeerProtocol.blockHeaderBytes)
-        queue.push(.block(header: slot, payload: payload, length: length, token: token))
+        queue.push(.block(header: slot, headerLength: bytes, payload: payload, length: length, token: token))
         loop.callAtBatchEnd(id)
     }
 
@@ -258,11 +265,11 @@ final class PeerConnection: IOHandler {
                     guard bytes.withUnsafeBytes({ tls.write($0.baseAddress!, count: $0.count) }) else { return close(reason: "TLS: \(tls.lastError)") }
                     budget -= bytes.count
                     queue.pop()
-                case .block(let slot, let payload, let length, let token):
+                case .block(let slot, let headerLength, let payload, let length, let token):
                     if !headHeaderSent {
-                        guard tls.write(headerSlots + slot * Self.headerSlotBytes, count: PeerProtocol.blockHeaderBytes) else { return close(reason: "TLS: \(tls.lastError)") }
+                        guard tls.write(headerSlots + slot * Self.headerSlotBytes, count: headerLength) else { return close(reason: "TLS: \(tls.lastError)") }
                         headHeaderSent = true
-                        budget -= PeerProtocol.blockHeaderBytes
+                        budget -= headerLength
                     }
                     let n = min(length - headOffset, max(budget, 0))
                     if n > 0 {
@@ -275,7 +282,7 @@ final class PeerConnection: IOHandler {
                         headHeaderSent = false
                         queue.pop()
                         freeHeaderSlots.append(slot)
-                        delegate?.peerConnection(self, releasedPayload: token)
+                        if let token { delegate?.peerConnection(self, releasedPayload: token) }
                     }
                 }
             }
@@ -301,9 +308,9 @@ final class PeerConnection: IOHandler {
         shutdown(fd, Int32(SHUT_RDWR))
         // Payloads still queued are no longer needed by this link.
         while let item = queue.pop() {
-            if case .block(let slot, _, _, let token) = item {
+            if case .block(let slot, _, _, _, let token) = item {
                 freeHeaderSlots.append(slot)
-                delegate?.peerConnection(self, releasedPayload: token)
+                if let token { delegate?.peerConnection(self, releasedPayload: token) }
             }
         }
         headOffset = 0
