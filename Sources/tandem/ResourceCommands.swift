@@ -220,6 +220,25 @@ struct Up: ParsableCommand {
     }
 }
 
+/// A running node to talk to through its control socket: shared by `status` and `verify`.
+struct RunningNode: ParsableArguments {
+    @Argument(help: "The resource file.")
+    var file: String
+
+    @Option(help: "The node to ask.")
+    var node: String
+
+    /// Sends one control request; a node that does not answer is a clear error.
+    func ask(_ request: String) throws -> String {
+        let config = try loadResource(file)
+        guard let me = config.node(named: node) else { throw fail("\(file): no node named '\(node)'") }
+        guard let answer = ControlClient.request(path: me.controlPath, request) else {
+            throw fail("node \(node) is not running (no answer on \(me.controlPath))")
+        }
+        return answer
+    }
+}
+
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show a node's replication state (role, disks, connection, out-of-sync bytes).",
@@ -234,21 +253,13 @@ struct Status: ParsableCommand {
               tandem status r0.toml --node beta --json
             """)
 
-    @Argument(help: "The resource file.")
-    var file: String
-
-    @Option(help: "The node to ask.")
-    var node: String
+    @OptionGroup var target: RunningNode
 
     @Flag(help: "Print JSON.")
     var json = false
 
     func run() throws {
-        let config = try loadResource(file)
-        guard let me = config.node(named: node) else { throw fail("\(file): no node named '\(node)'") }
-        guard let answer = ControlClient.request(path: me.controlPath, json ? "status" : "status text") else {
-            throw fail("node \(node) is not running (no answer on \(me.controlPath))")
-        }
+        let answer = try target.ask(json ? "status" : "status text")
         print(answer, terminator: answer.hasSuffix("\n") ? "" : "\n")
     }
 }
@@ -265,26 +276,18 @@ struct Verify: ParsableCommand {
               tandem verify r0.toml --node alpha --wait
             """)
 
-    @Argument(help: "The resource file.")
-    var file: String
-
-    @Option(help: "The primary node.")
-    var node: String
+    @OptionGroup var target: RunningNode
 
     @Flag(help: "Wait for the pass to end and print its result.")
     var wait = false
 
     func run() throws {
-        let config = try loadResource(file)
-        guard let me = config.node(named: node) else { throw fail("\(file): no node named '\(node)'") }
-        guard let answer = ControlClient.request(path: me.controlPath, "verify") else {
-            throw fail("node \(node) is not running (no answer on \(me.controlPath))")
-        }
+        let answer = try target.ask("verify")
         if answer.contains("\"error\"") { throw fail("verify refused: \(answer.filter { $0 != "\n" })") }
-        guard wait else { return print("verify started on \(node); see tandem status") }
+        guard wait else { return print("verify started on \(target.node); see tandem status") }
         while true {
             usleep(200_000)
-            guard let status = ControlClient.request(path: me.controlPath, "status") else { throw fail("node \(node) stopped during the verify") }
+            let status = try target.ask("status")
             if status.contains("\"verify\":{\"running\":false") {
                 let field = { (name: String) -> String in
                     guard let range = status.firstRange(of: "\"\(name)\":") else { return "?" }

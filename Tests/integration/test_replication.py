@@ -85,10 +85,22 @@ class Pair:
 
 
 @pytest.fixture
-def pair(tmp_path):
-    p = Pair(tmp_path)
-    yield p
-    p.stop_all()
+def make_pair(tmp_path):
+    """Makes a pair (with extra [tuning] lines); every process is killed at teardown."""
+    made = []
+
+    def make(tuning=""):
+        made.append(Pair(tmp_path, tuning))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.stop_all()
+
+
+@pytest.fixture
+def pair(make_pair):
+    return make_pair()
 
 
 def qemu_io(uri, *cmds):
@@ -228,42 +240,39 @@ def test_the_secondary_refuses_nbd_writes(pair):
     h.shutdown()
 
 
-def test_an_interrupted_resync_resumes_where_it_stopped(tmp_path):
-    pair = Pair(tmp_path, tuning='resync-rate-min = "1MiB"\nresync-rate-max = "2MiB"\n')
-    try:
-        pair.up("beta")
-        pair.up("alpha", "--primary")
-        pair.wait_in_sync()
-        since = pair.mark("alpha")
-        pair.stop("beta", signal.SIGKILL)
-        pair.wait_for("alpha", "link to beta down", since=since)
-        qemu_io(pair.uri, "write -P 0x5e 0 8M", "flush")
-        since = pair.mark("alpha")
-        pair.up("beta")
-        first = int(re.findall(r"syncSource, (\d+) bytes", pair.wait_for("alpha", r"syncSource, (\d+) bytes", since=since))[-1])
-        assert first >= 8 * MiB
-        # At 2 MiB/s the resync takes seconds: interrupt it part-way.
-        deadline = time.monotonic() + 20
-        while status(pair, "alpha")["peer"]["out_of_sync_bytes"] > first - 4 * MiB:
-            assert time.monotonic() < deadline, "the resync made no progress"
-            time.sleep(0.1)
-        since = pair.mark("alpha")
-        pair.stop("beta", signal.SIGKILL)
-        pair.wait_for("alpha", "link to beta down", since=since)
-        left = status(pair, "alpha")["peer"]["out_of_sync_bytes"]
-        assert 0 < left < first, (left, first)
-        since = pair.mark("alpha")
-        pair.up("beta")
-        second = int(re.findall(r"syncSource, (\d+) bytes", pair.wait_for("alpha", r"syncSource, (\d+) bytes", since=since))[-1])
-        # The target checkpoints its progress every second, so it may re-copy up to a second's worth.
-        assert left <= second < first, f"the second resync ({second}) resumes from what was left ({left}), not from scratch ({first})"
-        pair.wait_in_sync(since=since)
-        pair.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes")
-        assert pair.stop("alpha") == 0
-        assert pair.stop("beta") == 0
-        assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
-    finally:
-        pair.stop_all()
+def test_an_interrupted_resync_resumes_where_it_stopped(make_pair, tmp_path):
+    pair = make_pair('resync-rate-min = "1MiB"\nresync-rate-max = "2MiB"\n')
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    since = pair.mark("alpha")
+    pair.stop("beta", signal.SIGKILL)
+    pair.wait_for("alpha", "link to beta down", since=since)
+    qemu_io(pair.uri, "write -P 0x5e 0 8M", "flush")
+    since = pair.mark("alpha")
+    pair.up("beta")
+    first = int(re.findall(r"syncSource, (\d+) bytes", pair.wait_for("alpha", r"syncSource, (\d+) bytes", since=since))[-1])
+    assert first >= 8 * MiB
+    # At 2 MiB/s the resync takes seconds: interrupt it part-way.
+    deadline = time.monotonic() + 20
+    while status(pair, "alpha")["peer"]["out_of_sync_bytes"] > first - 4 * MiB:
+        assert time.monotonic() < deadline, "the resync made no progress"
+        time.sleep(0.1)
+    since = pair.mark("alpha")
+    pair.stop("beta", signal.SIGKILL)
+    pair.wait_for("alpha", "link to beta down", since=since)
+    left = status(pair, "alpha")["peer"]["out_of_sync_bytes"]
+    assert 0 < left < first, (left, first)
+    since = pair.mark("alpha")
+    pair.up("beta")
+    second = int(re.findall(r"syncSource, (\d+) bytes", pair.wait_for("alpha", r"syncSource, (\d+) bytes", since=since))[-1])
+    # The target checkpoints its progress every second, so it may re-copy up to a second's worth.
+    assert left <= second < first, f"the second resync ({second}) resumes from what was left ({left}), not from scratch ({first})"
+    pair.wait_in_sync(since=since)
+    pair.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes")
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
 
 
 def test_verify_finds_exactly_the_blocks_changed_behind_the_secondarys_back(pair, tmp_path):
@@ -318,32 +327,24 @@ def test_a_failing_local_disk_is_served_through_the_peer(pair, tmp_path):
     assert beta[20 * MiB:21 * MiB] == b"\x63" * MiB
 
 
-def test_a_silent_peer_times_out_and_the_primary_goes_on(tmp_path):
-    pair = Pair(tmp_path, tuning="ping-interval-ms = 200\npeer-timeout-ms = 1000\n")
-    try:
-        pair.up("beta")
-        pair.up("alpha", "--primary")
-        pair.wait_in_sync()
-        since = pair.mark("alpha")
-        # A stopped process keeps its socket open and sends nothing: like a cut cable.
-        pair.procs["beta"].send_signal(signal.SIGSTOP)
-        # The write completes: its peer ack never comes, the link times out, the primary goes on.
-        qemu_io(pair.uri, "write -P 0x7a 0 1M", "flush")
-        text = pair.wait_for("alpha", "peer timed out", since=since)
-        assert "link to beta down" in text
-        pair.procs["beta"].send_signal(signal.SIGCONT)
-        since = pair.mark("alpha")
-        pair.wait_in_sync(since=since)
-        assert pair.stop("alpha") == 0
-        assert pair.stop("beta") == 0
-        assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
-    finally:
-        for p in pair.procs.values():
-            try:
-                p.send_signal(signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        pair.stop_all()
+def test_a_silent_peer_times_out_and_the_primary_goes_on(make_pair, tmp_path):
+    pair = make_pair("ping-interval-ms = 200\npeer-timeout-ms = 1000\n")
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    since = pair.mark("alpha")
+    # A stopped process keeps its socket open and sends nothing: like a cut cable.
+    pair.procs["beta"].send_signal(signal.SIGSTOP)
+    # The write completes: its peer ack never comes, the link times out, the primary goes on.
+    qemu_io(pair.uri, "write -P 0x7a 0 1M", "flush")
+    text = pair.wait_for("alpha", "peer timed out", since=since)
+    assert "link to beta down" in text
+    pair.procs["beta"].send_signal(signal.SIGCONT)
+    since = pair.mark("alpha")
+    pair.wait_in_sync(since=since)
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
 
 
 def test_a_crashed_primary_resyncs_only_its_hot_extents(pair, tmp_path):
