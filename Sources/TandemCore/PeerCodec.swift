@@ -194,6 +194,7 @@ extension PeerMessage {
             let nodeID = r.u8(), rawRole = r.u8(), rawDisk = r.u8()
             let nameLength = Int(r.u8())
             let name = r.bytes(nameLength)
+            let outOfSyncBits = r.u64(), primarySince = r.u64()
             guard r.isExactlyConsumed else { return .invalid("hello: name length \(nameLength) does not fit the payload") }
             guard versionMin >= 1, versionMin <= versionMax else {
                 return .invalid("hello: version range \(versionMin)...\(versionMax)")
@@ -211,7 +212,7 @@ extension PeerMessage {
                 versionMin: versionMin, versionMax: versionMax, nodeID: nodeID, role: role, diskState: disk,
                 flags: header.flags, resourceName: String(decoding: name, as: UTF8.self), deviceSizeBytes: size,
                 bitmapGranularityBytes: granularity,
-                uuids: uuids))
+                uuids: uuids, outOfSyncBits: outOfSyncBits, primarySinceMillis: primarySince))
 
         case .ping:
             message = .ping(id: header.sequence)
@@ -562,6 +563,8 @@ extension PeerMessage {
             w.u8(h.diskState.rawValue)
             w.u8(UInt8(h.resourceName.utf8.count))
             w.bytes(h.resourceName.utf8)
+            w.u64(h.outOfSyncBits)
+            w.u64(h.primarySinceMillis)
         case .ping, .pingAck, .trim, .zeroes, .flush, .resyncDone:
             break
         case .stateChange(let s):

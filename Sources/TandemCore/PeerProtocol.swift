@@ -57,7 +57,7 @@ public enum PeerProtocol {
     public static let verifyDigestPrefixBytes = 18
 
     /// Fixed part of the `hello` payload; the resource name follows it.
-    public static let helloFixedBytes = 68
+    public static let helloFixedBytes = 84
     /// The `stateChange` payload: generation UUIDs, role, disk state.
     public static let stateChangeBytes = 50
 
@@ -312,12 +312,20 @@ public struct PeerHello: Sendable, Equatable {
     /// Bytes per bitmap bit: a power of two from 4 KiB to 1 MiB; both sides must agree.
     public var bitmapGranularityBytes: UInt32
     public var uuids: PeerGenerationUUIDs
+    /// Bits set in the sender's dirty bitmap: the automatic split-brain policies compare them.
+    public var outOfSyncBits: UInt64
+    /// Wall-clock time (Unix milliseconds) the sender last became primary, 0 if unknown or never
+    /// (the `discard-younger-primary` policy).
+    public var primarySinceMillis: UInt64
 
     public init(
         versionMin: UInt16 = PeerProtocol.versionMin, versionMax: UInt16 = PeerProtocol.versionMax,
         nodeID: UInt8, role: PeerRole, diskState: PeerDiskState, flags: UInt16, resourceName: String,
-        deviceSizeBytes: UInt64, bitmapGranularityBytes: UInt32, uuids: PeerGenerationUUIDs
+        deviceSizeBytes: UInt64, bitmapGranularityBytes: UInt32, uuids: PeerGenerationUUIDs,
+        outOfSyncBits: UInt64 = 0, primarySinceMillis: UInt64 = 0
     ) {
+        self.outOfSyncBits = outOfSyncBits
+        self.primarySinceMillis = primarySinceMillis
         self.versionMin = versionMin
         self.versionMax = versionMax
         self.nodeID = nodeID

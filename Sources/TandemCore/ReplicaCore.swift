@@ -28,9 +28,13 @@ public struct ReplicaCore {
         /// Resync pace (bytes per second of `tick` time); the node adapts it between the
         /// resource file's bounds.
         public var resyncBytesPerSecond: UInt64
+        /// What a connect that finds a split brain does (`after-split-brain`).
+        public var splitBrainPolicy: SplitBrainPolicy
 
         public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192,
-                    resyncInFlightMax: Int = 8, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20) {
+                    resyncInFlightMax: Int = 8, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
+                    splitBrainPolicy: SplitBrainPolicy = .disconnect) {
+            self.splitBrainPolicy = splitBrainPolicy
             precondition(transferLogEntriesMax > 0)
             precondition(resyncInFlightMax > 0 && resyncRunBytesMax >= granularityBytes && resyncRunBytesMax <= Limits.nbdRequestBytesMax)
             self.resyncInFlightMax = resyncInFlightMax
@@ -64,6 +68,13 @@ public struct ReplicaCore {
     public private(set) var role: PeerRole
     public private(set) var disk: PeerDiskState
     public private(set) var peerDisk: PeerDiskState?
+    /// The peer's role while the link is up.
+    public private(set) var peerRole: PeerRole?
+    /// The last connect found a split brain (or unrelated data); cleared by the next good connect.
+    public private(set) var splitBrain = false
+    /// The operator gave this node's changes up (`tandem connect --discard-my-data`): sent in the
+    /// next hello, cleared once a connect has made this node the sync target.
+    public private(set) var discardMyData = false
     public private(set) var link: LinkState = .connecting
     public private(set) var sync: SyncState = .established
     public private(set) var uuids: GenerationUUIDs
@@ -178,7 +189,7 @@ public struct ReplicaCore {
 
     public var status: ReplicaStatus {
         ReplicaStatus(
-            role: role, disk: disk, peerDisk: peerDisk, link: link, sync: sync,
+            role: role, disk: disk, peerDisk: peerDisk, peerRole: peerRole, link: link, sync: sync, splitBrain: splitBrain,
             outOfSyncBytes: bitmap.outOfSyncBytes, writesInFlight: writes.count, transferLogEntries: transferLog.count)
     }
 
@@ -191,6 +202,13 @@ public struct ReplicaCore {
         precondition(writes[id] == nil, "duplicate client write id \(id)")
         var write = ClientWrite(offset: offset, length: length)
         let payload: BufferRef? = kind == .write ? .client(id) : nil
+        if !replicating, uuids.bitmap == 0, let fresh = spareUUID {
+            // New data from here on belongs to a generation the peer does not have; the node
+            // persists it (on this state change) before it submits the write.
+            spareUUID = nil
+            uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
+            actions.append(.stateChanged(status))
+        }
         if disk == .failed {
             // Detached: the peer's copy is the only one (the write fails if it is gone too).
             write.localDone = true
@@ -394,6 +412,12 @@ public struct ReplicaCore {
             receivedBitmapDone(totalBits: totalBits, into: &actions)
         case .stateChange(let change):
             peerDisk = change.diskState
+            peerRole = change.role
+            if change.role == .primary && role == .primary {
+                // Both promoted at once: neither may keep writing through this link.
+                actions.append(.dropLink(.roleConflict))
+                return
+            }
             if awaitingSkippedSyncUUID {
                 awaitingSkippedSyncUUID = false
                 uuids = uuids.afterSkippedInitialSync(newCurrent: change.uuids.current)
@@ -407,7 +431,15 @@ public struct ReplicaCore {
             resyncAcked(id: id, offset: offset, length: length, code: code, into: &actions)
         case .resyncDone:
             resyncDone(into: &actions)
-        case .pingAck, .hello, .disconnect, .resyncRequest, .verifyRequest, .verifyDigest:
+        case .disconnect(let reason, _):
+            if reason == .shutdown && peerRole == .primary && role == .secondary && disk == .upToDate {
+                // The primary leaves on purpose and will write without us: our copy is now older
+                // than the one that serves (DRBD's outdate on a graceful disconnect).
+                disk = .outdated
+                localFlags.insert(.outdated)
+                actions.append(.stateChanged(status))
+            }
+        case .pingAck, .hello, .resyncRequest, .verifyRequest, .verifyDigest:
             // Link management, resync and verify are handled by the node until they move here.
             break
         }
@@ -459,17 +491,39 @@ public struct ReplicaCore {
         epoch = 1
         epochClosePending = false
         peerDisk = hello.diskState
+        peerRole = hello.role
         sync = .established
         pendingSync = nil
         awaitingSkippedSyncUUID = false
         peerCurrentUUID = hello.uuids.current
-        let result = GenerationUUIDs.decideWithRule(
+        var result = GenerationUUIDs.decideWithRule(
             local: uuids, peer: Self.uuids(of: hello), localFlags: localFlags, peerFlags: Self.flags(of: hello),
             localWinsTie: configuration.nodeID < hello.nodeID)
+        if result.decision == .splitBrain, let resolved = resolveSplitBrain(rule: result.rule, peer: hello) {
+            result.decision = resolved
+        }
         lastDecision = result
+        splitBrain = result.decision == .splitBrain || result.decision == .unrelatedData
+        let makesTarget = [.becomeTarget, .fullSyncAsTarget].contains(result.decision)
+        if !splitBrain && ((role == .primary && hello.role == .primary) || (role == .primary && makesTarget)) {
+            // Two primaries, or a primary whose data the peer would overwrite under its clients:
+            // one of them must demote first (peer.md 4.1, roleConflict).
+            link = .standalone
+            peerDisk = nil
+            peerRole = nil
+            actions.append(.dropLink(.roleConflict))
+            actions.append(.stateChanged(status))
+            return
+        }
+        if makesTarget { discardMyData = false }
         switch result.decision {
         case .noSync:
             link = .connected
+            if disk == .outdated && peerDisk == .upToDate {
+                // Outdated only meant "the peer may have written since": it did not.
+                disk = .upToDate
+                localFlags.remove(.outdated)
+            }
         case .skipInitialSync:
             link = .connected
             if configuration.nodeID < hello.nodeID {
@@ -495,9 +549,128 @@ public struct ReplicaCore {
         case .splitBrain, .unrelatedData:
             link = .standalone
             peerDisk = nil
+            peerRole = nil
             actions.append(.dropLink(result.decision == .splitBrain ? .splitBrain : .unrelatedData))
         }
         actions.append(.stateChanged(status))
+    }
+
+    /// Whether a split brain resolves by the operator's `--discard-my-data` (on exactly one side)
+    /// or the automatic policy; the decision for this side, or nil to refuse. With equal bitmap
+    /// UUIDs both bitmaps hold every change since the split and their union is resynced;
+    /// otherwise the split is older than the bitmaps and the target gets a full sync.
+    private func resolveSplitBrain(rule: GenerationUUIDs.SyncRule, peer hello: PeerHello) -> GenerationUUIDs.SyncDecision? {
+        let peerDiscards = hello.flags & PeerFlags.Hello.discardMyData != 0
+        var localLoses: Bool?
+        if discardMyData != peerDiscards {
+            localLoses = discardMyData
+        } else if !discardMyData {
+            let mine = UInt64(bitmap.setBitCount), theirs = hello.outOfSyncBits
+            switch configuration.splitBrainPolicy {
+            case .disconnect:
+                break
+            case .discardZeroChanges:
+                if (mine == 0) != (theirs == 0) { localLoses = mine == 0 }
+            case .discardLeastChanges:
+                if mine != theirs { localLoses = mine < theirs }
+            case .discardYoungerPrimary:
+                if primarySinceMillis != 0 && hello.primarySinceMillis != 0 && primarySinceMillis != hello.primarySinceMillis {
+                    localLoses = primarySinceMillis > hello.primarySinceMillis
+                }
+            }
+        }
+        guard let loses = localLoses else { return nil }
+        switch (loses, rule == .equalBitmaps) {
+        case (true, true): return .becomeTarget
+        case (true, false): return .fullSyncAsTarget
+        case (false, true): return .becomeSource
+        case (false, false): return .fullSyncAsSource
+        }
+    }
+
+    // MARK: Roles and administrative link control
+
+    /// When this node last became primary (Unix milliseconds, from the node), for the
+    /// `discard-younger-primary` policy; 0 unknown.
+    public var primarySinceMillis: UInt64 = 0
+    /// A fresh UUID for the first write without the peer (a new generation). The node keeps one
+    /// here at all times (the core has no random numbers); the link loss supplies one too.
+    public var spareUUID: UInt64?
+
+    /// Makes this node primary (`tandem primary`). Refused while the peer is primary, while a
+    /// resync writes into this node, or (without `force`) unless the local disk is UpToDate.
+    /// Without the peer, this node's writes start a new generation (`freshUUID`); with `force`
+    /// an Outdated or Inconsistent disk is declared UpToDate (the operator takes the risk).
+    public mutating func promote(force: Bool, freshUUID: UInt64, nowMillis: UInt64, into actions: inout [Action]) -> RoleChangeRefusal? {
+        guard role != .primary else { return nil }
+        if link == .connected || link == .handshaking {
+            if peerRole == .primary { return .peerIsPrimary }
+            if sync == .syncTarget || pendingSync == .syncTarget { return .resyncTarget }
+        }
+        switch disk {
+        case .upToDate:
+            break
+        case .failed, .diskless:
+            guard replicating && peerDisk == .upToDate else { return .noUsableData }
+        case .inconsistent, .outdated, .consistent:
+            guard force else { return .diskNotUpToDate(disk) }
+            disk = .upToDate
+            localFlags.remove(.outdated)
+            localFlags.remove(.resyncTarget)
+            localFlags.insert(.consistent)
+        }
+        role = .primary
+        primarySinceMillis = nowMillis
+        if !replicating && uuids.bitmap == 0 && !(link == .handshaking) {
+            // Writes from here on belong to a generation the peer does not have.
+            uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
+        }
+        announceState(into: &actions)
+        return nil
+    }
+
+    /// Makes this node secondary (`tandem secondary`). The node first stops client requests and
+    /// flushes both sides; requests still in flight refuse the change.
+    public mutating func demote(into actions: inout [Action]) -> RoleChangeRefusal? {
+        guard role != .secondary else { return nil }
+        guard writes.isEmpty && flushes.isEmpty else { return .requestsInFlight(writes.count + flushes.count) }
+        role = .secondary
+        primarySinceMillis = 0
+        announceState(into: &actions)
+        return nil
+    }
+
+    /// Tells the peer (if connected) and the node about this node's role, disk and generation.
+    private func announceState(into actions: inout [Action]) {
+        if link == .connected || link == .handshaking {
+            actions.append(.send(.stateChange(PeerStateChange(role: role, diskState: disk, uuids: Self.wire(uuids)))))
+        }
+        actions.append(.stateChanged(status))
+    }
+
+    /// Leaves standalone and tries to connect again (`tandem connect`); with `discardMyData`
+    /// this node gives up its changes if the connect finds a split brain.
+    public mutating func connect(discardMyData: Bool, into actions: inout [Action]) {
+        self.discardMyData = discardMyData
+        guard link == .standalone else { return }
+        link = .connecting
+        actions.append(.stateChanged(status))
+    }
+
+    /// Disconnects on purpose (`tandem disconnect`, or the node stopping): the peer is told, so a
+    /// secondary left behind by a primary marks itself Outdated; then the link stays down.
+    public mutating func disconnect(freshUUID: UInt64, into actions: inout [Action]) {
+        guard link != .standalone else { return }
+        let wasUp = link == .connected || link == .handshaking
+        if wasUp {
+            actions.append(.send(.disconnect(reason: .shutdown, text: role == .primary ? "primary disconnecting: outdate your data" : "disconnecting")))
+            if role == .primary && peerDisk == .upToDate { peerDisk = .outdated }
+            actions.append(.dropLink(.administrative))
+            linkDown(.administrative, freshUUID: freshUUID, into: &actions)
+        } else {
+            link = .standalone
+            actions.append(.stateChanged(status))
+        }
     }
 
     /// Sends every bitmap page that has a bit set, then `bitmapDone`.
@@ -692,6 +865,7 @@ public struct ReplicaCore {
         uuids = uuids.adoptedAfterResyncAsTarget(sourceCurrent: peerCurrentUUID)
         localFlags.remove(.resyncTarget)
         localFlags.remove(.crashedPrimary)
+        localFlags.remove(.outdated)
         localFlags.insert(.consistent)
         bitmap.clearAll()
         disk = .upToDate
@@ -728,6 +902,7 @@ public struct ReplicaCore {
     /// waited for the peer complete on the local disk alone.
     public mutating func linkDown(_ reason: LinkDownReason, freshUUID: UInt64, into actions: inout [Action]) {
         guard link == .connected || link == .handshaking else { return }
+        let unconfirmed = writes.values.contains { $0.peerPending }
         while let entry = transferLog.pop() {
             bitmap.setRange(offset: entry.offset, length: UInt64(entry.length))
         }
@@ -744,17 +919,25 @@ public struct ReplicaCore {
         peerFlushCoverage.removeAll()
         peerFlushesWaiting.removeAll()
         barriersWaiting.removeAll()
-        if role == .primary && uuids.bitmap == 0 {
-            // New data from here on belongs to a generation the peer does not have.
-            uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
+        if role == .primary {
+            // The first write without the peer starts a generation the peer does not have: now,
+            // if writes the peer never confirmed are answered below; else at the next write.
+            // A primary that loses its link and writes nothing (it lost quorum, or it crashes
+            // next) still holds the peer's generation and causes no split brain.
+            spareUUID = freshUUID
+            if uuids.bitmap == 0 && unconfirmed {
+                uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
+                spareUUID = nil
+            }
         }
         peerDisk = nil
+        peerRole = nil
         sync = .established
         pendingSync = nil
         awaitingSkippedSyncUUID = false
         for i in resyncSlots.indices where resyncSlots[i] != nil { resyncSlots[i]!.stale = true }
         lastTickNanos = nil
-        link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch) ? .standalone : .connecting
+        link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch || reason == .roleConflict) ? .standalone : .connecting
         let ids = Array(writes.keys)
         for id in ids { finishWriteIfDone(id, into: &actions) }
         let flushIDs = Array(flushes.keys)
@@ -768,8 +951,11 @@ public struct ReplicaStatus: Sendable, Equatable {
     public var role: PeerRole
     public var disk: PeerDiskState
     public var peerDisk: PeerDiskState?
+    public var peerRole: PeerRole?
     public var link: LinkState
     public var sync: SyncState
+    /// The last connect found a split brain or unrelated data: an operator must choose.
+    public var splitBrain: Bool
     public var outOfSyncBytes: UInt64
     public var writesInFlight: Int
     public var transferLogEntries: Int

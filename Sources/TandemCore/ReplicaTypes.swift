@@ -30,6 +30,42 @@ public enum LinkDownReason: Sendable, Equatable {
     case unrelatedData
     case sizeMismatch
     case administrative
+    /// Both nodes are primary, or the connect would make a primary the sync target.
+    case roleConflict
+}
+
+/// What to do when a connect finds a split brain (the resource file's `after-split-brain`).
+/// Every policy other than `disconnect` discards one side's changes automatically; all are off
+/// by default, as in DRBD.
+public enum SplitBrainPolicy: String, Sendable, Equatable, CaseIterable {
+    /// Refuse to connect and wait for an operator (`tandem connect --discard-my-data`).
+    case disconnect
+    /// A side that wrote nothing since the split becomes the target; else disconnect.
+    case discardZeroChanges = "discard-zero-changes"
+    /// The side with fewer changed blocks becomes the target (a tie disconnects).
+    case discardLeastChanges = "discard-least-changes"
+    /// The side that became primary later becomes the target (unknown times disconnect).
+    case discardYoungerPrimary = "discard-younger-primary"
+}
+
+/// Why a role change was refused (the operator reads `description`).
+public enum RoleChangeRefusal: Error, Sendable, Equatable, CustomStringConvertible {
+    case peerIsPrimary
+    case diskNotUpToDate(PeerDiskState)
+    case resyncTarget
+    case noUsableData
+    case requestsInFlight(Int)
+
+    public var description: String {
+        switch self {
+        case .peerIsPrimary: "the peer is primary: demote it first (two primaries would diverge)"
+        case .diskNotUpToDate(let state):
+            "the local disk is \(state), not upToDate: promoting would serve data that may be older than the peer's; --force does it anyway"
+        case .resyncTarget: "a resync into this node is running: its data is not consistent until it ends"
+        case .noUsableData: "the local disk has failed and no UpToDate peer is connected"
+        case .requestsInFlight(let n): "\(n) client requests are still in flight"
+        }
+    }
 }
 
 /// The kind of a write-like request.

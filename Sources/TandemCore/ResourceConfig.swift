@@ -24,6 +24,9 @@ public struct ResourceConfig: Sendable {
     public var name: String
     public var tls: TLS
     public var tuning: Tuning
+    public var failover = Failover()
+    /// Scripts run on events (`[handlers]`), by event.
+    public var handlers: [HandlerEvent: String] = [:]
     /// The nodes in the order of the file.
     public var nodes: [Node]
     /// The file the configuration came from, for messages.
@@ -54,6 +57,28 @@ public struct ResourceConfig: Sendable {
         public init(caPath: String) {
             self.caPath = caPath
         }
+    }
+
+    /// `[failover]`: what happens without an operator.
+    public struct Failover: Sendable, Equatable {
+        /// What a connect that finds a split brain does (default: refuse and wait for an operator).
+        public var afterSplitBrain: SplitBrainPolicy = .disconnect
+        /// With a witness: the secondary promotes itself when the primary is gone and the witness
+        /// agrees; a primary that loses quorum stops acknowledging writes.
+        public var autoPromote = true
+
+        public init() {}
+    }
+
+    /// Events that run a user's script (`[handlers]`), like DRBD's handlers. The script gets the
+    /// event, resource, node and details as arguments and `TANDEM_*` variables; its failure is
+    /// logged, never fatal.
+    public enum HandlerEvent: String, Sendable, Equatable, Hashable, CaseIterable {
+        case roleChange = "role-change"
+        case splitBrain = "split-brain"
+        case peerLost = "peer-lost"
+        case resyncDone = "resync-done"
+        case quorumLost = "quorum-lost"
     }
 
     public enum Role: String, Sendable, Equatable, CaseIterable {
@@ -161,7 +186,8 @@ public struct ResourceConfig: Sendable {
 /// file's path, do not count (a rendered and re-parsed configuration equals the original).
 extension ResourceConfig: Equatable {
     public static func == (a: ResourceConfig, b: ResourceConfig) -> Bool {
-        a.name == b.name && a.tls == b.tls && a.tuning == b.tuning && a.nodes == b.nodes
+        a.name == b.name && a.tls == b.tls && a.tuning == b.tuning && a.nodes == b.nodes && a.failover == b.failover
+            && a.handlers == b.handlers
     }
 }
 
@@ -288,6 +314,12 @@ extension ResourceConfig {
             directory(of: metadata, key: "node.\(node.name).metadata", what: "the metadata file")
         }
         directory(of: node.controlPath, key: "node.\(node.name).control", what: "the control socket")
+        for event in HandlerEvent.allCases {
+            if let script = handlers[event] {
+                file(script, key: "handlers.\(event.rawValue)", what: "the \(event.rawValue) handler",
+                     createHint: "write the script (it gets the event, resource and node as arguments)")
+            }
+        }
         return errors.enumerated().sorted {
             ($0.element.line, $0.element.column, $0.offset) < ($1.element.line, $1.element.column, $1.offset)
         }.map(\.element)
@@ -310,6 +342,11 @@ extension ResourceConfig {
         for key in TuningKey.all {
             let value = tuning[keyPath: key.field]
             out += "\(key.name) = \(key.isSize ? TOML.quoted(Self.sizeText(value)) : String(value))\n"
+        }
+        out += "\n[failover]\nafter-split-brain = \(TOML.quoted(failover.afterSplitBrain.rawValue))\nauto-promote = \(failover.autoPromote)\n"
+        if !handlers.isEmpty {
+            out += "\n[handlers]\n"
+            for event in HandlerEvent.allCases { if let script = handlers[event] { out += "\(event.rawValue) = \(TOML.quoted(script))\n" } }
         }
         for node in nodes {
             out += "\n[[node]]\nname = \(TOML.quoted(node.name))\nid = \(node.id)\n"
@@ -879,13 +916,15 @@ private struct TuningKey {
 
 /// Where each known key belongs, for "unknown key" messages.
 private enum Section: Equatable {
-    case top, tls, tuning, node
+    case top, tls, tuning, failover, handlers, node
 
     var title: String {
         switch self {
         case .top: return "the top level"
         case .tls: return "[tls]"
         case .tuning: return "[tuning]"
+        case .failover: return "[failover]"
+        case .handlers: return "[handlers]"
         case .node: return "[[node]]"
         }
     }
@@ -895,14 +934,16 @@ private enum Section: Equatable {
 
     var keys: [String] {
         switch self {
-        case .top: return ["resource", "tls", "tuning", "node"]
+        case .top: return ["resource", "tls", "tuning", "failover", "handlers", "node"]
         case .tls: return ["ca"]
         case .tuning: return TuningKey.all.map(\.name)
+        case .failover: return ["after-split-brain", "auto-promote"]
+        case .handlers: return ResourceConfig.HandlerEvent.allCases.map(\.rawValue)
         case .node: return ["name", "id", "role", "address", "device", "metadata", "nbd", "control", "cert", "key"]
         }
     }
 
-    static let all: [Section] = [.top, .tls, .tuning, .node]
+    static let all: [Section] = [.top, .tls, .tuning, .failover, .handlers, .node]
 }
 
 /// A key's value, as far as it could be read.
@@ -968,6 +1009,10 @@ private struct ConfigValidator {
         "device": "\"/var/lib/tandem/r0.img\"", "metadata": "\"/var/lib/tandem/r0.meta\"",
         "nbd": "\"127.0.0.1:10809\"", "control": "\"/run/tandem/r0-alpha.sock\"",
         "cert": "\"/etc/tandem/pki/alpha-cert.pem\"", "key": "\"/etc/tandem/pki/alpha-key.pem\"",
+        "after-split-brain": "\"disconnect\"", "auto-promote": "true",
+        "role-change": "\"/etc/tandem/handlers/notify\"", "split-brain": "\"/etc/tandem/handlers/notify\"",
+        "peer-lost": "\"/etc/tandem/handlers/notify\"", "resync-done": "\"/etc/tandem/handlers/notify\"",
+        "quorum-lost": "\"/etc/tandem/handlers/notify\"",
     ]
 
     static func example(_ key: String) -> String {
@@ -1162,6 +1207,50 @@ private struct ConfigValidator {
             }
         }
 
+        var failover = ResourceConfig.Failover()
+        if let entry = root.entry("failover") {
+            if let t = table(entry) {
+                checkKeys(t, in: .failover)
+                switch string(t, "after-split-brain") {
+                case .present(let text, let e):
+                    if let policy = SplitBrainPolicy(rawValue: text) {
+                        failover.afterSplitBrain = policy
+                    } else {
+                        ok = false
+                        let names = SplitBrainPolicy.allCases.map { TOML.quoted($0.rawValue) }.joined(separator: ", ")
+                        report(e, "'after-split-brain' \(TOML.quoted(text)) is not a policy", fix: "write one of \(names)")
+                    }
+                case .invalid: ok = false
+                case .absent: break
+                }
+                if let e = t.entry("auto-promote") {
+                    if let b = e.value.boolean { failover.autoPromote = b } else {
+                        ok = false
+                        report(e, "'auto-promote' must be a boolean, got \(e.value.typeDescription)", fix: "write auto-promote = true or false")
+                    }
+                }
+            } else {
+                ok = false
+            }
+        }
+        var handlers: [ResourceConfig.HandlerEvent: String] = [:]
+        if let entry = root.entry("handlers") {
+            if let t = table(entry) {
+                checkKeys(t, in: .handlers)
+                for event in ResourceConfig.HandlerEvent.allCases {
+                    switch pathField(t, event.rawValue) {
+                    case .present(let path, let e):
+                        handlers[event] = path
+                        positions["handlers.\(event.rawValue)"] = .init(line: e.line, column: e.column)
+                    case .invalid: ok = false
+                    case .absent: break
+                    }
+                }
+            } else {
+                ok = false
+            }
+        }
+
         var drafts: [NodeDraft] = []
         if let entry = root.entry("node") {
             switch entry.value.kind {
@@ -1208,6 +1297,8 @@ private struct ConfigValidator {
             }
         }
         var config = ResourceConfig(name: name, tls: .init(caPath: caPath), tuning: tuning, nodes: nodes, path: path)
+        config.failover = failover
+        config.handlers = handlers
         config.positions = positions
         return config
     }

@@ -38,12 +38,12 @@ final class ControlServer: IOHandler {
     private let listenFD: Int32
     private(set) var id: UInt32 = 0
     /// Answers a request line with a JSON document.
-    private let handle: (String) -> String
+    private let handle: (String, @escaping (String) -> Void) -> Void
     private var clients: [UInt32: Client] = [:]
     private var nextTag: UInt32 = 0
     private var stopping = false
 
-    init(loop: IOLoop, path: String, logger: Logger, handle: @escaping (String) -> String) throws(ServeError) {
+    init(loop: IOLoop, path: String, logger: Logger, handle: @escaping (String, @escaping (String) -> Void) -> Void) throws(ServeError) {
         self.loop = loop
         self.path = path
         self.logger = logger
@@ -111,8 +111,12 @@ final class ControlServer: IOHandler {
             client.received += Int(result)
             let text = String(decoding: UnsafeRawBufferPointer(start: client.buffer, count: client.received), as: UTF8.self)
             if let newline = text.firstIndex(of: "\n") {
-                client.reply = Array((handle(String(text[..<newline])) + "\n").utf8)
-                postSend(key, client)
+                // The answer may come later (a demotion waits for its clients and a flush).
+                handle(String(text[..<newline])) { [weak self, weak client] answer in
+                    guard let self, let client, self.clients[key] === client, client.reply.isEmpty else { return }
+                    client.reply = Array((answer + "\n").utf8)
+                    self.postSend(key, client)
+                }
             } else if client.received >= Self.requestBytesMax {
                 client.reply = Array("{\"error\":\"request too long\"}\n".utf8)
                 postSend(key, client)

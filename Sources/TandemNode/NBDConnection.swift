@@ -366,7 +366,7 @@ final class NBDConnection: IOHandler {
             phase = .transmission
             loop.cancelTimers(id: id, tag: Self.tagHandshakeTimer)
             logger.info("NBD client \(peer) attached to export \"\(session.export.name)\"\(tls != nil ? " over \(tls!.version)" : "")\(session.structuredReplies ? ", structured replies" : "")")
-            if server.shuttingDown { serverShuttingDown() }
+            if server.refusingRequests { serverShuttingDown() }
             return true
         case .close(let bytes, let reason):
             queueControl(bytes)
@@ -413,7 +413,7 @@ final class NBDConnection: IOHandler {
     private func start(_ request: NBDRequest) -> Bool {
         let session = self.session!
         var error = NBDTransmission.validate(request, session)
-        if error == .ok && server.shuttingDown && request.command != .disconnect { error = .shutdown }
+        if error == .ok && server.refusingRequests && request.command != .disconnect { error = .shutdown }
         if error != .ok {
             if request.payloadLength > 0 { skipRemaining = request.payloadLength }
             logger.debug("request \(request.command.map { "\($0)" } ?? "type \(request.type)") offset \(request.offset) length \(request.length) flags 0x\(String(request.flags, radix: 16)): \(error)")
@@ -863,7 +863,7 @@ final class NBDConnection: IOHandler {
 
     /// After NBD_CMD_DISC: close once every request in flight has been answered.
     private func closeIfDisconnected() {
-        guard disconnectRequested || (server.shuttingDown && phase == .transmission) else { return }
+        guard disconnectRequested || (server.refusingRequests && phase == .transmission) else { return }
         if freeSlots.count == slots.count && replies.isEmpty && !sendPosted && (controlSent == control.count) && payloadSlot < 0 {
             if disconnectRequested {
                 close(reason: "client disconnected")

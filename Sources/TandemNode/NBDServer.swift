@@ -48,7 +48,7 @@ public final class NBDServer: IOHandler {
     /// Set on a replicated node: writes go through replication instead of straight to disk.
     weak var replicator: (any NBDReplicator)?
     let device: BackingDevice
-    let configuration: NBDServerConfiguration
+    private(set) var configuration: NBDServerConfiguration
     let tlsContext: TLSContext?
     let logger: Logger
     private let listenFD: Int32
@@ -57,6 +57,11 @@ public final class NBDServer: IOHandler {
     private var acceptPosted = false
     private var bufferWaiters: [NBDConnection] = []
     public private(set) var shuttingDown = false
+    /// Clients are being closed (a demotion) while the listener stays open.
+    public private(set) var draining = false
+    private var drained: (() -> Void)?
+    /// New requests are answered ESHUTDOWN.
+    var refusingRequests: Bool { shuttingDown || draining }
     /// Called once the server has stopped and every connection is closed.
     public var onStopped: (() -> Void)?
     /// The address actually bound (the port is chosen by the kernel when 0 was asked for).
@@ -67,6 +72,7 @@ public final class NBDServer: IOHandler {
 
     private static let tagAccept: UInt32 = 1
     private static let tagDrainTimer: UInt32 = 2
+    private static let tagClientDrainTimer: UInt32 = 4
 
     public init(loop: IOLoop, device: BackingDevice, configuration: NBDServerConfiguration, tlsContext: TLSContext?, logger: Logger) throws(ServeError) {
         self.loop = loop
@@ -128,6 +134,8 @@ public final class NBDServer: IOHandler {
             for connection in connections.values { connection.close(reason: "server shut down") }
         case Self.tagDrainTimer + 1:
             postAccept()
+        case Self.tagClientDrainTimer:
+            for connection in connections.values { connection.close(reason: "clients disconnected by the node") }
         default:
             preconditionFailure("NBDServer: unknown tag \(tag)")
         }
@@ -135,6 +143,11 @@ public final class NBDServer: IOHandler {
 
     private func accepted(_ fd: Int32) {
         let peer = SocketAddress(of: fd, peer: true)?.description ?? "?"
+        if draining {
+            logger.notice("refusing NBD client \(peer): the node is changing role")
+            closeDescriptor(fd)
+            return
+        }
         if connections.count >= configuration.connectionsMax {
             logger.warning("refusing NBD client \(peer): \(configuration.connectionsMax) connections already")
             closeDescriptor(fd)
@@ -152,6 +165,34 @@ public final class NBDServer: IOHandler {
         connections[connection.id] = nil
         bufferWaiters.removeAll { $0 === connection }
         finishIfIdle()
+        finishDrainIfIdle()
+    }
+
+    /// The export as new clients see it (a node that changes role changes this).
+    func setReadOnly(_ readOnly: Bool) {
+        configuration.export.readOnly = readOnly
+    }
+
+    /// Closes every client once its requests in flight are answered (new requests get
+    /// ESHUTDOWN) and keeps listening; `done` runs when none is left (at the latest after the
+    /// drain deadline).
+    func disconnectClients(done: @escaping () -> Void) {
+        precondition(!draining, "NBDServer: clients are already being disconnected")
+        draining = true
+        drained = done
+        logger.info("disconnecting \(connections.count) NBD client(s)")
+        for connection in connections.values { connection.serverShuttingDown() }
+        loop.addTimer(id: id, tag: Self.tagClientDrainTimer, afterNanos: UInt64(Limits.shutdownDrainSeconds) * 1_000_000_000)
+        finishDrainIfIdle()
+    }
+
+    private func finishDrainIfIdle() {
+        guard draining, connections.isEmpty else { return }
+        draining = false
+        loop.cancelTimers(id: id, tag: Self.tagClientDrainTimer)
+        let done = drained
+        drained = nil
+        done?()
     }
 
     /// A connection found no free buffer; it is resumed when one is given back.

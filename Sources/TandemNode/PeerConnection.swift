@@ -58,6 +58,8 @@ final class PeerConnection: IOHandler {
     private var recvPosted = false
     private var sendPosted = false
     private var tlsWantsCiphertext = true
+    /// Set by `closeAfterSending`: close with this reason once the queue is sent.
+    private var closeWhenSent: String?
 
     private let input: UnsafeMutableRawPointer
     private let inputCapacity = PeerProtocol.frameBytesMax + Limits.tlsCiphertextBufferBytes
@@ -288,7 +290,19 @@ final class PeerConnection: IOHandler {
             }
         }
         cipherOutLength = tls.takeOutput(into: cipherOut, count: cipherBytes)
-        if cipherOutLength > 0 { postSend() }
+        if cipherOutLength > 0 {
+            postSend()
+        } else if let reason = closeWhenSent, queue.isEmpty {
+            close(reason: reason)
+        }
+    }
+
+    /// Closes once everything queued is on the wire (a `disconnect` message the peer must read
+    /// before the link goes). A link that cannot drain is closed by the peer timeout.
+    func closeAfterSending(reason: String) {
+        guard !closing, closeWhenSent == nil else { return }
+        closeWhenSent = reason
+        if up { loop.callAtBatchEnd(id) } else { close(reason: reason) }
     }
 
     private func postSend() {

@@ -53,6 +53,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private let dialAddress: UnsafeMutablePointer<SocketAddress>
     private var stopping = false
     var onStopped: (() -> Void)?
+    /// The NBD export: writable through replication while primary, read-only while secondary.
+    private weak var nbdServer: NBDServer?
+    private let handlers: HandlerRunner
+    /// The state last reported, to tell handlers what changed.
+    private var reported: ReplicaStatus?
+    /// A demotion in progress (NBD clients draining, then the flush on both sides).
+    private var demoting = false
+    /// Flushes the node asked for itself (a demotion's), by id: what to do when done.
+    private var internalFlushes: [UInt64: (Int32) -> Void] = [:]
 
     private var actions: [ReplicaCore.Action] = []
     private var ops: [(tag: LocalIO.Tag, syncAfter: Bool)?]
@@ -192,6 +201,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         activityLog = ActivityLog(superblock: superblock, nextSequence: loaded.recovery.nextSequence)
         transactionBuffer = allocateAligned(ActivityLog.transactionBytes)
         var disk: PeerDiskState = superblock.flags.contains(.resyncTarget) || !superblock.flags.contains(.consistent) ? .inconsistent : .upToDate
+        if disk == .upToDate && superblock.flags.contains(.outdated) { disk = .outdated }
         if primary && disk == .inconsistent && !superblock.flags.contains(.resyncTarget) {
             // A new node started as primary on data of its own: its data is the one the peer gets.
             logger.warning("\(me.name) starts as primary on data never synced: it becomes the source of the initial sync")
@@ -200,14 +210,17 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
         core = ReplicaCore(
             configuration: .init(nodeID: UInt8(me.id), deviceBytes: device.size, granularityBytes: superblock.layout.granularityBytes,
-                                 resyncBytesPerSecond: UInt64(config.tuning.resyncBytesPerSecondMax)),
+                                 resyncBytesPerSecond: UInt64(config.tuning.resyncBytesPerSecondMax),
+                                 splitBrainPolicy: config.failover.afterSplitBrain),
             role: primary ? .primary : .secondary, disk: disk, uuids: superblock.uuids, bitmap: bitmap, flags: superblock.flags)
+        core.spareUUID = Self.freshUUID()
         do {
             serverTLS = try TLSContext(server: true, certificate: me.certPath, key: me.keyPath, ca: config.tls.caPath, requirePeerCertificate: true, tls13Only: true)
             clientTLS = try TLSContext(server: false, certificate: me.certPath, key: me.keyPath, ca: config.tls.caPath, requirePeerCertificate: true, tls13Only: true)
         } catch {
             throw ServeError("TLS: \(error.message)")
         }
+        handlers = HandlerRunner(config: config, node: me.name, peer: peer.name, logger: logger)
         ops = Array(repeating: nil, count: Self.opsMax)
         freeOps = Array((0..<Self.opsMax).reversed())
         dialAddress = .allocate(capacity: 1)
@@ -252,7 +265,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     // MARK: Link establishment
 
     private func dial() {
-        guard !stopping, link == nil, dialFD < 0 else { return }
+        guard !stopping, link == nil, dialFD < 0, core.link != .standalone else { return }
         do {
             dialFD = try Sockets.stream(family: dialAddress.pointee.family)
         } catch {
@@ -279,7 +292,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         switch tag {
         case Self.tagAccept:
             if result >= 0 {
-                if link == nil && !stopping {
+                if link == nil && !stopping && core.link != .standalone {
                     attach(result, server: true)
                 } else {
                     closeDescriptor(result)
@@ -303,6 +316,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             perform()
             ticks &+= 1
             checkPeerAlive()
+            if ticks % 10 == 0 { handlers.reap(nowNanos: monotonicNanos()) }
             if core.sync != .established && ticks % Self.resyncCheckpointTicks == 0 {
                 // Resync progress survives a crash: resynced blocks are made durable first, then
                 // the bitmap that says they are in sync (Protocol/peer.md, resync).
@@ -347,10 +361,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         var flags: UInt16 = 0
         if core.localFlags.contains(.newZeroed) { flags |= PeerFlags.Hello.newZeroed }
         if core.localFlags.contains(.crashedPrimary) { flags |= PeerFlags.Hello.crashedPrimary }
+        if core.discardMyData { flags |= PeerFlags.Hello.discardMyData }
         connection.send(.hello(PeerHello(
             versionMin: 1, versionMax: 1, nodeID: UInt8(me.id), role: core.role, diskState: core.disk, flags: flags,
             resourceName: config.name, deviceSizeBytes: device.size, bitmapGranularityBytes: UInt32(superblock.layout.granularityBytes),
-            uuids: ReplicaCore.wire(core.uuids))))
+            uuids: ReplicaCore.wire(core.uuids), outOfSyncBits: UInt64(core.bitmap.setBitCount), primarySinceMillis: core.primarySinceMillis)))
     }
 
     func peerConnection(_ connection: PeerConnection, received header: PeerHeader, payload: UnsafeRawBufferPointer) {
@@ -386,7 +401,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             case .message(.hello(let hello)):
                 guard hello.resourceName == config.name else { return connection.close(reason: "peer serves resource \(hello.resourceName), not \(config.name)") }
                 core.linkUp(peer: hello, freshUUID: Self.freshUUID(), into: &actions)
-                if let decision = core.lastDecision { logger.info("replication: connected to \(peer.name): \(decision.decision) (\(decision.rule))") }
+                if let decision = core.lastDecision {
+                    if core.splitBrain {
+                        logger.error("replication: SPLIT BRAIN with \(peer.name): \(decision.decision) (\(decision.rule)); both sides changed the data since they last agreed. Not connecting. Resolve: 'tandem connect --discard-my-data' on the node whose changes are to be thrown away, 'tandem connect' on the other")
+                    } else if core.link == .standalone {
+                        logger.error("replication: refusing \(peer.name) (\(peer.name) is \(hello.role), this node \(core.role)): one must be secondary before they connect; demote it, then 'tandem connect'")
+                    } else {
+                        logger.info("replication: connected to \(peer.name): \(decision.decision) (\(decision.rule))")
+                    }
+                }
             case .message(.resyncRequest(let requestID, let offset, let length)) where core.role == .secondary:
                 serveRead(id: requestID, offset: offset, length: length)
             case .message(.verifyRequest(let requestID, let offset, let length, _)):
@@ -544,6 +567,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 }
                 link.sendBlock(type: .resyncData, flags: data.flags, sequence: data.id, block: PeerBlock(offset: data.offset, length: data.length),
                                payload: UnsafeRawPointer(read.pointer), token: (1 << 63) | UInt64(slot))
+            case .completeClientFlush(let flushID, let result) where internalFlushes[flushID] != nil:
+                internalFlushes.removeValue(forKey: flushID)!(result)
             case .completeClient(let clientID, let result), .completeClientFlush(let clientID, let result):
                 guard let client = clients.removeValue(forKey: clientID) else { preconditionFailure("completion for unknown client request \(clientID)") }
                 client.connection.replicatedCompleted(slot: client.slot, result: result)
@@ -552,15 +577,37 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 }
             case .dropLink(let reason):
                 logger.warning("replication: dropping the link: \(reason)")
-                link?.close(reason: "\(reason)")
+                if reason == .administrative {
+                    // The peer must read the disconnect message before the link closes.
+                    link?.closeAfterSending(reason: "disconnected by the operator")
+                } else {
+                    link?.close(reason: "\(reason)")
+                }
             case .stateChanged(let status):
                 logger.info("replication: role \(status.role), disk \(status.disk), peer disk \(status.peerDisk.map { "\($0)" } ?? "unknown"), link \(status.link), \(status.sync), \(status.outOfSyncBytes) bytes out of sync")
                 // Every state change is rare and worth keeping across a crash (a resync target's
                 // Inconsistent mark above all).
                 persistMetadata()
+                report(status)
+                if core.spareUUID == nil { core.spareUUID = Self.freshUUID() }
             }
         }
         actions.removeAll(keepingCapacity: true)
+    }
+
+    /// Runs the handlers for what changed since the last state reported.
+    private func report(_ status: ReplicaStatus) {
+        let before = reported
+        reported = status
+        let now = monotonicNanos()
+        if let before, before.role != status.role { handlers.fire(.roleChange, ["\(status.role)"], nowNanos: now) }
+        if status.splitBrain && before?.splitBrain != true { handlers.fire(.splitBrain, [peer.name], nowNanos: now) }
+        if let before, before.link == .connected || before.link == .handshaking, status.link != .connected && status.link != .handshaking {
+            handlers.fire(.peerLost, [peer.name], nowNanos: now)
+        }
+        if let before, before.sync != .established, status.sync == .established, status.link == .connected {
+            handlers.fire(.resyncDone, [before.sync == .syncSource ? "source" : "target"], nowNanos: now)
+        }
     }
 
     private func pointer(for buffer: BufferRef) -> UnsafeMutableRawPointer {
@@ -783,21 +830,139 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         value.prefix(1).uppercased() + value.dropFirst()
     }
 
-    /// The answer to a control request.
-    func control(_ request: String) -> String {
+    /// Answers a control request (`reply` may be called later: a demotion waits for its clients).
+    func control(_ request: String, reply: @escaping (String) -> Void) {
         let words = request.split(separator: " ").map(String.init)
+        let options = Set(words.dropFirst())
         switch words.first {
         case "ping":
-            return "{\"ok\":true}"
+            reply("{\"ok\":true}")
         case "status" where words.dropFirst().first == "text":
-            return statusText()
+            reply(statusText())
         case "status":
-            return statusJSON()
+            reply(statusJSON())
         case "verify":
-            return startVerify()
+            reply(startVerify())
+        case "primary":
+            reply(promote(force: options.contains("force")))
+        case "secondary":
+            demote(reply: reply)
+        case "connect":
+            reply(connect(discardMyData: options.contains("discard-my-data")))
+        case "disconnect":
+            reply(disconnect())
         default:
-            return "{\"error\":\"unknown request '\(request.prefix(64).filter { $0 != "\"" && $0 != "\\" })'; known: status, status text, verify, ping\"}"
+            reply(Self.error("unknown request '\(request.prefix(64))'; known: status, status text, verify, primary [force], secondary, connect [discard-my-data], disconnect, ping"))
         }
+    }
+
+    static func error(_ message: String) -> String {
+        "{\"error\":\"\(message.filter { $0 != "\"" && $0 != "\\" && $0 != "\n" })\"}"
+    }
+
+    // MARK: Roles
+
+    /// The NBD export this node serves; its mode follows the role.
+    func attach(server: NBDServer) {
+        nbdServer = server
+        exportFollowsRole()
+    }
+
+    private func exportFollowsRole() {
+        guard let server = nbdServer else { return }
+        server.setReadOnly(core.role != .primary)
+        server.replicator = core.role == .primary ? self : nil
+    }
+
+    /// `tandem primary [--force]`.
+    private func promote(force: Bool) -> String {
+        guard !demoting else { return Self.error("a demotion is in progress") }
+        if core.role == .primary { return "{\"ok\":true,\"role\":\"Primary\",\"changed\":false}" }
+        let started = monotonicNanos()
+        // The flag goes to disk with the state change, before any client can write.
+        superblock.flags.insert(.wasPrimary)
+        beginActions()
+        let refusal = core.promote(force: force, freshUUID: Self.freshUUID(), nowMillis: Self.wallClockMillis(), into: &actions)
+        if let refusal {
+            superblock.flags.remove(.wasPrimary)
+            logger.warning("promotion refused: \(refusal)")
+            return Self.error("cannot promote: \(refusal)")
+        }
+        if force { logger.warning("promoted with --force: this node's data is declared UpToDate; if the peer holds newer writes they will be lost or split") }
+        perform()
+        exportFollowsRole()
+        let micros = (monotonicNanos() - started) / 1000
+        logger.notice("promoted to primary in \(micros) µs")
+        return "{\"ok\":true,\"role\":\"Primary\",\"changed\":true,\"micros\":\(micros)}"
+    }
+
+    /// `tandem secondary`: new NBD requests get ESHUTDOWN, requests in flight finish, clients are
+    /// closed, both sides flush, then the role changes and the export becomes read-only.
+    private func demote(reply: @escaping (String) -> Void) {
+        guard core.role == .primary else { return reply("{\"ok\":true,\"role\":\"Secondary\",\"changed\":false}") }
+        guard !demoting else { return reply(Self.error("a demotion is already in progress")) }
+        demoting = true
+        let started = monotonicNanos()
+        let flushAndDemote = { [self] in
+            // Writes waiting for the activity log belong to clients that are gone.
+            waitingForLog.removeAll()
+            let flushID = nextClientID
+            nextClientID += 1
+            internalFlushes[flushID] = { [self] result in
+                beginActions()
+                let refusal = core.demote(into: &actions)
+                demoting = false
+                if let refusal {
+                    perform()
+                    logger.error("demotion failed: \(refusal)")
+                    return reply(Self.error("cannot demote: \(refusal)"))
+                }
+                superblock.flags.remove(.wasPrimary)
+                perform()
+                exportFollowsRole()
+                let micros = (monotonicNanos() - started) / 1000
+                if result != 0 { logger.warning("demotion: the final flush failed (\(SystemError.text(-result)))") }
+                logger.notice("demoted to secondary in \(micros) µs")
+                reply("{\"ok\":true,\"role\":\"Secondary\",\"changed\":true,\"micros\":\(micros),\"flush_result\":\(result)}")
+            }
+            beginActions()
+            core.clientFlush(id: flushID, into: &actions)
+            perform()
+        }
+        if let server = nbdServer {
+            server.disconnectClients(done: flushAndDemote)
+        } else {
+            flushAndDemote()
+        }
+    }
+
+    /// `tandem connect [--discard-my-data]`: leave StandAlone (after a split brain, a refused
+    /// peer or `tandem disconnect`) and connect again.
+    private func connect(discardMyData: Bool) -> String {
+        guard !stopping else { return Self.error("the node is stopping") }
+        if discardMyData && core.role == .primary {
+            return Self.error("a primary cannot discard its data: demote it first ('tandem secondary')")
+        }
+        beginActions()
+        core.connect(discardMyData: discardMyData, into: &actions)
+        perform()
+        if discardMyData { logger.warning("connect: this node's changes since the split will be overwritten by \(peer.name)'s") }
+        if me.id > peer.id { dial() }
+        return "{\"ok\":true,\"connection\":\"\(Self.title(core.link.rawValue))\"}"
+    }
+
+    /// `tandem disconnect`: the link goes down on purpose and stays down until `tandem connect`.
+    private func disconnect() -> String {
+        beginActions()
+        core.disconnect(freshUUID: Self.freshUUID(), into: &actions)
+        perform()
+        return "{\"ok\":true,\"connection\":\"StandAlone\"}"
+    }
+
+    static func wallClockMillis() -> UInt64 {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        return UInt64(now.tv_sec) * 1000 + UInt64(now.tv_nsec) / 1_000_000
     }
 
     func statusJSON() -> String {
@@ -805,7 +970,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let connected = s.link == .connected
         return """
             {"resource":"\(config.name)","node":"\(me.name)","role":"\(Self.title("\(s.role)"))","disk":"\(Self.title("\(s.disk)"))",\
-            "peer":{"node":"\(peer.name)","connection":"\(Self.title(s.link.rawValue))","disk":\(s.peerDisk.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\
+            "split_brain":\(s.splitBrain),\
+            "peer":{"node":"\(peer.name)","connection":"\(Self.title(s.link.rawValue))","role":\(s.peerRole.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\
+            "disk":\(s.peerDisk.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\
             "replication":"\(connected ? Self.title(s.sync.rawValue) : "Off")","out_of_sync_bytes":\(s.outOfSyncBytes),\
             "resync_done_bytes":\(core.resyncedBytes)},"writes_in_flight":\(s.writesInFlight),"transfer_log_entries":\(s.transferLogEntries),\
             "verify":{"running":\(verify != nil),"checked_bytes":\(verify?.checkedBytes ?? lastVerify?.checked ?? 0),\
@@ -816,7 +983,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     func statusText() -> String {
         let s = core.status
         var lines = ["\(config.name) role:\(Self.title("\(s.role)"))", "  disk:\(Self.title("\(s.disk)"))"]
-        lines.append("  \(peer.name) connection:\(Self.title(s.link.rawValue))")
+        lines.append("  \(peer.name) connection:\(Self.title(s.link.rawValue))\(s.peerRole.map { " role:\(Self.title("\($0)"))" } ?? "")\(s.splitBrain ? " SPLIT-BRAIN (resolve with tandem connect --discard-my-data on the losing node)" : "")")
         if s.link == .connected {
             var peerLine = "    peer-disk:\(s.peerDisk.map { Self.title("\($0)") } ?? "DUnknown") replication:\(Self.title(s.sync.rawValue))"
             if s.outOfSyncBytes > 0 { peerLine += " out-of-sync:\(s.outOfSyncBytes / 1024)k" }

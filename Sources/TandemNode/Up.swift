@@ -53,7 +53,7 @@ public enum Up {
         var server: NBDServer?
         if let nbd = me.nbd {
             // The primary exports read-write through replication; a secondary exports read-only,
-            // so its NBD clients get EPERM for every write.
+            // so its NBD clients get EPERM for every write. The node switches it with the role.
             let export = NBDExport(
                 name: options.config.name, size: device.size, readOnly: !options.primary, blockSizeMin: device.alignment,
                 blockSizePreferred: UInt32(Limits.blockSize), blockSizeMax: UInt32(Limits.nbdRequestBytesMax),
@@ -62,10 +62,10 @@ public enum Up {
                 loop: loop, device: device,
                 configuration: NBDServerConfiguration(host: nbd.hostText, port: nbd.port, export: export, tlsMode: .none, connectionsMax: Limits.nbdConnectionsMax),
                 tlsContext: nil, logger: logger)
-            if options.primary { s.replicator = node }
+            node.attach(server: s)
             server = s
         }
-        let control = try ControlServer(loop: loop, path: me.controlPath, logger: logger) { node.control($0) }
+        let control = try ControlServer(loop: loop, path: me.controlPath, logger: logger) { node.control($0, reply: $1) }
         var stopping = false
         let signals = SignalWatcher(loop: loop, fd: signalFD) { signal in
             guard !stopping else { return }

@@ -229,10 +229,10 @@ struct RunningNode: ParsableArguments {
     var node: String
 
     /// Sends one control request; a node that does not answer is a clear error.
-    func ask(_ request: String) throws -> String {
+    func ask(_ request: String, timeoutSeconds: Int = 5) throws -> String {
         let config = try loadResource(file)
         guard let me = config.node(named: node) else { throw fail("\(file): no node named '\(node)'") }
-        guard let answer = ControlClient.request(path: me.controlPath, request) else {
+        guard let answer = ControlClient.request(path: me.controlPath, request, timeoutSeconds: timeoutSeconds) else {
             throw fail("node \(node) is not running (no answer on \(me.controlPath))")
         }
         return answer

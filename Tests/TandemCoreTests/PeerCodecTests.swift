@@ -11,7 +11,8 @@ import TandemCore
     static let hello = PeerHello(
         nodeID: 1, role: .primary, diskState: .upToDate, flags: PeerFlags.Hello.crashedPrimary,
         resourceName: "r0.data-1_x", deviceSizeBytes: 1 << 40, bitmapGranularityBytes: 4096,
-        uuids: PeerGenerationUUIDs(current: 0xDEAD_BEEF_0000_0001, bitmap: 0x1234, history: [5, 6, 0, 0]))
+        uuids: PeerGenerationUUIDs(current: 0xDEAD_BEEF_0000_0001, bitmap: 0x1234, history: [5, 6, 0, 0]),
+        outOfSyncBits: 0x77, primarySinceMillis: 1_700_000_000_123)
 
     static let samples: [PeerMessage] = [
         .hello(hello),
@@ -110,7 +111,7 @@ import TandemCore
         // hello: peer.md "hello" offsets.
         let h = PeerMessage.hello(Self.hello).encoded()
         let p = Array(h[32...])
-        #expect(p.count == 68 + 11)
+        #expect(p.count == 84 + 11)
         #expect(be16(p, 0) == 1 && be16(p, 2) == 1)
         #expect(be32(p, 4) == 4096)
         #expect(be64(p, 8) == 1 << 40)
@@ -118,7 +119,8 @@ import TandemCore
         #expect(be64(p, 24) == 0x1234)
         #expect(be64(p, 32) == 5 && be64(p, 40) == 6 && be64(p, 48) == 0 && be64(p, 56) == 0)
         #expect(Array(p[64..<68]) == [1, 1, 5, 11])
-        #expect(Array(p[68...]) == Array("r0.data-1_x".utf8))
+        #expect(Array(p[68..<79]) == Array("r0.data-1_x".utf8))
+        #expect(be64(p, 79) == 0x77 && be64(p, 87) == 1_700_000_000_123)  // out-of-sync bits, primary since
         #expect(be16(h, 8) == PeerFlags.Hello.crashedPrimary)
 
         // stateChange: the UUIDs as in hello, then role and disk state.
@@ -342,7 +344,7 @@ import TandemCore
         expectInvalid(RawFrame(type: t.writeAck.rawValue, payload: [0, 0, 0]), "payload length 3")
         // Lengths that would make a receiver buffer too much are refused from the header alone.
         expectInvalid(RawFrame(type: t.bitmapChunk.rawValue, payloadLength: 64 * 1024 + 1), "payload length 65537")
-        expectInvalid(RawFrame(type: t.hello.rawValue, payloadLength: 68 + 65), "payload length 133")
+        expectInvalid(RawFrame(type: t.hello.rawValue, payloadLength: 84 + 65), "payload length 149")
         expectInvalid(RawFrame(type: t.disconnect.rawValue, payloadLength: 4 + 257), "payload length 261")
         expectInvalid(RawFrame(type: t.verifyDigest.rawValue, payloadLength: 0xFFFF_FFFF), "payload length")
         expectInvalid(RawFrame(type: t.data.rawValue, payloadLength: 32 * 1024 * 1024 + 1,
@@ -405,7 +407,7 @@ import TandemCore
         func hello(vmin: UInt16 = 1, vmax: UInt16 = 1, granularity: UInt32 = 4096, size: UInt64 = 1 << 30,
                    node: UInt8 = 0, role: UInt8 = 1, disk: UInt8 = 5, nameLength: UInt8? = nil, name: [UInt8] = Array("r0".utf8)) -> [UInt8] {
             be(vmin) + be(vmax) + be(granularity) + be(size) + uuidBytes
-                + [node, role, disk, nameLength ?? UInt8(name.count)] + name
+                + [node, role, disk, nameLength ?? UInt8(name.count)] + name + be(UInt64(7)) + be(UInt64(1_700_000_000_000))
         }
         check(.hello, hello(), nil)
         check(.hello, hello(), nil, flags: PeerFlags.Hello.discardMyData)
@@ -424,7 +426,7 @@ import TandemCore
         check(.hello, hello(name: Array("r 0".utf8)), "resource name")
         check(.hello, hello(name: Array("r/0".utf8)), "resource name")
         check(.hello, hello(name: [0x72, 0xC3, 0xA9]), "resource name")
-        check(.hello, hello(nameLength: 0, name: []), "payload length 68")
+        check(.hello, hello(nameLength: 0, name: []), "payload length 84")
 
         check(.stateChange, uuidBytes + [1, 5], nil)
         check(.stateChange, uuidBytes + [2, 5], "unknown role")

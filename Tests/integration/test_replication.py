@@ -207,7 +207,7 @@ def test_status_shows_roles_states_and_out_of_sync(pair):
     a, b = status(pair, "alpha"), status(pair, "beta")
     assert (a["role"], a["disk"]) == ("Primary", "UpToDate")
     assert (b["role"], b["disk"]) == ("Secondary", "UpToDate")
-    assert a["peer"] == {"node": "beta", "connection": "Connected", "disk": "UpToDate", "replication": "Established",
+    assert a["peer"] == {"node": "beta", "connection": "Connected", "role": "Secondary", "disk": "UpToDate", "replication": "Established",
                          "out_of_sync_bytes": 0, "resync_done_bytes": 0}
     text = status(pair, "alpha", json_output=False)
     assert text.splitlines()[0] == "r0 role:Primary" and "beta connection:Connected" in text

@@ -1,0 +1,114 @@
+import ArgumentParser
+import Foundation
+
+/// A control answer's error text, or nil when it succeeded.
+private func refusal(_ answer: String) -> String? {
+    guard let data = answer.data(using: .utf8),
+          let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+    else { return "unreadable answer from the node: \(answer.prefix(200))" }
+    return object["error"] as? String
+}
+
+private func field(_ answer: String, _ name: String) -> Any? {
+    guard let data = answer.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { return nil }
+    return object[name]
+}
+
+struct Primary: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Promote a running node to primary: its NBD export becomes writable.",
+        discussion: """
+            Refused while the peer is primary, while a resync into this node runs, and unless the
+            local disk is UpToDate. --force promotes an Outdated or Inconsistent disk anyway: the
+            node's data becomes the truth, and writes the peer had that this node lacks are lost
+            (or, if the peer also writes, end in a split brain that must be resolved by hand).
+            Without the peer connected, the node starts a new data generation, so the peer
+            resyncs from it later.
+
+            Examples:
+              tandem primary r0.toml --node beta
+              tandem primary r0.toml --node beta --force
+            """)
+
+    @OptionGroup var target: RunningNode
+
+    @Flag(help: "Promote even if the local disk is not UpToDate (risks losing the peer's newer writes).")
+    var force = false
+
+    func run() throws {
+        let answer = try target.ask(force ? "primary force" : "primary")
+        if let why = refusal(answer) { throw fail("\(target.node): \(why)") }
+        let micros = field(answer, "micros") as? Int
+        print("\(target.node) is primary\(micros.map { " (promoted in \($0) µs)" } ?? " (already)")")
+    }
+}
+
+struct Secondary: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Demote a running primary to secondary: NBD clients are closed cleanly, both sides flushed.",
+        discussion: """
+            New NBD requests are answered ESHUTDOWN, requests in flight finish, the clients are
+            disconnected, both nodes flush, then the export becomes read-only. A planned
+            switchover is 'tandem secondary' on the primary, then 'tandem primary' on the other.
+
+            Examples:
+              tandem secondary r0.toml --node alpha
+            """)
+
+    @OptionGroup var target: RunningNode
+
+    func run() throws {
+        let answer = try target.ask("secondary", timeoutSeconds: 60)
+        if let why = refusal(answer) { throw fail("\(target.node): \(why)") }
+        let micros = field(answer, "micros") as? Int
+        print("\(target.node) is secondary\(micros.map { " (demoted in \($0) µs)" } ?? " (already)")")
+    }
+}
+
+struct Connect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Connect a StandAlone node to its peer again (after a split brain or 'tandem disconnect').",
+        discussion: """
+            After a split brain both nodes are StandAlone. Decide which node's changes since the
+            split are thrown away; run 'tandem connect --discard-my-data' there (it must be
+            secondary) and 'tandem connect' on the other. The discarding node becomes sync
+            target and receives only the blocks either side changed since the split (the whole
+            device when the split is older than both bitmaps).
+
+            Examples:
+              tandem connect r0.toml --node beta --discard-my-data
+              tandem connect r0.toml --node alpha
+            """)
+
+    @OptionGroup var target: RunningNode
+
+    @Flag(name: .customLong("discard-my-data"), help: "On a split brain, overwrite this node's changes with the peer's.")
+    var discardMyData = false
+
+    func run() throws {
+        let answer = try target.ask(discardMyData ? "connect discard-my-data" : "connect")
+        if let why = refusal(answer) { throw fail("\(target.node): \(why)") }
+        print("\(target.node): connecting\(discardMyData ? "; its changes will be discarded if a split brain is found" : "")")
+    }
+}
+
+struct Disconnect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Take a node's replication link down on purpose; it stays StandAlone until 'tandem connect'.",
+        discussion: """
+            A primary that disconnects tells its peer, which marks its own disk Outdated (it will
+            miss the writes that follow) and refuses promotion without --force. The primary
+            records what it writes meanwhile in its bitmap and resyncs it after 'tandem connect'.
+
+            Examples:
+              tandem disconnect r0.toml --node alpha
+            """)
+
+    @OptionGroup var target: RunningNode
+
+    func run() throws {
+        let answer = try target.ask("disconnect")
+        if let why = refusal(answer) { throw fail("\(target.node): \(why)") }
+        print("\(target.node): disconnected (StandAlone)")
+    }
+}

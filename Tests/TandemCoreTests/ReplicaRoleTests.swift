@@ -1,0 +1,177 @@
+import Testing
+@testable import TandemCore
+
+/// Role changes, outdating and split-brain resolution in the core, on the two-node step harness.
+@Suite struct ReplicaRoleTests {
+    private static func hello(of core: ReplicaCore, discard: Bool = false) -> PeerHello {
+        var h = Pair.hello(of: core, flags: discard ? PeerFlags.Hello.discardMyData : 0)
+        h.outOfSyncBits = UInt64(core.bitmap.setBitCount)
+        h.primarySinceMillis = core.primarySinceMillis
+        return h
+    }
+
+    @Test func aSwitchoverWhileConnectedKeepsTheGenerationAndReplicatesBack() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.secondary.promote(force: false, freshUUID: 0xA000, nowMillis: 1, into: &actions) == .peerIsPrimary)
+        #expect(pair.secondary.role == .secondary)
+        pair.write(1, at: 0)
+        #expect(pair.primary.demote(into: &actions) == .requestsInFlight(1), "the node drains clients first")
+        pair.completePrimary(.client(1))
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        actions.removeAll()
+        #expect(pair.primary.demote(into: &actions) == nil)
+        pair.applyPrimary(actions)
+        pair.deliverToSecondary()
+        #expect(pair.secondary.peerRole == .secondary)
+        actions.removeAll()
+        let before = pair.secondary.uuids
+        #expect(pair.secondary.promote(force: false, freshUUID: 0xA000, nowMillis: 2, into: &actions) == nil)
+        #expect(pair.secondary.uuids == before, "connected to an UpToDate peer: no new generation")
+        // The new primary writes; the old one applies and acks.
+        actions.removeAll()
+        pair.secondary.clientWrite(id: 7, offset: 8192, length: 4096, kind: .write, fua: false, into: &actions)
+        guard case .sendWrite(let w, let kind, _)? = actions.first(where: { if case .sendWrite = $0 { true } else { false } }) else {
+            Issue.record("the new primary did not replicate: \(actions)")
+            return
+        }
+        var back: [ReplicaCore.Action] = []
+        pair.primary.peerWrite(w, kind: kind, into: &back)
+        #expect(back.contains { if case .submitLocal(let io) = $0 { io.tag == .peerWrite(7) } else { false } })
+    }
+
+    @Test func promotingAlonStartsANewGenerationAndTheReturningPeerResyncsFromIt() {
+        var pair = Pair()
+        // The primary crashes (it never sees the link go); the survivor (UpToDate) is promoted
+        // and writes alone.
+        var old = pair.primary
+        pair.dropLink()
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.secondary.promote(force: false, freshUUID: 0xB000, nowMillis: 5, into: &actions) == nil)
+        #expect(pair.secondary.uuids.current == 0xB000 && pair.secondary.uuids.bitmap == 0x1000)
+        actions.removeAll()
+        pair.secondary.clientWrite(id: 1, offset: 1 << 20, length: 4096, kind: .write, fua: false, into: &actions)
+        pair.secondary.localCompleted(.client(1), result: 0, into: &actions)
+        #expect(pair.secondary.bitmap.isDirty(offset: 1 << 20, length: 4096))
+        // The old primary returns as secondary (after its crash) and becomes the target.
+        old = ReplicaCore(configuration: old.configuration, role: .secondary, disk: .upToDate, uuids: old.uuids, bitmap: old.bitmap,
+                          flags: [.consistent, .crashedPrimary])
+        actions.removeAll()
+        pair.secondary.linkUp(peer: Self.hello(of: old), freshUUID: 1, into: &actions)
+        #expect(pair.secondary.lastDecision?.decision == .becomeSource)
+        old.linkUp(peer: Self.hello(of: pair.secondary), freshUUID: 2, into: &actions)
+        #expect(old.lastDecision?.decision == .becomeTarget)
+    }
+
+    @Test func promotionNeedsAnUpToDateDiskUnlessForced() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        // A primary that disconnects on purpose outdates its secondary.
+        pair.primary.disconnect(freshUUID: 0xC000, into: &actions)
+        #expect(actions.contains(.send(.disconnect(reason: .shutdown, text: "primary disconnecting: outdate your data"))))
+        #expect(actions.contains(.dropLink(.administrative)))
+        #expect(pair.primary.link == .standalone)
+        actions.removeAll()
+        pair.secondary.peerMessage(.disconnect(reason: .shutdown, text: "x"), into: &actions)
+        #expect(pair.secondary.disk == .outdated && pair.secondary.localFlags.contains(.outdated))
+        pair.secondary.linkDown(.peerClosed, freshUUID: 0xC001, into: &actions)
+        #expect(pair.secondary.promote(force: false, freshUUID: 0xC002, nowMillis: 1, into: &actions) == .diskNotUpToDate(.outdated))
+        #expect(pair.secondary.role == .secondary)
+        #expect(pair.secondary.promote(force: true, freshUUID: 0xC002, nowMillis: 1, into: &actions) == nil)
+        #expect(pair.secondary.role == .primary && pair.secondary.disk == .upToDate && !pair.secondary.localFlags.contains(.outdated))
+    }
+
+    @Test func anOutdatedSecondaryIsUpToDateAgainAfterCatchingUp() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.peerMessage(.disconnect(reason: .shutdown, text: ""), into: &actions)
+        pair.dropLink()
+        #expect(pair.secondary.disk == .outdated)
+        // Nothing was written meanwhile: same generation, no sync, UpToDate again.
+        pair.reconnect()
+        #expect(pair.secondary.lastDecision?.decision == .noSync)
+        #expect(pair.secondary.disk == .upToDate && !pair.secondary.localFlags.contains(.outdated))
+    }
+
+    /// Both sides primary while apart, each writing: the split brain of the harness.
+    private static func splitPair(primaryWrites: Int, secondaryWrites: Int, policy: SplitBrainPolicy = .disconnect) -> (ReplicaCore, ReplicaCore) {
+        var pair = Pair()
+        pair.dropLink()
+        var actions: [ReplicaCore.Action] = []
+        var a = pair.primary, b = pair.secondary
+        _ = b.promote(force: true, freshUUID: 0xD000, nowMillis: 10, into: &actions)
+        for i in 0..<primaryWrites {
+            a.clientWrite(id: UInt64(i), offset: UInt64(i) << 20, length: 4096, kind: .write, fua: false, into: &actions)
+            a.localCompleted(.client(UInt64(i)), result: 0, into: &actions)
+        }
+        for i in 0..<secondaryWrites {
+            b.clientWrite(id: UInt64(i), offset: UInt64(32 + i) << 20, length: 4096, kind: .write, fua: false, into: &actions)
+            b.localCompleted(.client(UInt64(i)), result: 0, into: &actions)
+        }
+        if policy != .disconnect {
+            var ca = a.configuration, cb = b.configuration
+            ca.splitBrainPolicy = policy
+            cb.splitBrainPolicy = policy
+            a = ReplicaCore(configuration: ca, role: a.role, disk: a.disk, uuids: a.uuids, bitmap: a.bitmap, flags: a.localFlags)
+            b = ReplicaCore(configuration: cb, role: b.role, disk: b.disk, uuids: b.uuids, bitmap: b.bitmap, flags: a.localFlags)
+        }
+        return (a, b)
+    }
+
+    @Test func discardMyDataResolvesASplitBrainWithTheUnionOfBothBitmaps() {
+        var (a, b) = Self.splitPair(primaryWrites: 3, secondaryWrites: 2)
+        var actions: [ReplicaCore.Action] = []
+        a.linkUp(peer: Self.hello(of: b), freshUUID: 1, into: &actions)
+        #expect(a.splitBrain && a.link == .standalone && actions.contains(.dropLink(.splitBrain)))
+        // The operator gives b's changes up: b demotes, both connect again.
+        #expect(b.demote(into: &actions) == nil)
+        b.connect(discardMyData: true, into: &actions)
+        a.connect(discardMyData: false, into: &actions)
+        #expect(a.link == .connecting && b.discardMyData)
+        actions.removeAll()
+        let helloB = Self.hello(of: b, discard: true), helloA = Self.hello(of: a)
+        a.linkUp(peer: helloB, freshUUID: 2, into: &actions)
+        b.linkUp(peer: helloA, freshUUID: 3, into: &actions)
+        #expect(a.lastDecision?.decision == .becomeSource && b.lastDecision?.decision == .becomeTarget)
+        #expect(!a.splitBrain && !b.splitBrain && !b.discardMyData)
+    }
+
+    @Test func discardMyDataOnAPrimaryIsARoleConflict() {
+        var (a, b) = Self.splitPair(primaryWrites: 1, secondaryWrites: 1)
+        var actions: [ReplicaCore.Action] = []
+        // b still primary: it would become the target under its own clients.
+        b.connect(discardMyData: true, into: &actions)
+        b.linkUp(peer: Self.hello(of: a), freshUUID: 3, into: &actions)
+        #expect(actions.contains(.dropLink(.roleConflict)) && b.link == .standalone)
+    }
+
+    @Test func automaticPoliciesPickTheLoserOrRefuse() {
+        func decide(_ policy: SplitBrainPolicy, _ aWrites: Int, _ bWrites: Int) -> (GenerationUUIDs.SyncDecision?, GenerationUUIDs.SyncDecision?) {
+            var (a, b) = Self.splitPair(primaryWrites: aWrites, secondaryWrites: bWrites, policy: policy)
+            var actions: [ReplicaCore.Action] = []
+            _ = a.demote(into: &actions)
+            let ha = Self.hello(of: a), hb = Self.hello(of: b)
+            a.linkUp(peer: hb, freshUUID: 2, into: &actions)
+            b.linkUp(peer: ha, freshUUID: 3, into: &actions)
+            return (a.lastDecision?.decision, b.lastDecision?.decision)
+        }
+        #expect(decide(.disconnect, 3, 2) == (.splitBrain, .splitBrain))
+        #expect(decide(.discardLeastChanges, 3, 2) == (.becomeSource, .becomeTarget))
+        #expect(decide(.discardLeastChanges, 2, 2) == (.splitBrain, .splitBrain), "a tie is for an operator")
+        #expect(decide(.discardZeroChanges, 2, 2) == (.splitBrain, .splitBrain))
+        // b promoted at t=10, a never (0 = unknown): younger-primary cannot tell.
+        #expect(decide(.discardYoungerPrimary, 1, 5) == (.splitBrain, .splitBrain))
+    }
+
+    @Test func bothPromotedAtOnceDropTheLink() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.peerMessage(.stateChange(PeerStateChange(role: .primary, diskState: .upToDate, uuids: ReplicaCore.wire(pair.primary.uuids))), into: &actions)
+        #expect(pair.secondary.peerRole == .primary)
+        actions.removeAll()
+        pair.primary.peerMessage(.stateChange(PeerStateChange(role: .primary, diskState: .upToDate, uuids: ReplicaCore.wire(pair.secondary.uuids))), into: &actions)
+        #expect(actions.contains(.dropLink(.roleConflict)))
+    }
+}

@@ -1,0 +1,271 @@
+"""Roles, failover and split brain with several hosts: every node in its own network namespace
+(netns.py), real `tandem up` processes, kill -9, and links cut with iproute2.
+
+The writers record which writes the NBD server acknowledged; after a switchover or a crash,
+every acknowledged block must be on the node that serves next."""
+
+import os
+import re
+import signal
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+import netns
+from conftest import MiB, TANDEM_BIN, run
+
+pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
+
+BLOCK = 64 * 1024
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    made = []
+
+    def make(**kwargs):
+        made.append(netns.Cluster(tmp_path, **kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def block_content(offset, tag):
+    return struct.pack("<QQ", offset, tag) * (BLOCK // 16)
+
+
+class Writer(threading.Thread):
+    """Writes 64 KiB blocks one after the other through its own NBD connection, over
+    [start, end) again and again (each pass with new contents) until stopped or refused.
+    `acked` maps each block to the contents the server last acknowledged; a block whose write
+    failed is dropped from it (it may hold either version)."""
+
+    def __init__(self, uri, start, end, tag, passes=1000):
+        super().__init__(daemon=True)
+        import nbd
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
+        self.start_offset, self.end, self.tag, self.passes = start, end, tag, passes
+        self.acked = {}
+        self.count = 0
+        self.error = None
+        self.halt = threading.Event()
+
+    def run(self):
+        for p in range(self.passes):
+            for offset in range(self.start_offset, self.end, BLOCK):
+                if self.halt.is_set():
+                    return
+                tag = self.tag * 100000 + p
+                try:
+                    self.h.pwrite(block_content(offset, tag), offset)
+                except Exception as e:  # the server refused (ESHUTDOWN) or went away
+                    self.acked.pop(offset, None)
+                    self.error = e
+                    return
+                self.acked[offset] = tag
+                self.count += 1
+
+    def stop(self):
+        self.halt.set()
+        self.join(timeout=60)
+        try:
+            self.h.shutdown()
+        except Exception:
+            pass
+
+
+def check_acked(uri, writers):
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        missing = [(o, t) for w in writers for o, t in w.acked.items() if h.pread(BLOCK, o) != block_content(o, t)]
+    finally:
+        h.shutdown()
+    assert not missing, f"{len(missing)} acknowledged blocks missing, first {missing[:5]}"
+    return sum(len(w.acked) for w in writers)
+
+
+def start_writers(uri, regions, tag, passes=1000):
+    writers = [Writer(uri, start, end, tag + i, passes) for i, (start, end) in enumerate(regions)]
+    for w in writers:
+        w.start()
+    return writers
+
+
+def wait_acked(writers, count, timeout=30):
+    deadline = time.monotonic() + timeout
+    while sum(w.count for w in writers) < count:
+        assert time.monotonic() < deadline, f"writers stalled: {[w.count for w in writers]} {[w.error for w in writers]}"
+        time.sleep(0.02)
+
+
+def test_planned_switchover_under_load(make_cluster, tmp_path):
+    c = make_cluster()
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    writers = start_writers(c.uri("alpha"), [(0, 16 * MiB), (16 * MiB, 32 * MiB)], tag=100)
+    fio = subprocess.Popen(
+        ["fio", "--name=load", "--ioengine=nbd", f"--uri={c.uri('alpha')}", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+         "--offset=32M", "--size=32M", "--time_based", "--runtime=30", "--continue_on_error=all"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_acked(writers, 40)
+        started = time.monotonic()
+        demoted = c.tandem("secondary", "--node", "alpha").stdout_text
+        promoted = c.tandem("primary", "--node", "beta").stdout_text
+        switch = time.monotonic() - started
+        print(f"planned switchover: {switch * 1000:.0f} ms end to end (two CLI calls); {demoted.strip()}; {promoted.strip()}")
+        assert "is secondary" in demoted and "is primary" in promoted
+        for w in writers:
+            w.join(timeout=30)
+            assert not w.is_alive(), "a writer kept writing to a demoted node"
+            # Refused with ESHUTDOWN if a request was in flight, else the idle connection closed.
+            assert w.error is not None and ("ESHUTDOWN" in str(w.error) or "ENOTCONN" in str(w.error)), w.error
+    finally:
+        fio.kill()
+        fio.wait()
+    assert c.status("alpha")["role"] == "Secondary" and c.status("beta")["role"] == "Primary"
+    n = check_acked(c.uri("beta"), writers)
+    assert n >= 40
+    # The new primary writes and replicates back to the old one.
+    more = start_writers(c.uri("beta"), [(40 * MiB, 44 * MiB)], tag=300, passes=1)
+    more[0].join(timeout=60)
+    assert more[0].error is None and len(more[0].acked) == 64
+    c.tandem("secondary", "--node", "beta")
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_killed_primary_survivor_is_promoted_and_the_returning_node_resyncs_little(make_cluster, tmp_path):
+    c = make_cluster()
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    writers = start_writers(c.uri("alpha"), [(0, 24 * MiB), (24 * MiB, 48 * MiB)], tag=500)
+    wait_acked(writers, 60)
+    since = c.mark("beta")
+    c.kill("alpha")
+    for w in writers:
+        w.join(timeout=30)
+    c.wait_for("beta", "link to alpha down", since=since)
+    c.tandem("primary", "--node", "beta")
+    assert check_acked(c.uri("beta"), writers) >= 60
+    # The survivor goes on alone: 2 MiB the returning node lacks.
+    after = start_writers(c.uri("beta"), [(50 * MiB, 52 * MiB)], tag=700, passes=1)
+    after[0].join(timeout=60)
+    assert after[0].error is None
+    since = c.mark("beta")
+    c.up("alpha")
+    text = c.wait_for("beta", r"syncSource, (\d+) bytes out of sync", since=since)
+    moved = int(re.findall(r"syncSource, (\d+) bytes out of sync", text)[-1])
+    # The survivor's 2 MiB plus the crashed primary's hot activity-log extents (4 MiB each).
+    assert 2 * MiB <= moved <= 2 * MiB + 6 * 4 * MiB, f"resynced {moved} bytes: more than the survivor's writes and a few hot extents"
+    c.wait_connected("beta", "alpha", since=(since, 0))
+    assert c.status("alpha")["role"] == "Secondary"
+    check_acked(c.uri("beta"), writers + after)
+    c.tandem("secondary", "--node", "beta")
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_split_brain_is_detected_and_discard_my_data_resolves_it(make_cluster, tmp_path):
+    calls = tmp_path / "handler-calls"
+    script = tmp_path / "handler.sh"
+    script.write_text(f'#!/bin/sh\necho "$@ | $TANDEM_EVENT $TANDEM_NODE" >> {calls}\n')
+    script.chmod(0o755)
+    failing = tmp_path / "failing.sh"
+    failing.write_text("#!/bin/sh\nexit 3\n")
+    failing.chmod(0o755)
+    c = make_cluster(handlers={"split-brain": script, "role-change": script, "peer-lost": script,
+                               "resync-done": script, "quorum-lost": failing})
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    c.partition("alpha", "beta")
+    c.wait_for("beta", "link to alpha down")
+    c.wait_for("alpha", "link to beta down")
+    # Both sides write while apart: alpha as the primary it was, beta promoted by force.
+    c.tandem("primary", "--node", "beta", "--force")
+    a = start_writers(c.uri("alpha"), [(0, 2 * MiB)], tag=900, passes=1)
+    b = start_writers(c.uri("beta"), [(8 * MiB, 9 * MiB)], tag=950, passes=1)
+    for w in a + b:
+        w.join(timeout=60)
+        assert w.error is None
+    since = (c.mark("alpha"), c.mark("beta"))
+    c.heal("alpha", "beta")
+    c.wait_for("alpha", "SPLIT BRAIN", since=since[0])
+    c.wait_for("beta", "SPLIT BRAIN", since=since[1])
+    sa, sb = c.status("alpha"), c.status("beta")
+    assert sa["split_brain"] and sb["split_brain"]
+    assert sa["peer"]["connection"] == "Standalone" and sb["peer"]["connection"] == "Standalone"
+    # Nothing was merged: each still has its own writes only.
+    check_acked(c.uri("alpha"), a)
+    check_acked(c.uri("beta"), b)
+    # Give up beta's changes.
+    cp = c.tandem("connect", "--node", "beta", "--discard-my-data", check=False)
+    assert cp.returncode != 0 and "demote it first" in cp.stderr_text
+    c.tandem("secondary", "--node", "beta")
+    c.tandem("connect", "--node", "beta", "--discard-my-data")
+    since = (c.mark("alpha"), c.mark("beta"))
+    c.tandem("connect", "--node", "alpha")
+    text = c.wait_for("alpha", r"syncSource, (\d+) bytes out of sync", since=since[0])
+    moved = int(re.findall(r"syncSource, (\d+) bytes out of sync", text)[-1])
+    assert 3 * MiB <= moved <= 3 * MiB + 2 * 4 * MiB, f"resync moved {moved} bytes, expected both sides' 3 MiB of changes"
+    c.wait_connected(since=since)
+    check_acked(c.uri("alpha"), a)
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+    lines = calls.read_text().splitlines()
+    assert "split-brain r0 alpha beta | split-brain alpha" in lines and "split-brain r0 beta alpha | split-brain beta" in lines
+    assert "role-change r0 beta primary | role-change beta" in lines
+    assert "peer-lost r0 alpha beta | peer-lost alpha" in lines
+    assert any(line.startswith("resync-done r0 beta target") for line in lines), lines
+
+
+def test_a_disconnected_primary_outdates_its_secondary(make_cluster):
+    c = make_cluster()
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    since = c.mark("beta")
+    c.tandem("disconnect", "--node", "alpha")
+    c.wait_for("beta", "disk outdated", since=since)
+    assert c.status("beta")["disk"] == "Outdated"
+    assert c.status("alpha")["peer"]["connection"] == "Standalone"
+    cp = c.tandem("primary", "--node", "beta", check=False)
+    assert cp.returncode != 0 and "outdated" in cp.stderr_text and "--force" in cp.stderr_text
+    # Outdated survives a restart.
+    c.stop("beta")
+    c.up("beta")
+    c.wait_for("beta", "up as secondary")
+    assert c.status("beta")["disk"] == "Outdated"
+    # alpha writes alone, then reconnects: beta catches up and is UpToDate again.
+    w = start_writers(c.uri("alpha"), [(0, 1 * MiB)], tag=1, passes=1)
+    w[0].join(timeout=60)
+    since = (c.mark("alpha"), c.mark("beta"))
+    c.tandem("connect", "--node", "alpha")
+    c.wait_connected(since=since)
+    assert c.status("beta")["disk"] == "UpToDate"
+    c.tandem("secondary", "--node", "alpha")
+    c.tandem("primary", "--node", "beta")
+    check_acked(c.uri("beta"), w)
+
+
+def test_promotion_is_refused_while_the_peer_is_primary(make_cluster):
+    c = make_cluster()
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    cp = c.tandem("primary", "--node", "beta", check=False)
+    assert cp.returncode != 0 and "peer is primary" in cp.stderr_text
+    assert c.status("beta")["role"] == "Secondary"
+    cp = c.tandem("primary", "--node", "alpha")
+    assert "already" in cp.stdout_text
