@@ -209,7 +209,10 @@ public enum PeerFlags {
         public static let reply: UInt16 = 1 << 2
         /// With `reply`: the request is refused.
         public static let refused: UInt16 = 1 << 3
-        public static let all: UInt16 = resyncPaused | ioSuspended | reply | refused
+        /// To a witness, from a primary: it writes without its peer, whose data is therefore
+        /// outdated (the witness must not let the peer become primary).
+        public static let peerOutdated: UInt16 = 1 << 4
+        public static let all: UInt16 = resyncPaused | ioSuspended | reply | refused | peerOutdated
     }
 }
 

@@ -30,11 +30,16 @@ public struct ReplicaCore {
         public var resyncBytesPerSecond: UInt64
         /// What a connect that finds a split brain does (`after-split-brain`).
         public var splitBrainPolicy: SplitBrainPolicy
+        /// A witness fences the peer: after a link loss the node holds client answers until the
+        /// witness has recorded the peer as outdated, then calls `startGenerationWithoutPeer`;
+        /// without quorum those answers fail. So the link loss alone starts no generation.
+        public var fencing = false
 
         public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192,
                     resyncInFlightMax: Int = 8, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
-                    splitBrainPolicy: SplitBrainPolicy = .disconnect) {
+                    splitBrainPolicy: SplitBrainPolicy = .disconnect, fencing: Bool = false) {
             self.splitBrainPolicy = splitBrainPolicy
+            self.fencing = fencing
             precondition(transferLogEntriesMax > 0)
             precondition(resyncInFlightMax > 0 && resyncRunBytesMax >= granularityBytes && resyncRunBytesMax <= Limits.nbdRequestBytesMax)
             self.resyncInFlightMax = resyncInFlightMax
@@ -202,7 +207,7 @@ public struct ReplicaCore {
         precondition(writes[id] == nil, "duplicate client write id \(id)")
         var write = ClientWrite(offset: offset, length: length)
         let payload: BufferRef? = kind == .write ? .client(id) : nil
-        if !replicating, uuids.bitmap == 0, let fresh = spareUUID {
+        if !replicating, !configuration.fencing, uuids.bitmap == 0, let fresh = spareUUID {
             // New data from here on belongs to a generation the peer does not have; the node
             // persists it (on this state change) before it submits the write.
             spareUUID = nil
@@ -597,6 +602,15 @@ public struct ReplicaCore {
     /// here at all times (the core has no random numbers); the link loss supplies one too.
     public var spareUUID: UInt64?
 
+    /// The witness fenced the peer: writes answered from now on (and those held) belong to a
+    /// generation the peer does not have.
+    public mutating func startGenerationWithoutPeer(into actions: inout [Action]) {
+        guard role == .primary, !replicating, uuids.bitmap == 0, let fresh = spareUUID else { return }
+        spareUUID = nil
+        uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
+        actions.append(.stateChanged(status))
+    }
+
     /// Makes this node primary (`tandem primary`). Refused while the peer is primary, while a
     /// resync writes into this node, or (without `force`) unless the local disk is UpToDate.
     /// Without the peer, this node's writes start a new generation (`freshUUID`); with `force`
@@ -925,7 +939,7 @@ public struct ReplicaCore {
             // A primary that loses its link and writes nothing (it lost quorum, or it crashes
             // next) still holds the peer's generation and causes no split brain.
             spareUUID = freshUUID
-            if uuids.bitmap == 0 && unconfirmed {
+            if uuids.bitmap == 0 && unconfirmed && !configuration.fencing {
                 uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
                 spareUUID = nil
             }

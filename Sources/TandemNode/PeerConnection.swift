@@ -101,6 +101,9 @@ final class PeerConnection: IOHandler {
         message.deallocate()
     }
 
+    /// The name in the peer's verified certificate (a witness accepts either data node).
+    var certificateName: String { tls.peerName }
+
     /// Starts the TLS handshake (the client side speaks first; both sides just pump).
     func start() {
         pumpHandshake()

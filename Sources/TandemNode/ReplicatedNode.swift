@@ -63,6 +63,25 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// Flushes the node asked for itself (a demotion's), by id: what to do when done.
     private var internalFlushes: [UInt64: (Int32) -> Void] = [:]
 
+    // MARK: Witness and quorum
+
+    private var witness: WitnessClient?
+    /// The witness recorded that this primary writes without its peer (the peer is fenced).
+    private var fenced = false
+    private var fenceRequested = false
+    /// Client answers held until the peer is fenced (a primary with a witness never acknowledges
+    /// a write its peer lacks before the witness knows the peer is outdated).
+    private var heldCompletions: [(id: UInt64, result: Int32, flush: Bool)] = []
+    private var promotionRequested = false
+    private var nextPromotionTry: UInt64 = 0
+    private var hadQuorum = true
+
+    /// With a witness: this node sees its peer or the witness (2 of 3 votes). Without: always.
+    var hasQuorum: Bool {
+        guard let witness else { return true }
+        return core.link == .connected || core.link == .handshaking || witness.up
+    }
+
     private var actions: [ReplicaCore.Action] = []
     private var ops: [(tag: LocalIO.Tag, syncAfter: Bool)?]
     private var freeOps: [Int]
@@ -211,7 +230,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         core = ReplicaCore(
             configuration: .init(nodeID: UInt8(me.id), deviceBytes: device.size, granularityBytes: superblock.layout.granularityBytes,
                                  resyncBytesPerSecond: UInt64(config.tuning.resyncBytesPerSecondMax),
-                                 splitBrainPolicy: config.failover.afterSplitBrain),
+                                 splitBrainPolicy: config.failover.afterSplitBrain, fencing: config.witness != nil),
             role: primary ? .primary : .secondary, disk: disk, uuids: superblock.uuids, bitmap: bitmap, flags: superblock.flags)
         core.spareUUID = Self.freshUUID()
         do {
@@ -221,6 +240,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             throw ServeError("TLS: \(error.message)")
         }
         handlers = HandlerRunner(config: config, node: me.name, peer: peer.name, logger: logger)
+        if let w = config.witness {
+            witness = try WitnessClient(loop: loop, logger: logger, config: config, me: me, witness: w, context: clientTLS)
+        }
         ops = Array(repeating: nil, count: Self.opsMax)
         freeOps = Array((0..<Self.opsMax).reversed())
         dialAddress = .allocate(capacity: 1)
@@ -260,6 +282,96 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             dial()
         }
         loop.addTimer(id: id, tag: Self.tagTick, afterNanos: Self.tickNanos)
+        if let witness {
+            witness.currentState = { [unowned self] in self.witnessState() }
+            witness.onUp = { [unowned self] in self.announceToWitness() }
+            witness.onDown = { [unowned self] in self.quorumMayHaveChanged() }
+            witness.onDeposed = { [unowned self] why in
+                guard self.core.role == .primary else { return }
+                self.logger.error("witness: \(why): demoting")
+                self.demote { answer in self.logger.notice("demoted after being deposed: \(answer)") }
+            }
+            witness.start()
+        }
+    }
+
+    // MARK: Witness
+
+    private func witnessState() -> PeerStateChange {
+        var flags: UInt16 = 0
+        if core.role == .primary && !core.replicating { flags |= PeerFlags.State.peerOutdated }
+        return PeerStateChange(role: core.role, diskState: core.disk, flags: flags, uuids: ReplicaCore.wire(core.uuids))
+    }
+
+    /// Tells the witness the current state; a primary writing without its peer waits for the
+    /// witness to record that before it answers clients (fencing).
+    private func announceToWitness() {
+        guard let witness, witness.up else { return quorumMayHaveChanged() }
+        let state = witnessState()
+        let fencing = state.flags & PeerFlags.State.peerOutdated != 0
+        if fencing { fenceRequested = true }
+        witness.request(state) { [weak self] recorded in
+            guard let self else { return }
+            if fencing && recorded && self.core.role == .primary && !self.core.replicating {
+                self.fenced = true
+                self.logger.notice("witness recorded \(self.peer.name) as outdated: answering writes without it")
+                // The writes about to be answered are data the peer lacks: a new generation,
+                // on disk before any answer.
+                self.beginActions()
+                self.core.startGenerationWithoutPeer(into: &self.actions)
+                self.perform()
+                self.releaseHeld(error: nil)
+            }
+            self.quorumMayHaveChanged()
+        }
+    }
+
+    private func releaseHeld(error: Int32?) {
+        let held = heldCompletions
+        heldCompletions.removeAll()
+        for h in held {
+            guard let client = clients.removeValue(forKey: h.id) else { continue }
+            client.connection.replicatedCompleted(slot: client.slot, result: error ?? h.result)
+            if let range = loggedWrites.removeValue(forKey: h.id), activityLog.endWrite(offset: range.offset, length: range.length) {
+                admitWaitingWrites()
+            }
+        }
+    }
+
+    /// Quorum lost: a primary fails what it held and every write from now on; regained: the
+    /// node goes on.
+    private func quorumMayHaveChanged() {
+        let quorum = hasQuorum
+        defer { hadQuorum = quorum }
+        if !quorum && core.role == .primary {
+            if hadQuorum {
+                logger.error("quorum lost: neither \(peer.name) nor the witness is reachable; writes fail until one is back")
+                handlers.fire(.quorumLost, [peer.name], nowNanos: monotonicNanos())
+            }
+            releaseHeld(error: -EIO)
+        } else if quorum && !hadQuorum {
+            logger.notice("quorum regained")
+        }
+    }
+
+    /// A secondary that lost its primary asks the witness whether it may take over.
+    private func considerAutomaticFailover(now: UInt64) {
+        guard let witness, witness.up, config.failover.autoPromote, core.role == .secondary, core.disk == .upToDate,
+              core.link == .connecting, !promotionRequested, !demoting, now >= nextPromotionTry, !stopping
+        else { return }
+        promotionRequested = true
+        var state = witnessState()
+        state.role = .primary
+        witness.request(state) { [weak self] granted in
+            guard let self else { return }
+            self.promotionRequested = false
+            guard granted, self.core.role == .secondary, self.core.link == .connecting else {
+                self.nextPromotionTry = monotonicNanos() + 500_000_000
+                return
+            }
+            self.logger.warning("automatic failover: \(self.peer.name) is gone and the witness agrees: promoting")
+            _ = self.promoteLocally(force: false)
+        }
     }
 
     // MARK: Link establishment
@@ -317,6 +429,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             ticks &+= 1
             checkPeerAlive()
             if ticks % 10 == 0 { handlers.reap(nowNanos: monotonicNanos()) }
+            if let witness {
+                let now = monotonicNanos()
+                witness.tick(now: now)
+                considerAutomaticFailover(now: now)
+            }
             if core.sync != .established && ticks % Self.resyncCheckpointTicks == 0 {
                 // Resync progress survives a crash: resynced blocks are made durable first, then
                 // the bitmap that says they are in sync (Protocol/peer.md, resync).
@@ -456,6 +573,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     // MARK: NBDReplicator
 
     func clientRequest(_ connection: NBDConnection, slot: Int, _ request: NBDRequest) {
+        guard hasQuorum else {
+            // Without quorum the other side may be promoted: nothing may be acknowledged here.
+            return connection.replicatedCompleted(slot: slot, result: -EIO)
+        }
         if request.command != .flush {
             guard waitingForLog.isEmpty, admitToLog(request) else {
                 waitingForLog.append((connection, slot, request))
@@ -569,6 +690,14 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                                payload: UnsafeRawPointer(read.pointer), token: (1 << 63) | UInt64(slot))
             case .completeClientFlush(let flushID, let result) where internalFlushes[flushID] != nil:
                 internalFlushes.removeValue(forKey: flushID)!(result)
+            case .completeClient(let clientID, let result) where mustHold,
+                 .completeClientFlush(let clientID, let result) where mustHold:
+                if hasQuorum {
+                    heldCompletions.append((clientID, result, false))
+                } else {
+                    heldCompletions.append((clientID, -EIO, false))
+                    releaseHeld(error: -EIO)
+                }
             case .completeClient(let clientID, let result), .completeClientFlush(let clientID, let result):
                 guard let client = clients.removeValue(forKey: clientID) else { preconditionFailure("completion for unknown client request \(clientID)") }
                 client.connection.replicatedCompleted(slot: client.slot, result: result)
@@ -590,6 +719,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 persistMetadata()
                 report(status)
                 if core.spareUUID == nil { core.spareUUID = Self.freshUUID() }
+                if core.replicating || core.role != .primary {
+                    fenced = false
+                    fenceRequested = false
+                }
+                if witness != nil { announceToWitness() }
             }
         }
         actions.removeAll(keepingCapacity: true)
@@ -608,6 +742,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if let before, before.sync != .established, status.sync == .established, status.link == .connected {
             handlers.fire(.resyncDone, [before.sync == .syncSource ? "source" : "target"], nowNanos: now)
         }
+    }
+
+    /// A primary with a witness holds client answers while it writes without its peer and the
+    /// witness has not yet recorded the peer as outdated.
+    private var mustHold: Bool {
+        witness != nil && core.role == .primary && !core.replicating && !fenced
     }
 
     private func pointer(for buffer: BufferRef) -> UnsafeMutableRawPointer {
@@ -844,7 +984,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         case "verify":
             reply(startVerify())
         case "primary":
-            reply(promote(force: options.contains("force")))
+            promote(force: options.contains("force"), reply: reply)
         case "secondary":
             demote(reply: reply)
         case "connect":
@@ -874,8 +1014,28 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         server.replicator = core.role == .primary ? self : nil
     }
 
-    /// `tandem primary [--force]`.
-    private func promote(force: Bool) -> String {
+    /// `tandem primary [--force]`. With a witness and no peer, the witness must agree first
+    /// (`--force` skips it: the operator answers for what the other node does).
+    private func promote(force: Bool, reply: @escaping (String) -> Void) {
+        guard let witness, !force, core.role == .secondary, core.link != .connected, core.link != .handshaking else {
+            return reply(promoteLocally(force: force))
+        }
+        guard witness.up else {
+            return reply(Self.error("cannot promote: no quorum (neither \(peer.name) nor the witness is reachable); --force promotes anyway and risks two primaries"))
+        }
+        var state = witnessState()
+        state.role = .primary
+        witness.request(state) { [weak self] granted in
+            guard let self else { return }
+            if granted {
+                reply(self.promoteLocally(force: false))
+            } else {
+                reply(Self.error("cannot promote: the witness refused (see its log: the peer may be primary and alive, or this node outdated)"))
+            }
+        }
+    }
+
+    private func promoteLocally(force: Bool) -> String {
         guard !demoting else { return Self.error("a demotion is in progress") }
         if core.role == .primary { return "{\"ok\":true,\"role\":\"Primary\",\"changed\":false}" }
         let started = monotonicNanos()
@@ -1001,6 +1161,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         stopping = true
         if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
         link?.close(reason: "node stopping")
+        witness?.stop()
         persistMetadata()
         if core.role == .primary {
             superblock.flags.remove(.wasPrimary)

@@ -31,6 +31,9 @@ public enum Up {
         Limits.checkRelations()
         let signalFD = ctandem_signalfd_for_termination()
         guard signalFD >= 0 else { throw ServeError("cannot watch signals: \(SystemError.text(-signalFD))") }
+        if let me = options.config.node(named: options.node), me.isWitness {
+            return try runWitness(options, me: me, signalFD: signalFD, logger: logger)
+        }
         guard let me = options.config.node(named: options.node), !me.isWitness, let devicePath = me.devicePath else {
             throw ServeError("\(options.resourceFile): no data node named '\(options.node)'")
         }
@@ -89,6 +92,31 @@ public enum Up {
         logger.info("node \(me.name) of \(options.config.name) up as \(options.primary ? "primary" : "secondary")\(server.map { ", exporting \"\(options.config.name)\"\(options.primary ? "" : " read-only") on \($0.boundAddress)" } ?? "")")
         loop.run()
         _ = fdatasync(device.fd)
+        withExtendedLifetime((signals, node, control)) {}
+        logger.info("stopped")
+    }
+
+    /// A witness: no disk, no export; the arbiter, a control socket and the signal watcher.
+    static func runWitness(_ options: Options, me: ResourceConfig.Node, signalFD: Int32, logger: Logger) throws(ServeError) {
+        let engine: any IOEngine
+        do {
+            engine = try IOEngineFactory.make(options.engine)
+        } catch {
+            throw ServeError("cannot start the I/O engine: \(error)")
+        }
+        let loop = IOLoop(engine: engine, pool: BufferPool(), logger: logger)
+        let node = try WitnessNode(loop: loop, logger: logger, config: options.config, me: me)
+        let control = try ControlServer(loop: loop, path: me.controlPath, logger: logger) { node.control($0, reply: $1) }
+        let signals = SignalWatcher(loop: loop, fd: signalFD) { signal in
+            logger.info("signal \(signal): stopping")
+            control.stop()
+            node.stop()
+            loop.stop()
+        }
+        try node.start()
+        control.start()
+        logger.info("witness \(me.name) of \(options.config.name) up")
+        loop.run()
         withExtendedLifetime((signals, node, control)) {}
         logger.info("stopped")
     }

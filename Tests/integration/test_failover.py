@@ -269,3 +269,94 @@ def test_promotion_is_refused_while_the_peer_is_primary(make_cluster):
     assert c.status("beta")["role"] == "Secondary"
     cp = c.tandem("primary", "--node", "alpha")
     assert "already" in cp.stdout_text
+
+
+def write_fails(uri):
+    import nbd
+    h = nbd.NBD()
+    try:
+        h.connect_uri(uri)
+        if h.is_read_only():
+            return True
+        h.pwrite(b"\x55" * 4096, 60 * MiB)
+        return False
+    except Exception:
+        return True
+    finally:
+        try:
+            h.shutdown()
+        except Exception:
+            pass
+
+
+def test_witness_promotes_the_survivor_and_the_isolated_primary_stops_writing(make_cluster, tmp_path):
+    c = make_cluster(witness=True)
+    c.up("witness")
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    c.wait_for("alpha", "witness: link to witness up")
+    c.wait_for("beta", "witness: link to witness up")
+    writers = start_writers(c.uri("alpha"), [(0, 8 * MiB), (8 * MiB, 16 * MiB)], tag=2000)
+    wait_acked(writers, 40)
+    since = (c.mark("alpha"), c.mark("beta"))
+    started = time.monotonic()
+    c.isolate("alpha")
+    c.wait_for("beta", "automatic failover: .* promoting", timeout=30, since=since[1])
+    deadline = time.monotonic() + 10
+    while c.status("beta")["role"] != "Primary":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    failover = time.monotonic() - started
+    print(f"automatic failover: beta primary {failover:.2f} s after alpha was cut off (peer-timeout-ms 1500)")
+    c.wait_for("alpha", "quorum lost", timeout=30, since=since[0])
+    # Exactly one side accepts writes: alpha refuses them (a client inside its namespace sees
+    # EIO), beta takes them. The writers outside cannot reach alpha at all any more.
+    for w in writers:
+        w.halt.set()
+    cp = run(["ip", "netns", "exec", c.ns["alpha"], "qemu-io", "-f", "raw", c.uri("alpha"), "-c", "write -P 0x77 0 4k"],
+             check=False, timeout=60)
+    assert "Input/output error" in cp.stdout_text + cp.stderr_text, cp.stdout_text + cp.stderr_text
+    assert check_acked(c.uri("beta"), writers) >= 40
+    ok = start_writers(c.uri("beta"), [(20 * MiB, 21 * MiB)], tag=2100, passes=1)
+    ok[0].join(timeout=60)
+    assert ok[0].error is None
+    # alpha comes back: the witness tells it it was replaced; it demotes and resyncs from beta.
+    since = (c.mark("alpha"), c.mark("beta"))
+    c.reconnect("alpha")
+    c.wait_for("alpha", "demoted after being deposed", timeout=30, since=since[0])
+    c.wait_connected("beta", "alpha", timeout=60, since=(since[1], since[0]))
+    check_acked(c.uri("beta"), writers + ok)
+    c.tandem("secondary", "--node", "beta")
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_a_partition_between_the_data_nodes_leaves_exactly_one_writer(make_cluster, tmp_path):
+    c = make_cluster(witness=True)
+    c.up("witness")
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    c.wait_for("beta", "witness: link to witness up")
+    since = (c.mark("alpha"), c.mark("beta"))
+    c.partition("alpha", "beta")
+    c.wait_for("alpha", "link to beta down", since=since[0])
+    # alpha still reaches the witness: it fences beta and goes on writing.
+    c.wait_for("alpha", "witness recorded beta as outdated", since=since[0])
+    w = start_writers(c.uri("alpha"), [(0, 2 * MiB)], tag=3000, passes=1)
+    w[0].join(timeout=60)
+    assert w[0].error is None
+    # beta asks to take over and is refused: alpha is primary and alive.
+    c.wait_for("witness", "refused to let beta become primary", timeout=30)
+    assert c.status("beta")["role"] == "Secondary"
+    assert write_fails(c.uri("beta"))
+    cp = c.tandem("primary", "--node", "beta", check=False)
+    assert cp.returncode != 0 and "witness refused" in cp.stderr_text
+    since = (c.mark("alpha"), c.mark("beta"))
+    c.heal("alpha", "beta")
+    c.wait_connected(timeout=60, since=since)
+    check_acked(c.uri("alpha"), w)
+    c.tandem("secondary", "--node", "alpha")
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()

@@ -1,0 +1,99 @@
+/// The decisions of a witness, sans I/O: a third node without data that lets a data node become
+/// primary only when that cannot make two primaries or promote stale data.
+///
+/// The witness keeps what each data node last told it (role, disk, whether it is connected now,
+/// and for a primary whether it writes without its peer) and answers promotion requests:
+///
+/// - the requester's disk must be UpToDate;
+/// - the other data node must not be primary and reachable by the witness;
+/// - the witness must have heard from the other node since it started (else it cannot know
+///   whether the requester is current), unless the other node never was primary;
+/// - if the other node is (was) primary and told the witness it writes without its peer, the
+///   requester is Outdated: refused.
+///
+/// A primary that loses its peer asks the witness to record `peerOutdated` before it answers any
+/// client write without the peer (fencing, as DRBD's `fence-peer`). A primary that loses both
+/// its peer and the witness has no quorum and fails writes, so at most one side of any
+/// partition accepts writes.
+public struct WitnessArbiter: Sendable {
+    public struct NodeView: Sendable, Equatable {
+        public var connected = false
+        /// The witness heard from this node since it started.
+        public var known = false
+        public var role: PeerRole = .secondary
+        public var disk: PeerDiskState = .diskless
+        /// A primary writing without its peer: the peer's data is outdated.
+        public var writesWithoutPeer = false
+    }
+
+    public enum Verdict: Sendable, Equatable {
+        case granted
+        case refused(String)
+    }
+
+    public private(set) var nodes: [UInt8: NodeView]
+    private let names: [UInt8: String]
+
+    /// The two data nodes, by id, with their names for messages.
+    public init(dataNodes: [(id: UInt8, name: String)]) {
+        precondition(dataNodes.count == 2, "a witness arbitrates between two data nodes")
+        nodes = Dictionary(uniqueKeysWithValues: dataNodes.map { ($0.id, NodeView()) })
+        names = Dictionary(uniqueKeysWithValues: dataNodes.map { ($0.id, $0.name) })
+    }
+
+    public func isDataNode(_ id: UInt8) -> Bool { nodes[id] != nil }
+
+    private func other(_ id: UInt8) -> UInt8 { nodes.keys.first { $0 != id }! }
+
+    /// A data node connected and said hello. Returns why it must be turned away (it claims to
+    /// be primary while the witness granted the other node), or nil.
+    public mutating func connected(_ id: UInt8, role: PeerRole, disk: PeerDiskState) -> String? {
+        precondition(isDataNode(id))
+        let o = other(id)
+        if role == .primary, nodes[o]!.role == .primary, nodes[id]!.known, nodes[id]!.role != .primary {
+            // It was deposed while away: the other node was promoted with the witness's consent.
+            nodes[id]!.connected = true
+            return "\(names[o]!) was promoted while \(names[id]!) was unreachable; \(names[id]!) must demote"
+        }
+        nodes[id]! = NodeView(connected: true, known: true, role: role, disk: disk, writesWithoutPeer: nodes[id]!.writesWithoutPeer && role == .primary)
+        return nil
+    }
+
+    public mutating func disconnected(_ id: UInt8) {
+        nodes[id]?.connected = false
+    }
+
+    /// A data node's state changed (announcement or fencing request).
+    public mutating func announced(_ id: UInt8, role: PeerRole, disk: PeerDiskState, writesWithoutPeer: Bool) {
+        precondition(isDataNode(id))
+        if role == .primary && nodes[other(id)]!.role == .primary && nodes[id]!.role != .primary {
+            // A promotion the witness did not grant (forced by an operator): it is recorded, the
+            // split brain will be found when the data nodes meet.
+            nodes[other(id)]!.role = .secondary
+        }
+        nodes[id]!.known = true
+        nodes[id]!.role = role
+        nodes[id]!.disk = disk
+        nodes[id]!.writesWithoutPeer = role == .primary && writesWithoutPeer
+    }
+
+    /// A data node asks to become primary.
+    public mutating func requestPrimary(_ id: UInt8, disk: PeerDiskState) -> Verdict {
+        precondition(isDataNode(id))
+        let o = other(id)
+        let me = names[id]!, them = names[o]!
+        let view = nodes[o]!
+        guard disk == .upToDate else { return .refused("\(me)'s disk is \(disk), not upToDate") }
+        if view.role == .primary && view.connected { return .refused("\(them) is primary and the witness still reaches it") }
+        if !view.known { return .refused("the witness has not heard from \(them) since it started: it cannot tell whether \(me) has the newest data") }
+        if view.role == .primary && view.writesWithoutPeer {
+            return .refused("\(them) wrote without \(me) before it was lost: \(me)'s data is outdated")
+        }
+        nodes[id]!.role = .primary
+        nodes[id]!.disk = disk
+        nodes[id]!.known = true
+        nodes[o]!.role = .secondary
+        nodes[o]!.writesWithoutPeer = false
+        return .granted
+    }
+}

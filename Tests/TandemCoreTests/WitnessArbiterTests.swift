@@ -1,0 +1,50 @@
+import Testing
+import TandemCore
+
+@Suite struct WitnessArbiterTests {
+    private func arbiter() -> WitnessArbiter {
+        var a = WitnessArbiter(dataNodes: [(0, "alpha"), (1, "beta")])
+        _ = a.connected(0, role: .primary, disk: .upToDate)
+        _ = a.connected(1, role: .secondary, disk: .upToDate)
+        return a
+    }
+
+    @Test func aLivePrimaryIsNeverReplaced() {
+        var a = arbiter()
+        #expect(a.requestPrimary(1, disk: .upToDate) == .refused("alpha is primary and the witness still reaches it"))
+    }
+
+    @Test func aLostPrimaryInSyncIsReplacedOnceAndThenDeposed() {
+        var a = arbiter()
+        a.disconnected(0)
+        #expect(a.requestPrimary(1, disk: .upToDate) == .granted)
+        // The old primary comes back still claiming the role: it is told to demote.
+        #expect(a.connected(0, role: .primary, disk: .upToDate) != nil)
+        #expect(a.nodes[1]?.role == .primary)
+    }
+
+    @Test func aFencedSecondaryIsNotPromoted() {
+        var a = arbiter()
+        a.announced(0, role: .primary, disk: .upToDate, writesWithoutPeer: true)
+        a.disconnected(0)
+        if case .refused(let why) = a.requestPrimary(1, disk: .upToDate) {
+            #expect(why.contains("outdated"))
+        } else {
+            Issue.record("an outdated secondary was promoted")
+        }
+        // Once the primary replicates to it again, it may take over later.
+        _ = a.connected(0, role: .primary, disk: .upToDate)
+        a.announced(0, role: .primary, disk: .upToDate, writesWithoutPeer: false)
+        a.disconnected(0)
+        #expect(a.requestPrimary(1, disk: .upToDate) == .granted)
+    }
+
+    @Test func aWitnessThatNeverHeardFromThePeerRefusesAndStaleDisksAreRefused() {
+        var a = WitnessArbiter(dataNodes: [(0, "alpha"), (1, "beta")])
+        _ = a.connected(1, role: .secondary, disk: .upToDate)
+        #expect(a.requestPrimary(1, disk: .upToDate) != .granted, "alpha may be primary somewhere, with newer data")
+        var b = arbiter()
+        b.disconnected(0)
+        #expect(b.requestPrimary(1, disk: .outdated) != .granted)
+    }
+}
