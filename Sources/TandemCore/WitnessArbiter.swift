@@ -24,6 +24,9 @@ public struct WitnessArbiter: Sendable {
         public var disk: PeerDiskState = .diskless
         /// A primary writing without its peer: the peer's data is outdated.
         public var writesWithoutPeer = false
+        /// Told to demote (the other node was promoted while it was away); what it claims until
+        /// it announces itself secondary counts for nothing.
+        public var deposed = false
     }
 
     public enum Verdict: Sendable, Equatable {
@@ -53,9 +56,11 @@ public struct WitnessArbiter: Sendable {
         if role == .primary, nodes[o]!.role == .primary, nodes[id]!.known, nodes[id]!.role != .primary {
             // It was deposed while away: the other node was promoted with the witness's consent.
             nodes[id]!.connected = true
+            nodes[id]!.deposed = true
             return "\(names[o]!) was promoted while \(names[id]!) was unreachable; \(names[id]!) must demote"
         }
-        nodes[id]! = NodeView(connected: true, known: true, role: role, disk: disk, writesWithoutPeer: nodes[id]!.writesWithoutPeer && role == .primary)
+        nodes[id]! = NodeView(connected: true, known: true, role: role, disk: disk, writesWithoutPeer: nodes[id]!.writesWithoutPeer && role == .primary,
+                              deposed: false)
         return nil
     }
 
@@ -66,11 +71,12 @@ public struct WitnessArbiter: Sendable {
     /// A data node's state changed (announcement or fencing request).
     public mutating func announced(_ id: UInt8, role: PeerRole, disk: PeerDiskState, writesWithoutPeer: Bool) {
         precondition(isDataNode(id))
-        if role == .primary && nodes[other(id)]!.role == .primary && nodes[id]!.role != .primary {
-            // A promotion the witness did not grant (forced by an operator): it is recorded, the
-            // split brain will be found when the data nodes meet.
-            nodes[other(id)]!.role = .secondary
+        if nodes[id]!.deposed {
+            guard role == .secondary else { return }
+            nodes[id]!.deposed = false
         }
+        // A promotion the witness did not grant (`--force`) is recorded as it is: with both
+        // primary, no promotion is granted until one of them announces itself secondary.
         nodes[id]!.known = true
         nodes[id]!.role = role
         nodes[id]!.disk = disk
@@ -84,6 +90,7 @@ public struct WitnessArbiter: Sendable {
         let me = names[id]!, them = names[o]!
         let view = nodes[o]!
         guard disk == .upToDate else { return .refused("\(me)'s disk is \(disk), not upToDate") }
+        if nodes[id]!.deposed { return .refused("\(me) was deposed and has not demoted yet") }
         if view.role == .primary && view.connected { return .refused("\(them) is primary and the witness still reaches it") }
         if !view.known { return .refused("the witness has not heard from \(them) since it started: it cannot tell whether \(me) has the newest data") }
         if view.role == .primary && view.writesWithoutPeer {

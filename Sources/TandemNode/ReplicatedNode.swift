@@ -75,6 +75,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var promotionRequested = false
     private var nextPromotionTry: UInt64 = 0
     private var hadQuorum = true
+    /// The last reason a link attempt failed before it connected (repeats are logged at debug).
+    private var lastLinkFailure: String?
 
     /// With a witness: this node sees its peer or the witness (2 of 3 votes). Without: always.
     var hasQuorum: Bool {
@@ -562,7 +564,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             lastVerify = (v.checkedBytes, v.mismatchedBytes)
             logger.warning("verify: stopped by the link loss after \(v.checkedBytes) bytes (\(v.mismatchedBytes) differ)")
         }
-        logger.warning("replication: link to \(peer.name) down: \(reason)")
+        if reason == lastLinkFailure {
+            // The same failure again (a peer refusing us while StandAlone): once is enough.
+            logger.debug("replication: link to \(peer.name) down: \(reason)")
+        } else {
+            logger.warning("replication: link to \(peer.name) down: \(reason)")
+        }
+        lastLinkFailure = core.link == .connected || core.link == .handshaking ? nil : reason
         beginActions()
         core.linkDown(.peerClosed, freshUUID: Self.freshUUID(), into: &actions)
         perform()

@@ -21,6 +21,13 @@ import TandemCore
         // The old primary comes back still claiming the role: it is told to demote.
         #expect(a.connected(0, role: .primary, disk: .upToDate) != nil)
         #expect(a.nodes[1]?.role == .primary)
+        // Its announcements as primary before it demotes change nothing; then it may not take
+        // the role back while beta is primary and reachable.
+        a.announced(0, role: .primary, disk: .upToDate, writesWithoutPeer: true)
+        #expect(a.nodes[1]?.role == .primary && a.nodes[0]?.deposed == true)
+        a.disconnected(0)
+        _ = a.connected(0, role: .secondary, disk: .upToDate)
+        #expect(a.requestPrimary(0, disk: .upToDate) == .refused("beta is primary and the witness still reaches it"))
     }
 
     @Test func aFencedSecondaryIsNotPromoted() {

@@ -290,7 +290,10 @@ def write_fails(uri):
 
 
 def test_witness_promotes_the_survivor_and_the_isolated_primary_stops_writing(make_cluster, tmp_path):
-    c = make_cluster(witness=True)
+    failing = tmp_path / "failing.sh"
+    failing.write_text("#!/bin/sh\necho quorum-lost-ran >&2\nexit 3\n")
+    failing.chmod(0o755)
+    c = make_cluster(witness=True, handlers={"quorum-lost": failing})
     c.up("witness")
     c.up("beta")
     c.up("alpha", "--primary")
@@ -317,6 +320,8 @@ def test_witness_promotes_the_survivor_and_the_isolated_primary_stops_writing(ma
     cp = run(["ip", "netns", "exec", c.ns["alpha"], "qemu-io", "-f", "raw", c.uri("alpha"), "-c", "write -P 0x77 0 4k"],
              check=False, timeout=60)
     assert "Input/output error" in cp.stdout_text + cp.stderr_text, cp.stdout_text + cp.stderr_text
+    # The quorum-lost handler ran and failed; the node only logged it.
+    c.wait_for("alpha", r"handler quorum-lost: exited with status 3", since=since[0])
     assert check_acked(c.uri("beta"), writers) >= 40
     ok = start_writers(c.uri("beta"), [(20 * MiB, 21 * MiB)], tag=2100, passes=1)
     ok[0].join(timeout=60)
