@@ -272,6 +272,11 @@ public struct ImagePiece: Equatable, Sendable {
 
     public var length: Int
     public var source: Source
+
+    public init(length: Int, source: Source) {
+        self.length = length
+        self.source = source
+    }
 }
 
 /// What rolling back to a barrier writes.
