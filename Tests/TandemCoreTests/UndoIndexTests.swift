@@ -129,7 +129,7 @@ struct UndoModel {
                 for chunk in 0..<geometry.chunkCount where !changed.contains(chunk) {
                     let start = Int(geometry.offset(ofChunk: chunk))
                     let range = start..<start + geometry.length(ofChunk: chunk)
-                    #expect(firstDifference(Array(a[range]), Array(b[range])) == nil, "chunk \(chunk) differs \(from)->\(String(describing: to)) but is not changed")
+                    #expect(a[range] == b[range], "chunk \(chunk) differs \(from)->\(String(describing: to)) but is not changed")
                 }
             }
         }
@@ -138,8 +138,9 @@ struct UndoModel {
 
 /// Where two byte arrays first differ (nil when equal): short failure messages for images.
 func firstDifference(_ a: [UInt8], _ b: [UInt8]) -> Int? {
+    if a == b { return nil }
     if a.count != b.count { return min(a.count, b.count) }
-    return zip(a, b).firstIndex { $0 != $1 }
+    return a.indices.first { a[$0] != b[$0] }
 }
 
 @Suite struct UndoIndexTests {
