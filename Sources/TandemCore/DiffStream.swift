@@ -24,7 +24,7 @@
 /// | 24 | 4 | chunk bytes |
 /// | 28 | 4 | flags: bit 0 full (every chunk; no base) |
 /// | 32 | 8 | from barrier id (0 for a full stream) |
-/// | 40 | 8 | to barrier id (0: the device as it was, no barrier) |
+/// | 40 | 8 | to barrier id (0: the device as it was when the stream was made, no barrier) |
 /// | 48 | 8 | from time, Unix seconds |
 /// | 56 | 8 | to time, Unix seconds |
 /// | 64 | 1 | from label length |
@@ -48,7 +48,7 @@ public struct DiffStreamHeader: Equatable, Sendable {
     public var to: BarrierInfo
 
     public init(geometry: UndoGeometry, from: BarrierInfo?, to: BarrierInfo) {
-        precondition(from.map { $0.id != 0 && $0.id < to.id } ?? true, "a stream goes from an older barrier to a newer one")
+        precondition(from.map { $0.id != 0 && (to.id == 0 || $0.id < to.id) } ?? true, "a stream goes from an older barrier to a newer one")
         self.geometry = geometry
         self.from = from
         self.to = to
@@ -112,7 +112,7 @@ public struct DiffStreamHeader: Equatable, Sendable {
             guard barriers[0] == BarrierInfo(id: 0, createdUnixSeconds: 0) else { throw .badBarrierID(barriers[0].id) }
             from = nil
         } else {
-            guard barriers[0].id != 0, barriers[0].id < to.id else { throw .badBarrierID(barriers[0].id) }
+            guard barriers[0].id != 0, to.id == 0 || barriers[0].id < to.id else { throw .badBarrierID(barriers[0].id) }
             from = barriers[0]
         }
     }
