@@ -206,6 +206,23 @@ public final class UndoStore {
         for fd in files.values { close(fd) }
     }
 
+    /// The device size the store's newest readable segment was saved for (nil: no segment), so
+    /// tools can open a store without being told the device.
+    public static func recordedDeviceBytes(directory: String) -> UInt64? {
+        guard let ids = try? listSegments(directory) else { return nil }
+        for id in ids.reversed() {
+            let fd = open("\(directory)/\(segmentName(id))", O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { continue }
+            defer { close(fd) }
+            var bytes = [UInt8](repeating: 0, count: UndoSegmentHeader.encodedBytes)
+            guard (try? bytes.withUnsafeMutableBytes { try BlockFile.read(fd, into: $0, at: 0, "") }) != nil,
+                  let header = bytes.withUnsafeBytes({ try? UndoSegmentHeader(decoding: $0) })
+            else { continue }
+            return header.geometry.deviceBytes
+        }
+        return nil
+    }
+
     /// Barrier ids with a segment file, ascending.
     private static func listSegments(_ directory: String) throws -> [UInt64] {
         guard let dir = opendir(directory) else {
