@@ -411,9 +411,10 @@ extension Limits {
     public static let undoChunksMax = 1 << 32
     /// Bytes of a barrier label.
     public static let barrierLabelBytesMax = 64
-    /// Barriers kept at once: each costs one open segment and one index table, and a read at an
-    /// old barrier looks through every newer one.
-    public static let barriersRetainedMax = 1024
+    /// Barriers kept at once: each costs an open segment file (descriptor) and an index table,
+    /// and a read at an old barrier looks through every newer one. 256 is ten days of hourly
+    /// barriers.
+    public static let barriersRetainedMax = 256
     /// Records in the in-memory undo index, all barriers together: about 40 bytes of memory each,
     /// so 160 MiB at most (256 GiB of saved data at 64 KiB chunks). Past it the oldest barrier is
     /// dropped, as when the disk is full.
