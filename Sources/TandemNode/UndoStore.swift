@@ -122,6 +122,9 @@ public final class UndoStore {
         }
         let ids = try Self.listSegments(directory)
         var scans: [(UInt64, UndoSegmentScan, Int32)] = []
+        // Until the index owns them, the descriptors are closed here if recovery gives up.
+        var recovered = false
+        defer { if !recovered { for (_, _, fd) in scans { close(fd) } } }
         let defaultGeometry: UndoGeometry
         do { defaultGeometry = try UndoGeometry(deviceBytes: deviceBytes, chunkBytes: chunkBytes ?? Limits.undoChunkBytesDefault) } catch {
             throw UndoStoreError("undo store \(directory): \(error)")
@@ -185,6 +188,7 @@ public final class UndoStore {
             close(fd)
             if !readOnly { unlink(segmentPath(id)) }
         }
+        recovered = true
         for (id, scan, fd) in scans[start...] {
             do {
                 try index.addRecovered(scan.header!, records: scan.records, bytes: scan.validBytes)
