@@ -68,6 +68,7 @@ public enum Limits {
         precondition(completionBatchMax <= ringEntries)
         precondition(tlsCiphertextBufferBytes >= 2 * (tlsRecordPlaintextMax + 256))
         checkMetadataRelations()
+        checkBarrierRelations()
         PeerProtocol.checkRelations()
     }
 }

@@ -1,0 +1,391 @@
+import ArgumentParser
+import Glibc
+import TandemCore
+import TandemIO
+import TandemNode
+
+// Point-in-time barriers, offline: these commands work on a secondary's undo directory and
+// device while no node runs on them (Protocol/barriers.md). The running node's versions (through
+// the control socket) come with the replication wiring.
+
+/// The undo directory and device of an offline secondary.
+struct UndoStoreOptions: ParsableArguments {
+    @Option(help: "The undo directory (one segment file per barrier).")
+    var undoDir: String
+
+    @Option(help: "The device (file or block device) the undo directory protects.")
+    var device: String
+
+    /// Opens the device (page cache) and the store, printing what recovery did.
+    func open(readOnly: Bool, chunkBytes: Int? = nil) throws -> (BackingDevice, UndoStore) {
+        let backing: BackingDevice
+        do {
+            backing = try BackingDevice.open(path: device, readOnly: readOnly, cache: .page)
+        } catch {
+            throw fail(error.message)
+        }
+        do {
+            let store = try UndoStore(directory: undoDir, deviceBytes: backing.size, chunkBytes: chunkBytes, readOnly: readOnly)
+            for line in store.recoveryLog { printError("note: \(line)") }
+            if !readOnly, let pending = store.pendingRollback {
+                printError("note: a rollback to barrier \(pending) did not finish; run tandem rollback \(pending) first")
+            }
+            return (backing, store)
+        } catch {
+            throw fail("\(error)")
+        }
+    }
+}
+
+func unixNow() -> Int64 { Int64(time(nil)) }
+
+func readDevice(_ device: BackingDevice) -> (UInt64, UnsafeMutableRawBufferPointer) throws -> Void {
+    { offset, buffer in try readExactly(device.fd, buffer, at: offset, device.path) }
+}
+
+func readExactly(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, _ path: String) throws {
+    var done = 0
+    while done < buffer.count {
+        let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { throw UndoStoreError("cannot read \(path): \(n == 0 ? "short file" : SystemError.text(errno))", errno: errno) }
+        done += n
+    }
+}
+
+func writeExactly(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: UInt64, _ path: String) throws {
+    var done = 0
+    while done < bytes.count {
+        let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { throw UndoStoreError("cannot write \(path): \(SystemError.text(errno))", errno: errno) }
+        done += n
+    }
+}
+
+func logDrops(_ dropped: [(BarrierInfo, BarrierRetention.Reason)]) {
+    for (barrier, reason) in dropped { printError("note: dropped barrier \(barrier.id) (\(reason.rawValue))") }
+}
+
+struct Barrier: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Point-in-time barriers of a secondary's undo store (offline).",
+        subcommands: [List.self, Create.self, Write.self, Torture.self])
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List the retained barriers: id, time, label, bytes held.",
+            discussion: """
+                Examples:
+                  tandem barrier list --undo-dir /var/lib/tandem/r0.undo
+                  tandem barrier list --undo-dir /var/lib/tandem/r0.undo --json
+                """)
+
+        @Option(help: "The undo directory.")
+        var undoDir: String
+
+        @Flag(help: "Print JSON: {\"chunk_bytes\":N,\"barriers\":[{\"id\",\"time\",\"label\",\"bytes_held\",\"chunks_saved\"}]}.")
+        var json = false
+
+        func run() throws {
+            guard access(undoDir, F_OK) == 0 else { throw fail("undo directory \(undoDir) does not exist") }
+            guard let deviceBytes = UndoStore.recordedDeviceBytes(directory: undoDir) else {
+                print(json ? "{\"chunk_bytes\":null,\"barriers\":[]}" : "no barriers")
+                return
+            }
+            let store: UndoStore
+            do { store = try UndoStore(directory: undoDir, deviceBytes: deviceBytes, readOnly: true) } catch { throw fail("\(error)") }
+            for line in store.recoveryLog { printError("note: \(line) (read-only: not repaired)") }
+            let rows = store.barriers
+            if json {
+                let items = rows.map { row in
+                    "{\"id\":\(row.info.id),\"time\":\(row.info.createdUnixSeconds),\"label\":\(jsonString(row.info.label)),\"bytes_held\":\(row.bytesHeld),\"chunks_saved\":\(store.index.recordCount(row.info.id)!)}"
+                }
+                print("{\"chunk_bytes\":\(store.geometry.chunkBytes),\"barriers\":[\(items.joined(separator: ","))]}")
+            } else if rows.isEmpty {
+                print("no barriers")
+            } else {
+                for row in rows {
+                    print("\(row.info.id)\t\(row.info.createdUnixSeconds)\t\(row.bytesHeld) bytes\t\(row.info.label)")
+                }
+            }
+        }
+    }
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Record a barrier in an offline undo store (a running node records the primary's).",
+            discussion: """
+                Examples:
+                  tandem barrier create --undo-dir r0.undo --device disk.img --label before-upgrade
+                """)
+
+        @OptionGroup var store: UndoStoreOptions
+
+        @Option(help: "Label, up to 64 bytes of UTF-8.")
+        var label: String = ""
+
+        @Option(help: "Barrier id (default: one more than the newest).")
+        var id: UInt64?
+
+        @Option(help: "Chunk size in bytes for a new store (a power of two, 4096...1048576).")
+        var chunkBytes: Int?
+
+        func validate() throws {
+            do { try BarrierInfo.checkLabel(label) } catch { throw ValidationError("--label: \(error)") }
+            if id == 0 { throw ValidationError("--id must be at least 1") }
+        }
+
+        func run() throws {
+            let (_, undo) = try store.open(readOnly: false, chunkBytes: chunkBytes)
+            let info = BarrierInfo(id: id ?? undo.index.newestID + 1, createdUnixSeconds: unixNow(), label: label)
+            do {
+                logDrops(try undo.createBarrier(info, nowUnixSeconds: info.createdUnixSeconds))
+            } catch {
+                throw fail("\(error)")
+            }
+            print("barrier \(info.id)")
+        }
+    }
+
+    /// Writes to the device through the undo store, as a secondary applies a replicated write:
+    /// for tests and for repairing an image offline without losing the barriers.
+    struct Write: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write a file's bytes to the device at an offset, saving what barriers need first.",
+            shouldDisplay: false)
+
+        @OptionGroup var store: UndoStoreOptions
+
+        @Option(help: "Byte offset on the device.")
+        var offset: UInt64
+
+        @Option(help: "The file whose bytes are written.")
+        var input: String
+
+        func run() throws {
+            let (device, undo) = try store.open(readOnly: false)
+            let fd = open(input, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw fail("cannot open \(input): \(SystemError.text(errno))") }
+            defer { close(fd) }
+            var st = stat()
+            fstat(fd, &st)
+            let length = UInt64(st.st_size)
+            guard offset <= device.size, length <= device.size - offset else {
+                throw fail("\(length) bytes at \(offset) run past the end of the \(device.size)-byte device")
+            }
+            var bytes = [UInt8](repeating: 0, count: Int(length))
+            do {
+                try bytes.withUnsafeMutableBytes { try readExactly(fd, $0, at: 0, input) }
+                logDrops(try undo.save(offset: offset, length: length, nowUnixSeconds: unixNow(), readDevice: readDevice(device)))
+                try bytes.withUnsafeBytes { try writeExactly(device.fd, $0, at: offset, device.path) }
+                guard fsync(device.fd) == 0 else { throw UndoStoreError("cannot sync \(device.path): \(SystemError.text(errno))") }
+            } catch {
+                throw fail("\(error)")
+            }
+        }
+    }
+
+    /// Random writes and barriers until killed, for crash tests: after each barrier, a copy of the
+    /// device (the expected image) goes to --oracle-dir/<id>.img and `barrier <id>` is printed.
+    struct Torture: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write randomly through the undo store with barriers (crash tests).",
+            shouldDisplay: false)
+
+        @OptionGroup var store: UndoStoreOptions
+
+        @Option(help: "Directory for the expected image at each barrier.")
+        var oracleDir: String
+
+        @Option(help: "Seed of the writes.")
+        var seed: UInt64 = 1
+
+        @Option(help: "Writes between barriers.")
+        var barrierEvery: Int = 20
+
+        @Option(help: "Writes in all (0: until killed).")
+        var writes: Int = 0
+
+        @Option(help: "Barriers kept (retention by count).")
+        var keep: Int = 6
+
+        @Option(help: "Bytes the undo store may hold (retention by space).")
+        var bytesMax: UInt64?
+
+        func run() throws {
+            let (device, undo) = try store.open(readOnly: false, chunkBytes: 16384)
+            undo.retention = BarrierRetention(countMax: keep, bytesMax: bytesMax)
+            var rng = SplitMix64(seed: seed)
+            var image = [UInt8](repeating: 0, count: Int(device.size))
+            var buffer = [UInt8](repeating: 0, count: 3 * undo.geometry.chunkBytes)
+            var count = 0
+            do {
+                while writes == 0 || count < writes {
+                    count += 1
+                    let offset = UInt64(rng.below(Int(device.size)))
+                    let length = 1 + rng.below(min(buffer.count, Int(device.size - offset)))
+                    let fill = UInt64(rng.next())
+                    for i in 0..<length { buffer[i] = UInt8(truncatingIfNeeded: fill >> UInt64(8 * (i % 8)) &+ UInt64(i / 8)) }
+                    logDrops(try undo.save(offset: offset, length: UInt64(length), nowUnixSeconds: unixNow(), readDevice: readDevice(device)))
+                    try buffer.withUnsafeBytes { try writeExactly(device.fd, UnsafeRawBufferPointer(rebasing: $0[0..<length]), at: offset, device.path) }
+                    if count % barrierEvery == 0 {
+                        let id = undo.index.newestID + 1
+                        logDrops(try undo.createBarrier(BarrierInfo(id: id, createdUnixSeconds: unixNow(), label: "t\(id)"), nowUnixSeconds: unixNow()))
+                        try image.withUnsafeMutableBytes { try readExactly(device.fd, $0, at: 0, device.path) }
+                        let path = "\(oracleDir)/\(id).img"
+                        let fd = open(path + ".tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+                        guard fd >= 0 else { throw UndoStoreError("cannot create \(path).tmp: \(SystemError.text(errno))") }
+                        try image.withUnsafeBytes { try writeExactly(fd, $0, at: 0, path) }
+                        close(fd)
+                        rename(path + ".tmp", path)
+                        // Unbuffered: the test reading it may kill this process at any moment.
+                        var line = "barrier \(id)\n"
+                        line.withUTF8 { _ = Glibc.write(1, $0.baseAddress, $0.count) }
+                    }
+                }
+            } catch {
+                throw fail("\(error)")
+            }
+        }
+    }
+}
+
+struct Diff: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write an incremental stream between two barriers of an offline undo store (like zfs send -i).",
+        discussion: """
+            The stream holds every chunk that differs between the image at FROM and the image at
+            TO, with checksums of both; `tandem apply` refuses it on a device that does not hold
+            the image at FROM. FROM 0 makes a full stream (every chunk; applies to any device of
+            the size). TO "now" is the device as it is (offline, nothing writing it).
+
+            Examples:
+              tandem diff --undo-dir r0.undo --device disk.img 3 7 --output 3-7.tdiff
+              tandem diff --undo-dir r0.undo --device disk.img 0 7 --output full-7.tdiff
+              tandem diff --device disk.img 0 now --output full.tdiff
+            """)
+
+    @Option(help: "The undo directory (not needed for FROM 0 and TO now).")
+    var undoDir: String?
+
+    @Option(help: "The device the undo directory protects.")
+    var device: String
+
+    @Argument(help: "The base barrier id (0: a full stream).")
+    var from: UInt64
+
+    @Argument(help: "The target barrier id, or now.")
+    var to: String
+
+    @Option(help: "The stream file to write.")
+    var output: String
+
+    @Flag(help: "Replace --output if it exists.")
+    var force = false
+
+    func validate() throws {
+        guard to == "now" || UInt64(to) != nil else { throw ValidationError("TO must be a barrier id or now, got '\(to)'") }
+        if undoDir == nil && !(from == 0 && to == "now") { throw ValidationError("--undo-dir is needed unless FROM is 0 and TO is now") }
+        if to != "now", let id = UInt64(to), from != 0, id <= from { throw ValidationError("TO (\(id)) must be newer than FROM (\(from))") }
+    }
+
+    func run() throws {
+        if !force && access(output, F_OK) == 0 { throw fail("\(output) exists; use --force to replace it") }
+        let backing: BackingDevice
+        do { backing = try BackingDevice.open(path: device, readOnly: true, cache: .page) } catch { throw fail(error.message) }
+        do {
+            let store = try undoDir.map { try UndoStore(directory: $0, deviceBytes: backing.size, readOnly: true) }
+            for line in store?.recoveryLog ?? [] { printError("note: \(line) (read-only: not repaired)") }
+            if let pending = store?.pendingRollback { throw fail("a rollback to barrier \(pending) did not finish; run tandem rollback \(pending) first") }
+            let summary = try BarrierStream.make(store: store, deviceFD: backing.fd, deviceBytes: backing.size,
+                                                 from: from == 0 ? nil : from, to: UInt64(to), output: output, nowUnixSeconds: unixNow())
+            print("wrote \(output): \(summary.chunks) chunks, \(summary.dataBytes) bytes of data, \(summary.streamBytes) bytes")
+        } catch let error as ExitCode {
+            throw error
+        } catch {
+            throw fail("\(error)")
+        }
+    }
+}
+
+struct Apply: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Apply a stream from tandem diff to a file or block device (like zfs recv).",
+        discussion: """
+            The whole stream is checked first (checksums, device size), and every chunk the stream
+            changes must hold the stream's base content on the device (or already its new content,
+            after an interrupted apply); otherwise nothing is written. Then the chunks are written
+            and the device is synced.
+
+            Examples:
+              tandem apply 3-7.tdiff --to /dev/vdb
+              tandem apply full-7.tdiff --to restored.img --create
+            """)
+
+    @Argument(help: "The stream file.")
+    var file: String
+
+    @Option(help: "The file or block device to update.")
+    var to: String
+
+    @Flag(help: "For a full stream, create --to as a file of the right size if it does not exist.")
+    var create = false
+
+    func run() throws {
+        do {
+            let summary = try BarrierStream.apply(stream: file, to: to, create: create)
+            let target = summary.header.to.id == 0 ? "the device as it was" : "barrier \(summary.header.to.id)"
+            print("applied \(file) to \(to): \(summary.written) chunks written, \(summary.alreadyApplied) already there; \(to) now holds \(target)")
+        } catch {
+            throw fail("\(error)")
+        }
+    }
+}
+
+struct Rollback: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Put an offline device back to a barrier's image (newer barriers are dropped).",
+        discussion: """
+            Crash-safe: a rollback that stops part way is finished by running it again.
+
+            Examples:
+              tandem rollback --undo-dir r0.undo --device disk.img 5
+            """)
+
+    @OptionGroup var store: UndoStoreOptions
+
+    @Argument(help: "The barrier id.")
+    var id: UInt64
+
+    func run() throws {
+        let (device, undo) = try store.open(readOnly: false)
+        if let pending = undo.pendingRollback, pending != id {
+            throw fail("a rollback to barrier \(pending) did not finish; run tandem rollback \(pending) first")
+        }
+        do {
+            let plan = try undo.rollback(
+                to: id,
+                writeDevice: { offset, bytes in try writeExactly(device.fd, bytes, at: offset, device.path) },
+                syncDevice: { guard fsync(device.fd) == 0 else { throw UndoStoreError("cannot sync \(device.path): \(SystemError.text(errno))") } })
+            print("rolled back \(device.path) to barrier \(id): \(plan.restores.count) chunks restored, \(plan.newer.count) newer barriers dropped")
+        } catch {
+            throw fail("\(error)")
+        }
+    }
+}
+
+func jsonString(_ s: String) -> String {
+    var out = "\""
+    for scalar in s.unicodeScalars {
+        switch scalar {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case _ where scalar.value < 0x20:
+            let hex = String(scalar.value, radix: 16)
+            out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+        default: out.unicodeScalars.append(scalar)
+        }
+    }
+    return out + "\""
+}
