@@ -260,6 +260,16 @@ extension PeerMessage {
             message = .barrier(epoch: r.u64())
         case .barrierAck:
             message = .barrierAck(epoch: r.u64(), writes: r.u32(), result: r.u32())
+        case .snapshot:
+            let id = r.u64(), created = Int64(bitPattern: r.u64())
+            let labelLength = Int(r.u8())
+            let label = r.bytes(labelLength)
+            guard r.isExactlyConsumed else { return .invalid("snapshot: label length \(labelLength) does not fit the payload") }
+            let info = BarrierInfo(id: id, createdUnixSeconds: created, label: String(decoding: label, as: UTF8.self))
+            guard String(decoding: label, as: UTF8.self).utf8.elementsEqual(label), (try? info.validate()) != nil else {
+                return .invalid("snapshot: bad id or label")
+            }
+            message = .snapshot(info)
 
         case .bitmapChunk:
             let firstBit = r.u64()
@@ -478,7 +488,7 @@ extension PeerMessage {
         case .resyncRequest(let id, _, _), .resyncAck(let id, _, _, _), .verifyRequest(let id, _, _, _): return id
         case .resyncData(let d, _): return d.id
         case .verifyDigest(let d): return d.id
-        case .hello, .disconnect, .barrier, .barrierAck, .bitmapChunk, .bitmapDone, .resyncDone: return 0
+        case .hello, .disconnect, .barrier, .barrierAck, .snapshot, .bitmapChunk, .bitmapDone, .resyncDone: return 0
         }
     }
 
@@ -505,6 +515,7 @@ extension PeerMessage {
         case .writeAck, .flushAck: return 4
         case .barrier: return 8
         case .barrierAck, .bitmapDone, .resyncAck: return 16
+        case .snapshot(let info): return 17 + info.label.utf8.count
         case .bitmapChunk(let c): return PeerProtocol.bitmapChunkPrefixBytes + 8 * c.words.count
         case .resyncRequest: return 12
         case .verifyRequest: return 13
@@ -591,6 +602,12 @@ extension PeerMessage {
             w.u64(epoch)
             w.u32(writes)
             w.u32(result)
+        case .snapshot(let info):
+            precondition((try? info.validate()) != nil, "snapshot: bad barrier \(info)")
+            w.u64(info.id)
+            w.u64(UInt64(bitPattern: info.createdUnixSeconds))
+            w.u8(UInt8(info.label.utf8.count))
+            w.bytes(info.label.utf8)
         case .bitmapChunk(let c):
             precondition(c.firstBit % 64 == 0 && c.bitCount >= 1 && Int(c.bitCount) <= PeerProtocol.bitmapChunkBitsMax)
             precondition(c.words.count == (Int(c.bitCount) + 63) / 64, "bitmapChunk word count")

@@ -103,6 +103,8 @@ public enum PeerMessageType: UInt16, Sendable, CaseIterable {
     case flushAck = 21
     case barrier = 22
     case barrierAck = 23
+    /// A point-in-time barrier (a snapshot the secondary keeps restorable), in stream order.
+    case snapshot = 24
 
     case bitmapChunk = 32
     case bitmapDone = 33
@@ -140,7 +142,7 @@ public enum PeerMessageType: UInt16, Sendable, CaseIterable {
     /// The header sequence must be 0 for these (they have no identifier to carry).
     public var sequenceIsZero: Bool {
         switch self {
-        case .hello, .disconnect, .barrier, .barrierAck, .bitmapChunk, .bitmapDone, .resyncDone: return true
+        case .hello, .disconnect, .barrier, .barrierAck, .snapshot, .bitmapChunk, .bitmapDone, .resyncDone: return true
         default: return false
         }
     }
@@ -159,6 +161,7 @@ public enum PeerMessageType: UInt16, Sendable, CaseIterable {
         case .writeAck, .flushAck: return 4 ... 4
         case .barrier: return 8 ... 8
         case .barrierAck, .bitmapDone, .resyncAck: return 16 ... 16
+        case .snapshot: return 17 ... 17 + Limits.barrierLabelBytesMax
         case .bitmapChunk: return PeerProtocol.bitmapChunkPrefixBytes + 8 ... PeerProtocol.controlPayloadBytesMax
         case .resyncRequest: return 12 ... 12
         case .verifyRequest: return 13 ... 13
@@ -498,6 +501,7 @@ public enum PeerMessage: Sendable, Equatable {
     /// All `writes` writes of `epoch` are on the secondary's stable storage (`result` 0), or an
     /// errno says they may not be.
     case barrierAck(epoch: UInt64, writes: UInt32, result: UInt32)
+    case snapshot(BarrierInfo)
 
     case bitmapChunk(PeerBitmapChunk)
     /// The sender's whole bitmap has `totalBits` bits of which `setBits` are set.
@@ -526,6 +530,7 @@ public enum PeerMessage: Sendable, Equatable {
         case .flushAck: return .flushAck
         case .barrier: return .barrier
         case .barrierAck: return .barrierAck
+        case .snapshot: return .snapshot
         case .bitmapChunk: return .bitmapChunk
         case .bitmapDone: return .bitmapDone
         case .resyncRequest: return .resyncRequest

@@ -67,6 +67,9 @@ public struct ReplicaCore {
         case dropLink(LinkDownReason)
         /// A state worth telling the operator (role, disk, link and sync state changes).
         case stateChanged(ReplicaStatus)
+        /// Secondary: every replicated write before the barrier is on the disk and none after
+        /// it has started: record the barrier (its undo segment), then call `barrierRecorded`.
+        case recordBarrier(BarrierInfo)
     }
 
     public let configuration: Configuration
@@ -171,6 +174,9 @@ public struct ReplicaCore {
     private var peerFlushesWaiting: [(id: UInt64, before: UInt64)] = []
     /// Barriers waiting for earlier writes: (epoch, arrivals before it, writes in the epoch).
     private var barriersWaiting: [(epoch: UInt64, before: UInt64, writes: UInt32)] = []
+    /// Point-in-time barriers from the primary, oldest first: the writes that arrived before
+    /// each (`before`) finish first, those after it wait in `held` until it is recorded.
+    private var snapshots: [(info: BarrierInfo, before: UInt64, held: [LocalIO], recording: Bool)] = []
     private var peerEpochWrites: UInt32 = 0
 
     public init(configuration: Configuration, role: PeerRole, disk: PeerDiskState, uuids: GenerationUUIDs, bitmap: DirtyBitmap, flags: Superblock.Flags = [.consistent]) {
@@ -293,6 +299,7 @@ public struct ReplicaCore {
             actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
             applied(tag, into: &actions)
             startWaitingPeerFlushes(into: &actions)
+            recordSnapshotsIfReady(into: &actions)
         case .peerFlush(let id):
             actions.append(.send(.flushAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
         case .resyncRead(let slot):
@@ -345,7 +352,13 @@ public struct ReplicaCore {
         }
         peerEpochWrites += 1
         let fua = write.flags & PeerFlags.Write.fua != 0
-        apply(LocalIO(tag: .peerWrite(write.id), operation: .write(kind: kind, fua: fua), offset: write.offset, length: write.length, buffer: kind == .write ? .peer(write.id) : nil), into: &actions)
+        let io = LocalIO(tag: .peerWrite(write.id), operation: .write(kind: kind, fua: fua), offset: write.offset, length: write.length, buffer: kind == .write ? .peer(write.id) : nil)
+        if snapshots.isEmpty {
+            apply(io, into: &actions)
+        } else {
+            // After a barrier that is not recorded yet: it must not reach the disk before.
+            snapshots[snapshots.count - 1].held.append(io)
+        }
     }
 
     /// Submits a write from the peer, or queues it behind an overlapping earlier one.
@@ -409,6 +422,11 @@ public struct ReplicaCore {
         case .barrierAck:
             // Epoch bookkeeping only: durability comes from flushes (see the type's comment).
             break
+        case .snapshot(let info):
+            guard role == .secondary else { return protocolError("a point-in-time barrier arrived while primary", into: &actions) }
+            guard snapshots.count < Limits.barriersRetainedMax else { return protocolError("too many barriers waiting", into: &actions) }
+            snapshots.append((info, peerArrivals, [], false))
+            recordSnapshotsIfReady(into: &actions)
         case .ping(let id):
             actions.append(.send(.pingAck(id: id)))
         case .bitmapChunk(let chunk):
@@ -437,6 +455,11 @@ public struct ReplicaCore {
         case .resyncDone:
             resyncDone(into: &actions)
         case .disconnect(let reason, _):
+            if reason == .splitBrain || reason == .unrelatedData {
+                // The peer found it first (its hello decided before ours arrived): same verdict.
+                splitBrain = true
+                peerDisconnectedForSplitBrain = true
+            }
             if reason == .shutdown && peerRole == .primary && role == .secondary && disk == .upToDate {
                 // The primary leaves on purpose and will write without us: our copy is now older
                 // than the one that serves (DRBD's outdate on a graceful disconnect).
@@ -461,6 +484,32 @@ public struct ReplicaCore {
             bitmap.setRange(offset: oldest.offset, length: UInt64(oldest.length))
         }
         transferLog.push(entry)
+    }
+
+    /// Asks the node to record the oldest barrier once every write that arrived before it is done.
+    private mutating func recordSnapshotsIfReady(into actions: inout [Action]) {
+        guard let first = snapshots.first, !first.recording else { return }
+        guard !peerWritesInFlight.values.contains(where: { $0 <= first.before }) else { return }
+        snapshots[0].recording = true
+        actions.append(.recordBarrier(first.info))
+    }
+
+    /// The node recorded the oldest barrier: the writes after it go to the disk now.
+    public mutating func barrierRecorded(into actions: inout [Action]) {
+        guard let first = snapshots.first, first.recording else { preconditionFailure("barrierRecorded without recordBarrier") }
+        snapshots.removeFirst()
+        // The writes between this barrier and the next go now; later ones wait for the next.
+        for io in first.held { apply(io, into: &actions) }
+        recordSnapshotsIfReady(into: &actions)
+    }
+
+    /// Primary: a point-in-time barrier, placed in the replication stream after every write
+    /// sent so far (so after every write already answered). False when the peer is not an
+    /// UpToDate, connected secondary that could keep it.
+    public mutating func createBarrier(_ info: BarrierInfo, into actions: inout [Action]) -> Bool {
+        guard role == .primary, link == .connected, sync == .established, peerDisk == .upToDate else { return false }
+        actions.append(.send(.snapshot(info)))
+        return true
     }
 
     /// Starts peer flushes and acks barriers whose earlier writes are all done.
@@ -512,8 +561,10 @@ public struct ReplicaCore {
         let makesTarget = [.becomeTarget, .fullSyncAsTarget].contains(result.decision)
         if !splitBrain && ((role == .primary && hello.role == .primary) || (role == .primary && makesTarget)) {
             // Two primaries, or a primary whose data the peer would overwrite under its clients:
-            // one of them must demote first (peer.md 4.1, roleConflict).
-            link = .standalone
+            // one of them must demote first (peer.md 4.1, roleConflict). The link is retried, so
+            // it connects once one has demoted (a deposed primary does so by itself).
+            link = .connecting
+            peerDisk = nil
             peerDisk = nil
             peerRole = nil
             actions.append(.dropLink(.roleConflict))
@@ -598,6 +649,8 @@ public struct ReplicaCore {
     /// When this node last became primary (Unix milliseconds, from the node), for the
     /// `discard-younger-primary` policy; 0 unknown.
     public var primarySinceMillis: UInt64 = 0
+    /// The peer ended the link over a split brain: this side stays StandAlone too.
+    private var peerDisconnectedForSplitBrain = false
     /// A fresh UUID for the first write without the peer (a new generation). The node keeps one
     /// here at all times (the core has no random numbers); the link loss supplies one too.
     public var spareUUID: UInt64?
@@ -608,6 +661,18 @@ public struct ReplicaCore {
         guard role == .primary, !replicating, uuids.bitmap == 0, let fresh = spareUUID else { return }
         spareUUID = nil
         uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
+        actions.append(.stateChanged(status))
+    }
+
+    /// This node's device went back to a barrier's image (the changed chunks are marked out of
+    /// sync): its data is a generation the peer does not have, and it is the sync source on the
+    /// next connect.
+    public mutating func startGenerationAfterRollback(freshUUID: UInt64, into actions: inout [Action]) {
+        precondition(link == .standalone || link == .connecting, "roll back disconnected")
+        uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
+        disk = .upToDate
+        localFlags.insert(.consistent)
+        localFlags.remove(.outdated)
         actions.append(.stateChanged(status))
     }
 
@@ -650,6 +715,7 @@ public struct ReplicaCore {
         guard writes.isEmpty && flushes.isEmpty else { return .requestsInFlight(writes.count + flushes.count) }
         role = .secondary
         primarySinceMillis = 0
+
         announceState(into: &actions)
         return nil
     }
@@ -951,7 +1017,9 @@ public struct ReplicaCore {
         awaitingSkippedSyncUUID = false
         for i in resyncSlots.indices where resyncSlots[i] != nil { resyncSlots[i]!.stale = true }
         lastTickNanos = nil
-        link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch || reason == .roleConflict) ? .standalone : .connecting
+        link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch
+                || peerDisconnectedForSplitBrain) ? .standalone : .connecting
+        peerDisconnectedForSplitBrain = false
         let ids = Array(writes.keys)
         for id in ids { finishWriteIfDone(id, into: &actions) }
         let flushIDs = Array(flushes.keys)

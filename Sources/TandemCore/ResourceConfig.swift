@@ -25,6 +25,7 @@ public struct ResourceConfig: Sendable {
     public var tls: TLS
     public var tuning: Tuning
     public var failover = Failover()
+    public var barriers = Barriers()
     /// Scripts run on events (`[handlers]`), by event.
     public var handlers: [HandlerEvent: String] = [:]
     /// The nodes in the order of the file.
@@ -70,6 +71,21 @@ public struct ResourceConfig: Sendable {
         public init() {}
     }
 
+    /// `[barriers]`: point-in-time barriers (Protocol/barriers.md).
+    public struct Barriers: Sendable, Equatable {
+        /// The primary creates a barrier every this many minutes (0: only on request).
+        public var intervalMinutes = 0
+        /// Retention: at most this many barriers, none older than `keepHours` (0: no age limit),
+        /// at most `keepBytes` of undo data (0: no limit but the disk's). The oldest go first.
+        public var keep = 24
+        public var keepHours = 0
+        public var keepBytes = 0
+        /// Bytes saved per first overwrite after a barrier.
+        public var chunkBytes = Limits.undoChunkBytesDefault
+
+        public init() {}
+    }
+
     /// Events that run a user's script (`[handlers]`), like DRBD's handlers. The script gets the
     /// event, resource, node and details as arguments and `TANDEM_*` variables; its failure is
     /// logged, never fatal.
@@ -104,6 +120,8 @@ public struct ResourceConfig: Sendable {
         public var controlPath: String
         public var certPath: String
         public var keyPath: String
+        /// The undo directory that keeps point-in-time barriers restorable (data nodes; optional).
+        public var undoPath: String?
 
         public init(
             name: String, id: Int, role: Role, address: Address, devicePath: String?, metadataPath: String?,
@@ -122,6 +140,10 @@ public struct ResourceConfig: Sendable {
         }
 
         public var isWitness: Bool { role == .witness }
+        public static func == (a: Node, b: Node) -> Bool {
+            (a.name, a.id, a.role, a.address, a.devicePath, a.metadataPath) == (b.name, b.id, b.role, b.address, b.devicePath, b.metadataPath)
+                && (a.nbd, a.controlPath, a.certPath, a.keyPath, a.undoPath) == (b.nbd, b.controlPath, b.certPath, b.keyPath, b.undoPath)
+        }
     }
 
     /// Replication tuning; every field has a default, so `[tuning]` is optional.
@@ -187,7 +209,7 @@ public struct ResourceConfig: Sendable {
 extension ResourceConfig: Equatable {
     public static func == (a: ResourceConfig, b: ResourceConfig) -> Bool {
         a.name == b.name && a.tls == b.tls && a.tuning == b.tuning && a.nodes == b.nodes && a.failover == b.failover
-            && a.handlers == b.handlers
+            && a.handlers == b.handlers && a.barriers == b.barriers
     }
 }
 
@@ -344,6 +366,8 @@ extension ResourceConfig {
             out += "\(key.name) = \(key.isSize ? TOML.quoted(Self.sizeText(value)) : String(value))\n"
         }
         out += "\n[failover]\nafter-split-brain = \(TOML.quoted(failover.afterSplitBrain.rawValue))\nauto-promote = \(failover.autoPromote)\n"
+        out += "\n[barriers]\ninterval-minutes = \(barriers.intervalMinutes)\nkeep = \(barriers.keep)\nkeep-hours = \(barriers.keepHours)\n"
+        out += "keep-space = \(TOML.quoted(Self.sizeText(barriers.keepBytes)))\nchunk-size = \(TOML.quoted(Self.sizeText(barriers.chunkBytes)))\n"
         if !handlers.isEmpty {
             out += "\n[handlers]\n"
             for event in HandlerEvent.allCases { if let script = handlers[event] { out += "\(event.rawValue) = \(TOML.quoted(script))\n" } }
@@ -355,6 +379,7 @@ extension ResourceConfig {
             if let device = node.devicePath { out += "device = \(TOML.quoted(device))\n" }
             if let metadata = node.metadataPath { out += "metadata = \(TOML.quoted(metadata))\n" }
             if let nbd = node.nbd { out += "nbd = \(TOML.quoted(nbd.description))\n" }
+            if let undo = node.undoPath { out += "undo = \(TOML.quoted(undo))\n" }
             out += "control = \(TOML.quoted(node.controlPath))\n"
             out += "cert = \(TOML.quoted(node.certPath))\nkey = \(TOML.quoted(node.keyPath))\n"
         }
@@ -916,7 +941,7 @@ private struct TuningKey {
 
 /// Where each known key belongs, for "unknown key" messages.
 private enum Section: Equatable {
-    case top, tls, tuning, failover, handlers, node
+    case top, tls, tuning, failover, barriers, handlers, node
 
     var title: String {
         switch self {
@@ -924,6 +949,7 @@ private enum Section: Equatable {
         case .tls: return "[tls]"
         case .tuning: return "[tuning]"
         case .failover: return "[failover]"
+        case .barriers: return "[barriers]"
         case .handlers: return "[handlers]"
         case .node: return "[[node]]"
         }
@@ -934,16 +960,17 @@ private enum Section: Equatable {
 
     var keys: [String] {
         switch self {
-        case .top: return ["resource", "tls", "tuning", "failover", "handlers", "node"]
+        case .top: return ["resource", "tls", "tuning", "failover", "barriers", "handlers", "node"]
         case .tls: return ["ca"]
         case .tuning: return TuningKey.all.map(\.name)
         case .failover: return ["after-split-brain", "auto-promote"]
+        case .barriers: return ["interval-minutes", "keep", "keep-hours", "keep-space", "chunk-size"]
         case .handlers: return ResourceConfig.HandlerEvent.allCases.map(\.rawValue)
-        case .node: return ["name", "id", "role", "address", "device", "metadata", "nbd", "control", "cert", "key"]
+        case .node: return ["name", "id", "role", "address", "device", "metadata", "nbd", "control", "cert", "key", "undo"]
         }
     }
 
-    static let all: [Section] = [.top, .tls, .tuning, .failover, .handlers, .node]
+    static let all: [Section] = [.top, .tls, .tuning, .failover, .barriers, .handlers, .node]
 }
 
 /// A key's value, as far as it could be read.
@@ -980,6 +1007,7 @@ private struct NodeDraft {
     var controlPath: String?
     var cert: Field<String> = .absent
     var key: Field<String> = .absent
+    var undo: Field<String> = .absent
     var entries: [String: TOMLTable.Entry] = [:]
 
     var label: String { name.map { "[[node]] '\($0)'" } ?? "[[node]]" }
@@ -1009,7 +1037,8 @@ private struct ConfigValidator {
         "device": "\"/var/lib/tandem/r0.img\"", "metadata": "\"/var/lib/tandem/r0.meta\"",
         "nbd": "\"127.0.0.1:10809\"", "control": "\"/run/tandem/r0-alpha.sock\"",
         "cert": "\"/etc/tandem/pki/alpha-cert.pem\"", "key": "\"/etc/tandem/pki/alpha-key.pem\"",
-        "after-split-brain": "\"disconnect\"", "auto-promote": "true",
+        "after-split-brain": "\"disconnect\"", "auto-promote": "true", "undo": "\"/var/lib/tandem/r0.undo\"",
+        "interval-minutes": "60", "keep": "24", "keep-hours": "72", "keep-space": "\"10GiB\"", "chunk-size": "\"64KiB\"",
         "role-change": "\"/etc/tandem/handlers/notify\"", "split-brain": "\"/etc/tandem/handlers/notify\"",
         "peer-lost": "\"/etc/tandem/handlers/notify\"", "resync-done": "\"/etc/tandem/handlers/notify\"",
         "quorum-lost": "\"/etc/tandem/handlers/notify\"",
@@ -1233,6 +1262,42 @@ private struct ConfigValidator {
                 ok = false
             }
         }
+        var barriers = ResourceConfig.Barriers()
+        if let entry = root.entry("barriers") {
+            if let t = table(entry) {
+                checkKeys(t, in: .barriers)
+                let ints: [(String, WritableKeyPath<ResourceConfig.Barriers, Int>, ClosedRange<Int>)] = [
+                    ("interval-minutes", \.intervalMinutes, 0...10_080), ("keep", \.keep, 1...Limits.barriersRetainedMax), ("keep-hours", \.keepHours, 0...87_600),
+                ]
+                for (key, path, range) in ints {
+                    switch integer(t, key) {
+                    case .present(let n, let e):
+                        if range.contains(n) { barriers[keyPath: path] = n } else {
+                            ok = false
+                            report(e, "'\(key)' must be from \(range.lowerBound) to \(range.upperBound), got \(n)", fix: "write \(key) = \(min(max(n, range.lowerBound), range.upperBound))")
+                        }
+                    case .invalid: ok = false
+                    case .absent: break
+                    }
+                }
+                switch size(t, "keep-space") {
+                case .present(let n, _): barriers.keepBytes = n
+                case .invalid: ok = false
+                case .absent: break
+                }
+                switch size(t, "chunk-size") {
+                case .present(let n, let e):
+                    if n >= Limits.undoChunkBytesMin && n <= Limits.undoChunkBytesMax && n & (n - 1) == 0 { barriers.chunkBytes = n } else {
+                        ok = false
+                        report(e, "'chunk-size' must be a power of two from \(Limits.undoChunkBytesMin) to \(Limits.undoChunkBytesMax) bytes, got \(n)", fix: "write chunk-size = \"64KiB\"")
+                    }
+                case .invalid: ok = false
+                case .absent: break
+                }
+            } else {
+                ok = false
+            }
+        }
         var handlers: [ResourceConfig.HandlerEvent: String] = [:]
         if let entry = root.entry("handlers") {
             if let t = table(entry) {
@@ -1291,6 +1356,7 @@ private struct ConfigValidator {
                 name: nodeName, id: id, role: role, address: address, devicePath: d.device.value,
                 metadataPath: d.metadata.value, nbd: d.nbd.value, controlPath: control, certPath: cert,
                 keyPath: key))
+            nodes[nodes.count - 1].undoPath = d.undo.value
             positions["node.\(nodeName)"] = .init(line: d.line, column: d.column)
             for (key, entry) in d.entries {
                 positions["node.\(nodeName).\(key)"] = .init(line: entry.line, column: entry.column)
@@ -1299,6 +1365,7 @@ private struct ConfigValidator {
         var config = ResourceConfig(name: name, tls: .init(caPath: caPath), tuning: tuning, nodes: nodes, path: path)
         config.failover = failover
         config.handlers = handlers
+        config.barriers = barriers
         config.positions = positions
         return config
     }
@@ -1433,6 +1500,14 @@ private struct ConfigValidator {
             if present == nil && d.role == .data {
                 missing(key, in: label, line: d.line, column: d.column, node: d.name)
                 d.complete = false
+            }
+        }
+        if let entry = table.entry("undo") {
+            if d.role == .witness {
+                report(entry, "a witness has no 'undo' (it stores no data)", fix: "remove 'undo'")
+                d.complete = false
+            } else {
+                d.undo = pathField(table, "undo")
             }
         }
         if case .present(let device, _) = d.device, case .present(let metadata, let entry) = d.metadata,

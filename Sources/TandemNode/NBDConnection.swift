@@ -430,6 +430,10 @@ final class NBDConnection: IOHandler {
             if request.command == .write {
                 slots[Int(slot)].state = .payload
                 payloadSlot = slot
+            } else if let reader = server.imageReader {
+                opsInFlight += 1
+                let result = reader(request.offset, UnsafeMutableRawBufferPointer(start: buffer.pointer, count: Int(request.length)))
+                replicatedReadCompleted(slot: Int(slot), result: result)
             } else if let replicator = server.replicator, replicator.readsFromPeer {
                 opsInFlight += 1
                 replicator.clientRead(self, slot: Int(slot), request)
@@ -462,7 +466,12 @@ final class NBDConnection: IOHandler {
             reply(slot, error: .ok)
         case .blockStatus:
             let maxExtents = request.has(NBD.CommandFlag.reqOne) ? 1 : Limits.nbdBlockStatusExtentsMax
-            device.allocationRuns(offset: request.offset, length: UInt64(request.length), max: maxExtents, into: &runs)
+            if server.imageReader != nil {
+                runs.removeAll(keepingCapacity: true)
+                runs.append((request.length, 0))
+            } else {
+                device.allocationRuns(offset: request.offset, length: UInt64(request.length), max: maxExtents, into: &runs)
+            }
             guard let buffer = takeBuffer(24 + 8 * runs.count) else { return false }
             let slot = takeSlot(request)
             slots[Int(slot)].buffer = buffer

@@ -47,6 +47,10 @@ public final class NBDServer: IOHandler {
     let loop: IOLoop
     /// Set on a replicated node: writes go through replication instead of straight to disk.
     weak var replicator: (any NBDReplicator)?
+    /// Set on a read-only export of a point-in-time barrier: reads come from here (the image
+    /// at the barrier), synchronously, and every range is reported as data (the device's holes
+    /// say nothing about the barrier's image). Returns 0 or -errno.
+    var imageReader: ((UInt64, UnsafeMutableRawBufferPointer) -> Int32)?
     let device: BackingDevice
     private(set) var configuration: NBDServerConfiguration
     let tlsContext: TLSContext?

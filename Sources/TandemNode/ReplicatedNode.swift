@@ -63,6 +63,18 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// Flushes the node asked for itself (a demotion's), by id: what to do when done.
     private var internalFlushes: [UInt64: (Int32) -> Void] = [:]
 
+    // MARK: Barriers
+
+    /// The undo store that keeps barriers restorable (the node's `undo` directory).
+    private var undo: UndoStore?
+    /// Barriers this node created as primary, for `barrier list` on the primary.
+    private var createdBarriers: [BarrierInfo] = []
+    private var lastScheduledBarrier: UInt64 = 0
+    /// Chunks a write must save first, reused.
+    private var chunksToSave: [UInt64] = []
+    /// Read-only NBD exports of barriers, by barrier id.
+    private var barrierExports: [UInt64: NBDServer] = [:]
+
     // MARK: Witness and quorum
 
     private var witness: WitnessClient?
@@ -235,6 +247,30 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                                  splitBrainPolicy: config.failover.afterSplitBrain, fencing: config.witness != nil),
             role: primary ? .primary : .secondary, disk: disk, uuids: superblock.uuids, bitmap: bitmap, flags: superblock.flags)
         core.spareUUID = Self.freshUUID()
+        if let undoPath = me.undoPath {
+            let b = config.barriers
+            do {
+                let store = try UndoStore(
+                    directory: undoPath, deviceBytes: device.size, chunkBytes: b.chunkBytes,
+                    retention: BarrierRetention(countMax: b.keep, ageSecondsMax: b.keepHours > 0 ? Int64(b.keepHours) * 3600 : nil,
+                                                bytesMax: b.keepBytes > 0 ? UInt64(b.keepBytes) : nil))
+                for line in store.recoveryLog { logger.warning("undo store: \(line)") }
+                if let pending = store.pendingRollback {
+                    logger.warning("undo store: finishing the rollback to barrier \(pending) a crash interrupted")
+                    let fd = device.fd
+                    _ = try store.rollback(
+                        to: pending,
+                        writeDevice: { offset, bytes in
+                            try Self.deviceIO(device, write: true, at: offset, UnsafeMutableRawBufferPointer(mutating: bytes))
+                        },
+                        syncDevice: { guard fdatasync(fd) == 0 else { throw UndoStoreError("cannot sync the device: \(SystemError.text(errno))") } })
+                }
+                undo = store
+                logger.info("undo store \(undoPath): \(store.barriers.count) barriers")
+            } catch {
+                throw ServeError("undo store \(undoPath): \(error)")
+            }
+        }
         do {
             serverTLS = try TLSContext(server: true, certificate: me.certPath, key: me.keyPath, ca: config.tls.caPath, requirePeerCertificate: true, tls13Only: true)
             clientTLS = try TLSContext(server: false, certificate: me.certPath, key: me.keyPath, ca: config.tls.caPath, requirePeerCertificate: true, tls13Only: true)
@@ -295,6 +331,194 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
             witness.start()
         }
+    }
+
+    // MARK: Barriers
+
+    /// Secondary: the primary's barrier reached this point of the stream.
+    private func recordBarrier(_ info: BarrierInfo) {
+        guard let undo else {
+            return logger.warning("barrier \(info.id) '\(info.label)' arrived but this node has no undo directory: not kept")
+        }
+        do {
+            let dropped = try undo.createBarrier(info, nowUnixSeconds: Self.unixSeconds())
+            logger.info("barrier \(info.id) '\(info.label)' recorded")
+            for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
+        } catch {
+            logger.error("barrier \(info.id): cannot record it: \(error); replication goes on without it")
+        }
+    }
+
+    /// Saves what the barriers need before a write reaches the disk (copy-on-write, made durable
+    /// first). Never fails the write: an undo store that cannot write drops its barriers.
+    private func saveForBarriers(offset: UInt64, length: UInt64) {
+        guard let undo, undo.index.newest != nil else { return }
+        let device = self.device
+        do {
+            let dropped = try undo.save(offset: offset, length: length, nowUnixSeconds: Self.unixSeconds()) { at, buffer in
+                try Self.deviceIO(device, write: false, at: at, buffer)
+            }
+            for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
+        } catch {
+            logger.error("undo store: \(error); dropping every barrier so replication goes on")
+            try? undo.dropAll()
+        }
+    }
+
+    static func unixSeconds() -> Int64 { Int64(time(nil)) }
+
+    /// Synchronous device I/O for the barrier paths (off the hot path), through an aligned bounce
+    /// buffer: an O_DIRECT device takes only aligned buffers, offsets and lengths.
+    static func deviceIO(_ device: BackingDevice, write: Bool, at offset: UInt64, _ bytes: UnsafeMutableRawBufferPointer) throws {
+        let align = UInt64(max(device.alignment, 512))
+        let start = offset / align * align
+        let end = (offset + UInt64(bytes.count) + align - 1) / align * align
+        let count = Int(end - start)
+        let bounce = allocateAligned(count)
+        defer { freeAligned(bounce, count) }
+        func transfer(_ isWrite: Bool) throws {
+            var done = 0
+            while done < count {
+                let n = isWrite ? pwrite(device.fd, bounce + done, count - done, off_t(start) + off_t(done))
+                    : pread(device.fd, bounce + done, count - done, off_t(start) + off_t(done))
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw UndoStoreError("cannot \(isWrite ? "write" : "read") \(device.path): \(n == 0 ? "short" : SystemError.text(errno))", errno: EIO) }
+                done += n
+            }
+        }
+        let inside = Int(offset - start)
+        if write {
+            if start != offset || end != offset + UInt64(bytes.count) { try transfer(false) }
+            (bounce + inside).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+            try transfer(true)
+        } else {
+            try transfer(false)
+            bytes.baseAddress!.copyMemory(from: bounce + inside, byteCount: bytes.count)
+        }
+    }
+
+    /// Primary: `tandem barrier create`.
+    private func createBarrier(label: String) -> String {
+        guard core.role == .primary else { return Self.error("barriers are created on the primary") }
+        do { try BarrierInfo.checkLabel(label) } catch { return Self.error("label: \(error)") }
+        let newest = max(createdBarriers.last?.id ?? 0, undo?.index.newestID ?? 0)
+        let info = BarrierInfo(id: max(newest + 1, Self.wallClockMillis()), createdUnixSeconds: Self.unixSeconds(), label: label)
+        beginActions()
+        let sent = core.createBarrier(info, into: &actions)
+        perform()
+        guard sent else { return Self.error("the secondary is not connected and UpToDate: it could not keep the barrier") }
+        createdBarriers.append(info)
+        if createdBarriers.count > Limits.barriersRetainedMax { createdBarriers.removeFirst() }
+        logger.info("barrier \(info.id) '\(label)' created")
+        return "{\"ok\":true,\"id\":\(info.id),\"time\":\(info.createdUnixSeconds)}"
+    }
+
+    private func listBarriers() -> String {
+        if let undo, !undo.barriers.isEmpty || core.role == .secondary {
+            let items = undo.barriers.map { row in
+                "{\"id\":\(row.info.id),\"time\":\(row.info.createdUnixSeconds),\"label\":\(Self.jsonString(row.info.label)),\"bytes_held\":\(row.bytesHeld),\"exported\":\(barrierExports[row.info.id].map { "\"\($0.boundAddress)\"" } ?? "null")}"
+            }
+            return "{\"node\":\"\(me.name)\",\"kept_here\":true,\"chunk_bytes\":\(undo.geometry.chunkBytes),\"barriers\":[\(items.joined(separator: ","))]}"
+        }
+        let items = createdBarriers.map { "{\"id\":\($0.id),\"time\":\($0.createdUnixSeconds),\"label\":\(Self.jsonString($0.label)),\"bytes_held\":null}" }
+        return "{\"node\":\"\(me.name)\",\"kept_here\":false,\"kept_on\":\"\(peer.name)\",\"barriers\":[\(items.joined(separator: ","))]}"
+    }
+
+    /// `tandem barrier export ID --listen ADDRESS`: a read-only NBD export of the image at the
+    /// barrier, while replication goes on.
+    private func exportBarrier(_ id: UInt64, listen: String) -> String {
+        guard let undo, undo.index.contains(id) else { return Self.error("no barrier \(id) is kept on \(me.name)") }
+        guard barrierExports[id] == nil else { return Self.error("barrier \(id) is already exported on \(barrierExports[id]!.boundAddress)") }
+        guard barrierExports.count < 8 else { return Self.error("8 barrier exports already; unexport one first") }
+        guard let address = ResourceConfig.Address(listen: listen) else { return Self.error("--listen \(listen) is not HOST:PORT") }
+        let export = NBDExport(
+            name: "\(config.name)@\(id)", size: device.size, readOnly: true, blockSizeMin: 512,
+            blockSizePreferred: UInt32(Limits.blockSize), blockSizeMax: UInt32(Limits.nbdRequestBytesMax),
+            canTrim: false, canZero: false, canFastZero: false)
+        let server: NBDServer
+        do {
+            server = try NBDServer(loop: loop, device: device,
+                                   configuration: NBDServerConfiguration(host: address.hostText, port: address.port, export: export, tlsMode: .none, connectionsMax: 16),
+                                   tlsContext: nil, logger: logger)
+        } catch {
+            return Self.error("cannot listen on \(listen): \(error)")
+        }
+        let device = self.device
+        server.imageReader = { [weak self] offset, buffer in
+            guard let self, let undo = self.undo, undo.index.contains(id) else { return -ENOENT }
+            do {
+                try undo.readImage(at: id, offset: offset, into: buffer) { at, target in
+                    try Self.deviceIO(device, write: false, at: at, target)
+                }
+                return 0
+            } catch {
+                self.logger.error("barrier export \(id): \(error)")
+                return -EIO
+            }
+        }
+        server.start()
+        barrierExports[id] = server
+        logger.info("barrier \(id) exported read-only as \"\(export.name)\" on \(server.boundAddress)")
+        return "{\"ok\":true,\"id\":\(id),\"export\":\"\(export.name)\",\"address\":\"\(server.boundAddress)\"}"
+    }
+
+    private func unexportBarrier(_ id: UInt64) -> String {
+        guard let server = barrierExports.removeValue(forKey: id) else { return Self.error("barrier \(id) is not exported") }
+        server.beginShutdown()
+        return "{\"ok\":true}"
+    }
+
+    /// `tandem rollback ID`: on the secondary (the primary demoted first). The device goes back
+    /// to the barrier's image; the chunks that changed since are marked out of sync and this
+    /// node starts a new generation, so on reconnect the peer resyncs exactly those from here.
+    private func rollback(to id: UInt64) -> String {
+        guard let undo, undo.index.contains(id) else { return Self.error("no barrier \(id) is kept on \(me.name)") }
+        guard core.role == .secondary else { return Self.error("roll back on the secondary that keeps the barrier; \(me.name) is primary") }
+        guard barrierExports.isEmpty else { return Self.error("unexport the barrier exports first") }
+        guard core.peerRole != .primary else { return Self.error("\(peer.name) is primary: demote it first (tandem secondary), so nothing writes during the rollback") }
+        let started = monotonicNanos()
+        beginActions()
+        core.disconnect(freshUUID: Self.freshUUID(), into: &actions)
+        perform()
+        let fd = device.fd, device = self.device
+        let plan: RollbackPlan
+        do {
+            plan = try undo.rollback(
+                to: id,
+                writeDevice: { offset, bytes in
+                    try Self.deviceIO(device, write: true, at: offset, UnsafeMutableRawBufferPointer(mutating: bytes))
+                },
+                syncDevice: { guard fdatasync(fd) == 0 else { throw UndoStoreError("cannot sync the device: \(SystemError.text(errno))") } })
+        } catch {
+            logger.error("rollback to barrier \(id) failed: \(error)")
+            return Self.error("rollback failed: \(error); the node stays disconnected (run it again: it finishes what it started)")
+        }
+        let geometry = undo.geometry
+        beginActions()
+        for restore in plan.restores {
+            core.markOutOfSync(offset: geometry.offset(ofChunk: restore.chunk), length: UInt64(geometry.length(ofChunk: restore.chunk)))
+        }
+        core.startGenerationAfterRollback(freshUUID: Self.freshUUID(), into: &actions)
+        core.connect(discardMyData: false, into: &actions)
+        perform()
+        persistMetadata()
+        if me.id > peer.id { dial() }
+        let micros = (monotonicNanos() - started) / 1000
+        logger.notice("rolled back to barrier \(id) in \(micros) µs: \(plan.restores.count) chunks restored, \(plan.newer.count) newer barriers dropped; \(peer.name) resyncs them from here")
+        return "{\"ok\":true,\"id\":\(id),\"chunks_restored\":\(plan.restores.count),\"barriers_dropped\":\(plan.newer.count),\"micros\":\(micros)}"
+    }
+
+    static func jsonString(_ s: String) -> String {
+        var out = "\""
+        for scalar in s.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case _ where scalar.value < 0x20: out += "\\u00" + (scalar.value < 16 ? "0" : "") + String(scalar.value, radix: 16)
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
     }
 
     // MARK: Witness
@@ -431,6 +655,21 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             ticks &+= 1
             checkPeerAlive()
             if ticks % 10 == 0 { handlers.reap(nowNanos: monotonicNanos()) }
+            if ticks % 100 == 0, let undo {
+                do {
+                    for (old, reason) in try undo.applyRetention(nowUnixSeconds: Self.unixSeconds()) { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
+                } catch {
+                    logger.error("undo store retention: \(error)")
+                }
+            }
+            if config.barriers.intervalMinutes > 0, core.role == .primary, core.replicating {
+                let now = monotonicNanos()
+                if lastScheduledBarrier == 0 { lastScheduledBarrier = now }
+                if now - lastScheduledBarrier >= UInt64(config.barriers.intervalMinutes) * 60_000_000_000 {
+                    lastScheduledBarrier = now
+                    _ = createBarrier(label: "scheduled")
+                }
+            }
             if let witness {
                 let now = monotonicNanos()
                 witness.tick(now: now)
@@ -520,11 +759,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             case .message(.hello(let hello)):
                 guard hello.resourceName == config.name else { return connection.close(reason: "peer serves resource \(hello.resourceName), not \(config.name)") }
                 core.linkUp(peer: hello, freshUUID: Self.freshUUID(), into: &actions)
+                let refusedBefore = lastLinkFailure != nil
+                if core.link == .connected || core.link == .handshaking { lastLinkFailure = nil }
                 if let decision = core.lastDecision {
                     if core.splitBrain {
                         logger.error("replication: SPLIT BRAIN with \(peer.name): \(decision.decision) (\(decision.rule)); both sides changed the data since they last agreed. Not connecting. Resolve: 'tandem connect --discard-my-data' on the node whose changes are to be thrown away, 'tandem connect' on the other")
-                    } else if core.link == .standalone {
-                        logger.error("replication: refusing \(peer.name) (\(peer.name) is \(hello.role), this node \(core.role)): one must be secondary before they connect; demote it, then 'tandem connect'")
+                    } else if core.link == .connecting {
+                        if !refusedBefore {
+                            logger.error("replication: refusing \(peer.name) (\(peer.name) is \(hello.role), this node \(core.role)): one must be secondary before they connect; retrying until one demotes")
+                        }
                     } else {
                         logger.info("replication: connected to \(peer.name): \(decision.decision) (\(decision.rule))")
                     }
@@ -564,7 +807,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             lastVerify = (v.checkedBytes, v.mismatchedBytes)
             logger.warning("verify: stopped by the link loss after \(v.checkedBytes) bytes (\(v.mismatchedBytes) differ)")
         }
-        if reason == lastLinkFailure {
+        if lastLinkFailure != nil && core.link != .connected && core.link != .handshaking {
             // The same failure again (a peer refusing us while StandAlone): once is enough.
             logger.debug("replication: link to \(peer.name) down: \(reason)")
         } else {
@@ -696,6 +939,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 }
                 link.sendBlock(type: .resyncData, flags: data.flags, sequence: data.id, block: PeerBlock(offset: data.offset, length: data.length),
                                payload: UnsafeRawPointer(read.pointer), token: (1 << 63) | UInt64(slot))
+            case .recordBarrier(let info):
+                recordBarrier(info)
+                core.barrierRecorded(into: &actions)
             case .completeClientFlush(let flushID, let result) where internalFlushes[flushID] != nil:
                 internalFlushes.removeValue(forKey: flushID)!(result)
             case .completeClient(let clientID, let result) where mustHold,
@@ -714,10 +960,22 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 }
             case .dropLink(let reason):
                 logger.warning("replication: dropping the link: \(reason)")
-                if reason == .administrative {
+                switch reason {
+                case .administrative:
                     // The peer must read the disconnect message before the link closes.
                     link?.closeAfterSending(reason: "disconnected by the operator")
-                } else {
+                case .splitBrain, .unrelatedData, .roleConflict, .sizeMismatch:
+                    // Our hello and the verdict reach the peer before the link closes, so it
+                    // reaches the same verdict and stays down too.
+                    let wire: PeerDisconnectReason = switch reason {
+                    case .splitBrain: .splitBrain
+                    case .unrelatedData: .unrelatedData
+                    case .roleConflict: .roleConflict
+                    default: .sizeMismatch
+                    }
+                    link?.send(.disconnect(reason: wire, text: "\(reason)"))
+                    link?.closeAfterSending(reason: "\(reason)")
+                case .peerClosed, .timeout, .protocolError:
                     link?.close(reason: "\(reason)")
                 }
             case .stateChanged(let status):
@@ -784,6 +1042,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         case .flush:
             loop.engine.fsync(fd: device.fd, datasync: true, userData: userData)
         case .write(let kind, let fua):
+            saveForBarriers(offset: io.offset, length: UInt64(io.length))
             switch kind {
             case .write:
                 let p: UnsafeMutableRawPointer
@@ -999,6 +1258,19 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             reply(connect(discardMyData: options.contains("discard-my-data")))
         case "disconnect":
             reply(disconnect())
+        case "barrier" where words.count >= 2 && words[1] == "create":
+            reply(createBarrier(label: words.dropFirst(2).joined(separator: " ")))
+        case "barrier" where words.count == 2 && words[1] == "list":
+            reply(listBarriers())
+        case "barrier" where words.count == 4 && words[1] == "export":
+            guard let id = UInt64(words[2]) else { return reply(Self.error("barrier id \(words[2])")) }
+            reply(exportBarrier(id, listen: words[3]))
+        case "barrier" where words.count == 3 && words[1] == "unexport":
+            guard let id = UInt64(words[2]) else { return reply(Self.error("barrier id \(words[2])")) }
+            reply(unexportBarrier(id))
+        case "rollback" where words.count == 2:
+            guard let id = UInt64(words[1]) else { return reply(Self.error("barrier id \(words[1])")) }
+            reply(rollback(to: id))
         default:
             reply(Self.error("unknown request '\(request.prefix(64))'; known: status, status text, verify, primary [force], secondary, connect [discard-my-data], disconnect, ping"))
         }
@@ -1091,6 +1363,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 let micros = (monotonicNanos() - started) / 1000
                 if result != 0 { logger.warning("demotion: the final flush failed (\(SystemError.text(-result)))") }
                 logger.notice("demoted to secondary in \(micros) µs")
+                if me.id > peer.id && link == nil { dial() }
                 reply("{\"ok\":true,\"role\":\"Secondary\",\"changed\":true,\"micros\":\(micros),\"flush_result\":\(result)}")
             }
             beginActions()
@@ -1170,6 +1443,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
         link?.close(reason: "node stopping")
         witness?.stop()
+        for server in barrierExports.values { server.beginShutdown() }
+        barrierExports.removeAll()
         persistMetadata()
         if core.role == .primary {
             superblock.flags.remove(.wasPrimary)

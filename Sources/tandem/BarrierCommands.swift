@@ -1,23 +1,25 @@
 import ArgumentParser
+import Foundation
 import Glibc
 import TandemCore
 import TandemIO
 import TandemNode
 
-// Point-in-time barriers, offline: these commands work on a secondary's undo directory and
-// device while no node runs on them (Protocol/barriers.md). The running node's versions (through
-// the control socket) come with the replication wiring.
+// Point-in-time barriers (Protocol/barriers.md). With a resource file and --node the commands ask
+// the running node through its control socket; with --undo-dir (and --device) they work on a
+// secondary's undo directory and device while no node runs on them.
 
 /// The undo directory and device of an offline secondary.
 struct UndoStoreOptions: ParsableArguments {
-    @Option(help: "The undo directory (one segment file per barrier).")
-    var undoDir: String
+    @Option(help: "Offline: the undo directory (one segment file per barrier).")
+    var undoDir: String?
 
-    @Option(help: "The device (file or block device) the undo directory protects.")
-    var device: String
+    @Option(help: "Offline: the device (file or block device) the undo directory protects.")
+    var device: String?
 
     /// Opens the device (page cache) and the store, printing what recovery did.
     func open(readOnly: Bool, chunkBytes: Int? = nil) throws -> (BackingDevice, UndoStore) {
+        guard let undoDir, let device else { throw fail("give a resource file and --node (a running node), or --undo-dir and --device (offline)") }
         let backing: BackingDevice
         do {
             backing = try BackingDevice.open(path: device, readOnly: readOnly, cache: .page)
@@ -67,27 +69,109 @@ func logDrops(_ dropped: [(BarrierInfo, BarrierRetention.Reason)]) {
     for (barrier, reason) in dropped { printError("note: dropped barrier \(barrier.id) (\(reason.rawValue))") }
 }
 
+/// The running node a barrier command asks, when a resource file is given.
+struct OptionalNode: ParsableArguments {
+    @Argument(help: "The resource file (ask the running node); omit for the offline form.")
+    var file: String?
+
+    @Option(help: "The node to ask.")
+    var node: String?
+
+    var online: Bool { file != nil }
+
+    func ask(_ request: String, timeoutSeconds: Int = 30) throws -> String {
+        guard let file, let node else { throw fail("--node is required with a resource file") }
+        var target = RunningNode()
+        target.file = file
+        target.node = node
+        let answer = try target.ask(request, timeoutSeconds: timeoutSeconds)
+        if let range = answer.range(of: "{\"error\":\"") {
+            throw fail("\(node): \(answer[range.upperBound...].dropLast(answer.hasSuffix("\"}\n") ? 3 : 2))")
+        }
+        return answer.hasSuffix("\n") ? String(answer.dropLast()) : answer
+    }
+}
+
 struct Barrier: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Point-in-time barriers of a secondary's undo store (offline).",
-        subcommands: [List.self, Create.self, Write.self, Torture.self])
+        abstract: "Point-in-time barriers: create on the primary, list, export read-only, roll back.",
+        subcommands: [List.self, Create.self, Export.self, Unexport.self, Write.self, Torture.self])
+
+    struct Export: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Export the device as it was at a barrier, read-only over NBD, while replication goes on.",
+            discussion: """
+                Runs on the node that keeps the barrier (the secondary). The export is named
+                RESOURCE@ID; look inside before rolling back, e.g. with nbdfuse and fsck -n.
+
+                Examples:
+                  tandem barrier export r0.toml --node beta 1764000000000 --listen 127.0.0.1:10900
+                  nbdinfo nbd://127.0.0.1:10900/r0@1764000000000
+                """)
+
+        @OptionGroup var target: RunningNode
+
+        @Argument(help: "The barrier id (tandem barrier list).")
+        var id: UInt64
+
+        @Option(help: "Where the export listens, HOST:PORT.")
+        var listen: String
+
+        func run() throws {
+            var node = OptionalNode()
+            node.file = target.file
+            node.node = target.node
+            print(try node.ask("barrier export \(id) \(listen)"))
+        }
+    }
+
+    struct Unexport: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Stop a barrier's read-only export.",
+            discussion: "Example:\n  tandem barrier unexport r0.toml --node beta 1764000000000")
+
+        @OptionGroup var target: RunningNode
+
+        @Argument(help: "The barrier id.")
+        var id: UInt64
+
+        func run() throws {
+            var node = OptionalNode()
+            node.file = target.file
+            node.node = target.node
+            _ = try node.ask("barrier unexport \(id)")
+            print("barrier \(id) no longer exported")
+        }
+    }
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "List the retained barriers: id, time, label, bytes held.",
             discussion: """
+                On a running node: the secondary answers from its undo store (bytes held per
+                barrier); the primary lists the barriers it created and names the node keeping them.
+
                 Examples:
+                  tandem barrier list r0.toml --node beta
+                  tandem barrier list r0.toml --node beta --json
                   tandem barrier list --undo-dir /var/lib/tandem/r0.undo
-                  tandem barrier list --undo-dir /var/lib/tandem/r0.undo --json
                 """)
 
-        @Option(help: "The undo directory.")
-        var undoDir: String
+        @OptionGroup var target: OptionalNode
+
+        @Option(help: "Offline: the undo directory.")
+        var undoDir: String?
 
         @Flag(help: "Print JSON: {\"chunk_bytes\":N,\"barriers\":[{\"id\",\"time\",\"label\",\"bytes_held\",\"chunks_saved\"}]}.")
         var json = false
 
         func run() throws {
+            if target.online {
+                let answer = try target.ask("barrier list")
+                if json { return print(answer) }
+                return printBarrierTable(answer)
+            }
+            guard let undoDir else { throw fail("give a resource file and --node, or --undo-dir") }
             guard access(undoDir, F_OK) == 0 else { throw fail("undo directory \(undoDir) does not exist") }
             guard let deviceBytes = UndoStore.recordedDeviceBytes(directory: undoDir) else {
                 print(json ? "{\"chunk_bytes\":null,\"barriers\":[]}" : "no barriers")
@@ -116,9 +200,15 @@ struct Barrier: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Record a barrier in an offline undo store (a running node records the primary's).",
             discussion: """
+                On a running primary the barrier travels in order in the replication stream:
+                every write answered before it is in its image, none after.
+
                 Examples:
+                  tandem barrier create r0.toml --node alpha --label before-upgrade
                   tandem barrier create --undo-dir r0.undo --device disk.img --label before-upgrade
                 """)
+
+        @OptionGroup var target: OptionalNode
 
         @OptionGroup var store: UndoStoreOptions
 
@@ -137,6 +227,11 @@ struct Barrier: ParsableCommand {
         }
 
         func run() throws {
+            if target.online {
+                let answer = try target.ask("barrier create \(label)")
+                let id = answer.split(separator: ",").first { $0.contains("\"id\"") }?.split(separator: ":").last ?? "?"
+                return print("barrier \(id)")
+            }
             let (_, undo) = try store.open(readOnly: false, chunkBytes: chunkBytes)
             let info = BarrierInfo(id: id ?? undo.index.newestID + 1, createdUnixSeconds: unixNow(), label: label)
             do {
@@ -347,18 +442,49 @@ struct Rollback: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Put an offline device back to a barrier's image (newer barriers are dropped).",
         discussion: """
+            On a running pair: demote the primary first (tandem secondary), then roll back on the
+            secondary that keeps the barrier. Its device goes back to the barrier's image, newer
+            barriers are dropped, and the other node resyncs exactly the chunks changed since the
+            barrier from it. Then promote either node. This destroys every write after the
+            barrier: --yes-destroy-newer-data is required.
             Crash-safe: a rollback that stops part way is finished by running it again.
 
             Examples:
-              tandem rollback --undo-dir r0.undo --device disk.img 5
+              tandem rollback r0.toml --node beta 1764000000000 --yes-destroy-newer-data
+              tandem rollback --undo-dir r0.undo --device disk.img 5 --yes-destroy-newer-data
             """)
+
+    @Argument(help: "The resource file (ask the running node); omit for the offline form.")
+    var file: String?
+
+    @Option(help: "The node that keeps the barrier (the secondary).")
+    var node: String?
 
     @OptionGroup var store: UndoStoreOptions
 
+    @Option(name: .customLong("id"), help: .hidden)
+    var idOption: UInt64?
+
     @Argument(help: "The barrier id.")
-    var id: UInt64
+    var barrierID: UInt64?
+
+    @Flag(name: .customLong("yes-destroy-newer-data"), help: "Confirm: every write after the barrier is lost.")
+    var confirmed = false
+
+    /// `tandem rollback --undo-dir D --device F 5`: the only positional is the id.
+    var offlineID: UInt64? { barrierID == nil ? file.flatMap { UInt64($0) } : nil }
+    var id: UInt64 { barrierID ?? offlineID ?? idOption ?? 0 }
 
     func run() throws {
+        guard confirmed else { throw fail("a rollback destroys every write after the barrier; add --yes-destroy-newer-data to confirm") }
+        guard id != 0 else { throw fail("give the barrier id (tandem barrier list)") }
+        if let file, offlineID == nil {
+            var target = OptionalNode()
+            target.file = file
+            target.node = node
+            let answer = try target.ask("rollback \(id)", timeoutSeconds: 600)
+            return print("rolled back to barrier \(id): \(answer)")
+        }
         let (device, undo) = try store.open(readOnly: false)
         if let pending = undo.pendingRollback, pending != id {
             throw fail("a rollback to barrier \(pending) did not finish; run tandem rollback \(pending) first")
@@ -388,4 +514,19 @@ func jsonString(_ s: String) -> String {
         }
     }
     return out + "\""
+}
+
+/// The human form of a node's `barrier list` answer.
+private func printBarrierTable(_ answer: String) {
+    guard let data = answer.data(using: .utf8),
+          let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+          let rows = object["barriers"] as? [[String: Any]]
+    else { return print(answer) }
+    if let keeper = object["kept_on"] as? String { print("barriers created here, kept on \(keeper):") }
+    if rows.isEmpty { return print("no barriers") }
+    print("ID\tTIME\tBYTES HELD\tLABEL")
+    for row in rows {
+        let held = (row["bytes_held"] as? Int).map(String.init) ?? "-"
+        print("\(row["id"] ?? "?")\t\(row["time"] ?? "?")\t\(held)\t\(row["label"] ?? "")")
+    }
 }

@@ -42,6 +42,7 @@ import TandemCore
         .flushAck(id: 1, result: 28),
         .barrier(epoch: 3),
         .barrierAck(epoch: 3, writes: 2, result: 0),
+        .snapshot(BarrierInfo(id: 17, createdUnixSeconds: 1_764_000_000, label: "before-upgrade")),
         .bitmapChunk(PeerBitmapChunk(firstBit: 128, bitCount: 70, words: [0x8000_0000_0000_0001, 0x3F])),
         .bitmapChunk(PeerBitmapChunk(firstBit: 0, bitCount: 64, words: [0xFFFF_FFFF_FFFF_FFFF])),
         .bitmapDone(totalBits: 1 << 28, setBits: 3),
@@ -333,7 +334,7 @@ import TandemCore
         expectInvalid(RawFrame(magic: 0x4E42_444D, type: t.ping.rawValue), "bad magic")
         expectInvalid(RawFrame(version: 2, type: t.ping.rawValue), "version 2")
         expectInvalid(RawFrame(version: 0, type: t.ping.rawValue), "version 0")
-        for unknown: UInt16 in [0, 6, 15, 24, 38, 50, 0xFFFF] {
+        for unknown: UInt16 in [0, 6, 15, 25, 38, 50, 0xFFFF] {
             expectInvalid(RawFrame(type: unknown), "unknown message type \(unknown)")
         }
         expectInvalid(RawFrame(type: t.ping.rawValue, reserved: 1), "reserved")

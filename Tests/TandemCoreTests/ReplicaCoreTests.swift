@@ -61,7 +61,7 @@ struct Pair {
             case .completeClient(let id, let result): completed[id] = result
             case .completeClientFlush(let id, let result): flushed[id] = result
             case .dropLink(let reason): dropped.append(reason)
-            case .stateChanged: break
+            case .stateChanged, .recordBarrier: break
             }
         }
     }
@@ -74,7 +74,7 @@ struct Pair {
             case .sendWrite, .sendResync: Issue.record("secondary sent a write")
             case .completeClient, .completeClientFlush: Issue.record("secondary answered a client")
             case .dropLink(let reason): dropped.append(reason)
-            case .stateChanged: break
+            case .stateChanged, .recordBarrier: break
             }
         }
     }

@@ -144,7 +144,7 @@ import Testing
         // b still primary: it would become the target under its own clients.
         b.connect(discardMyData: true, into: &actions)
         b.linkUp(peer: Self.hello(of: a), freshUUID: 3, into: &actions)
-        #expect(actions.contains(.dropLink(.roleConflict)) && b.link == .standalone)
+        #expect(actions.contains(.dropLink(.roleConflict)) && b.link == .connecting)
     }
 
     @Test func automaticPoliciesPickTheLoserOrRefuse() {

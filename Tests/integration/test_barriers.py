@@ -166,7 +166,7 @@ def test_kill_9_while_writing_the_undo_store(tmp_path):
     # Finally roll the device itself back to the oldest announced barrier still retained.
     ids = [b["id"] for b in json.loads(tandem("barrier", "list", "--undo-dir", undo, "--json").stdout_text)["barriers"]]
     oldest = next(b for b in ids if b in seen)
-    tandem("rollback", "--undo-dir", undo, "--device", device, str(oldest))
+    tandem("rollback", "--undo-dir", undo, "--device", device, str(oldest), "--yes-destroy-newer-data")
     assert device.read_bytes() == (oracle / f"{oldest}.img").read_bytes()
     listed = json.loads(tandem("barrier", "list", "--undo-dir", undo, "--json").stdout_text)["barriers"]
     assert [b["id"] for b in listed] == [b for b in ids if b <= oldest]
