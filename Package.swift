@@ -14,6 +14,8 @@ let package = Package(
         .executable(name: "tandem", targets: ["tandem"]),
         .library(name: "TandemCore", targets: ["TandemCore"]),
         .library(name: "TandemNBD", targets: ["TandemNBD"]),
+        // For Benchmarks/ (io_uring, TLS records): the engines and the C shim they run on.
+        .library(name: "TandemIO", targets: ["TandemIO", "CTandem"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

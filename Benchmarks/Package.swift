@@ -28,6 +28,8 @@ let package = Package(
         benchmarkTarget("CRC32C", ["TandemCore"]),
         benchmarkTarget("DirtyBitmap", ["TandemCore"]),
         benchmarkTarget("ActivityLog", ["TandemCore"]),
+        benchmarkTarget("IOUring", ["TandemIO"]),
+        benchmarkTarget("TLSRecord", ["TandemIO"]),
     ]
 )
 

@@ -159,6 +159,14 @@ int ctandem_prep_connect(ctandem_ring *r, int fd, const struct sockaddr *addr, s
     return 0;
 }
 
+int ctandem_prep_nop(ctandem_ring *r, uint64_t user_data) {
+    struct io_uring_sqe *sqe = sqe_or_null(r);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_nop(sqe);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
 int ctandem_prep_poll(ctandem_ring *r, int fd, unsigned poll_mask, uint64_t user_data) {
     struct io_uring_sqe *sqe = sqe_or_null(r);
     if (!sqe) return -EBUSY;

@@ -140,6 +140,12 @@ public final class UringEngine: IOEngine {
         queue { ctandem_prep_poll(ring, fd, UInt32(POLLIN), userData) }
     }
 
+    /// Queues an operation that does nothing and completes with 0: the ring's own cost per
+    /// submission and completion, measured in `Benchmarks/IOUring`. Not part of `IOEngine`.
+    public func nop(userData: UInt64) {
+        queue { ctandem_prep_nop(ring, userData) }
+    }
+
     public func wait(into out: UnsafeMutableBufferPointer<ctandem_cqe>, timeoutNanos: UInt64?) -> Int {
         // Completions already posted need no system call to wait for.
         var n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))

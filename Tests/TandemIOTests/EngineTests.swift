@@ -171,6 +171,24 @@ func tempFile(size: Int) -> (String, Int32) {
         #expect(recorder.results[3] == -ECONNREFUSED)
     }
 
+    /// What Benchmarks/IOUring times: a no-op completes with 0 and its own userData, and a batch
+    /// larger than the completion array is reaped over several waits.
+    @Test func uringNopsCompleteWithTheirUserData() throws {
+        let engine = try UringEngine(reason: "test", entries: 64)
+        let out = UnsafeMutableBufferPointer<ctandem_cqe>.allocate(capacity: 16)
+        defer { out.deallocate() }
+        for i in 0..<40 { engine.nop(userData: UInt64(1000 + i)) }
+        var seen = Set<UInt64>()
+        for _ in 0..<100 where seen.count < 40 {
+            let n = engine.wait(into: out, timeoutNanos: 100_000_000)
+            for c in out.prefix(n) {
+                #expect(c.res == 0)
+                seen.insert(c.user_data)
+            }
+        }
+        #expect(seen == Set((0..<40).map { UInt64(1000 + $0) }))
+    }
+
     @Test func listenReportsPortInUse() throws {
         let (fd, bound) = try Sockets.listen(host: "127.0.0.1", port: 0)
         defer { close(fd) }

@@ -70,6 +70,8 @@ int ctandem_prep_connect(ctandem_ring *ring, int fd, const struct sockaddr *addr
                          uint64_t user_data);
 int ctandem_prep_poll(ctandem_ring *ring, int fd, unsigned poll_mask, uint64_t user_data);
 int ctandem_prep_cancel_fd(ctandem_ring *ring, int fd, uint64_t user_data);
+/// IORING_OP_NOP: completes with 0 and does nothing, so timing it measures the ring alone.
+int ctandem_prep_nop(ctandem_ring *ring, uint64_t user_data);
 
 /// Submits what is prepared and waits for at least `wait_nr` completions or `timeout_ns`
 /// (negative: no timeout). Returns the number submitted or -errno (-ETIME on timeout is not an

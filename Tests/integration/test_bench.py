@@ -1,0 +1,53 @@
+"""`tandem bench` end to end in a tiny configuration: it must find its driver, benchmark the binary
+it runs as, and leave a table, JSON and a chart. Speed is never asserted."""
+
+import json
+import xml.etree.ElementTree as ET
+
+from conftest import TANDEM_BIN, run
+
+CASES = ["seq-read-1M/1c", "seq-read-1M/4c", "write-4k-qd1/1c", "write-4k-qd1/4c"]
+
+
+def test_quick_run_prints_a_table_and_writes_json_and_a_chart(tmp_path):
+    out = tmp_path / "run.json"
+    # Two jobs (one needs the fill, one has two metrics) at 1 and 4 connections, on one node, a
+    # replicated pair and nbdkit (skipped with a note where it is not installed), 1 s each.
+    cp = run([TANDEM_BIN, "bench", "--quick", "--size", "16M", "--runtime", "1", "--ramp-time", "0",
+              "--jobs", "seq-read-1M,write-4k-qd1", "--connections", "1,4",
+              "--servers", "tandem-direct,tandem-replicated,nbdkit", "--no-resync", "--no-tls-link",
+              "--dir", tmp_path, "--json", out], timeout=150)
+
+    assert "[1/" in cp.stderr_text, f"no progress lines on stderr:\n{cp.stderr_text}"
+    for case in CASES:
+        assert case in cp.stdout_text, f"{case} missing from the table:\n{cp.stdout_text}"
+    assert "p99 µs" in cp.stdout_text and "tandem-replicated" in cp.stdout_text
+
+    report = json.loads(out.read_text())
+    assert report["schema"] == 2
+    assert report["driver"] == "tandem bench"
+    assert report["tandem_bin"] and report["tandem_build"] in ("debug", "release")
+    assert report["options"]["connections"] == [1, 4]
+    assert sorted(report["cases"]) == sorted(CASES)
+    for server in ("tandem-direct", "tandem-replicated"):
+        assert report["servers"][server]["status"] == "ok", report["servers"][server]
+        for case in CASES:
+            entry = report["results"][server][case]
+            assert entry["status"] == "ok", (server, case, entry.get("error"))
+            assert {"mib_s", "iops", "p50_us", "p99_us"} <= entry["summary"].keys()
+    assert report["results"]["tandem-direct"]["write-4k-qd1/4c"]["connections"] == 4
+    assert "replicated_summary" in report
+    assert report["servers"]["tandem-replicated"]["replicas_identical"] is True
+
+    assert (tmp_path / "run.txt").read_text().strip() in cp.stdout_text
+    chart = ET.parse(tmp_path / "run.svg").getroot()
+    assert chart.tag == "{http://www.w3.org/2000/svg}svg"
+    text = (tmp_path / "run.svg").read_text()
+    assert "tandem-direct" in text and "write-4k-qd1/4c" in text and "<rect" in text
+
+
+def test_bad_option_is_one_error_line(tmp_path):
+    cp = run([TANDEM_BIN, "bench", "--jobs", "bogus"], check=False, timeout=30)
+    assert cp.returncode != 0
+    lines = cp.stderr_text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bogus" in lines[0], cp.stderr_text
