@@ -263,6 +263,7 @@ final class PeerConnection: IOHandler {
         cipherOutLength = 0
         cipherOutSent = 0
         if up && tls.pendingOutput < cipherBytes / 2 {
+            cipherOutLength = tls.takeOutput(into: cipherOut, count: cipherBytes)
             var budget = cipherBytes / 2
             while budget > 0, let head = queue.first {
                 switch head {
@@ -276,7 +277,9 @@ final class PeerConnection: IOHandler {
                         headHeaderSent = true
                         budget -= headerLength
                     }
-                    let n = min(length - headOffset, max(budget, 0))
+                    // One TLS record at a time, its ciphertext taken out at once: OpenSSL's memory
+                    // BIO slows down badly when ciphertext piles up in it (Benchmarks/TLSRecord).
+                    let n = min(length - headOffset, max(budget, 0), Limits.tlsRecordPlaintextMax)
                     if n > 0 {
                         guard tls.write(payload! + headOffset, count: n) else { return close(reason: "TLS: \(tls.lastError)") }
                         headOffset += n
@@ -290,9 +293,10 @@ final class PeerConnection: IOHandler {
                         if let token { delegate?.peerConnection(self, releasedPayload: token) }
                     }
                 }
+                cipherOutLength += tls.takeOutput(into: cipherOut + cipherOutLength, count: cipherBytes - cipherOutLength)
             }
         }
-        cipherOutLength = tls.takeOutput(into: cipherOut, count: cipherBytes)
+        cipherOutLength += tls.takeOutput(into: cipherOut + cipherOutLength, count: cipherBytes - cipherOutLength)
         if cipherOutLength > 0 {
             postSend()
         } else if let reason = closeWhenSent, queue.isEmpty {
