@@ -434,8 +434,12 @@ public struct ReplicaCore {
         case .bitmapDone(let totalBits, _):
             receivedBitmapDone(totalBits: totalBits, into: &actions)
         case .stateChange(let change):
+            let changed = peerDisk != change.diskState || peerRole != change.role
             peerDisk = change.diskState
             peerRole = change.role
+            if changed && !awaitingSkippedSyncUUID && !(change.role == .primary && role == .primary) {
+                actions.append(.stateChanged(status))
+            }
             if change.role == .primary && role == .primary {
                 // Both promoted at once: neither may keep writing through this link.
                 actions.append(.dropLink(.roleConflict))

@@ -21,6 +21,10 @@ final class ControlServer: IOHandler {
         let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
         let message = UnsafeMutablePointer<msghdr>.allocate(capacity: 1)
         var sent = 0
+        /// An `events` subscriber: lines are appended to `reply` as they come, the connection
+        /// stays open until the client closes it.
+        var streaming = false
+        var sending = false
         init(fd: Int32) {
             self.fd = fd
             message.initialize(to: msghdr())
@@ -110,7 +114,21 @@ final class ControlServer: IOHandler {
             guard result > 0 else { return finish(key) }
             client.received += Int(result)
             let text = String(decoding: UnsafeRawBufferPointer(start: client.buffer, count: client.received), as: UTF8.self)
-            if let newline = text.firstIndex(of: "\n") {
+            if client.streaming {
+                // A subscriber says nothing more; anything it sends is ignored.
+                client.received = 0
+                return postRecv(key, client)
+            }
+            if let newline = text.firstIndex(of: "\n"), text[..<newline] == "events" {
+                guard clients.values.filter(\.streaming).count < Self.subscribersMax else {
+                    client.reply = Array("{\"error\":\"\(Self.subscribersMax) event subscribers already\"}\n".utf8)
+                    return postSend(key, client)
+                }
+                client.streaming = true
+                client.received = 0
+                postRecv(key, client)
+                if let first = subscribed?() { publish(first, to: key, client) }
+            } else if let newline = text.firstIndex(of: "\n") {
                 // The answer may come later (a demotion waits for its clients and a flush).
                 handle(String(text[..<newline])) { [weak self, weak client] answer in
                     guard let self, let client, self.clients[key] === client, client.reply.isEmpty else { return }
@@ -126,7 +144,40 @@ final class ControlServer: IOHandler {
         } else {
             guard result > 0 else { return finish(key) }
             client.sent += Int(result)
-            if client.sent < client.reply.count { postSend(key, client) } else { finish(key) }
+            if client.sent < client.reply.count {
+                postSend(key, client)
+            } else if client.streaming {
+                client.reply.removeAll(keepingCapacity: true)
+                client.sent = 0
+                client.sending = false
+            } else {
+                finish(key)
+            }
+        }
+    }
+
+    /// Subscribers to `events` at once, and the bytes one may have queued before it is dropped
+    /// as too slow (the node never waits for a reader).
+    static let subscribersMax = 8
+    static let subscriberQueueBytesMax = 1 << 20
+    /// The first line a new subscriber gets (the current state).
+    var subscribed: (() -> String)?
+
+    /// Sends one JSON line to every `events` subscriber.
+    func broadcast(_ line: String) {
+        for (key, client) in clients where client.streaming { publish(line, to: key, client) }
+    }
+
+    private func publish(_ line: String, to key: UInt32, _ client: Client) {
+        guard client.reply.count + line.utf8.count < Self.subscriberQueueBytesMax else {
+            logger.warning("control: dropping an events subscriber that does not read")
+            return finish(key)
+        }
+        client.reply.append(contentsOf: line.utf8)
+        client.reply.append(0x0A)
+        if !client.sending {
+            client.sending = true
+            postSend(key, client)
         }
     }
 
@@ -145,12 +196,50 @@ final class ControlServer: IOHandler {
 
     private func finish(_ key: UInt32) {
         guard let client = clients.removeValue(forKey: key) else { return }
+        // A receive may still be posted (subscribers wait for EOF): wake it first.
+        shutdown(client.fd, Int32(SHUT_RDWR))
         close(client.fd)
     }
 }
 
 /// The client side: one request, one answer (used by `tandem status` and to detect live nodes).
 public enum ControlClient {
+    /// Sends `request` and hands every line of the answer to `onLine` until the node closes the
+    /// connection (or `onLine` returns false). For `events`. False if the node did not answer.
+    public static func stream(path: String, _ request: String, onLine: (String) -> Bool) -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: bytes + [0]) }
+        let rc = withUnsafePointer(to: &address) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else { return false }
+        let line = Array((request + "\n").utf8)
+        guard line.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == line.count else { return false }
+        var pending: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var answered = false
+        while true {
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return answered }
+            pending += buffer[0..<n]
+            while let newline = pending.firstIndex(of: 0x0A) {
+                answered = true
+                let text = String(decoding: pending[..<newline], as: UTF8.self)
+                pending.removeSubrange(...newline)
+                if !onLine(text) { return true }
+            }
+            if pending.count > 1 << 20 { return answered }
+        }
+    }
+
+
     /// Sends `request` and returns the answer, or nil when nobody answers.
     public static func request(path: String, _ request: String, timeoutSeconds: Int = 5) -> String? {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)

@@ -56,6 +56,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// The NBD export: writable through replication while primary, read-only while secondary.
     private weak var nbdServer: NBDServer?
     private let handlers: HandlerRunner
+    /// Where `tandem events` lines go (the control server's subscribers).
+    var onEvent: ((String) -> Void)?
     /// The state last reported, to tell handlers what changed.
     private var reported: ReplicaStatus?
     /// A demotion in progress (NBD clients draining, then the flush on both sides).
@@ -343,6 +345,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         do {
             let dropped = try undo.createBarrier(info, nowUnixSeconds: Self.unixSeconds())
             logger.info("barrier \(info.id) '\(info.label)' recorded")
+            emit("barrier-recorded", "\"id\":\(info.id),\"label\":\(Self.jsonString(info.label))")
             for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
         } catch {
             logger.error("barrier \(info.id): cannot record it: \(error); replication goes on without it")
@@ -410,6 +413,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         createdBarriers.append(info)
         if createdBarriers.count > Limits.barriersRetainedMax { createdBarriers.removeFirst() }
         logger.info("barrier \(info.id) '\(label)' created")
+        emit("barrier-created", "\"id\":\(info.id),\"label\":\(Self.jsonString(label))")
         return "{\"ok\":true,\"id\":\(info.id),\"time\":\(info.createdUnixSeconds)}"
     }
 
@@ -572,11 +576,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if !quorum && core.role == .primary {
             if hadQuorum {
                 logger.error("quorum lost: neither \(peer.name) nor the witness is reachable; writes fail until one is back")
+                emit("quorum-lost", "")
                 handlers.fire(.quorumLost, [peer.name], nowNanos: monotonicNanos())
             }
             releaseHeld(error: -EIO)
         } else if quorum && !hadQuorum {
             logger.notice("quorum regained")
+            emit("quorum-regained", "")
         }
     }
 
@@ -676,6 +682,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 considerAutomaticFailover(now: now)
             }
             if core.sync != .established && ticks % Self.resyncCheckpointTicks == 0 {
+                emit("resync-progress", "\"done_bytes\":\(core.resyncedBytes),\"out_of_sync_bytes\":\(core.bitmap.outOfSyncBytes)")
                 // Resync progress survives a crash: resynced blocks are made durable first, then
                 // the bitmap that says they are in sync (Protocol/peer.md, resync).
                 _ = fdatasync(device.fd)
@@ -995,19 +1002,48 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         actions.removeAll(keepingCapacity: true)
     }
 
-    /// Runs the handlers for what changed since the last state reported.
+    /// Runs the handlers and sends the events for what changed since the last state reported.
     private func report(_ status: ReplicaStatus) {
         let before = reported
         reported = status
         let now = monotonicNanos()
-        if let before, before.role != status.role { handlers.fire(.roleChange, ["\(status.role)"], nowNanos: now) }
-        if status.splitBrain && before?.splitBrain != true { handlers.fire(.splitBrain, [peer.name], nowNanos: now) }
+        emit("state", stateFields(status))
+        if let before, before.role != status.role {
+            handlers.fire(.roleChange, ["\(status.role)"], nowNanos: now)
+            emit("role", "\"role\":\"\(Self.title("\(status.role)"))\"")
+        }
+        if status.splitBrain && before?.splitBrain != true {
+            handlers.fire(.splitBrain, [peer.name], nowNanos: now)
+            emit("split-brain", "\"peer\":\"\(peer.name)\"")
+        }
         if let before, before.link == .connected || before.link == .handshaking, status.link != .connected && status.link != .handshaking {
             handlers.fire(.peerLost, [peer.name], nowNanos: now)
+            emit("peer-lost", "\"peer\":\"\(peer.name)\"")
+        }
+        if let before, before.sync == .established, status.sync != .established {
+            emit("resync-start", "\"as\":\"\(status.sync == .syncSource ? "source" : "target")\",\"out_of_sync_bytes\":\(status.outOfSyncBytes)")
         }
         if let before, before.sync != .established, status.sync == .established, status.link == .connected {
             handlers.fire(.resyncDone, [before.sync == .syncSource ? "source" : "target"], nowNanos: now)
+            emit("resync-done", "\"as\":\"\(before.sync == .syncSource ? "source" : "target")\",\"bytes\":\(core.resyncedBytes)")
         }
+    }
+
+    private func stateFields(_ s: ReplicaStatus) -> String {
+        "\"role\":\"\(Self.title("\(s.role)"))\",\"disk\":\"\(Self.title("\(s.disk)"))\",\"connection\":\"\(Self.title(s.link.rawValue))\","
+            + "\"peer_role\":\(s.peerRole.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\"peer_disk\":\(s.peerDisk.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),"
+            + "\"replication\":\"\(s.link == .connected ? Self.title(s.sync.rawValue) : "Off")\",\"out_of_sync_bytes\":\(s.outOfSyncBytes),\"split_brain\":\(s.splitBrain)"
+    }
+
+    /// One `tandem events` line: `{"time":MS,"resource":..,"node":..,"type":TYPE,FIELDS}`.
+    func emit(_ type: String, _ fields: String) {
+        guard let onEvent else { return }
+        onEvent("{\"time\":\(Self.wallClockMillis()),\"resource\":\"\(config.name)\",\"node\":\"\(me.name)\",\"type\":\"\(type)\"\(fields.isEmpty ? "" : ",")\(fields)}")
+    }
+
+    /// The first line a new `tandem events` subscriber reads: the state now.
+    func eventSnapshot() -> String {
+        "{\"time\":\(Self.wallClockMillis()),\"resource\":\"\(config.name)\",\"node\":\"\(me.name)\",\"type\":\"exists\",\(stateFields(core.status))}"
     }
 
     /// A primary with a witness holds client answers while it writes without its peer and the

@@ -69,6 +69,8 @@ public enum Up {
             server = s
         }
         let control = try ControlServer(loop: loop, path: me.controlPath, logger: logger) { node.control($0, reply: $1) }
+        control.subscribed = { node.eventSnapshot() }
+        node.onEvent = { [unowned control] line in control.broadcast(line) }
         var stopping = false
         let signals = SignalWatcher(loop: loop, fd: signalFD) { signal in
             guard !stopping else { return }

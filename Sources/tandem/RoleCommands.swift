@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import TandemNode
 
 /// A control answer's error text, or nil when it succeeded.
 private func refusal(_ answer: String) -> String? {
@@ -110,5 +111,41 @@ struct Disconnect: ParsableCommand {
         let answer = try target.ask("disconnect")
         if let why = refusal(answer) { throw fail("\(target.node): \(why)") }
         print("\(target.node): disconnected (StandAlone)")
+    }
+}
+
+struct Events: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stream a running node's state changes as JSON lines (like drbdsetup events2).",
+        discussion: """
+            The first line ("type":"exists") is the state now; then one line per change, each
+            {"time":UNIX_MS,"resource","node","type",...}. Types: state (role, disk, connection,
+            peer_role, peer_disk, replication, out_of_sync_bytes, split_brain), role, peer-lost,
+            split-brain, resync-start, resync-progress (every second), resync-done,
+            barrier-created, barrier-recorded, quorum-lost, quorum-regained. Runs until the node
+            stops or --count lines were printed. The schema is in Protocol/status.md.
+
+            Examples:
+              tandem events r0.toml --node alpha
+              tandem events r0.toml --node alpha | jq -c 'select(.type == "role")'
+            """)
+
+    @OptionGroup var target: RunningNode
+
+    @Option(help: "Stop after this many lines (default: run until the node stops).")
+    var count: Int?
+
+    func run() throws {
+        let config = try loadResource(target.file)
+        guard let me = config.node(named: target.node) else { throw fail("\(target.file): no node named '\(target.node)'") }
+        var printed = 0
+        let answered = ControlClient.stream(path: me.controlPath, "events") { line in
+            // Unbuffered: a reader (a pipe, a monitoring agent) sees each line at once.
+            let bytes = Array((line + "\n").utf8)
+            _ = bytes.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
+            printed += 1
+            return count.map { printed < $0 } ?? true
+        }
+        guard answered else { throw fail("node \(target.node) is not running (no answer on \(me.controlPath))") }
     }
 }
