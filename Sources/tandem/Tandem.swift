@@ -15,7 +15,7 @@ struct Tandem: ParsableCommand {
             Tandem keeps a backing file or block device, exports it over NBD and (in later \
             releases) mirrors every write synchronously to a peer over TLS.
             """,
-        subcommands: [Serve.self, Certs.self, Config.self, Init.self, Up.self, Status.self, Verify.self, DumpMetadata.self])
+        subcommands: [Serve.self, Certs.self, Config.self, Init.self, Up.self, Status.self, Verify.self, DumpMetadata.self, Sim.self])
 
     /// Every failure, from argument parsing or from running, ends as one `error: ...` line on
     /// stderr and a non-zero exit; `--help` prints help and exits 0.
