@@ -8,6 +8,13 @@ public struct SimOptions: Sendable {
     /// Let the client send writes that overlap writes still in flight (NBD leaves the result
     /// undefined, so only replica equality is checked for such blocks, not their value).
     public var overlappingClientWrites = false
+    /// Inject disk errors on the primary too (by default only the secondary's disk fails). A
+    /// primary whose disk is detached and later restarted comes back UpToDate on stale data:
+    /// known, see DEVELOPERS.md, "Simulator".
+    public var primaryDiskErrors = false
+    /// Crash a node while the other is down or has not yet noticed an earlier crash (by default
+    /// faults are single: the invariants are about surviving one node's loss).
+    public var doubleFaults = false
     /// Print every event as it happens (for replaying one seed).
     public var verbose = false
     /// Events kept for the trace printed on failure.
@@ -15,8 +22,11 @@ public struct SimOptions: Sendable {
     /// Runs in parallel pass different slots, so a trap names every seed in flight.
     public var slot = 0
 
-    public init(failover: Bool = false, overlappingClientWrites: Bool = false, verbose: Bool = false, traceEvents: Int = 48, slot: Int = 0) {
+    public init(failover: Bool = false, overlappingClientWrites: Bool = false, primaryDiskErrors: Bool = false, doubleFaults: Bool = false, verbose: Bool = false,
+                traceEvents: Int = 48, slot: Int = 0) {
         self.slot = slot
+        self.primaryDiskErrors = primaryDiskErrors
+        self.doubleFaults = doubleFaults
         self.failover = failover
         self.overlappingClientWrites = overlappingClientWrites
         self.verbose = verbose

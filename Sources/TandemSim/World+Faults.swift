@@ -39,17 +39,20 @@ extension World {
             }
         case .crash:
             let i = rng.below(2)
-            guard nodes[i].up else { return }
+            // Single faults: the other node is up and has long noticed any earlier crash.
+            guard nodes[i].up, options.doubleFaults || (nodes[other(i)].up && now >= lastCrash + 3 * SimTime.peerTimeout) else { return }
+            lastCrash = now
             crash(i, powerLoss: rng.below(2) == 0)
         case .restart:
             let i = rng.below(2)
-            guard nodes[i].up else { return }
+            guard nodes[i].up, options.doubleFaults || (nodes[other(i)].up && now >= lastCrash + 3 * SimTime.peerTimeout) else { return }
+            lastCrash = now
             record(.fault("n\(i) stops cleanly and restarts"))
             count("fault clean restart")
             stop(i)
             queue.push(now + rng.between(50, 500) * SimTime.ms, .restart(node: i, life: nodes[i].life))
         case .diskErrors:
-            let i = rng.below(2)
+            let i = options.primaryDiskErrors ? rng.below(2) : other(primaryNode)
             let permille = 20 + rng.below(280)
             let duration = rng.between(50, 2000) * SimTime.ms
             record(.fault("n\(i) disk fails \(permille)/1000 of operations for \(duration / SimTime.ms) ms"))
@@ -104,10 +107,12 @@ extension World {
                 }
             } else if !failingOver && powerLoss {
                 // It comes back as primary with what its disk kept: flushed data at least.
-                for b in 0..<SimLayout.blocks where exact[b] && floor[b] > stable[b] {
+                for b in 0..<SimLayout.blocks where floor[b] > stable[b] {
                     floor[b] = stable[b]
                     exact[b] = false
                 }
+                // A later flush covers nothing acknowledged before the crash: that may be gone.
+                stabilized = ackLog.count
             }
         }
         if powerLoss { nodes[i].disk.powerLoss(rng: &rng) } else { nodes[i].disk.processCrash() }
@@ -130,9 +135,13 @@ extension World {
         queue.push(now + rng.between(100, 1500) * SimTime.ms, .restart(node: i, life: nodes[i].life))
     }
 
-    /// `ReplicatedNode.stop`: metadata persisted, `wasPrimary` cleared on a primary, the link
-    /// closed; the machine stays up (writes in flight land).
+    /// `ReplicatedNode.stop` in `tandem up`'s order: the link closed (`PeerConnection.close`
+    /// calls `peerConnectionDown` at once, so the core marks what the peer may lack), metadata
+    /// persisted, `wasPrimary` cleared on a primary; the machine stays up (writes in flight
+    /// land) and the device is synced when the loop ends.
     func stop(_ i: Int) {
+        let c = nodes[i].connection
+        if let c { linkNotice(i, c) }
         persistMetadata(i)
         if nodes[i].core.role == .primary {
             nodes[i].superblockFlags.remove(.wasPrimary)
@@ -140,7 +149,7 @@ extension World {
         }
         dropClients(of: i)
         nodes[i].disk.processCrash()
-        let c = nodes[i].connection
+        nodes[i].disk.flushNow()
         nodes[i].die()
         if let c { kill(c, noticeDelay: [0, 0].map { _ in rng.between(10, 1000) * SimTime.us }) }
     }

@@ -80,6 +80,7 @@ extension World {
         count("al transaction")
         if tx.evictedCount > 0 {
             count("al eviction")
+            nodes[i].disk.flushNow()
             persistMetadata(i)
         }
         let bytes = nodes[i].activityLog.encoded(tx)

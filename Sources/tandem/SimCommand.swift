@@ -34,6 +34,12 @@ struct Sim: ParsableCommand {
     @Flag(help: "Let the client send writes overlapping writes still in flight.")
     var overlappingWrites = false
 
+    @Flag(help: "Let the primary's disk fail too (a detached primary disk restarted is known to come back as UpToDate).")
+    var primaryDiskErrors = false
+
+    @Flag(help: "Crash a node while the other is down or has not noticed an earlier crash.")
+    var doubleFaults = false
+
     @Option(help: "Stop after this many failing seeds (0: never).")
     var maxFailures: Int = 10
 
@@ -46,7 +52,7 @@ struct Sim: ParsableCommand {
 
     func run() throws {
         SimCrashReporter.install()
-        let options = SimOptions(failover: failover, overlappingClientWrites: overlappingWrites, verbose: verbose)
+        let options = SimOptions(failover: failover, overlappingClientWrites: overlappingWrites, primaryDiskErrors: primaryDiskErrors, doubleFaults: doubleFaults, verbose: verbose)
         if let seed {
             print("seed \(seed)")
             let report = Simulator.run(seed: seed, options: options)
