@@ -283,8 +283,9 @@ public struct ReplicaCore {
         guard let write = writes[id], write.localDone, !write.peerPending else { return }
         writes[id] = nil
         var result = write.localResult
-        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 {
-            // The peer has the data: the client loses nothing (the local disk is detached).
+        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 && peerDisk == .upToDate {
+            // The peer has the data and is a full copy: the client loses nothing (the local disk
+            // is detached). A peer still being resynced is not: detaching would leave no good copy.
             result = 0
             detachLocalDisk(into: &actions)
         } else if result < 0 {
