@@ -471,6 +471,14 @@ public struct ReplicaCore {
         switch result.decision {
         case .noSync:
             link = .connected
+            if role == .primary && bitmap.setBitCount > 0 {
+                // Writes made before this link came up with no link loss to start a generation
+                // (a primary that started disconnected): the generations match, but these blocks
+                // are not on the peer. Copy them as a verify's marks are copied.
+                link = .handshaking
+                pendingSync = .syncSource
+                sendBitmap(into: &actions)
+            }
         case .skipInitialSync:
             link = .connected
             if configuration.nodeID < hello.nodeID {
