@@ -761,7 +761,11 @@ public struct ReplicaCore {
         sync = .established
         pendingSync = nil
         awaitingSkippedSyncUUID = false
-        for i in resyncSlots.indices where resyncSlots[i] != nil { resyncSlots[i]!.stale = true }
+        for i in resyncSlots.indices where resyncSlots[i] != nil {
+            // A read still on the disk frees its slot when it completes; data already sent will
+            // never be acknowledged on this link: its slot is free now (the bits stay set).
+            if resyncSlots[i]!.sent { resyncSlots[i] = nil } else { resyncSlots[i]!.stale = true }
+        }
         lastTickNanos = nil
         link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch) ? .standalone : .connecting
         let ids = Array(writes.keys)
