@@ -685,7 +685,9 @@ public struct ReplicaCore {
         guard sync == .syncTarget else { return protocolError("resync data outside a resync", into: &actions) }
         guard data.result == 0 else { return }  // the source could not read it: stays out of sync
         let isZero = data.flags & PeerFlags.ResyncData.zero != 0
-        apply(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: false),
+        // FUA: the source clears its bit on the ack, so the ack must mean durable. From a volatile
+        // cache, a power loss here would lose the block with neither bitmap remembering it.
+        apply(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
                       offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id))), into: &actions)
     }
 
