@@ -94,6 +94,11 @@ public struct ReplicaCore {
     }
 
     private var resyncSlots: [ResyncSlot?]
+    /// Resync ids are this per-link random base plus slot + 1: a target may still be writing
+    /// data of an earlier link when the same slot's next data arrives, and the two must not
+    /// share an id (the tag of the write, and the node's buffer key).
+    private var resyncIDBase: UInt64 = 0
+    private static let resyncSlotMask: UInt64 = 0xFFFF
     private var resyncCursor = 0
     private var resyncBudget: Int64 = 0
     private var lastTickNanos: UInt64?
@@ -459,6 +464,7 @@ public struct ReplicaCore {
         linkSequence = 0
         epoch = 1
         epochClosePending = false
+        resyncIDBase = freshUUID & 0x3FFF_FFFF_FFFF_0000  // fits an Int: the node keys buffers by id
         peerDisk = hello.diskState
         sync = .established
         pendingSync = nil
@@ -656,12 +662,12 @@ public struct ReplicaCore {
             return pumpResync(into: &actions)
         }
         resyncSlots[slot]!.sent = true
-        actions.append(.sendResync(PeerResyncData(id: UInt64(slot) + 1, offset: entry.offset, length: entry.length), buffer: .resync(slot)))
+        actions.append(.sendResync(PeerResyncData(id: resyncIDBase | (UInt64(slot) + 1), offset: entry.offset, length: entry.length), buffer: .resync(slot)))
     }
 
     private mutating func resyncAcked(id: UInt64, offset: UInt64, length: UInt32, code: UInt32, into actions: inout [Action]) {
-        let slot = Int(id) - 1
-        guard sync == .syncSource, slot >= 0, slot < resyncSlots.count, let entry = resyncSlots[slot], entry.sent,
+        let slot = Int(id & Self.resyncSlotMask) - 1
+        guard sync == .syncSource, id & ~Self.resyncSlotMask == resyncIDBase, slot >= 0, slot < resyncSlots.count, let entry = resyncSlots[slot], entry.sent,
               entry.offset == offset, entry.length == length
         else { return protocolError("ack of unknown resync data \(id)", into: &actions) }
         resyncSlots[slot] = nil
