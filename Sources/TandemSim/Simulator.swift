@@ -55,7 +55,7 @@ final class World {
     var lastNudge: UInt64 = 0
     var verifiedAfterCorruption = false
     var corruptionInjected = false
-    var lastCrash: UInt64 = 0
+    var lastCrash: UInt64?
 
     // The model of what the device must return (see `Checker` below).
     var floor: [UInt64]

@@ -74,8 +74,11 @@ extension World {
                 return fail("read after acknowledged \(op): block \(b) holds \(view[b])")
             }
         }
-        guard peerReadable, core.link == .connected, core.sync == .established, core.peerDisk == .upToDate else { return }
-        for b in op.first..<op.first + op.count where !core.bitmap.isSet(bit: b) && nodes[s].disk.cache[b] != op.seq {
+        // Also while resyncing as source: client writes go to the target too, and a block whose
+        // bit is clear was copied already.
+        guard peerReadable, core.link == .connected, core.sync != .syncTarget, core.peerDisk == .upToDate || core.peerDisk == .inconsistent
+        else { return }
+        for b in op.first..<op.first + op.count where !core.bitmap.isSet(bit: b) && !nodes[s].disk.corrupt[b] && nodes[s].disk.cache[b] != op.seq {
             return fail("acknowledged \(op) while n\(s) is in sync, but n\(s) holds \(nodes[s].disk.cache[b]) at block \(b) (acked before the peer wrote it?)")
         }
     }

@@ -40,12 +40,12 @@ extension World {
         case .crash:
             let i = rng.below(2)
             // Single faults: the other node is up and has long noticed any earlier crash.
-            guard nodes[i].up, options.doubleFaults || (nodes[other(i)].up && now >= lastCrash + 3 * SimTime.peerTimeout) else { return }
+            guard nodes[i].up, options.doubleFaults || (nodes[other(i)].up && lastCrash.map { now >= $0 + SimTime.peerTimeout + 500 * SimTime.ms } ?? true) else { return }
             lastCrash = now
             crash(i, powerLoss: rng.below(2) == 0)
         case .restart:
             let i = rng.below(2)
-            guard nodes[i].up, options.doubleFaults || (nodes[other(i)].up && now >= lastCrash + 3 * SimTime.peerTimeout) else { return }
+            guard nodes[i].up, options.doubleFaults || (nodes[other(i)].up && lastCrash.map { now >= $0 + SimTime.peerTimeout + 500 * SimTime.ms } ?? true) else { return }
             lastCrash = now
             record(.fault("n\(i) stops cleanly and restarts"))
             count("fault clean restart")
