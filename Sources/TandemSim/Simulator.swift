@@ -56,6 +56,9 @@ final class World {
     var verifiedAfterCorruption = false
     var corruptionInjected = false
     var lastCrash: UInt64?
+    /// The secondary failed a replicated write, or the transfer log overflowed: the primary then
+    /// keeps blocks out of sync on an established link until the next connect.
+    var peerWriteFailed = false
 
     // The model of what the device must return (see `Checker` below).
     var floor: [UInt64]
@@ -219,6 +222,7 @@ final class World {
         case .submitLocal(let io):
             submit(i, io)
         case .send(let message):
+            if case .flush(let id) = message, id > 1 << 63 { peerWriteFailed = true }  // the core's own: a full transfer log
             send(i, .message(message))
         case .sendWrite(let write, let kind, _):
             guard let key = nodes[i].clients[write.id], let op = pending.first(where: { $0.key == key }) else {
@@ -372,6 +376,7 @@ final class World {
     func diskCompleted(_ i: Int, _ number: Int) {
         guard let (op, result, read) = nodes[i].disk.complete(number, rng: &rng) else { return }
         record(.diskDone(node: i, tag: op.tag, result: result))
+        if result < 0, case .peerWrite = op.tag { peerWriteFailed = true }
         switch op.tag {
         case .peerWrite(let id): nodes[i].peerValues[id] = nil
         case .resyncWrite(let key): nodes[i].resyncIn[key] = nil

@@ -226,6 +226,11 @@ extension World {
         }
         let p = primaryNode
         if let c = liveConnection(), nodes[p].up, nodes[p].core.link == .connected, nodes[p].core.sync == .established, nodes[p].core.bitmap.setBitCount > 0 {
+            // Only a write the peer failed leaves blocks out of sync on an established link (the
+            // peer's disk is not detached for it); anything else is a resync that never started.
+            guard peerWriteFailed else {
+                return fail("connected and established with \(nodes[p].core.bitmap.setBitCount) blocks out of sync, and no resync starts")
+            }
             record(.fault("operator: connected with \(nodes[p].core.bitmap.setBitCount) blocks out of sync: reconnect to resync"))
             count("heal: reconnect to resync")
             kill(c, noticeDelay: [SimTime.ms, SimTime.ms])
