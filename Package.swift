@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "TandemNBD", targets: ["TandemNBD"]),
         // For Benchmarks/ (io_uring, TLS records): the engines and the C shim they run on.
         .library(name: "TandemIO", targets: ["TandemIO", "CTandem"]),
+        .library(name: "TandemSim", targets: ["TandemSim"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -35,6 +36,8 @@ let package = Package(
         // Sans-I/O: no Glibc, no clock, no threads.
         .target(name: "TandemCore", dependencies: ["CTandemCRC"], swiftSettings: strict),
         .target(name: "TandemNBD", dependencies: ["TandemCore"], swiftSettings: strict),
+        // The deterministic simulator: ReplicaCore on simulated disks, network and clock.
+        .target(name: "TandemSim", dependencies: ["TandemCore"], swiftSettings: strict),
         .target(
             name: "TandemIO",
             dependencies: ["CTandem", "TandemCore", .product(name: "Logging", package: "swift-log")],
@@ -51,13 +54,14 @@ let package = Package(
         .executableTarget(
             name: "tandem",
             dependencies: [
-                "CTandem", "TandemCore", "TandemNBD", "TandemIO", "TandemNode",
+                "CTandem", "TandemCore", "TandemNBD", "TandemIO", "TandemNode", "TandemSim",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict
         ),
         .testTarget(name: "TandemCoreTests", dependencies: ["TandemCore"], swiftSettings: strict),
+        .testTarget(name: "TandemSimTests", dependencies: ["TandemSim", "TandemCore"], swiftSettings: strict),
         .testTarget(name: "TandemNBDTests", dependencies: ["TandemNBD", "TandemCore"], swiftSettings: strict),
         .testTarget(
             name: "TandemNodeTests",

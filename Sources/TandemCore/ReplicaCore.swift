@@ -113,6 +113,11 @@ public struct ReplicaCore {
     }
 
     private var resyncSlots: [ResyncSlot?]
+    /// Resync ids are this per-link random base plus slot + 1: a target may still be writing
+    /// data of an earlier link when the same slot's next data arrives, and the two must not
+    /// share an id (the tag of the write, and the node's buffer key).
+    private var resyncIDBase: UInt64 = 0
+    private static let resyncSlotMask: UInt64 = 0xFFFF
     private var resyncCursor = 0
     private var resyncBudget: Int64 = 0
     private var lastTickNanos: UInt64?
@@ -313,8 +318,9 @@ public struct ReplicaCore {
         guard let write = writes[id], write.localDone, !write.peerPending else { return }
         writes[id] = nil
         var result = write.localResult
-        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 {
-            // The peer has the data: the client loses nothing (the local disk is detached).
+        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 && peerDisk == .upToDate {
+            // The peer has the data and is a full copy: the client loses nothing (the local disk
+            // is detached). A peer still being resynced is not: detaching would leave no good copy.
             result = 0
             detachLocalDisk(into: &actions)
         } else if result < 0 {
@@ -548,6 +554,7 @@ public struct ReplicaCore {
         linkSequence = 0
         epoch = 1
         epochClosePending = false
+        resyncIDBase = freshUUID & 0x3FFF_FFFF_FFFF_0000  // fits an Int: the node keys buffers by id
         peerDisk = hello.diskState
         peerRole = hello.role
         sync = .established
@@ -583,6 +590,14 @@ public struct ReplicaCore {
                 // Outdated only meant "the peer may have written since": it did not.
                 disk = .upToDate
                 localFlags.remove(.outdated)
+            }
+            if role == .primary && bitmap.setBitCount > 0 {
+                // Writes made before this link came up with no link loss to start a generation
+                // (a primary that started disconnected): the generations match, but these blocks
+                // are not on the peer. Copy them as a verify's marks are copied.
+                link = .handshaking
+                pendingSync = .syncSource
+                sendBitmap(into: &actions)
             }
         case .skipInitialSync:
             link = .connected
@@ -904,12 +919,12 @@ public struct ReplicaCore {
             return pumpResync(into: &actions)
         }
         resyncSlots[slot]!.sent = true
-        actions.append(.sendResync(PeerResyncData(id: UInt64(slot) + 1, offset: entry.offset, length: entry.length), buffer: .resync(slot)))
+        actions.append(.sendResync(PeerResyncData(id: resyncIDBase | (UInt64(slot) + 1), offset: entry.offset, length: entry.length), buffer: .resync(slot)))
     }
 
     private mutating func resyncAcked(id: UInt64, offset: UInt64, length: UInt32, code: UInt32, into actions: inout [Action]) {
-        let slot = Int(id) - 1
-        guard sync == .syncSource, slot >= 0, slot < resyncSlots.count, let entry = resyncSlots[slot], entry.sent,
+        let slot = Int(id & Self.resyncSlotMask) - 1
+        guard sync == .syncSource, id & ~Self.resyncSlotMask == resyncIDBase, slot >= 0, slot < resyncSlots.count, let entry = resyncSlots[slot], entry.sent,
               entry.offset == offset, entry.length == length
         else { return protocolError("ack of unknown resync data \(id)", into: &actions) }
         resyncSlots[slot] = nil
@@ -933,7 +948,9 @@ public struct ReplicaCore {
         guard sync == .syncTarget else { return protocolError("resync data outside a resync", into: &actions) }
         guard data.result == 0 else { return }  // the source could not read it: stays out of sync
         let isZero = data.flags & PeerFlags.ResyncData.zero != 0
-        apply(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: false),
+        // FUA: the source clears its bit on the ack, so the ack must mean durable. From a volatile
+        // cache, a power loss here would lose the block with neither bitmap remembering it.
+        apply(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
                       offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id))), into: &actions)
     }
 
@@ -1019,7 +1036,11 @@ public struct ReplicaCore {
         sync = .established
         pendingSync = nil
         awaitingSkippedSyncUUID = false
-        for i in resyncSlots.indices where resyncSlots[i] != nil { resyncSlots[i]!.stale = true }
+        for i in resyncSlots.indices where resyncSlots[i] != nil {
+            // A read still on the disk frees its slot when it completes; data already sent will
+            // never be acknowledged on this link: its slot is free now (the bits stay set).
+            if resyncSlots[i]!.sent { resyncSlots[i] = nil } else { resyncSlots[i]!.stale = true }
+        }
         lastTickNanos = nil
         link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch
                 || peerDisconnectedForSplitBrain) ? .standalone : .connecting

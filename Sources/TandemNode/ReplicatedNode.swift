@@ -869,7 +869,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// Writes one AL transaction: bitmap pages of the extents it evicts first, then the
     /// transaction, each synced (Protocol/metadata.md, write ordering).
     private func persistTransaction(_ tx: ActivityLog.Transaction) {
-        if tx.evictedCount > 0 { persistMetadata() }
+        if tx.evictedCount > 0 {
+            // Once evicted, a crash no longer resyncs the extent: its completed writes must not
+            // sit in a volatile cache any more (DRBD gets this from the preflush of its AL write).
+            _ = fdatasync(device.fd)
+            persistMetadata()
+        }
         activityLog.encode(tx, into: UnsafeMutableRawBufferPointer(start: transactionBuffer, count: ActivityLog.transactionBytes))
         let fd = open(metadataPath, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { fatalError("cannot open metadata \(metadataPath) for the activity log: \(SystemError.text(errno))") }

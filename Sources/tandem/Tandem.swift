@@ -16,7 +16,7 @@ struct Tandem: ParsableCommand {
             releases) mirrors every write synchronously to a peer over TLS.
             """,
         subcommands: [Serve.self, Certs.self, Config.self, Init.self, Up.self, Status.self, Verify.self, Primary.self, Secondary.self,
-                      Connect.self, Disconnect.self, Events.self, Barrier.self, Diff.self, Apply.self, Rollback.self, DumpMetadata.self, Bench.self])
+                      Connect.self, Disconnect.self, Events.self, Barrier.self, Diff.self, Apply.self, Rollback.self, DumpMetadata.self, Bench.self, Sim.self])
 
     /// Every failure, from argument parsing or from running, ends as one `error: ...` line on
     /// stderr and a non-zero exit; `--help` prints help and exits 0.

@@ -1,0 +1,119 @@
+import TandemCore
+
+/// The simulated geometry: small, so that writes, resync runs and activity-log extents collide
+/// often.
+enum SimLayout {
+    static let blockBytes = 4096
+    static let blocks = 512
+    static let deviceBytes = UInt64(blocks * blockBytes)
+    /// Largest client write (bounds the extents one write touches).
+    static let writeBlocksMax = 16
+    /// Activity log: 64 KiB extents (32 of them), 6 hot at most, so evictions are frequent.
+    static let extentBytes = 64 << 10
+    static let alCapacity = 6
+    static let alRingSlots = ActivityLog.ringSlotsMin(capacity: alCapacity) + 2
+    static let resourceName = "sim"
+
+    static func configuration(nodeID: UInt8) -> ReplicaCore.Configuration {
+        ReplicaCore.Configuration(
+            nodeID: nodeID, deviceBytes: deviceBytes, granularityBytes: blockBytes, transferLogEntriesMax: 16,
+            resyncInFlightMax: 4, resyncRunBytesMax: 4 * blockBytes, resyncBytesPerSecond: 8 << 20)
+    }
+
+    static func activityLog(nextSequence: UInt64) -> ActivityLog {
+        ActivityLog(deviceBytes: deviceBytes, extentBytes: extentBytes, capacity: alCapacity, ringSlots: alRingSlots,
+                    nextSequence: nextSequence, writeBytesMax: writeBlocksMax * blockBytes)
+    }
+}
+
+/// What a node keeps on its metadata device: written synchronously and durably by the node
+/// (as `ReplicatedNode` does with pwrite + fdatasync), so a crash never tears it here.
+struct SimMetadata {
+    var uuids: GenerationUUIDs
+    var flags: Superblock.Flags
+    var bitmap: DirtyBitmap
+    /// The activity-log ring, `alRingSlots` transactions of 4 KiB, as `ActivityLog.encode` wrote them.
+    var ring: [UInt8]
+
+    init(uuids: GenerationUUIDs, flags: Superblock.Flags) {
+        self.uuids = uuids
+        self.flags = flags
+        bitmap = DirtyBitmap(deviceBytes: SimLayout.deviceBytes, granularityBytes: SimLayout.blockBytes)
+        ring = Array(repeating: 0, count: SimLayout.alRingSlots * ActivityLog.transactionBytes)
+    }
+
+    func recover() -> ActivityLog.Recovery {
+        ring.withUnsafeBytes { raw in
+            ActivityLog.recover(slots: (0..<SimLayout.alRingSlots).map { i in
+                UnsafeRawBufferPointer(rebasing: raw[i * ActivityLog.transactionBytes..<(i + 1) * ActivityLog.transactionBytes])
+            })
+        }
+    }
+}
+
+/// One node: the core, its disk, its metadata, and the state `ReplicatedNode` keeps around the
+/// core (buffers by id, the activity log, the clients in flight).
+struct SimNode {
+    let id: Int
+    var up = false
+    /// Bumped at every crash or stop: events of an earlier life are ignored.
+    var life = 0
+    var core: ReplicaCore!
+    var disk = SimDisk(blocks: SimLayout.blocks)
+    var meta: SimMetadata
+    /// The node's in-memory superblock flags (what `persistMetadata` starts from).
+    var superblockFlags: Superblock.Flags = []
+    var activityLog = SimLayout.activityLog(nextSequence: 1)
+    var connection: Int?
+
+    // Client side (primary), as ReplicatedNode: ids per process life, from 1.
+    var nextClientID: UInt64 = 1
+    /// Client id -> workload op key.
+    var clients: [UInt64: Int] = [:]
+    var loggedWrites: [UInt64: (offset: UInt64, length: UInt64)] = [:]
+    /// Workload op keys waiting for room in the activity log, in order.
+    var waitingForLog: [Int] = []
+    /// Client id -> the connection on which the peer acknowledged it successfully.
+    var peerAcked: [UInt64: Int] = [:]
+
+    // Buffers, keyed as ReplicatedNode keys them.
+    /// Replicated writes received: write id -> block value.
+    var peerValues: [UInt64: UInt64] = [:]
+    /// Resync data received (target): resync id -> values.
+    var resyncIn: [Int: [UInt64]] = [:]
+    /// Resync reads done (source): slot -> values.
+    var resyncOut: [Int: [UInt64]] = [:]
+
+    // The re-entrant action loop (ReplicatedNode.beginActions/perform).
+    var actions: [ReplicaCore.Action] = []
+    var performing = false
+    var ticks = 0
+
+    // Ground truth for the checker.
+    /// Acknowledged writes this node holds that the peer may not (it wrote without the peer).
+    var wroteAlone = false
+
+    init(id: Int, meta: SimMetadata) {
+        self.id = id
+        self.meta = meta
+    }
+
+    /// Forgets everything a process holds in memory.
+    mutating func die() {
+        up = false
+        life += 1
+        core = nil
+        connection = nil
+        nextClientID = 1
+        clients = [:]
+        loggedWrites = [:]
+        waitingForLog = []
+        peerAcked = [:]
+        peerValues = [:]
+        resyncIn = [:]
+        resyncOut = [:]
+        actions = []
+        performing = false
+        ticks = 0
+    }
+}

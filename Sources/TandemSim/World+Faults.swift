@@ -1,0 +1,268 @@
+import TandemCore
+
+/// Faults, one case each: to add one (a promote, a barrier, a witness), add a case, a weight and
+/// its effect in `inject`.
+enum Fault: CaseIterable {
+    case linkReset, partition, crash, restart, diskErrors, corrupt, verify, none
+
+    var weight: Int {
+        switch self {
+        case .linkReset: 18
+        case .partition: 10
+        case .crash: 14
+        case .restart: 4
+        case .diskErrors: 6
+        case .corrupt: 3
+        case .verify: 8
+        case .none: 10
+        }
+    }
+}
+
+extension World {
+    func injectFault() {
+        var pick = rng.below(Fault.allCases.reduce(0) { $0 + $1.weight })
+        let fault = Fault.allCases.first { pick -= $0.weight; return pick < 0 }!
+        switch fault {
+        case .linkReset:
+            guard let c = liveConnection() else { return }
+            record(.fault("connection reset c\(c)"))
+            count("fault reset")
+            kill(c, noticeDelay: [rng.between(0, 2000) * SimTime.us, rng.between(0, 2000) * SimTime.us])
+        case .partition:
+            let duration = rng.chance(500) ? rng.between(5, 500) * SimTime.ms : rng.between(500, 3000) * SimTime.ms
+            partitionUntil = max(partitionUntil, now + duration)
+            record(.fault("partition for \(duration / SimTime.ms) ms"))
+            count("fault partition")
+            if duration > SimTime.peerTimeout, let c = liveConnection() {
+                queue.push(now + SimTime.peerTimeout + rng.between(0, 200) * SimTime.ms, .partitionTimeout(conn: c))
+            }
+        case .crash:
+            let i = rng.below(2)
+            // Single faults: the other node is up and has long noticed any earlier crash.
+            guard nodes[i].up, options.doubleFaults || (nodes[other(i)].up && lastCrash.map { now >= $0 + SimTime.peerTimeout + 500 * SimTime.ms } ?? true) else { return }
+            lastCrash = now
+            crash(i, powerLoss: rng.below(2) == 0)
+        case .restart:
+            let i = rng.below(2)
+            guard nodes[i].up, options.doubleFaults || (nodes[other(i)].up && lastCrash.map { now >= $0 + SimTime.peerTimeout + 500 * SimTime.ms } ?? true) else { return }
+            lastCrash = now
+            record(.fault("n\(i) stops cleanly and restarts"))
+            count("fault clean restart")
+            stop(i)
+            queue.push(now + rng.between(50, 500) * SimTime.ms, .restart(node: i, life: nodes[i].life))
+        case .diskErrors:
+            let i = options.primaryDiskErrors ? rng.below(2) : other(primaryNode)
+            let permille = 20 + rng.below(280)
+            let duration = rng.between(50, 2000) * SimTime.ms
+            record(.fault("n\(i) disk fails \(permille)/1000 of operations for \(duration / SimTime.ms) ms"))
+            count("fault disk errors")
+            nodes[i].disk.errorPermille = permille
+            queue.push(now + duration, .diskHealthy(node: i))
+        case .corrupt:
+            let s = other(primaryNode)
+            guard !options.failover, nodes[s].up else { return }
+            let b = rng.below(SimLayout.blocks)
+            record(.fault("n\(s) block \(b) rots"))
+            count("fault corruption")
+            corruptionInjected = true
+            nodes[s].disk.corrupt(b, value: 0xBAD0_0000_0000_0000 | UInt64(rng.below(1 << 20)))
+        case .verify:
+            if verify(blocks: rng.below(2) == 0 ? 0..<SimLayout.blocks : randomRange()) { count("verify") }
+        case .none:
+            break
+        }
+    }
+
+    func randomRange() -> Range<Int> {
+        let a = rng.below(SimLayout.blocks), b = rng.below(SimLayout.blocks)
+        return min(a, b)..<max(a, b) + 1
+    }
+
+    func liveConnection() -> Int? {
+        guard let c = nodes[0].connection ?? nodes[1].connection, conns[c].alive else { return nil }
+        return c
+    }
+
+    /// Power loss (the cache is lost, writes in flight tear) or a killed process (the machine
+    /// keeps its cache). With `failover`, a crashed primary's peer is restarted as primary.
+    func crash(_ i: Int, powerLoss: Bool) {
+        record(.fault("n\(i) \(powerLoss ? "loses power" : "process is killed")"))
+        count(powerLoss ? "fault power loss" : "fault process crash")
+        checkContinuously()
+        guard !done else { return }
+        let s = other(i)
+        let failingOver = options.failover && i == primaryNode && nodes[s].up
+        let redundant = isRedundant()
+        dropClients(of: i)
+        if i == primaryNode {
+            if failingOver && !redundant {
+                // The promoted node's data is all there is now: the writes only the old primary
+                // had are lost (the operator chose that), so its data becomes the model.
+                record(.note("failover onto a peer that was not up to date: its data becomes the truth"))
+                for b in 0..<SimLayout.blocks {
+                    floor[b] = nodes[s].disk.cache[b]
+                    stable[b] = floor[b]
+                    exact[b] = true
+                }
+            } else if !failingOver && powerLoss {
+                // It comes back as primary with what its disk kept: flushed data at least.
+                for b in 0..<SimLayout.blocks where floor[b] > stable[b] {
+                    floor[b] = stable[b]
+                    exact[b] = false
+                }
+                // A later flush covers nothing acknowledged before the crash: that may be gone.
+                stabilized = ackLog.count
+            }
+        }
+        if powerLoss { nodes[i].disk.powerLoss(rng: &rng) } else { nodes[i].disk.processCrash() }
+        let c = nodes[i].connection
+        nodes[i].die()
+        if let c {
+            // A dead machine sends nothing: its peer notices at its ping timeout. A killed
+            // process's kernel resets the connection at once.
+            var delays = [UInt64(0), UInt64(0)]
+            delays[s] = powerLoss ? SimTime.peerTimeout + rng.between(0, 200) * SimTime.ms : rng.between(10, 1000) * SimTime.us
+            kill(c, noticeDelay: delays)
+        }
+        if failingOver {
+            record(.fault("failover: n\(s) restarts as primary"))
+            count("failover")
+            stop(s)
+            primaryNode = s
+            queue.push(now + rng.between(10, 100) * SimTime.ms, .restart(node: s, life: nodes[s].life))
+        }
+        queue.push(now + rng.between(100, 1500) * SimTime.ms, .restart(node: i, life: nodes[i].life))
+    }
+
+    /// `ReplicatedNode.stop` in `tandem up`'s order: the link closed (`PeerConnection.close`
+    /// calls `peerConnectionDown` at once, so the core marks what the peer may lack), metadata
+    /// persisted, `wasPrimary` cleared on a primary; the machine stays up (writes in flight
+    /// land) and the device is synced when the loop ends.
+    func stop(_ i: Int) {
+        let c = nodes[i].connection
+        if let c { linkNotice(i, c) }
+        persistMetadata(i)
+        if nodes[i].core.role == .primary {
+            nodes[i].superblockFlags.remove(.wasPrimary)
+            persistMetadata(i)
+        }
+        dropClients(of: i)
+        nodes[i].disk.processCrash()
+        nodes[i].disk.flushNow()
+        nodes[i].die()
+        if let c { kill(c, noticeDelay: [0, 0].map { _ in rng.between(10, 1000) * SimTime.us }) }
+    }
+
+    /// Online verify (`tandem verify`), at one instant: blocks that differ are marked out of
+    /// sync, the bitmap persisted, and the marked blocks resynced from the primary.
+    @discardableResult
+    func verify(blocks: Range<Int>) -> Bool {
+        let p = primaryNode, s = other(p)
+        guard nodes[p].up, nodes[s].up, let c = nodes[p].connection, conns[c].alive, nodes[s].connection == c,
+              nodes[p].core.role == .primary, nodes[p].core.link == .connected, nodes[p].core.sync == .established
+        else { return false }
+        var differ = 0
+        for b in blocks where nodes[p].disk.cache[b] != nodes[s].disk.cache[b] {
+            nodes[p].core.markOutOfSync(offset: UInt64(b * SimLayout.blockBytes), length: UInt64(SimLayout.blockBytes))
+            differ += 1
+        }
+        record(.fault("verify blocks \(blocks.lowerBound)..<\(blocks.upperBound): \(differ) differ"))
+        persistMetadata(p)
+        call(p) { core, a in core.resyncMarked(into: &a) }
+        return true
+    }
+
+    // MARK: Healing and the end of a run
+
+    /// Faults stop, the client is done: everything must come back to two equal replicas.
+    func startHeal() {
+        guard !healing else { return }
+        healing = true
+        healStarted = now
+        lastNudge = now
+        record(.note("faults stop; healing"))
+        partitionUntil = now
+        for i in 0..<2 {
+            nodes[i].disk.errorPermille = 0
+            if !nodes[i].up { queue.push(now + 10 * SimTime.ms, .restart(node: i, life: nodes[i].life)) }
+        }
+        queue.push(now + 100 * SimTime.ms, .healCheck)
+    }
+
+    var splitBrainTruth: Bool { nodes[0].wroteAlone && nodes[1].wroteAlone }
+
+    func healCheck() {
+        if quiescent() {
+            finalChecks()
+            if done { return }
+        } else if splitBrainTruth && nodes.allSatisfy({ $0.up && $0.core.link == .standalone }) {
+            record(.note("split brain: both nodes stand alone, as they must"))
+            count("split brain kept apart")
+            done = true
+            return
+        } else if now - healStarted > SimTime.healDeadline {
+            let states = nodes.map { n in n.up ? "n\(n.id) \(n.core.role) disk \(n.core.disk) peer \(n.core.peerDisk.map { "\($0)" } ?? "-") link \(n.core.link) \(n.core.sync) oos \(n.core.bitmap.setBitCount)" : "n\(n.id) down" }
+            return fail("no convergence \(SimTime.healDeadline / 1_000_000_000) s after faults stopped: \(states.joined(separator: "; "))")
+        } else if now - lastNudge > 5_000 * SimTime.ms {
+            nudge()
+        }
+        queue.push(now + 100 * SimTime.ms, .healCheck)
+    }
+
+    /// What an operator does when the pair does not heal on its own.
+    func nudge() {
+        lastNudge = now
+        for i in 0..<2 where nodes[i].up && nodes[i].core.disk == .failed {
+            record(.fault("operator: n\(i) has a detached disk: restart it"))
+            count("heal: restart a detached node")
+            stop(i)
+            queue.push(now + 50 * SimTime.ms, .restart(node: i, life: nodes[i].life))
+            return
+        }
+        if nodes.contains(where: { $0.up && $0.core.link == .standalone }) {
+            let states = nodes.map { n in n.up ? "n\(n.id) \(n.core.role) \(n.core.link) uuids \(n.core.uuids) wroteAlone \(n.wroteAlone)" : "n\(n.id) down" }
+            return fail("a node stands alone (split brain or unrelated data) though no split brain happened: \(states.joined(separator: "; "))")
+        }
+        let p = primaryNode
+        if let c = liveConnection(), nodes[p].up, nodes[p].core.link == .connected, nodes[p].core.sync == .established, nodes[p].core.bitmap.setBitCount > 0 {
+            // Only a write the peer failed leaves blocks out of sync on an established link (the
+            // peer's disk is not detached for it); anything else is a resync that never started.
+            guard peerWriteFailed else {
+                return fail("connected and established with \(nodes[p].core.bitmap.setBitCount) blocks out of sync, and no resync starts")
+            }
+            record(.fault("operator: connected with \(nodes[p].core.bitmap.setBitCount) blocks out of sync: reconnect to resync"))
+            count("heal: reconnect to resync")
+            kill(c, noticeDelay: [SimTime.ms, SimTime.ms])
+        }
+    }
+
+    func quiescent() -> Bool {
+        guard pending.isEmpty, let c = liveConnection(), conns[c].isDrained else { return false }
+        for n in nodes {
+            guard n.up, n.connection == c, n.waitingForLog.isEmpty, !n.disk.hasInFlight,
+                  n.core.link == .connected, n.core.sync == .established, n.core.disk == .upToDate, n.core.peerDisk == .upToDate,
+                  n.core.bitmap.setBitCount == 0, n.core.status.writesInFlight == 0
+            else { return false }
+        }
+        return true
+    }
+
+    func finalChecks() {
+        let p = primaryNode, s = other(p)
+        let corrupt = nodes[s].disk.corrupt
+        for b in 0..<SimLayout.blocks where !corrupt[b] && nodes[p].disk.cache[b] != nodes[s].disk.cache[b] {
+            return fail("connected and in sync, but the replicas differ at block \(b): n\(p) holds \(nodes[p].disk.cache[b]), n\(s) holds \(nodes[s].disk.cache[b]) (\(expectation(b)))")
+        }
+        for b in 0..<SimLayout.blocks {
+            if let problem = checkModel(b, nodes[p].disk.cache[b]) { return fail("at the end, the device \(problem)") }
+        }
+        if corrupt.contains(true) {
+            guard !verifiedAfterCorruption else { return fail("a verify and resync left rotten blocks on n\(s)") }
+            verifiedAfterCorruption = true
+            verify(blocks: 0..<SimLayout.blocks)
+            return
+        }
+        done = true
+    }
+}

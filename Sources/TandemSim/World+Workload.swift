@@ -1,0 +1,161 @@
+import TandemCore
+
+/// The client: NBD writes (plain, FUA), trims, zeroes and flushes on the primary, a few in
+/// flight at once, never overlapping a write still in flight unless the options say so.
+extension World {
+    func clientIssue() {
+        guard !healing, !done else { return }
+        if opsIssued < opsTotal {
+            let p = primaryNode
+            if nodes[p].up && nodes[p].core.role == .primary && pending.count < inFlightMax { issue(on: p) }
+            queue.push(now + rng.between(50, 2000) * SimTime.us, .clientIssue)
+        } else if pending.isEmpty {
+            startHeal()
+        } else {
+            queue.push(now + 5 * SimTime.ms, .clientIssue)
+        }
+    }
+
+    func issue(on p: Int) {
+        let r = rng.below(100)
+        var op: ClientOp
+        if r >= 78 {
+            op = ClientOp(key: nextKey, kind: .flush, first: 0, count: 0, fua: false, seq: 0, flushMark: ackLog.count)
+        } else {
+            let kind: ClientOp.Kind = r < 62 ? .write : r < 70 ? .trim : .zeroes(noHole: rng.below(2) == 0)
+            var placed: (Int, Int)?
+            for _ in 0..<4 {
+                let count = rng.chance(700) ? 1 + rng.below(4) : 1 + rng.below(SimLayout.writeBlocksMax)
+                let first = rng.chance(600) ? rng.below(64 - count + 1) : rng.below(SimLayout.blocks - count + 1)
+                if options.overlappingClientWrites || !pending.contains(where: { $0.isWrite && $0.first < first + count && first < $0.first + $0.count }) {
+                    placed = (first, count)
+                    break
+                }
+            }
+            guard let (first, count) = placed else { return }
+            op = ClientOp(key: nextKey, kind: kind, first: first, count: count, fua: rng.chance(150), seq: nextSeq)
+            nextSeq += 1
+            for b in first..<first + count { maxSeq[b] = max(maxSeq[b], op.seq) }
+        }
+        nextKey += 1
+        opsIssued += 1
+        pending.append(op)
+        record(.issue(node: p, op: op))
+        clientRequest(p, op)
+    }
+
+    /// `ReplicatedNode.clientRequest`: writes pass the activity log first, in order.
+    func clientRequest(_ i: Int, _ op: ClientOp) {
+        if op.isWrite {
+            guard nodes[i].waitingForLog.isEmpty, admitToLog(i, op) else {
+                nodes[i].waitingForLog.append(op.key)
+                return
+            }
+        }
+        startClientRequest(i, op)
+    }
+
+    func admitToLog(_ i: Int, _ op: ClientOp) -> Bool {
+        let offset = UInt64(op.first * SimLayout.blockBytes), length = UInt64(op.count * SimLayout.blockBytes)
+        switch nodes[i].activityLog.beginWrite(offset: offset, length: length) {
+        case .proceed:
+            return true
+        case .wait:
+            return false
+        case .waitForTransaction:
+            fail("n\(i) activity log left a transaction in flight (the node persists them synchronously)")
+            return false
+        case .needTransaction(let first):
+            var transaction: ActivityLog.Transaction? = first
+            while let tx = transaction {
+                persistTransaction(i, tx)
+                transaction = nodes[i].activityLog.transactionPersisted(tx)
+            }
+            return true
+        }
+    }
+
+    /// Bitmap pages before an eviction, then the transaction (Protocol/metadata.md, write ordering).
+    func persistTransaction(_ i: Int, _ tx: ActivityLog.Transaction) {
+        count("al transaction")
+        if tx.evictedCount > 0 {
+            count("al eviction")
+            nodes[i].disk.flushNow()
+            persistMetadata(i)
+        }
+        let bytes = nodes[i].activityLog.encoded(tx)
+        let start = tx.slot * ActivityLog.transactionBytes
+        nodes[i].meta.ring.replaceSubrange(start..<start + ActivityLog.transactionBytes, with: bytes)
+    }
+
+    func admitWaitingWrites(_ i: Int) {
+        while let key = nodes[i].waitingForLog.first, let op = pending.first(where: { $0.key == key }), admitToLog(i, op) {
+            nodes[i].waitingForLog.removeFirst()
+            startClientRequest(i, op)
+        }
+    }
+
+    func startClientRequest(_ i: Int, _ op: ClientOp) {
+        let id = nodes[i].nextClientID
+        nodes[i].nextClientID += 1
+        nodes[i].clients[id] = op.key
+        let offset = UInt64(op.first * SimLayout.blockBytes), length = UInt32(op.count * SimLayout.blockBytes)
+        if op.isWrite { nodes[i].loggedWrites[id] = (offset, UInt64(length)) }
+        call(i) { core, a in
+            switch op.kind {
+            case .write: core.clientWrite(id: id, offset: offset, length: length, kind: .write, fua: op.fua, into: &a)
+            case .trim: core.clientWrite(id: id, offset: offset, length: length, kind: .trim, fua: op.fua, into: &a)
+            case .zeroes(let noHole): core.clientWrite(id: id, offset: offset, length: length, kind: .zeroes(noHole: noHole), fua: op.fua, into: &a)
+            case .flush: core.clientFlush(id: id, into: &a)
+            }
+        }
+    }
+
+    /// The client gets its answer: the model learns, and the answer is checked against both disks.
+    func clientCompleted(_ i: Int, key: Int, clientID: UInt64, result: Int32) {
+        guard let index = pending.firstIndex(where: { $0.key == key }) else { return fail("n\(i) answered request #\(key), which is not in flight") }
+        let op = pending.remove(at: index)
+        let acked = nodes[i].peerAcked.removeValue(forKey: clientID)
+        record(.complete(node: i, op: op, result: result))
+        guard op.isWrite else {
+            if result == 0 { stabilize(upTo: op.flushMark) }
+            return
+        }
+        let blocks = op.first..<op.first + op.count
+        guard result == 0 else {
+            // A failed write may have landed on some blocks, on either disk.
+            for b in blocks { exact[b] = false }
+            return
+        }
+        for b in blocks {
+            floor[b] = op.seq
+            exact[b] = !pending.contains { $0.isWrite && $0.first <= b && b < $0.first + $0.count }
+        }
+        ackLog.append((op.first, op.count, op.seq))
+        if op.fua { for b in blocks { stable[b] = max(stable[b], op.seq) } }
+        let live = nodes[i].connection.flatMap { conns[$0].alive ? $0 : nil }
+        if acked == nil || acked != live { nodes[i].wroteAlone = true }
+        checkAcknowledged(i, op)
+    }
+
+    /// An acknowledged FLUSH makes durable every write acknowledged before it was sent.
+    func stabilize(upTo mark: Int) {
+        guard mark > stabilized else { return }
+        for k in stabilized..<mark {
+            let e = ackLog[k]
+            for b in e.first..<e.first + e.count { stable[b] = max(stable[b], e.seq) }
+        }
+        stabilized = mark
+    }
+
+    /// The client loses the answers to its requests in flight on node `i` (it crashed or
+    /// stopped): each may or may not have landed.
+    func dropClients(of i: Int) {
+        guard i == primaryNode else { return }
+        for op in pending where op.isWrite {
+            for b in op.first..<op.first + op.count { exact[b] = false }
+        }
+        if !pending.isEmpty { record(.note("client loses \(pending.count) requests in flight")) }
+        pending.removeAll()
+    }
+}
