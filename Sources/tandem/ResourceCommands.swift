@@ -31,6 +31,28 @@ func printError(_ line: String) {
 func fileExists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 func fileReadable(_ path: String) -> Bool { access(path, R_OK) == 0 }
 
+/// The size of a regular file or block device; nil when it is missing, unreadable or neither.
+func deviceSize(_ path: String) -> UInt64? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var st = stat()
+    guard fstat(fd, &st) == 0 else { return nil }
+    switch st.st_mode & S_IFMT {
+    case S_IFREG: return UInt64(st.st_size)
+    case S_IFBLK:
+        let bytes = ctandem_blockdev_size(fd)
+        return bytes >= 0 ? UInt64(bytes) : nil
+    default: return nil
+    }
+}
+
+/// The device size a metadata file records; nil when there is none or it cannot be read.
+func recordedDeviceSize(_ path: String) -> UInt64? {
+    guard fileExists(path) else { return nil }
+    return try? MetadataFile.load(path: path, deviceBytes: nil).superblock.deviceBytes
+}
+
 struct Config: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Work with resource files.",
@@ -38,10 +60,18 @@ struct Config: ParsableCommand {
 
     struct Check: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Validate a resource file: syntax, keys, types, ranges, duplicates, and (with --node) the node's files.",
+            abstract: "Validate a resource file: syntax, keys, types, ranges, duplicates, and (with --node) the node's files and sizes.",
             discussion: """
                 Every problem is reported as FILE:LINE: message (fix: ...); the exit status is 0 when
                 the file is valid, 1 otherwise.
+
+                Without --node: syntax, unknown keys (with the key meant), types, ranges, missing
+                keys, duplicate names, ids and addresses, and listeners, sockets or files two nodes
+                on one host would share. With --node, what that node needs on this host: the CA,
+                its certificate and key, its device, the directories of its metadata and control
+                socket, handler scripts; its device size (whole 4 KiB blocks, within the bitmap's
+                reach, the size its metadata was made for); and, when both data nodes run on this
+                host, that their devices are the same size.
 
                 Examples:
                   tandem config check /etc/tandem/r0.toml
@@ -58,7 +88,9 @@ struct Config: ParsableCommand {
             let config = try loadResource(file)
             if let node {
                 guard config.node(named: node) != nil else { throw fail("\(file): no node named '\(node)' (nodes: \(config.nodes.map(\.name).joined(separator: ", ")))") }
-                let problems = config.checkFiles(forNode: node, fileExists: fileExists, fileReadable: fileReadable)
+                let problems = (config.checkFiles(forNode: node, fileExists: fileExists, fileReadable: fileReadable)
+                    + config.checkSizes(forNode: node, deviceBytes: deviceSize, recordedDeviceBytes: recordedDeviceSize))
+                    .enumerated().sorted { ($0.element.line, $0.offset) < ($1.element.line, $1.offset) }.map(\.element)
                 if !problems.isEmpty {
                     for p in problems.dropLast() { printError("error: \(p.description)") }
                     throw fail(problems.last!.description)
