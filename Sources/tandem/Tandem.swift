@@ -46,15 +46,27 @@ struct LoggingOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
+    @Option(help: "Log format: human (one readable line per event) or json (one JSON object per line: ts, level, label, message, metadata).")
+    var logFormat: String = "human"
+
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("unknown log level '\(logLevel)' (use trace, debug, info, notice, warning or error)")
+        }
+        guard ["human", "json"].contains(logFormat) else {
+            throw ValidationError("unknown log format '\(logFormat)' (use human or json)")
         }
     }
 
     func makeLogger() -> Logger {
         let level = Logger.Level(rawValue: logLevel) ?? .info
+        let json = logFormat == "json"
         LoggingSystem.bootstrap { label in
+            if json {
+                var handler = JSONLogHandler(label: label)
+                handler.logLevel = level
+                return handler
+            }
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
