@@ -379,6 +379,8 @@ struct Diff: ParsableCommand {
     @Flag(help: "Replace --output if it exists.")
     var force = false
 
+    @OptionGroup var progress: ProgressOptions
+
     func validate() throws {
         guard to == "now" || UInt64(to) != nil else { throw ValidationError("TO must be a barrier id or now, got '\(to)'") }
         if undoDir == nil && !(from == 0 && to == "now") { throw ValidationError("--undo-dir is needed unless FROM is 0 and TO is now") }
@@ -393,8 +395,11 @@ struct Diff: ParsableCommand {
             let store = try undoDir.map { try UndoStore(directory: $0, deviceBytes: backing.size, readOnly: true) }
             for line in store?.recoveryLog ?? [] { printError("note: \(line) (read-only: not repaired)") }
             if let pending = store?.pendingRollback { throw fail("a rollback to barrier \(pending) did not finish; run tandem rollback \(pending) first") }
+            let reporter = progress.reporter(label: "diff")
             let summary = try BarrierStream.make(store: store, deviceFD: backing.fd, deviceBytes: backing.size,
-                                                 from: from == 0 ? nil : from, to: UInt64(to), output: output, nowUnixSeconds: unixNow())
+                                                 from: from == 0 ? nil : from, to: UInt64(to), output: output, nowUnixSeconds: unixNow(),
+                                                 progress: reporter.map { r in { r.update(done: $0, total: $1) } })
+            reporter?.finish()
             print("wrote \(output): \(summary.chunks) chunks, \(summary.dataBytes) bytes of data, \(summary.streamBytes) bytes")
         } catch let error as ExitCode {
             throw error
@@ -427,9 +432,24 @@ struct Apply: ParsableCommand {
     @Flag(help: "For a full stream, create --to as a file of the right size if it does not exist.")
     var create = false
 
+    @OptionGroup var progress: ProgressOptions
+
     func run() throws {
         do {
-            let summary = try BarrierStream.apply(stream: file, to: to, create: create)
+            // Two passes over the stream: one that checks everything, one that writes.
+            let check = progress.reporter(label: "apply: check")
+            let write = progress.reporter(label: "apply: write")
+            let summary = try BarrierStream.apply(stream: file, to: to, create: create, progress: check.map { check in
+                { writing, done, total in
+                    if writing {
+                        check.finish()
+                        write?.update(done: done, total: total)
+                    } else {
+                        check.update(done: done, total: total)
+                    }
+                }
+            })
+            write?.finish()
             let target = summary.header.to.id == 0 ? "the device as it was" : "barrier \(summary.header.to.id)"
             print("applied \(file) to \(to): \(summary.written) chunks written, \(summary.alreadyApplied) already there; \(to) now holds \(target)")
         } catch {

@@ -301,11 +301,14 @@ struct Verify: ParsableCommand {
         abstract: "Compare every block of the pair online; blocks that differ are marked out of sync and resynced.",
         discussion: """
             Runs on the primary while the pair serves: both nodes read their copy and compare a
-            CRC-32C per 4 KiB block. Progress and the result show in `tandem status`.
+            CRC-32C per 4 KiB block. Progress and the result show in `tandem status`; with
+            --wait, progress goes to stderr (a bar on a terminal, a line every 5% otherwise) and
+            the result to stdout.
 
             Examples:
               tandem verify r0.toml --node alpha
               tandem verify r0.toml --node alpha --wait
+              tandem verify r0.toml --node alpha --wait --no-progress && tandem wait-sync r0.toml --node alpha
             """)
 
     @OptionGroup var target: RunningNode
@@ -313,19 +316,20 @@ struct Verify: ParsableCommand {
     @Flag(help: "Wait for the pass to end and print its result.")
     var wait = false
 
+    @OptionGroup var progress: ProgressOptions
+
     func run() throws {
         let answer = try target.ask("verify")
         if answer.contains("\"error\"") { throw fail("verify refused: \(answer.filter { $0 != "\n" })") }
         guard wait else { return print("verify started on \(target.node); see tandem status") }
+        let reporter = progress.reporter(label: "verify")
         while true {
             usleep(200_000)
-            let status = try target.ask("status")
-            if status.contains("\"verify\":{\"running\":false") {
-                let field = { (name: String) -> String in
-                    guard let range = status.firstRange(of: "\"\(name)\":") else { return "?" }
-                    return String(status[range.upperBound...].prefix { $0.isNumber })
-                }
-                print("verify finished: \(field("checked_bytes")) bytes checked, \(field("mismatched_bytes")) bytes differ")
+            let status = try target.status()
+            reporter?.update(done: status.verifyCheckedBytes, total: status.verifyTotalBytes)
+            if !status.verifyRunning {
+                reporter?.finish()
+                print("verify finished: \(status.verifyCheckedBytes) bytes checked, \(status.verifyMismatchedBytes) bytes differ")
                 return
             }
         }

@@ -12,11 +12,18 @@ struct Tandem: ParsableCommand {
         commandName: "tandem",
         abstract: "Userspace block replication with an NBD export.",
         discussion: """
-            Tandem keeps a backing file or block device, exports it over NBD and (in later \
-            releases) mirrors every write synchronously to a peer over TLS.
+            Tandem keeps a backing file or block device, exports it over NBD and mirrors every \
+            write synchronously to a peer over TLS. Every subcommand's --help has examples.
+
+            Examples:
+              tandem config check r0.toml --node alpha
+              tandem up r0.toml --node alpha --primary
+              tandem status r0.toml --node alpha
+              tandem check r0.toml --node alpha
             """,
-        subcommands: [Serve.self, Certs.self, Config.self, Init.self, Up.self, Status.self, Verify.self, Primary.self, Secondary.self,
-                      Connect.self, Disconnect.self, Barrier.self, Diff.self, Apply.self, Rollback.self, DumpMetadata.self])
+        subcommands: [Serve.self, Certs.self, Config.self, Init.self, Up.self, Status.self, Check.self, WaitSync.self, Verify.self,
+                      Primary.self, Secondary.self, Connect.self, Disconnect.self, Barrier.self, Diff.self, Apply.self, Rollback.self,
+                      DumpMetadata.self])
 
     /// Every failure, from argument parsing or from running, ends as one `error: ...` line on
     /// stderr and a non-zero exit; `--help` prints help and exits 0.
