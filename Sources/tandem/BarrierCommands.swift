@@ -95,6 +95,17 @@ struct OptionalNode: ParsableArguments {
 struct Barrier: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Point-in-time barriers: create on the primary, list, export read-only, roll back.",
+        discussion: """
+            Barriers need undo = "DIR" in each [[node]] of the resource file; the secondary keeps
+            them (Protocol/barriers.md). Rolling back is 'tandem rollback'; incremental backups
+            between barriers are 'tandem diff' and 'tandem apply'.
+
+            Examples:
+              tandem barrier create r0.toml --node alpha --label before-upgrade
+              tandem barrier list r0.toml --node beta
+              tandem barrier export r0.toml --node beta 1764000000000 --listen 127.0.0.1:10900
+              tandem barrier unexport r0.toml --node beta 1764000000000
+            """,
         subcommands: [List.self, Create.self, Export.self, Unexport.self, Write.self, Torture.self])
 
     struct Export: ParsableCommand {
@@ -128,7 +139,10 @@ struct Barrier: ParsableCommand {
     struct Unexport: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Stop a barrier's read-only export.",
-            discussion: "Example:\n  tandem barrier unexport r0.toml --node beta 1764000000000")
+            discussion: """
+                Examples:
+                  tandem barrier unexport r0.toml --node beta 1764000000000
+                """)
 
         @OptionGroup var target: RunningNode
 

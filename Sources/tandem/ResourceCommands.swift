@@ -56,6 +56,11 @@ func recordedDeviceSize(_ path: String) -> UInt64? {
 struct Config: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Work with resource files.",
+        discussion: """
+            Examples:
+              tandem config check /etc/tandem/r0.toml
+              tandem config check /etc/tandem/r0.toml --node alpha
+            """,
         subcommands: [Check.self])
 
     struct Check: ParsableCommand {
@@ -276,9 +281,19 @@ struct Status: ParsableCommand {
         abstract: "Show a node's replication state (role, disks, connection, out-of-sync bytes).",
         discussion: """
             Asks the running node through its control socket (the resource file names it).
-            --json prints one JSON object: resource, node, role, disk, peer {node, connection,
-            disk, replication, out_of_sync_bytes, resync_done_bytes}, writes_in_flight,
-            transfer_log_entries. States use DRBD's names (UpToDate, Inconsistent, SyncSource...).
+            Without --json, a few lines in the manner of drbdadm status:
+              r0 role:Primary
+                disk:UpToDate
+                beta connection:Connected role:Secondary
+                  peer-disk:UpToDate replication:Established
+            --json prints one JSON object whose fields are documented, with their types and
+            values, in Protocol/status.md (stable: fields are added, never renamed or removed):
+            resource, node, role, disk, split_brain, quorum, peer {node, connection, role, disk,
+            replication, out_of_sync_bytes, resync_done_bytes}, writes_in_flight,
+            transfer_log_entries, verify {running, checked_bytes, mismatched_bytes, total_bytes}.
+            States use DRBD's names (UpToDate, Inconsistent, SyncSource...). A witness answers
+            {resource, node, role: "Witness", nodes {NAME: {connected, known, role, disk,
+            writes_without_peer}}}.
 
             Examples:
               tandem status r0.toml --node alpha
