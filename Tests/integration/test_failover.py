@@ -313,6 +313,10 @@ def test_witness_promotes_the_survivor_and_the_isolated_primary_stops_writing(ma
     failover = time.monotonic() - started
     print(f"automatic failover: beta primary {failover:.2f} s after alpha was cut off (peer-timeout-ms 1500)")
     c.wait_for("alpha", "quorum lost", timeout=30, since=since[0])
+    # The monitoring probe calls it what it is.
+    cp = c.tandem("check", "--node", "alpha", check=False)
+    assert cp.returncode == 2 and "no quorum" in cp.stdout_text, cp.stdout_text
+    assert c.status("alpha")["quorum"] is False and c.status("beta")["quorum"] is True
     # Exactly one side accepts writes: alpha refuses them (a client inside its namespace sees
     # EIO), beta takes them. The writers outside cannot reach alpha at all any more.
     for w in writers:
