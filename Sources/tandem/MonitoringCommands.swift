@@ -244,7 +244,8 @@ struct WaitSync: ParsableCommand {
             if s.splitBrain { throw fail("\(target.node) is in split brain with \(s.peerName): see tandem connect --help") }
             if s.connection == "Standalone" { throw fail("\(target.node) is StandAlone: it will not connect until tandem connect") }
             if s.inSync {
-                reporter?.update(done: totalBytes, total: totalBytes)
+                // Nothing to report when it was in sync from the start.
+                if totalBytes > 0 { reporter?.update(done: totalBytes, total: totalBytes) }
                 reporter?.finish()
                 print("\(target.node): in sync with \(s.peerName) (\(s.role)/\(s.disk), \(s.peerName) \(s.peerRole ?? "?")/\(s.peerDisk ?? "?"))")
                 return
