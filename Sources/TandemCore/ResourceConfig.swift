@@ -347,6 +347,70 @@ extension ResourceConfig {
         }.map(\.element)
     }
 
+    /// Checks the sizes `node` can see on its own host, each on the line of its key:
+    /// - its device holds whole 4 KiB blocks and the bitmap at `bitmap-granularity` can cover it;
+    /// - its metadata file, when one exists, was made for a device of this size (a device resized
+    ///   since `tandem init` no longer matches its bitmap);
+    /// - when the other data node runs on the same host (its address has the same host, or both
+    ///   are loopback, as in tests and demos) and its device is here, both devices are the same
+    ///   size (two replicas of different sizes refuse to connect).
+    ///
+    /// `deviceBytes` gives a device's size, nil when it does not exist or cannot be sized (which
+    /// `checkFiles` reports); `recordedDeviceBytes` gives the device size a metadata file
+    /// records, nil when there is none or it cannot be read.
+    public func checkSizes(
+        forNode nodeName: String,
+        deviceBytes: (String) -> UInt64?,
+        recordedDeviceBytes: (String) -> UInt64? = { _ in nil }
+    ) -> [ConfigError] {
+        guard let node = node(named: nodeName), let device = node.devicePath, let bytes = deviceBytes(device) else { return [] }
+        var errors: [ConfigError] = []
+        func report(_ key: String, _ message: String, fix: String) {
+            let at = positions[key] ?? positions["node.\(node.name)"] ?? Position(line: 1, column: 1)
+            errors.append(ConfigError(path: path, line: at.line, column: at.column, message: message, fix: fix))
+        }
+        let block = UInt64(Limits.blockSize)
+        let deviceKey = "node.\(node.name).device"
+        let what = "the device of node '\(node.name)' \(device)"
+        if bytes == 0 {
+            report(deviceKey, "\(what) is empty (0 bytes)", fix: "give it a size (a file: truncate -s 10G \(device)), or correct the path")
+            return errors
+        }
+        if bytes % block != 0 {
+            let up = (bytes / block + 1) * block
+            report(deviceKey, "\(what) is \(bytes) bytes, not a whole number of \(block)-byte blocks",
+                   fix: "grow it to \(up) bytes (a file: truncate -s \(up) \(device))")
+        }
+        let granularity = tuning.bitmapGranularityBytes
+        if DirtyBitmap.bitCount(deviceBytes: bytes, granularityBytes: granularity) > Limits.bitmapBitsMax {
+            var fits = granularity
+            while fits < Limits.bitmapGranularityBytesMax && DirtyBitmap.bitCount(deviceBytes: bytes, granularityBytes: fits) > Limits.bitmapBitsMax {
+                fits *= 2
+            }
+            let fixes = DirtyBitmap.bitCount(deviceBytes: bytes, granularityBytes: fits) <= Limits.bitmapBitsMax
+            report(positions["tuning.bitmap-granularity"] != nil ? "tuning.bitmap-granularity" : deviceKey,
+                   "\(what) is \(bytes) bytes: too large for a bitmap of \(Self.sizeText(granularity)) granules (at most \(Limits.bitmapBitsMax) bits)",
+                   fix: fixes ? "set bitmap-granularity = \"\(Self.sizeText(fits))\" in [tuning]" : "use a smaller device")
+        }
+        if let metadata = node.metadataPath, let recorded = recordedDeviceBytes(metadata), recorded != bytes {
+            report("node.\(node.name).metadata",
+                   "the metadata file \(metadata) was made for a \(recorded)-byte device, but \(what) is \(bytes) bytes",
+                   fix: "give the device back its \(recorded) bytes, or run 'tandem init \(path) --node \(node.name) --force' "
+                       + "(its bitmap and generation history are lost)")
+        }
+        if let peer = peer(of: node.name), let peerDevice = peer.devicePath, peerDevice != device,
+           peer.address.host == node.address.host || (peer.address.isLoopback && node.address.isLoopback),
+           let peerBytes = deviceBytes(peerDevice), peerBytes != bytes {
+            let larger = max(bytes, peerBytes)
+            let smaller = bytes < peerBytes ? device : peerDevice
+            report(deviceKey,
+                   "\(what) is \(bytes) bytes, but the device of node '\(peer.name)' \(peerDevice) on the same host is \(peerBytes) bytes: "
+                       + "the two replicas must be the same size",
+                   fix: "make them the same size (a file: truncate -s \(larger) \(smaller)), then run 'tandem init --force' for the node resized")
+        }
+        return errors
+    }
+
     /// The directory part of an absolute path ("/" for "/x").
     static func directory(of path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }
@@ -1388,6 +1452,7 @@ private struct ConfigValidator {
                 invalid.insert(key.name)
             case .present(let value, let entry):
                 entries[key.name] = entry
+                positions["tuning.\(key.name)"] = .init(line: entry.line, column: entry.column)
                 let inRange = key.range.contains(value) && (!key.powerOfTwo || value & (value - 1) == 0)
                 if inRange {
                     tuning[keyPath: key.field] = value

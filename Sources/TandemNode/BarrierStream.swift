@@ -30,8 +30,11 @@ public enum BarrierStream {
     /// - `to` nil: the device as it is now (offline: nothing may write it meanwhile).
     /// - `store` may be nil only for a full stream of the device as it is.
     /// Chunks whose bytes did not change (rewritten with the same data) are left out.
+    /// `progress`, if given, is called after each chunk with the bytes of the image looked at so
+    /// far and in all.
     public static func make(store: UndoStore?, deviceFD: Int32, deviceBytes: UInt64, from: UInt64?, to: UInt64?,
-                            output: String, nowUnixSeconds: Int64) throws -> MadeSummary {
+                            output: String, nowUnixSeconds: Int64,
+                            progress: ((_ doneBytes: UInt64, _ totalBytes: UInt64) -> Void)? = nil) throws -> MadeSummary {
         let geometry = try store?.geometry ?? UndoGeometry(deviceBytes: deviceBytes)
         precondition(geometry.deviceBytes == deviceBytes)
         func barrier(_ id: UInt64) throws -> BarrierInfo {
@@ -82,9 +85,15 @@ public enum BarrierStream {
             base.deallocate()
             new.deallocate()
         }
+        let totalBytes = chunks.reduce(UInt64(0)) { $0 + UInt64(geometry.length(ofChunk: $1)) }
+        var doneBytes: UInt64 = 0
         for chunk in chunks {
             let offset = geometry.offset(ofChunk: chunk)
             let length = geometry.length(ofChunk: chunk)
+            defer {
+                doneBytes += UInt64(length)
+                progress?(doneBytes, totalBytes)
+            }
             let newBytes = UnsafeMutableRawBufferPointer(rebasing: new[0..<length])
             try readImage(to, offset, newBytes)
             var baseChecksum: UInt32 = 0
@@ -114,7 +123,10 @@ public enum BarrierStream {
     /// and every chunk's current content on the target must be the stream's base (or already its
     /// new content, from a run that stopped part way). Only then is anything written, then synced.
     /// A full stream may create a missing regular file of the right size when `create`.
-    public static func apply(stream path: String, to target: String, create: Bool = false) throws -> AppliedSummary {
+    /// `progress`, if given, is called as the stream is read, once per pass: `writing` false
+    /// while it is checked, true while it is written.
+    public static func apply(stream path: String, to target: String, create: Bool = false,
+                             progress: ((_ writing: Bool, _ doneBytes: UInt64, _ totalBytes: UInt64) -> Void)? = nil) throws -> AppliedSummary {
         let sfd = open(path, O_RDONLY | O_CLOEXEC)
         guard sfd >= 0 else { throw UndoStoreError("cannot open stream \(path): \(SystemError.text(errno))", errno: errno) }
         defer { close(sfd) }
@@ -195,6 +207,7 @@ public enum BarrierStream {
                 case .end(let trailer):
                     summary.dataBytes = trailer.dataBytes
                 }
+                progress?(writing, at, streamBytes)
             }
             guard at == streamBytes else {
                 throw UndoStoreError("\(path) has \(streamBytes - at) bytes after its trailer (damaged or not one stream)\(writing ? "" : " (nothing written)")")

@@ -1452,7 +1452,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let connected = s.link == .connected
         return """
             {"resource":"\(config.name)","node":"\(me.name)","role":"\(Self.title("\(s.role)"))","disk":"\(Self.title("\(s.disk)"))",\
-            "split_brain":\(s.splitBrain),\
+            "split_brain":\(s.splitBrain),"quorum":\(witness == nil ? "null" : "\(hasQuorum)"),\
             "peer":{"node":"\(peer.name)","connection":"\(Self.title(s.link.rawValue))","role":\(s.peerRole.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\
             "disk":\(s.peerDisk.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\
             "replication":"\(connected ? Self.title(s.sync.rawValue) : "Off")","out_of_sync_bytes":\(s.outOfSyncBytes),\

@@ -95,6 +95,17 @@ struct OptionalNode: ParsableArguments {
 struct Barrier: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Point-in-time barriers: create on the primary, list, export read-only, roll back.",
+        discussion: """
+            Barriers need undo = "DIR" in each [[node]] of the resource file; the secondary keeps
+            them (Protocol/barriers.md). Rolling back is 'tandem rollback'; incremental backups
+            between barriers are 'tandem diff' and 'tandem apply'.
+
+            Examples:
+              tandem barrier create r0.toml --node alpha --label before-upgrade
+              tandem barrier list r0.toml --node beta
+              tandem barrier export r0.toml --node beta 1764000000000 --listen 127.0.0.1:10900
+              tandem barrier unexport r0.toml --node beta 1764000000000
+            """,
         subcommands: [List.self, Create.self, Export.self, Unexport.self, Write.self, Torture.self])
 
     struct Export: ParsableCommand {
@@ -128,7 +139,10 @@ struct Barrier: ParsableCommand {
     struct Unexport: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Stop a barrier's read-only export.",
-            discussion: "Example:\n  tandem barrier unexport r0.toml --node beta 1764000000000")
+            discussion: """
+                Examples:
+                  tandem barrier unexport r0.toml --node beta 1764000000000
+                """)
 
         @OptionGroup var target: RunningNode
 
@@ -379,6 +393,8 @@ struct Diff: ParsableCommand {
     @Flag(help: "Replace --output if it exists.")
     var force = false
 
+    @OptionGroup var progress: ProgressOptions
+
     func validate() throws {
         guard to == "now" || UInt64(to) != nil else { throw ValidationError("TO must be a barrier id or now, got '\(to)'") }
         if undoDir == nil && !(from == 0 && to == "now") { throw ValidationError("--undo-dir is needed unless FROM is 0 and TO is now") }
@@ -393,8 +409,11 @@ struct Diff: ParsableCommand {
             let store = try undoDir.map { try UndoStore(directory: $0, deviceBytes: backing.size, readOnly: true) }
             for line in store?.recoveryLog ?? [] { printError("note: \(line) (read-only: not repaired)") }
             if let pending = store?.pendingRollback { throw fail("a rollback to barrier \(pending) did not finish; run tandem rollback \(pending) first") }
+            let reporter = progress.reporter(label: "diff")
             let summary = try BarrierStream.make(store: store, deviceFD: backing.fd, deviceBytes: backing.size,
-                                                 from: from == 0 ? nil : from, to: UInt64(to), output: output, nowUnixSeconds: unixNow())
+                                                 from: from == 0 ? nil : from, to: UInt64(to), output: output, nowUnixSeconds: unixNow(),
+                                                 progress: reporter.map { r in { r.update(done: $0, total: $1) } })
+            reporter?.finish()
             print("wrote \(output): \(summary.chunks) chunks, \(summary.dataBytes) bytes of data, \(summary.streamBytes) bytes")
         } catch let error as ExitCode {
             throw error
@@ -427,9 +446,24 @@ struct Apply: ParsableCommand {
     @Flag(help: "For a full stream, create --to as a file of the right size if it does not exist.")
     var create = false
 
+    @OptionGroup var progress: ProgressOptions
+
     func run() throws {
         do {
-            let summary = try BarrierStream.apply(stream: file, to: to, create: create)
+            // Two passes over the stream: one that checks everything, one that writes.
+            let check = progress.reporter(label: "apply: check")
+            let write = progress.reporter(label: "apply: write")
+            let summary = try BarrierStream.apply(stream: file, to: to, create: create, progress: check.map { check in
+                { writing, done, total in
+                    if writing {
+                        check.finish()
+                        write?.update(done: done, total: total)
+                    } else {
+                        check.update(done: done, total: total)
+                    }
+                }
+            })
+            write?.finish()
             let target = summary.header.to.id == 0 ? "the device as it was" : "barrier \(summary.header.to.id)"
             print("applied \(file) to \(to): \(summary.written) chunks written, \(summary.alreadyApplied) already there; \(to) now holds \(target)")
         } catch {

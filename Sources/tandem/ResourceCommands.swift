@@ -31,17 +31,52 @@ func printError(_ line: String) {
 func fileExists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 func fileReadable(_ path: String) -> Bool { access(path, R_OK) == 0 }
 
+/// The size of a regular file or block device; nil when it is missing, unreadable or neither.
+func deviceSize(_ path: String) -> UInt64? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var st = stat()
+    guard fstat(fd, &st) == 0 else { return nil }
+    switch st.st_mode & S_IFMT {
+    case S_IFREG: return UInt64(st.st_size)
+    case S_IFBLK:
+        let bytes = ctandem_blockdev_size(fd)
+        return bytes >= 0 ? UInt64(bytes) : nil
+    default: return nil
+    }
+}
+
+/// The device size a metadata file records; nil when there is none or it cannot be read.
+func recordedDeviceSize(_ path: String) -> UInt64? {
+    guard fileExists(path) else { return nil }
+    return try? MetadataFile.load(path: path, deviceBytes: nil).superblock.deviceBytes
+}
+
 struct Config: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Work with resource files.",
+        discussion: """
+            Examples:
+              tandem config check /etc/tandem/r0.toml
+              tandem config check /etc/tandem/r0.toml --node alpha
+            """,
         subcommands: [Check.self])
 
     struct Check: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Validate a resource file: syntax, keys, types, ranges, duplicates, and (with --node) the node's files.",
+            abstract: "Validate a resource file: syntax, keys, types, ranges, duplicates, and (with --node) the node's files and sizes.",
             discussion: """
                 Every problem is reported as FILE:LINE: message (fix: ...); the exit status is 0 when
                 the file is valid, 1 otherwise.
+
+                Without --node: syntax, unknown keys (with the key meant), types, ranges, missing
+                keys, duplicate names, ids and addresses, and listeners, sockets or files two nodes
+                on one host would share. With --node, what that node needs on this host: the CA,
+                its certificate and key, its device, the directories of its metadata and control
+                socket, handler scripts; its device size (whole 4 KiB blocks, within the bitmap's
+                reach, the size its metadata was made for); and, when both data nodes run on this
+                host, that their devices are the same size.
 
                 Examples:
                   tandem config check /etc/tandem/r0.toml
@@ -58,7 +93,9 @@ struct Config: ParsableCommand {
             let config = try loadResource(file)
             if let node {
                 guard config.node(named: node) != nil else { throw fail("\(file): no node named '\(node)' (nodes: \(config.nodes.map(\.name).joined(separator: ", ")))") }
-                let problems = config.checkFiles(forNode: node, fileExists: fileExists, fileReadable: fileReadable)
+                let problems = (config.checkFiles(forNode: node, fileExists: fileExists, fileReadable: fileReadable)
+                    + config.checkSizes(forNode: node, deviceBytes: deviceSize, recordedDeviceBytes: recordedDeviceSize))
+                    .enumerated().sorted { ($0.element.line, $0.offset) < ($1.element.line, $1.offset) }.map(\.element)
                 if !problems.isEmpty {
                     for p in problems.dropLast() { printError("error: \(p.description)") }
                     throw fail(problems.last!.description)
@@ -244,9 +281,19 @@ struct Status: ParsableCommand {
         abstract: "Show a node's replication state (role, disks, connection, out-of-sync bytes).",
         discussion: """
             Asks the running node through its control socket (the resource file names it).
-            --json prints one JSON object: resource, node, role, disk, peer {node, connection,
-            disk, replication, out_of_sync_bytes, resync_done_bytes}, writes_in_flight,
-            transfer_log_entries. States use DRBD's names (UpToDate, Inconsistent, SyncSource...).
+            Without --json, a few lines in the manner of drbdadm status:
+              r0 role:Primary
+                disk:UpToDate
+                beta connection:Connected role:Secondary
+                  peer-disk:UpToDate replication:Established
+            --json prints one JSON object whose fields are documented, with their types and
+            values, in Protocol/status.md (stable: fields are added, never renamed or removed):
+            resource, node, role, disk, split_brain, quorum, peer {node, connection, role, disk,
+            replication, out_of_sync_bytes, resync_done_bytes}, writes_in_flight,
+            transfer_log_entries, verify {running, checked_bytes, mismatched_bytes, total_bytes}.
+            States use DRBD's names (UpToDate, Inconsistent, SyncSource...). A witness answers
+            {resource, node, role: "Witness", nodes {NAME: {connected, known, role, disk,
+            writes_without_peer}}}.
 
             Examples:
               tandem status r0.toml --node alpha
@@ -269,11 +316,14 @@ struct Verify: ParsableCommand {
         abstract: "Compare every block of the pair online; blocks that differ are marked out of sync and resynced.",
         discussion: """
             Runs on the primary while the pair serves: both nodes read their copy and compare a
-            CRC-32C per 4 KiB block. Progress and the result show in `tandem status`.
+            CRC-32C per 4 KiB block. Progress and the result show in `tandem status`; with
+            --wait, progress goes to stderr (a bar on a terminal, a line every 5% otherwise) and
+            the result to stdout.
 
             Examples:
               tandem verify r0.toml --node alpha
               tandem verify r0.toml --node alpha --wait
+              tandem verify r0.toml --node alpha --wait --no-progress && tandem wait-sync r0.toml --node alpha
             """)
 
     @OptionGroup var target: RunningNode
@@ -281,19 +331,20 @@ struct Verify: ParsableCommand {
     @Flag(help: "Wait for the pass to end and print its result.")
     var wait = false
 
+    @OptionGroup var progress: ProgressOptions
+
     func run() throws {
         let answer = try target.ask("verify")
         if answer.contains("\"error\"") { throw fail("verify refused: \(answer.filter { $0 != "\n" })") }
         guard wait else { return print("verify started on \(target.node); see tandem status") }
+        let reporter = progress.reporter(label: "verify")
         while true {
             usleep(200_000)
-            let status = try target.ask("status")
-            if status.contains("\"verify\":{\"running\":false") {
-                let field = { (name: String) -> String in
-                    guard let range = status.firstRange(of: "\"\(name)\":") else { return "?" }
-                    return String(status[range.upperBound...].prefix { $0.isNumber })
-                }
-                print("verify finished: \(field("checked_bytes")) bytes checked, \(field("mismatched_bytes")) bytes differ")
+            let status = try target.status()
+            reporter?.update(done: status.verifyCheckedBytes, total: status.verifyTotalBytes)
+            if !status.verifyRunning {
+                reporter?.finish()
+                print("verify finished: \(status.verifyCheckedBytes) bytes checked, \(status.verifyMismatchedBytes) bytes differ")
                 return
             }
         }

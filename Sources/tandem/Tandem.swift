@@ -12,11 +12,18 @@ struct Tandem: ParsableCommand {
         commandName: "tandem",
         abstract: "Userspace block replication with an NBD export.",
         discussion: """
-            Tandem keeps a backing file or block device, exports it over NBD and (in later \
-            releases) mirrors every write synchronously to a peer over TLS.
+            Tandem keeps a backing file or block device, exports it over NBD and mirrors every \
+            write synchronously to a peer over TLS. Every subcommand's --help has examples.
+
+            Examples:
+              tandem config check r0.toml --node alpha
+              tandem up r0.toml --node alpha --primary
+              tandem status r0.toml --node alpha
+              tandem check r0.toml --node alpha
             """,
-        subcommands: [Serve.self, Certs.self, Config.self, Init.self, Up.self, Status.self, Verify.self, Primary.self, Secondary.self,
-                      Connect.self, Disconnect.self, Events.self, Barrier.self, Diff.self, Apply.self, Rollback.self, DumpMetadata.self, Bench.self, Sim.self])
+        subcommands: [Serve.self, Certs.self, Config.self, Init.self, Up.self, Status.self, Check.self, WaitSync.self, Events.self, Verify.self,
+                      Primary.self, Secondary.self, Connect.self, Disconnect.self, Barrier.self, Diff.self, Apply.self, Rollback.self,
+                      DumpMetadata.self, Bench.self, Sim.self])
 
     /// Every failure, from argument parsing or from running, ends as one `error: ...` line on
     /// stderr and a non-zero exit; `--help` prints help and exits 0.
@@ -46,15 +53,27 @@ struct LoggingOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
+    @Option(help: "Log format: human (one readable line per event) or json (one JSON object per line: ts, level, label, message, metadata).")
+    var logFormat: String = "human"
+
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("unknown log level '\(logLevel)' (use trace, debug, info, notice, warning or error)")
+        }
+        guard ["human", "json"].contains(logFormat) else {
+            throw ValidationError("unknown log format '\(logFormat)' (use human or json)")
         }
     }
 
     func makeLogger() -> Logger {
         let level = Logger.Level(rawValue: logLevel) ?? .info
+        let json = logFormat == "json"
         LoggingSystem.bootstrap { label in
+            if json {
+                var handler = JSONLogHandler(label: label)
+                handler.logLevel = level
+                return handler
+            }
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler

@@ -633,6 +633,59 @@ import TandemCore
         #expect(unknown[0].message == "resource 'r0' has no node named 'delta'; its nodes are 'alpha', 'beta', 'gamma'")
     }
 
+    @Test func checkSizes() throws {
+        let local = try ResourceConfig.parse(Self.local(), path: "r0.toml").get()
+        let mib: UInt64 = 1 << 20
+        var sizes: [String: UInt64] = ["/srv/alpha.img": 64 * mib, "/srv/beta.img": 64 * mib]
+        var recorded: [String: UInt64] = [:]
+        func check(_ config: ResourceConfig, _ node: String = "alpha") -> [ConfigError] {
+            config.checkSizes(forNode: node, deviceBytes: { sizes[$0] }, recordedDeviceBytes: { recorded[$0] })
+        }
+        #expect(check(local).isEmpty)
+        #expect(check(local, "delta").isEmpty)
+
+        // Both data nodes on one host: their devices must be the same size.
+        sizes["/srv/beta.img"] = 32 * mib
+        let mismatch = check(local)
+        #expect(mismatch.map(\.line) == [8])
+        #expect(mismatch[0].message.contains("is 67108864 bytes, but the device of node 'beta' /srv/beta.img on the same host is 33554432 bytes"))
+        #expect(mismatch[0].fix.hasPrefix("make them the same size (a file: truncate -s 67108864 /srv/beta.img)"))
+        // On different hosts the other node's path names another machine's file.
+        let apart = try ResourceConfig.parse(Self.local([16: "address = \"192.0.2.11:7789\""]), path: "r0.toml").get()
+        #expect(check(apart).isEmpty)
+        sizes["/srv/beta.img"] = 64 * mib
+
+        sizes["/srv/alpha.img"] = 64 * mib + 512
+        sizes["/srv/beta.img"] = 64 * mib + 512
+        let odd = check(local)
+        #expect(odd.map(\.line) == [8])
+        #expect(odd[0].message == "the device of node 'alpha' /srv/alpha.img is 67109376 bytes, not a whole number of 4096-byte blocks")
+        #expect(odd[0].fix == "grow it to 67112960 bytes (a file: truncate -s 67112960 /srv/alpha.img)")
+        sizes["/srv/alpha.img"] = 0
+        #expect(check(local).map(\.message) == ["the device of node 'alpha' /srv/alpha.img is empty (0 bytes)"])
+
+        // The metadata was made for another size (the device was resized after tandem init).
+        sizes["/srv/alpha.img"] = 64 * mib
+        sizes["/srv/beta.img"] = 64 * mib
+        recorded["/srv/alpha.meta"] = 32 * mib
+        let resized = check(local)
+        #expect(resized.map(\.line) == [9])
+        #expect(resized[0].message == "the metadata file /srv/alpha.meta was made for a 33554432-byte device, but the device of node 'alpha' /srv/alpha.img is 67108864 bytes")
+        #expect(resized[0].fix.contains("tandem init r0.toml --node alpha --force"))
+        recorded = [:]
+
+        // Too many granules for the bitmap: the fix names a granularity that covers the device.
+        let huge: UInt64 = 1 << 46
+        sizes["/srv/alpha.img"] = huge
+        sizes["/srv/beta.img"] = huge
+        let big = check(local)
+        #expect(big.map(\.line) == [8])
+        #expect(big[0].fix == "set bitmap-granularity = \"16KiB\" in [tuning]")
+        let example = try ResourceConfig.parse(Self.example, path: "r0.toml").get()
+        sizes["/var/lib/tandem/r0.img"] = huge
+        #expect(check(example).map(\.line) == [8], "reported on the bitmap-granularity line when the file has one")
+    }
+
     // MARK: Fuzz
 
 

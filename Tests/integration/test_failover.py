@@ -300,6 +300,8 @@ def test_witness_promotes_the_survivor_and_the_isolated_primary_stops_writing(ma
     c.wait_connected()
     c.wait_for("alpha", "witness: link to witness up")
     c.wait_for("beta", "witness: link to witness up")
+    cp = c.tandem("check", "--node", "witness", check=False)
+    assert cp.returncode == 0 and "alpha connected, beta connected" in cp.stdout_text, cp.stdout_text
     writers = start_writers(c.uri("alpha"), [(0, 8 * MiB), (8 * MiB, 16 * MiB)], tag=2000)
     wait_acked(writers, 40)
     since = (c.mark("alpha"), c.mark("beta"))
@@ -313,6 +315,15 @@ def test_witness_promotes_the_survivor_and_the_isolated_primary_stops_writing(ma
     failover = time.monotonic() - started
     print(f"automatic failover: beta primary {failover:.2f} s after alpha was cut off (peer-timeout-ms 1500)")
     c.wait_for("alpha", "quorum lost", timeout=30, since=since[0])
+    # The monitoring probe calls it what it is.
+    cp = c.tandem("check", "--node", "alpha", check=False)
+    assert cp.returncode == 2 and "no quorum" in cp.stdout_text, cp.stdout_text
+    assert c.status("alpha")["quorum"] is False and c.status("beta")["quorum"] is True
+    deadline = time.monotonic() + 20
+    while (cp := c.tandem("check", "--node", "witness", check=False)).returncode != 1:
+        assert time.monotonic() < deadline, cp.stdout_text
+        time.sleep(0.2)
+    assert "does not see alpha" in cp.stdout_text, cp.stdout_text
     # Exactly one side accepts writes: alpha refuses them (a client inside its namespace sees
     # EIO), beta takes them. The writers outside cannot reach alpha at all any more.
     for w in writers:
