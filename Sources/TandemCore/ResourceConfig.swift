@@ -122,6 +122,8 @@ public struct ResourceConfig: Sendable {
         public var keyPath: String
         /// The undo directory that keeps point-in-time barriers restorable (data nodes; optional).
         public var undoPath: String?
+        /// Where the node serves Prometheus metrics over HTTP (`GET /metrics`; optional).
+        public var metrics: Address?
 
         public init(
             name: String, id: Int, role: Role, address: Address, devicePath: String?, metadataPath: String?,
@@ -143,6 +145,7 @@ public struct ResourceConfig: Sendable {
         public static func == (a: Node, b: Node) -> Bool {
             (a.name, a.id, a.role, a.address, a.devicePath, a.metadataPath) == (b.name, b.id, b.role, b.address, b.devicePath, b.metadataPath)
                 && (a.nbd, a.controlPath, a.certPath, a.keyPath, a.undoPath) == (b.nbd, b.controlPath, b.certPath, b.keyPath, b.undoPath)
+                && a.metrics == b.metrics
         }
     }
 
@@ -444,6 +447,7 @@ extension ResourceConfig {
             if let metadata = node.metadataPath { out += "metadata = \(TOML.quoted(metadata))\n" }
             if let nbd = node.nbd { out += "nbd = \(TOML.quoted(nbd.description))\n" }
             if let undo = node.undoPath { out += "undo = \(TOML.quoted(undo))\n" }
+            if let metrics = node.metrics { out += "metrics = \(TOML.quoted(metrics.description))\n" }
             out += "control = \(TOML.quoted(node.controlPath))\n"
             out += "cert = \(TOML.quoted(node.certPath))\nkey = \(TOML.quoted(node.keyPath))\n"
         }
@@ -1030,7 +1034,7 @@ private enum Section: Equatable {
         case .failover: return ["after-split-brain", "auto-promote"]
         case .barriers: return ["interval-minutes", "keep", "keep-hours", "keep-space", "chunk-size"]
         case .handlers: return ResourceConfig.HandlerEvent.allCases.map(\.rawValue)
-        case .node: return ["name", "id", "role", "address", "device", "metadata", "nbd", "control", "cert", "key", "undo"]
+        case .node: return ["name", "id", "role", "address", "device", "metadata", "nbd", "control", "cert", "key", "undo", "metrics"]
         }
     }
 
@@ -1072,6 +1076,7 @@ private struct NodeDraft {
     var cert: Field<String> = .absent
     var key: Field<String> = .absent
     var undo: Field<String> = .absent
+    var metrics: Field<ResourceConfig.Address> = .absent
     var entries: [String: TOMLTable.Entry] = [:]
 
     var label: String { name.map { "[[node]] '\($0)'" } ?? "[[node]]" }
@@ -1102,7 +1107,7 @@ private struct ConfigValidator {
         "nbd": "\"127.0.0.1:10809\"", "control": "\"/run/tandem/r0-alpha.sock\"",
         "cert": "\"/etc/tandem/pki/alpha-cert.pem\"", "key": "\"/etc/tandem/pki/alpha-key.pem\"",
         "after-split-brain": "\"disconnect\"", "auto-promote": "true", "undo": "\"/var/lib/tandem/r0.undo\"",
-        "interval-minutes": "60", "keep": "24", "keep-hours": "72", "keep-space": "\"10GiB\"", "chunk-size": "\"64KiB\"",
+        "metrics": "\"127.0.0.1:9942\"", "interval-minutes": "60", "keep": "24", "keep-hours": "72", "keep-space": "\"10GiB\"", "chunk-size": "\"64KiB\"",
         "role-change": "\"/etc/tandem/handlers/notify\"", "split-brain": "\"/etc/tandem/handlers/notify\"",
         "peer-lost": "\"/etc/tandem/handlers/notify\"", "resync-done": "\"/etc/tandem/handlers/notify\"",
         "quorum-lost": "\"/etc/tandem/handlers/notify\"",
@@ -1421,6 +1426,7 @@ private struct ConfigValidator {
                 metadataPath: d.metadata.value, nbd: d.nbd.value, controlPath: control, certPath: cert,
                 keyPath: key))
             nodes[nodes.count - 1].undoPath = d.undo.value
+            nodes[nodes.count - 1].metrics = d.metrics.value
             positions["node.\(nodeName)"] = .init(line: d.line, column: d.column)
             for (key, entry) in d.entries {
                 positions["node.\(nodeName).\(key)"] = .init(line: entry.line, column: entry.column)
@@ -1567,6 +1573,7 @@ private struct ConfigValidator {
                 d.complete = false
             }
         }
+        d.metrics = addressField(table, "metrics", examplePort: 9942)
         if let entry = table.entry("undo") {
             if d.role == .witness {
                 report(entry, "a witness has no 'undo' (it stores no data)", fix: "remove 'undo'")

@@ -425,6 +425,10 @@ final class NBDConnection: IOHandler {
         switch request.command! {
         case .read, .write:
             guard let buffer = takeBuffer(Int(request.length)) else { return false }
+            if request.command == .read {
+                server.readRequests &+= 1
+                server.readBytes &+= UInt64(request.length)
+            }
             let slot = takeSlot(request)
             slots[Int(slot)].buffer = buffer
             if request.command == .write {

@@ -51,6 +51,9 @@ public final class NBDServer: IOHandler {
     /// at the barrier), synchronously, and every range is reported as data (the device's holes
     /// say nothing about the barrier's image). Returns 0 or -errno.
     var imageReader: ((UInt64, UnsafeMutableRawBufferPointer) -> Int32)?
+    /// Reads served (for metrics): requests and bytes.
+    var readRequests: UInt64 = 0
+    var readBytes: UInt64 = 0
     let device: BackingDevice
     private(set) var configuration: NBDServerConfiguration
     let tlsContext: TLSContext?

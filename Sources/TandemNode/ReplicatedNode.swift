@@ -101,7 +101,18 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var actions: [ReplicaCore.Action] = []
     private var ops: [(tag: LocalIO.Tag, syncAfter: Bool)?]
     private var freeOps: [Int]
-    private var clients: [UInt64: (connection: NBDConnection, slot: Int)] = [:]
+    private var clients: [UInt64: (connection: NBDConnection, slot: Int, started: UInt64)] = [:]
+
+    // MARK: Metrics
+
+    /// Client requests by kind (write, trim, zeroes, flush) and their bytes.
+    private var requestCounts: [UInt64] = [0, 0, 0, 0]
+    private var requestBytes: [UInt64] = [0, 0, 0, 0]
+    private var writeLatency = LatencyHistogram()
+    private var flushLatency = LatencyHistogram()
+    private var tlsFailures: UInt64 = 0
+    private var resyncedTotal: UInt64 = 0
+    private var lastResynced: UInt64 = 0
     private var nextClientID: UInt64 = 1
     private var peerBuffers: [UInt64: PoolBuffer] = [:]
     private var resyncBuffers: [Int: PoolBuffer] = [:]
@@ -525,6 +536,54 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         return out + "\""
     }
 
+    // MARK: Metrics
+
+    /// The Prometheus text exposition of this node (`metrics` address in the resource file).
+    func metricsText() -> String {
+        let s = core.status
+        let l = "resource=\"\(config.name)\",node=\"\(me.name)\""
+        if core.resyncedBytes < lastResynced { lastResynced = 0 }
+        resyncedTotal &+= core.resyncedBytes - lastResynced
+        lastResynced = core.resyncedBytes
+        var out = ""
+        func gauge(_ name: String, _ help: String, _ value: String, _ extra: String = "", type: String = "gauge") {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n\(name){\(l)\(extra)} \(value)\n"
+        }
+        gauge("tandem_primary", "1 if this node is primary", s.role == .primary ? "1" : "0")
+        gauge("tandem_connected", "1 while the replication link is connected", s.link == .connected ? "1" : "0")
+        gauge("tandem_split_brain", "1 after a connect found a split brain", s.splitBrain ? "1" : "0")
+        gauge("tandem_quorum", "1 while the node has quorum (always 1 without a witness)", hasQuorum ? "1" : "0")
+        out += "# HELP tandem_disk_state The local disk state (1 for the current one)\n# TYPE tandem_disk_state gauge\n"
+        for state in ["diskless", "failed", "inconsistent", "outdated", "consistent", "upToDate"] {
+            out += "tandem_disk_state{\(l),state=\"\(Self.title(state))\"} \("\(s.disk)" == state ? 1 : 0)\n"
+        }
+        out += "# HELP tandem_peer_disk_state The peer's disk state (1 for the current one; none while disconnected)\n# TYPE tandem_peer_disk_state gauge\n"
+        for state in ["diskless", "failed", "inconsistent", "outdated", "consistent", "upToDate"] {
+            out += "tandem_peer_disk_state{\(l),state=\"\(Self.title(state))\"} \(s.peerDisk.map { "\($0)" == state ? 1 : 0 } ?? 0)\n"
+        }
+        gauge("tandem_out_of_sync_bytes", "Bytes marked out of sync with the peer", "\(s.outOfSyncBytes)")
+        gauge("tandem_writes_in_flight", "Client writes waiting for the local disk or the peer", "\(s.writesInFlight)")
+        gauge("tandem_transfer_log_entries", "Writes the peer acknowledged and no flush covers yet", "\(s.transferLogEntries)")
+        gauge("tandem_resync_bytes_total", "Bytes copied by resyncs (as source)", "\(resyncedTotal)", type: "counter")
+        gauge("tandem_resync_running", "1 while a resync runs", s.sync == .established ? "0" : "1")
+        out += "# HELP tandem_requests_total Client requests by kind\n# TYPE tandem_requests_total counter\n"
+        out += "# HELP tandem_request_bytes_total Client request bytes by kind\n# TYPE tandem_request_bytes_total counter\n"
+        for (i, kind) in ["write", "trim", "zeroes", "flush"].enumerated() {
+            out += "tandem_requests_total{\(l),kind=\"\(kind)\"} \(requestCounts[i])\n"
+            if i < 3 { out += "tandem_request_bytes_total{\(l),kind=\"\(kind)\"} \(requestBytes[i])\n" }
+        }
+        out += "tandem_requests_total{\(l),kind=\"read\"} \(nbdServer?.readRequests ?? 0)\n"
+        out += "tandem_request_bytes_total{\(l),kind=\"read\"} \(nbdServer?.readBytes ?? 0)\n"
+        out += "# HELP tandem_write_latency_seconds Client writes (protocol C: both disks) from arrival to answer\n# TYPE tandem_write_latency_seconds histogram\n"
+        writeLatency.render("tandem_write_latency_seconds", labels: l, into: &out)
+        out += "# HELP tandem_flush_latency_seconds Client flushes from arrival to answer\n# TYPE tandem_flush_latency_seconds histogram\n"
+        flushLatency.render("tandem_flush_latency_seconds", labels: l, into: &out)
+        gauge("tandem_barriers", "Barriers kept in this node's undo store", "\(undo?.barriers.count ?? 0)")
+        gauge("tandem_barrier_bytes", "Bytes the kept barriers hold", "\(undo?.barriers.reduce(UInt64(0)) { $0 + $1.bytesHeld } ?? 0)")
+        gauge("tandem_tls_handshake_failures_total", "Peer links that failed in TLS (wrong CA, name, plaintext)", "\(tlsFailures)", type: "counter")
+        return out
+    }
+
     // MARK: Witness
 
     private func witnessState() -> PeerStateChange {
@@ -805,6 +864,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     func peerConnectionDown(_ connection: PeerConnection, reason: String) {
         guard link === connection else { return }
+        if reason.hasPrefix("TLS") { tlsFailures &+= 1 }
         link = nil
         lastHeardNanos = 0
         if let v = verify {
@@ -889,7 +949,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private func startClientRequest(_ connection: NBDConnection, slot: Int, _ request: NBDRequest) {
         let clientID = nextClientID
         nextClientID += 1
-        clients[clientID] = (connection, slot)
+        clients[clientID] = (connection, slot, monotonicNanos())
+        let kind = switch request.command! {
+        case .write: 0
+        case .trim: 1
+        case .writeZeroes: 2
+        default: 3
+        }
+        requestCounts[kind] &+= 1
+        requestBytes[kind] &+= kind == 3 ? 0 : UInt64(request.length)
         beginActions()
         let fua = request.has(NBD.CommandFlag.fua)
         if request.command != .flush { loggedWrites[clientID] = (request.offset, UInt64(request.length)) }
@@ -966,6 +1034,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 }
             case .completeClient(let clientID, let result), .completeClientFlush(let clientID, let result):
                 guard let client = clients.removeValue(forKey: clientID) else { preconditionFailure("completion for unknown client request \(clientID)") }
+                if case .completeClient = action {
+                    writeLatency.record(nanos: monotonicNanos() - client.started)
+                } else {
+                    flushLatency.record(nanos: monotonicNanos() - client.started)
+                }
                 client.connection.replicatedCompleted(slot: client.slot, result: result)
                 if let range = loggedWrites.removeValue(forKey: clientID), activityLog.endWrite(offset: range.offset, length: range.length) {
                     admitWaitingWrites()

@@ -70,6 +70,9 @@ public enum Up {
         }
         let control = try ControlServer(loop: loop, path: me.controlPath, logger: logger) { node.control($0, reply: $1) }
         control.subscribed = { node.eventSnapshot() }
+        let metrics = try me.metrics.map { address throws(ServeError) in
+            try MetricsServer(loop: loop, address: address, logger: logger) { node.metricsText() }
+        }
         node.onEvent = { [unowned control] line in control.broadcast(line) }
         var stopping = false
         let signals = SignalWatcher(loop: loop, fd: signalFD) { signal in
@@ -77,6 +80,7 @@ public enum Up {
             stopping = true
             logger.info("signal \(signal): stopping")
             control.stop()
+            metrics?.stop()
             if let server {
                 server.onStopped = {
                     node.stop()
@@ -91,10 +95,11 @@ public enum Up {
         try node.start()
         server?.start()
         control.start()
+        metrics?.start()
         logger.info("node \(me.name) of \(options.config.name) up as \(options.primary ? "primary" : "secondary")\(server.map { ", exporting \"\(options.config.name)\"\(options.primary ? "" : " read-only") on \($0.boundAddress)" } ?? "")")
         loop.run()
         _ = fdatasync(device.fd)
-        withExtendedLifetime((signals, node, control)) {}
+        withExtendedLifetime((signals, node, control, metrics)) {}
         logger.info("stopped")
     }
 

@@ -1,0 +1,163 @@
+import CTandem
+import Glibc
+import Logging
+import TandemCore
+import TandemIO
+
+/// A minimal HTTP/1.0 responder for Prometheus: `GET /metrics` answers the text exposition
+/// format from `render`, anything else 404; one request per connection. Bounded: 16
+/// connections and 8 KiB of request each.
+final class MetricsServer: IOHandler {
+    private static let tagAccept: UInt32 = 0xFFFF_FFFF
+    private static let requestBytesMax = 8192
+    private static let connectionsMax = 16
+
+    private final class Client {
+        let fd: Int32
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: MetricsServer.requestBytesMax, alignment: 8)
+        var received = 0
+        var reply: [UInt8] = []
+        var sent = 0
+        let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
+        let message = UnsafeMutablePointer<msghdr>.allocate(capacity: 1)
+        init(fd: Int32) {
+            self.fd = fd
+            message.initialize(to: msghdr())
+        }
+        deinit {
+            buffer.deallocate()
+            iov.deallocate()
+            message.deallocate()
+        }
+    }
+
+    let loop: IOLoop
+    let logger: Logger
+    let boundAddress: String
+    private let listenFD: Int32
+    private(set) var id: UInt32 = 0
+    private var clients: [UInt32: Client] = [:]
+    private var nextKey: UInt32 = 0
+    private var stopping = false
+    private let render: () -> String
+
+    init(loop: IOLoop, address: ResourceConfig.Address, logger: Logger, render: @escaping () -> String) throws(ServeError) {
+        self.loop = loop
+        self.logger = logger
+        self.render = render
+        do {
+            let (fd, bound) = try Sockets.listen(host: address.hostText, port: address.port)
+            listenFD = fd
+            boundAddress = bound.description
+        } catch {
+            throw ServeError("metrics address \(address): \(error.errno == EADDRINUSE ? error.operation : error.description)")
+        }
+        loop.engine.adoptSocket(listenFD)
+    }
+
+    func start() {
+        id = loop.register(self)
+        loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept))
+        logger.info("metrics: http://\(boundAddress)/metrics")
+    }
+
+    func stop() {
+        stopping = true
+        shutdown(listenFD, Int32(SHUT_RDWR))
+    }
+
+    func ioCompleted(tag: UInt32, result: Int32) {
+        if tag == Self.tagAccept {
+            if result >= 0 {
+                if clients.count >= Self.connectionsMax || stopping {
+                    closeDescriptor(result)
+                } else {
+                    loop.engine.adoptSocket(result)
+                    nextKey = (nextKey + 1) & 0x3FFF_FFFF
+                    let client = Client(fd: result)
+                    clients[nextKey << 1] = client
+                    postRecv(nextKey << 1, client)
+                }
+            }
+            if !stopping && result != -EINVAL { loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept)) }
+            return
+        }
+        let key = tag & ~1
+        guard let client = clients[key] else { return }
+        guard result > 0 else { return finish(key) }
+        if tag & 1 == 0 {
+            client.received += Int(result)
+            let text = String(decoding: UnsafeRawBufferPointer(start: client.buffer, count: client.received), as: UTF8.self)
+            if text.contains("\r\n\r\n") || text.contains("\n\n") {
+                let first = text.prefix { $0 != "\r" && $0 != "\n" }
+                let parts = first.split(separator: " ")
+                if parts.count >= 2, parts[0] == "GET", parts[1] == "/metrics" || parts[1].hasPrefix("/metrics?") {
+                    respond(key, client, status: "200 OK", type: "text/plain; version=0.0.4; charset=utf-8", body: render())
+                } else {
+                    respond(key, client, status: "404 Not Found", type: "text/plain", body: "try GET /metrics\n")
+                }
+            } else if client.received >= Self.requestBytesMax {
+                respond(key, client, status: "431 Request Header Fields Too Large", type: "text/plain", body: "request too large\n")
+            } else {
+                postRecv(key, client)
+            }
+        } else {
+            client.sent += Int(result)
+            if client.sent < client.reply.count { postSend(key, client) } else { finish(key) }
+        }
+    }
+
+    private func respond(_ key: UInt32, _ client: Client, status: String, type: String, body: String) {
+        let bodyBytes = Array(body.utf8)
+        client.reply = Array("HTTP/1.0 \(status)\r\nContent-Type: \(type)\r\nContent-Length: \(bodyBytes.count)\r\nConnection: close\r\n\r\n".utf8) + bodyBytes
+        postSend(key, client)
+    }
+
+    private func postRecv(_ key: UInt32, _ client: Client) {
+        loop.engine.recv(fd: client.fd, buffer: client.buffer + client.received, length: Self.requestBytesMax - client.received, waitAll: false, userData: IOLoop.userData(id, key))
+    }
+
+    private func postSend(_ key: UInt32, _ client: Client) {
+        client.reply.withUnsafeMutableBytes { raw in
+            client.iov.pointee = iovec(iov_base: raw.baseAddress! + client.sent, iov_len: raw.count - client.sent)
+        }
+        client.message.pointee.msg_iov = client.iov
+        client.message.pointee.msg_iovlen = 1
+        loop.engine.sendmsg(fd: client.fd, message: client.message, userData: IOLoop.userData(id, key | 1))
+    }
+
+    private func finish(_ key: UInt32) {
+        guard let client = clients.removeValue(forKey: key) else { return }
+        shutdown(client.fd, Int32(SHUT_RDWR))
+        closeDescriptor(client.fd)
+    }
+}
+
+/// A latency histogram with fixed buckets, updated without allocation.
+struct LatencyHistogram {
+    static let boundsSeconds: [Double] = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+    private static let boundsNanos: [UInt64] = boundsSeconds.map { UInt64($0 * 1e9) }
+    private(set) var counts = [UInt64](repeating: 0, count: boundsSeconds.count + 1)
+    private(set) var sumNanos: UInt64 = 0
+    private(set) var total: UInt64 = 0
+
+    mutating func record(nanos: UInt64) {
+        var i = 0
+        while i < Self.boundsNanos.count && nanos > Self.boundsNanos[i] { i += 1 }
+        counts[i] &+= 1
+        sumNanos &+= nanos
+        total &+= 1
+    }
+
+    /// Prometheus histogram lines for `name` with `labels` (without braces).
+    func render(_ name: String, labels: String, into out: inout String) {
+        var cumulative: UInt64 = 0
+        for (i, bound) in Self.boundsSeconds.enumerated() {
+            cumulative += counts[i]
+            out += "\(name)_bucket{\(labels),le=\"\(bound)\"} \(cumulative)\n"
+        }
+        out += "\(name)_bucket{\(labels),le=\"+Inf\"} \(total)\n"
+        out += "\(name)_sum{\(labels)} \(Double(sumNanos) / 1e9)\n"
+        out += "\(name)_count{\(labels)} \(total)\n"
+    }
+}

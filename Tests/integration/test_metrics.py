@@ -1,0 +1,64 @@
+"""Prometheus metrics over HTTP (`metrics = "HOST:PORT"` in a [[node]])."""
+
+import re
+import urllib.error
+import urllib.request
+
+from conftest import MiB, free_port
+from test_replication import make_pair, qemu_io  # noqa: F401 (fixture)
+
+
+def scrape(port, path="/metrics"):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return r.read().decode()
+
+
+def value(text, name, **labels):
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} {labels} in:\n{text}")
+
+
+def test_metrics_are_scraped_over_http(make_pair, tmp_path):
+    p = make_pair()
+    ports = {"alpha": free_port(), "beta": free_port()}
+    text = p.resource.read_text()
+    for name, port in ports.items():
+        meta = f'metadata = "{tmp_path}/{name}.meta"\n'
+        text = text.replace(meta, meta + f'metrics = "127.0.0.1:{port}"\n')
+    p.resource.write_text(text)
+    p.up("beta")
+    p.up("alpha", "--primary")
+    p.wait_in_sync()
+    qemu_io(p.uri, "write -P 0x11 0 4M", "write -z 8M 1M", "discard 12M 1M", "flush", "read 0 2M")
+    a = scrape(ports["alpha"])
+    # Every metric is documented with HELP and TYPE, and the labels name the node.
+    for name in set(re.findall(r"^(tandem_[a-z_]+?)(?:_bucket|_sum|_count)?\{", a, re.M)):
+        assert f"# TYPE {name} " in a, name
+    assert value(a, "tandem_primary", node="alpha") == 1
+    assert value(a, "tandem_connected") == 1 and value(a, "tandem_quorum") == 1
+    assert value(a, "tandem_disk_state", state="UpToDate") == 1 and value(a, "tandem_disk_state", state="Failed") == 0
+    assert value(a, "tandem_peer_disk_state", state="UpToDate") == 1
+    assert value(a, "tandem_request_bytes_total", kind="write") == 4 * MiB
+    assert value(a, "tandem_request_bytes_total", kind="zeroes") == 1 * MiB
+    assert value(a, "tandem_requests_total", kind="trim") == 1
+    assert value(a, "tandem_requests_total", kind="flush") >= 1
+    assert value(a, "tandem_request_bytes_total", kind="read") >= 2 * MiB
+    writes = value(a, "tandem_write_latency_seconds_count")
+    assert writes >= 3 and value(a, "tandem_write_latency_seconds_bucket", le="+Inf") == writes
+    assert value(a, "tandem_write_latency_seconds_sum") > 0
+    b = scrape(ports["beta"])
+    assert value(b, "tandem_primary", node="beta") == 0 and value(b, "tandem_requests_total", kind="write") == 0
+    # After the secondary is gone, the primary says so.
+    p.stop("beta")
+    p.wait_for("alpha", "link to beta down")
+    qemu_io(p.uri, "write -P 0x12 20M 1M")
+    a = scrape(ports["alpha"])
+    assert value(a, "tandem_connected") == 0 and value(a, "tandem_out_of_sync_bytes") == 1 * MiB
+    try:
+        scrape(ports["alpha"], "/other")
+        raise AssertionError("a path other than /metrics answered")
+    except urllib.error.HTTPError as e:
+        assert e.code == 404
