@@ -561,11 +561,20 @@ public struct ReplicaCore {
         pendingSync = nil
         awaitingSkippedSyncUUID = false
         peerCurrentUUID = hello.uuids.current
+        // Only what the hello carries counts on both sides: `wasPrimary` is the node's own
+        // bookkeeping (turned into `crashedPrimary` at attach); deciding on it here would make
+        // the two sides' decisions differ (both sync source).
         var result = GenerationUUIDs.decideWithRule(
-            local: uuids, peer: Self.uuids(of: hello), localFlags: localFlags, peerFlags: Self.flags(of: hello),
+            local: uuids, peer: Self.uuids(of: hello), localFlags: localFlags.subtracting(.wasPrimary), peerFlags: Self.flags(of: hello),
             localWinsTie: configuration.nodeID < hello.nodeID)
         if result.decision == .splitBrain, let resolved = resolveSplitBrain(rule: result.rule, peer: hello) {
             result.decision = resolved
+        }
+        if result.rule == .equalCurrents, result.decision == .becomeSource || result.decision == .becomeTarget, role != hello.role {
+            // Same generation and one side crashed as primary: its hot extents are copied, but
+            // a live primary (which holds every write it answered) stays the source; the other
+            // side, secondary now, is the target. Both sides see the same two roles.
+            result.decision = role == .primary ? .becomeSource : .becomeTarget
         }
         lastDecision = result
         splitBrain = result.decision == .splitBrain || result.decision == .unrelatedData

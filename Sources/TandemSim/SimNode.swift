@@ -59,6 +59,9 @@ struct SimNode {
     /// Bumped at every crash or stop: events of an earlier life are ignored.
     var life = 0
     var core: ReplicaCore!
+    /// The role the node had when it last stopped or crashed (an operator restarts a node in
+    /// the role it had: `tandem up --primary` only where it was primary).
+    var lastRole: PeerRole?
     var disk = SimDisk(blocks: SimLayout.blocks)
     var meta: SimMetadata
     /// The node's in-memory superblock flags (what `persistMetadata` starts from).
@@ -102,6 +105,7 @@ struct SimNode {
     mutating func die() {
         up = false
         life += 1
+        lastRole = core?.role
         core = nil
         connection = nil
         nextClientID = 1

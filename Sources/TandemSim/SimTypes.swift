@@ -2,8 +2,8 @@ import TandemCore
 
 /// What a run may do besides the default fault mix.
 public struct SimOptions: Sendable {
-    /// After a primary crash, restart the secondary as primary (a failover as it is done today:
-    /// there is no promote yet). Off by default: see DEVELOPERS.md, "Simulator", known issues.
+    /// After a primary crash, the operator promotes the survivor (`ReplicaCore.promote`, retried
+    /// until the core agrees); the old primary comes back as secondary.
     public var failover = false
     /// Let the client send writes that overlap writes still in flight (NBD leaves the result
     /// undefined, so only replica equality is checked for such blocks, not their value).
@@ -100,6 +100,8 @@ enum Event {
     case connect
     case tick(node: Int, life: Int)
     case restart(node: Int, life: Int)
+    /// The operator promotes the survivor (`tandem primary`), retried until the core agrees.
+    case promote(node: Int, life: Int, tries: Int)
     case diskHealthy(node: Int)
     case writeback(node: Int)
     case partitionTimeout(conn: Int)

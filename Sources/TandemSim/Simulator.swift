@@ -158,6 +158,19 @@ final class World {
         case .restart(let i, let life):
             guard !nodes[i].up, nodes[i].life == life else { return }
             restart(i)
+        case .promote(let i, let life, let tries):
+            guard nodes[i].up, nodes[i].life == life, nodes[i].core.role == .secondary else { return }
+            var refusal: RoleChangeRefusal?
+            let fresh = freshUUID()
+            call(i) { core, a in refusal = core.promote(force: false, freshUUID: fresh, nowMillis: now / SimTime.ms, into: &a) }
+            if let refusal {
+                record(.note("promote n\(i) refused: \(refusal)"))
+                if tries < 50 { queue.push(now + 100 * SimTime.ms, .promote(node: i, life: life, tries: tries + 1)) }
+            } else {
+                record(.fault("failover: n\(i) promoted"))
+                nodes[i].superblockFlags.insert(.wasPrimary)
+                persistMetadata(i)
+            }
         case .diskHealthy(let i):
             nodes[i].disk.errorPermille = 0
         case .writeback(let i):
@@ -288,7 +301,13 @@ final class World {
     /// `ReplicatedNode.init` + `start`: attach the metadata, mark a crashed primary's hot
     /// extents, build the core.
     func restart(_ i: Int) {
-        let role: PeerRole = i == primaryNode ? .primary : .secondary
+        // The node meant to be primary comes back as primary if it was primary when it went
+        // down (or at the start); a survivor promoted while the other was away and then
+        // restarted comes back secondary and is promoted again by the operator.
+        let role: PeerRole = i == primaryNode && (nodes[i].lastRole ?? .primary) == .primary ? .primary : .secondary
+        if i == primaryNode && role == .secondary {
+            queue.push(now + SimTime.peerTimeout + rng.between(10, 300) * SimTime.ms, .promote(node: i, life: nodes[i].life, tries: 0))
+        }
         var node = nodes[i]
         let recovery = node.meta.recover()
         var flags = node.meta.flags

@@ -97,15 +97,17 @@ extension World {
         dropClients(of: i)
         if i == primaryNode {
             if failingOver && !redundant {
-                // The promoted node's data is all there is now: the writes only the old primary
-                // had are lost (the operator chose that), so its data becomes the model.
-                record(.note("failover onto a peer that was not up to date: its data becomes the truth"))
-                for b in 0..<SimLayout.blocks {
-                    floor[b] = nodes[s].disk.cache[b]
-                    stable[b] = floor[b]
-                    exact[b] = true
+                // The writes only the old primary had may be lost (the operator promotes the peer)
+                // or come back (the old primary returns first and, as a crashed primary, resyncs
+                // them to the peer before the promotion): either is allowed, nothing older.
+                record(.note("failover onto a peer that was not up to date: its writes or the old primary's"))
+                for b in 0..<SimLayout.blocks where nodes[s].disk.cache[b] != floor[b] {
+                    floor[b] = min(floor[b], nodes[s].disk.cache[b])
+                    stable[b] = min(stable[b], floor[b])
+                    exact[b] = false
                 }
-            } else if !failingOver && powerLoss {
+            }
+            if powerLoss {
                 // It comes back as primary with what its disk kept: flushed data at least.
                 for b in 0..<SimLayout.blocks where floor[b] > stable[b] {
                     floor[b] = stable[b]
@@ -126,11 +128,11 @@ extension World {
             kill(c, noticeDelay: delays)
         }
         if failingOver {
-            record(.fault("failover: n\(s) restarts as primary"))
+            // The operator promotes the survivor once it has noticed the loss (`tandem primary`).
+            record(.fault("failover: n\(s) is to be promoted"))
             count("failover")
-            stop(s)
             primaryNode = s
-            queue.push(now + rng.between(10, 100) * SimTime.ms, .restart(node: s, life: nodes[s].life))
+            queue.push(now + SimTime.peerTimeout + rng.between(10, 300) * SimTime.ms, .promote(node: s, life: nodes[s].life, tries: 0))
         }
         queue.push(now + rng.between(100, 1500) * SimTime.ms, .restart(node: i, life: nodes[i].life))
     }

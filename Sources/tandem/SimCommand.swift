@@ -28,7 +28,7 @@ struct Sim: ParsableCommand {
     @Flag(help: "Print every event of the run (with --seed).")
     var verbose = false
 
-    @Flag(help: "After a primary crash, restart the secondary as primary (no promote exists yet: known to lose writes).")
+    @Flag(help: "After a primary crash, promote the survivor (a secondary that failed a write is known to be promoted without it).")
     var failover = false
 
     @Flag(help: "Let the client send writes overlapping writes still in flight.")

@@ -51,6 +51,14 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true)))
     }
 
+    /// Failover with promote: the sync decision used the local `wasPrimary` flag, which the peer
+    /// never sees (both became sync source); and a crashed primary returning as secondary to a
+    /// live primary of the same generation made both want to be source (a role conflict forever).
+    @Test(arguments: SimRegressions.failoverDecisions)
+    func failoverDecisionsAgree(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true)))
+    }
+
     /// A primary that wrote before its first connection connected with noSync and never copied
     /// those blocks.
     @Test(arguments: SimRegressions.noSyncIgnoredBitmap)
@@ -88,10 +96,11 @@ import TandemSim
 
     // MARK: Known issues, open (the simulator finds them with these options)
 
-    /// Failover today is a restart as primary: no new generation starts, so the old primary's
-    /// and the new primary's writes are not told apart (waits for promote in ReplicaCore).
-    @Test func failoverWithoutPromoteLosesWrites() {
-        withKnownIssue("no promote: a node restarted as primary starts no generation") {
+    /// Failover (the survivor promoted with `promote`) onto a secondary whose disk failed a
+    /// replicated write: the primary answered the write and marked it out of sync, but the
+    /// secondary stays UpToDate, so it can be promoted without it (DRBD detaches such a disk).
+    @Test func failoverOntoASecondaryThatFailedAWrite() {
+        withKnownIssue("a secondary that fails a replicated write is not detached or outdated") {
             Self.check(Simulator.run(seed: SimRegressions.failoverLosesWrites, options: SimOptions(failover: true)))
         }
     }
@@ -122,9 +131,10 @@ enum SimRegressions {
     static let resyncWriteNotDurable: [UInt64] = [30]
     static let alEvictionWithoutDataSync: [UInt64] = [993]
     static let resyncIDsRepeated: [UInt64] = [2996]
+    static let failoverDecisions: [UInt64] = [28, 524]
 
     // Known issues (fail today): each with the option that enables its fault.
-    static let failoverLosesWrites: UInt64 = 13
+    static let failoverLosesWrites: UInt64 = 410
     static let detachedDiskRestarted: UInt64 = 21
     static let doubleCrash: UInt64 = 133
 }
