@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 
-from conftest import MiB, TANDEM_BIN, make_backing, run
+from conftest import MiB, TANDEM_BIN, _die_with_parent, make_backing, run
 
 
 def available():
@@ -104,7 +104,7 @@ class Cluster:
         log = self.dir / f"{name}-{sum(1 for k in self.logs if k.startswith(name))}.log"
         self.logs[name] = log
         args = ["ip", "netns", "exec", self.ns[name], TANDEM_BIN, "up", str(self.resource), "--node", name, *extra]
-        self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"), preexec_fn=_die_with_parent)
         return self.procs[name]
 
     def log(self, name):

@@ -203,12 +203,12 @@ def test_a_killed_secondary_keeps_every_barrier_restorable(make_pair, tmp_path):
     # Random writes (each first overwrite saves a chunk) while beta is killed.
     fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={p.uri}", "--rw=randwrite", "--bs=4k",
                             "--iodepth=16", "--size=48M", "--time_based", "--runtime=20"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
     try:
         time.sleep(1.5)
         p.stop("beta", signal.SIGKILL)
     finally:
-        fio.kill()
+        os.killpg(fio.pid, signal.SIGKILL)  # fio's job processes too
         fio.wait()
     since = p.mark("alpha")
     p.up("beta")

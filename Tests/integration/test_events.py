@@ -4,12 +4,12 @@ import json
 import subprocess
 import time
 
-from conftest import TANDEM_BIN, run
+from conftest import TANDEM_BIN, _die_with_parent, run
 from test_replication import make_pair, pair, qemu_io  # noqa: F401 (fixtures)
 
 
 def follow(p, node):
-    return subprocess.Popen([TANDEM_BIN, "events", str(p.resource), "--node", node], stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([TANDEM_BIN, "events", str(p.resource), "--node", node], stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
 
 
 def read_until(proc, predicate, timeout=30):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import netns
-from conftest import MiB, TANDEM_BIN, run
+from conftest import MiB, TANDEM_BIN, run, _die_with_parent
 
 pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
 
@@ -115,7 +115,7 @@ def test_planned_switchover_under_load(make_cluster, tmp_path):
     fio = subprocess.Popen(
         ["fio", "--name=load", "--ioengine=nbd", f"--uri={c.uri('alpha')}", "--rw=randwrite", "--bs=4k", "--iodepth=16",
          "--offset=32M", "--size=32M", "--time_based", "--runtime=30", "--continue_on_error=all"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
     try:
         wait_acked(writers, 40)
         started = time.monotonic()
@@ -130,7 +130,7 @@ def test_planned_switchover_under_load(make_cluster, tmp_path):
             # Refused with ESHUTDOWN if a request was in flight, else the idle connection closed.
             assert w.error is not None and ("ESHUTDOWN" in str(w.error) or "ENOTCONN" in str(w.error)), w.error
     finally:
-        fio.kill()
+        os.killpg(fio.pid, signal.SIGKILL)  # fio's job processes too
         fio.wait()
     assert c.status("alpha")["role"] == "Secondary" and c.status("beta")["role"] == "Primary"
     n = check_acked(c.uri("beta"), writers)

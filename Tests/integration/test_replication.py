@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import MiB, TANDEM_BIN, free_port, make_backing, run
+from conftest import MiB, TANDEM_BIN, _die_with_parent, free_port, make_backing, run
 
 SIZE = 64 * MiB
 
@@ -38,7 +38,8 @@ class Pair:
         log = self.dir / f"{name}-{len(self.logs)}.log"
         self.logs[name] = log
         args = [TANDEM_BIN, "up", str(self.resource), "--node", name, *extra]
-        self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        # Dies with the test runner even if the runner is killed before its teardown.
+        self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"), preexec_fn=_die_with_parent)
         return self.procs[name]
 
     def log(self, name):
