@@ -15,6 +15,15 @@ protocol PeerConnectionDelegate: AnyObject {
     func peerConnection(_ connection: PeerConnection, releasedPayload token: UInt64)
     /// The link is gone (closed, failed verification, protocol error); nothing more will come.
     func peerConnectionDown(_ connection: PeerConnection, reason: String)
+    /// A large block frame's header arrived: where to decrypt its payload straight to (the
+    /// owner's buffer of `header.payloadLength` bytes, handed back as the payload of the
+    /// `received` call), or nil to receive it in the link's own buffer and copy it.
+    func peerConnection(_ connection: PeerConnection, sinkFor header: PeerHeader) -> UnsafeMutableRawPointer?
+}
+
+extension PeerConnectionDelegate {
+    /// By default every payload arrives in the link's buffer.
+    func peerConnection(_ connection: PeerConnection, sinkFor header: PeerHeader) -> UnsafeMutableRawPointer? { nil }
 }
 
 /// One replication link (Protocol/peer.md) on the event loop: TLS 1.3 with mutual certificate
@@ -60,6 +69,10 @@ final class PeerConnection: IOHandler {
     private var tlsWantsCiphertext = true
     /// Set by `closeAfterSending`: close with this reason once the queue is sent.
     private var closeWhenSent: String?
+    /// A frame whose payload is being decrypted into the owner's buffer.
+    private var sink: (header: PeerHeader, destination: UnsafeMutableRawPointer, filled: Int)?
+    /// Payloads at least this big go to a sink (smaller ones are cheaper to copy).
+    static let sinkBytesMin = 64 * 1024
 
     private let input: UnsafeMutableRawPointer
     private let inputCapacity = PeerProtocol.frameBytesMax + Limits.tlsCiphertextBufferBytes
@@ -207,6 +220,29 @@ final class PeerConnection: IOHandler {
                 inStart = 0
             }
             var progressed = false
+            if let current = sink {
+                let (n, status) = tls.read(into: current.destination + current.filled, count: current.header.payloadLength - current.filled)
+                switch status {
+                case .ok:
+                    progressed = true
+                    sink!.filled += n
+                    if sink!.filled == current.header.payloadLength {
+                        sink = nil
+                        let payload = UnsafeRawBufferPointer(start: current.destination, count: current.header.payloadLength)
+                        guard current.header.verifyPayload(payload) else { return close(reason: "protocol error: payload checksum mismatch in \(current.header.type)") }
+                        delegate?.peerConnection(self, received: current.header, payload: payload)
+                    }
+                    continue
+                case .wantMore:
+                    tlsWantsCiphertext = true
+                    break
+                case .closed:
+                    return close(reason: "peer closed the TLS session")
+                case .failed:
+                    return close(reason: "TLS: \(tls.lastError)")
+                }
+                break
+            }
             if inEnd < inputCapacity {
                 let (n, status) = tls.read(into: input + inEnd, count: inputCapacity - inEnd)
                 switch status {
@@ -229,6 +265,15 @@ final class PeerConnection: IOHandler {
                 case .invalid(let why):
                     return close(reason: "protocol error: \(why)")
                 case .header(let header):
+                    if available.count < header.frameBytes, header.payloadLength >= Self.sinkBytesMin,
+                       let destination = delegate?.peerConnection(self, sinkFor: header) {
+                        // The rest of the payload is decrypted straight into the owner's buffer.
+                        let have = available.count - header.headerBytes
+                        destination.copyMemory(from: available.baseAddress! + header.headerBytes, byteCount: have)
+                        inStart = inEnd
+                        sink = (header, destination, have)
+                        break
+                    }
                     guard available.count >= header.frameBytes else { break }
                     let payload = UnsafeRawBufferPointer(rebasing: available[header.headerBytes..<header.frameBytes])
                     guard header.verifyPayload(payload) else { return close(reason: "protocol error: payload checksum mismatch in \(header.type)") }

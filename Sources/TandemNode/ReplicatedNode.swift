@@ -115,6 +115,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var lastResynced: UInt64 = 0
     private var nextClientID: UInt64 = 1
     private var peerBuffers: [UInt64: PoolBuffer] = [:]
+    /// The buffer a large payload is being decrypted into (`sinkFor`), until it is received.
+    private var sinkBuffer: PoolBuffer?
     private var resyncBuffers: [Int: PoolBuffer] = [:]
 
     // MARK: Activity log (primary)
@@ -798,8 +800,14 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         switch header.type {
         case .data:
             let block = header.block!
-            guard let buffer = loop.pool.take(max(payload.count, 1)) else { return connection.close(reason: "out of buffers for replicated writes") }
-            buffer.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
+            let buffer: PoolBuffer
+            if let sunk = takeSink(payload) {
+                buffer = sunk  // decrypted in place: no copy
+            } else {
+                guard let taken = loop.pool.take(max(payload.count, 1)) else { return connection.close(reason: "out of buffers for replicated writes") }
+                taken.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
+                buffer = taken
+            }
             peerBuffers[header.sequence] = buffer
             core.peerWrite(PeerWrite(id: header.sequence, offset: block.offset, length: block.length, epoch: block.epoch, flags: header.flags), kind: .write, into: &actions)
         case .resyncData where core.role == .primary:
@@ -812,7 +820,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             read.connection.replicatedReadCompleted(slot: read.slot, result: ok ? 0 : -EIO)
         case .resyncData:
             let block = header.block!
-            if payload.count > 0 {
+            if let sunk = takeSink(payload) {
+                resyncBuffers[Int(header.sequence)] = sunk
+            } else if payload.count > 0 {
                 guard let buffer = loop.pool.take(payload.count) else { return connection.close(reason: "out of buffers for resync") }
                 buffer.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
                 resyncBuffers[Int(header.sequence)] = buffer
@@ -851,6 +861,21 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         perform()
     }
 
+    /// Large replicated writes and resync data are decrypted straight into a pool buffer.
+    func peerConnection(_ connection: PeerConnection, sinkFor header: PeerHeader) -> UnsafeMutableRawPointer? {
+        guard sinkBuffer == nil, header.type == .data || (header.type == .resyncData && core.role == .secondary),
+              let buffer = loop.pool.take(header.payloadLength) else { return nil }
+        sinkBuffer = buffer
+        return buffer.pointer
+    }
+
+    /// The sink buffer, if `payload` was decrypted into it.
+    private func takeSink(_ payload: UnsafeRawBufferPointer) -> PoolBuffer? {
+        guard let buffer = sinkBuffer, payload.count > 0, payload.baseAddress == UnsafeRawPointer(buffer.pointer) else { return nil }
+        sinkBuffer = nil
+        return buffer
+    }
+
     func peerConnection(_ connection: PeerConnection, releasedPayload token: UInt64) {
         if token & Self.servedReadToken != 0, let served = servedReads.removeValue(forKey: Int(token & ~Self.servedReadToken)) {
             loop.pool.release(served.buffer)
@@ -863,6 +888,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     func peerConnectionDown(_ connection: PeerConnection, reason: String) {
+        if let buffer = sinkBuffer {
+            // A payload that never finished arriving.
+            sinkBuffer = nil
+            loop.pool.release(buffer)
+        }
         guard link === connection else { return }
         if reason.hasPrefix("TLS") { tlsFailures &+= 1 }
         link = nil

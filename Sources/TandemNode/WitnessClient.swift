@@ -153,6 +153,8 @@ final class WitnessClient: IOHandler, PeerConnectionDelegate {
 
     func peerConnection(_ connection: PeerConnection, releasedPayload token: UInt64) {}
 
+    func peerConnection(_ connection: PeerConnection, sinkFor header: PeerHeader) -> UnsafeMutableRawPointer? { nil }
+
     func peerConnectionDown(_ connection: PeerConnection, reason: String) {
         guard link === connection else { return }
         link = nil

@@ -156,6 +156,8 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
 
     func peerConnection(_ connection: PeerConnection, releasedPayload token: UInt64) {}
 
+    func peerConnection(_ connection: PeerConnection, sinkFor header: PeerHeader) -> UnsafeMutableRawPointer? { nil }
+
     func peerConnectionDown(_ connection: PeerConnection, reason: String) {
         guard let link = links.removeValue(forKey: ObjectIdentifier(connection)) else { return }
         if let node = link.node, !links.values.contains(where: { $0.node == node }) {
