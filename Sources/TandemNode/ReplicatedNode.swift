@@ -76,6 +76,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var chunksToSave: [UInt64] = []
     /// Read-only NBD exports of barriers, by barrier id.
     private var barrierExports: [UInt64: NBDServer] = [:]
+    /// Writes whose chunks were saved in this batch: they go to the disk after one sync of the
+    /// undo store at the batch's end (group commit), in order.
+    private var savedWrites: [LocalIO] = []
 
     // MARK: Witness and quorum
 
@@ -367,11 +370,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     /// Saves what the barriers need before a write reaches the disk (copy-on-write, made durable
     /// first). Never fails the write: an undo store that cannot write drops its barriers.
-    private func saveForBarriers(offset: UInt64, length: UInt64) {
+    private func saveForBarriers(offset: UInt64, length: UInt64, sync: Bool) {
         guard let undo, undo.index.newest != nil else { return }
         let device = self.device
         do {
-            let dropped = try undo.save(offset: offset, length: length, nowUnixSeconds: Self.unixSeconds()) { at, buffer in
+            let dropped = try undo.save(offset: offset, length: length, nowUnixSeconds: Self.unixSeconds(), sync: sync) { at, buffer in
                 try Self.deviceIO(device, write: false, at: at, buffer)
             }
             for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
@@ -1173,6 +1176,34 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     private func submit(_ io: LocalIO) {
+        if case .write = io.operation, let undo, undo.index.newest != nil {
+            undo.chunksToSave(offset: io.offset, length: UInt64(io.length), into: &chunksToSave)
+            if !chunksToSave.isEmpty || !savedWrites.isEmpty {
+                // Copy-on-write: the old chunks are appended now, made durable once for the whole
+                // batch, and only then may the write reach the disk (Protocol/barriers.md).
+                if !chunksToSave.isEmpty { saveForBarriers(offset: io.offset, length: UInt64(io.length), sync: false) }
+                if savedWrites.isEmpty { loop.callAtBatchEnd(id) }
+                savedWrites.append(io)
+                return
+            }
+        }
+        submitNow(io)
+    }
+
+    func ioBatchEnded() {
+        guard !savedWrites.isEmpty else { return }
+        do {
+            try undo?.sync()
+        } catch {
+            logger.error("undo store: \(error); dropping every barrier so replication goes on")
+            try? undo?.dropAll()
+        }
+        let writes = savedWrites
+        savedWrites.removeAll(keepingCapacity: true)
+        for io in writes { submitNow(io) }
+    }
+
+    private func submitNow(_ io: LocalIO) {
         let index = freeOps.popLast()!
         var syncAfter = false
         let userData = IOLoop.userData(id, UInt32(index))
@@ -1186,7 +1217,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         case .flush:
             loop.engine.fsync(fd: device.fd, datasync: true, userData: userData)
         case .write(let kind, let fua):
-            saveForBarriers(offset: io.offset, length: UInt64(io.length))
             switch kind {
             case .write:
                 let p: UnsafeMutableRawPointer

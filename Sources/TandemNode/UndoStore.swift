@@ -374,7 +374,7 @@ public final class UndoStore {
     /// first time since the newest barrier; `readDevice(offset, buffer)` fills a buffer with the
     /// device's current bytes. After it returns the write may go to the device.
     @discardableResult
-    public func save(offset: UInt64, length: UInt64, nowUnixSeconds: Int64,
+    public func save(offset: UInt64, length: UInt64, nowUnixSeconds: Int64, sync: Bool = true,
                      readDevice: (UInt64, UnsafeMutableRawBufferPointer) throws -> Void) throws -> [(BarrierInfo, BarrierRetention.Reason)] {
         var chunks: [UInt64] = []
         chunksToSave(offset: offset, length: length, into: &chunks)
@@ -389,7 +389,9 @@ public final class UndoStore {
                 dropped += try append(chunk: chunk, data: UnsafeRawBufferPointer(slice), nowUnixSeconds: nowUnixSeconds)
             }
         }
-        try sync()
+        // `sync: false`: the caller syncs once for a batch of saves (group commit) before any of
+        // their writes reaches the device.
+        if sync { try self.sync() }
         return dropped
     }
 
