@@ -13,29 +13,6 @@ final class ControlServer: IOHandler {
     private static let requestBytesMax = 4096
     private static let connectionsMax = 16
 
-    private final class Client {
-        let fd: Int32
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: ControlServer.requestBytesMax, alignment: 8)
-        var received = 0
-        var reply: [UInt8] = []
-        let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
-        let message = UnsafeMutablePointer<msghdr>.allocate(capacity: 1)
-        var sent = 0
-        /// An `events` subscriber: lines are appended to `reply` as they come, the connection
-        /// stays open until the client closes it.
-        var streaming = false
-        var sending = false
-        init(fd: Int32) {
-            self.fd = fd
-            message.initialize(to: msghdr())
-        }
-        deinit {
-            buffer.deallocate()
-            iov.deallocate()
-            message.deallocate()
-        }
-    }
-
     let loop: IOLoop
     let path: String
     let logger: Logger
@@ -43,7 +20,7 @@ final class ControlServer: IOHandler {
     private(set) var id: UInt32 = 0
     /// Answers a request line with a JSON document.
     private let handle: (String, @escaping (String) -> Void) -> Void
-    private var clients: [UInt32: Client] = [:]
+    private var clients: [UInt32: StreamClient] = [:]
     private var nextTag: UInt32 = 0
     private var stopping = false
 
@@ -98,7 +75,7 @@ final class ControlServer: IOHandler {
                     close(result)
                 } else {
                     loop.engine.adoptSocket(result)
-                    let client = Client(fd: result)
+                    let client = StreamClient(fd: result, capacity: ControlServer.requestBytesMax)
                     nextTag = (nextTag + 1) & 0x7FFF_FFFF
                     clients[nextTag << 1] = client
                     postRecv(nextTag << 1, client)
@@ -168,7 +145,7 @@ final class ControlServer: IOHandler {
         for (key, client) in clients where client.streaming { publish(line, to: key, client) }
     }
 
-    private func publish(_ line: String, to key: UInt32, _ client: Client) {
+    private func publish(_ line: String, to key: UInt32, _ client: StreamClient) {
         guard client.reply.count + line.utf8.count < Self.subscriberQueueBytesMax else {
             logger.warning("control: dropping an events subscriber that does not read")
             return finish(key)
@@ -181,17 +158,12 @@ final class ControlServer: IOHandler {
         }
     }
 
-    private func postRecv(_ key: UInt32, _ client: Client) {
-        loop.engine.recv(fd: client.fd, buffer: client.buffer + client.received, length: Self.requestBytesMax - client.received, waitAll: false, userData: IOLoop.userData(id, key))
+    private func postRecv(_ key: UInt32, _ client: StreamClient) {
+        client.postRecv(loop, userData: IOLoop.userData(id, key))
     }
 
-    private func postSend(_ key: UInt32, _ client: Client) {
-        client.reply.withUnsafeMutableBytes { raw in
-            client.iov.pointee = iovec(iov_base: raw.baseAddress! + client.sent, iov_len: raw.count - client.sent)
-        }
-        client.message.pointee.msg_iov = client.iov
-        client.message.pointee.msg_iovlen = 1
-        loop.engine.sendmsg(fd: client.fd, message: client.message, userData: IOLoop.userData(id, key | 1))
+    private func postSend(_ key: UInt32, _ client: StreamClient) {
+        client.postSend(loop, userData: IOLoop.userData(id, key | 1))
     }
 
     private func finish(_ key: UInt32) {

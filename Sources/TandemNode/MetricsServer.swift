@@ -12,31 +12,12 @@ final class MetricsServer: IOHandler {
     private static let requestBytesMax = 8192
     private static let connectionsMax = 16
 
-    private final class Client {
-        let fd: Int32
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: MetricsServer.requestBytesMax, alignment: 8)
-        var received = 0
-        var reply: [UInt8] = []
-        var sent = 0
-        let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
-        let message = UnsafeMutablePointer<msghdr>.allocate(capacity: 1)
-        init(fd: Int32) {
-            self.fd = fd
-            message.initialize(to: msghdr())
-        }
-        deinit {
-            buffer.deallocate()
-            iov.deallocate()
-            message.deallocate()
-        }
-    }
-
     let loop: IOLoop
     let logger: Logger
     let boundAddress: String
     private let listenFD: Int32
     private(set) var id: UInt32 = 0
-    private var clients: [UInt32: Client] = [:]
+    private var clients: [UInt32: StreamClient] = [:]
     private var nextKey: UInt32 = 0
     private var stopping = false
     private let render: () -> String
@@ -74,7 +55,7 @@ final class MetricsServer: IOHandler {
                 } else {
                     loop.engine.adoptSocket(result)
                     nextKey = (nextKey + 1) & 0x3FFF_FFFF
-                    let client = Client(fd: result)
+                    let client = StreamClient(fd: result, capacity: MetricsServer.requestBytesMax)
                     clients[nextKey << 1] = client
                     postRecv(nextKey << 1, client)
                 }
@@ -107,23 +88,18 @@ final class MetricsServer: IOHandler {
         }
     }
 
-    private func respond(_ key: UInt32, _ client: Client, status: String, type: String, body: String) {
+    private func respond(_ key: UInt32, _ client: StreamClient, status: String, type: String, body: String) {
         let bodyBytes = Array(body.utf8)
         client.reply = Array("HTTP/1.0 \(status)\r\nContent-Type: \(type)\r\nContent-Length: \(bodyBytes.count)\r\nConnection: close\r\n\r\n".utf8) + bodyBytes
         postSend(key, client)
     }
 
-    private func postRecv(_ key: UInt32, _ client: Client) {
-        loop.engine.recv(fd: client.fd, buffer: client.buffer + client.received, length: Self.requestBytesMax - client.received, waitAll: false, userData: IOLoop.userData(id, key))
+    private func postRecv(_ key: UInt32, _ client: StreamClient) {
+        client.postRecv(loop, userData: IOLoop.userData(id, key))
     }
 
-    private func postSend(_ key: UInt32, _ client: Client) {
-        client.reply.withUnsafeMutableBytes { raw in
-            client.iov.pointee = iovec(iov_base: raw.baseAddress! + client.sent, iov_len: raw.count - client.sent)
-        }
-        client.message.pointee.msg_iov = client.iov
-        client.message.pointee.msg_iovlen = 1
-        loop.engine.sendmsg(fd: client.fd, message: client.message, userData: IOLoop.userData(id, key | 1))
+    private func postSend(_ key: UInt32, _ client: StreamClient) {
+        client.postSend(loop, userData: IOLoop.userData(id, key | 1))
     }
 
     private func finish(_ key: UInt32) {

@@ -13,7 +13,8 @@ import signal
 import subprocess
 import time
 
-from conftest import MiB, TANDEM_BIN, _die_with_parent, make_backing, run
+from conftest import MiB, TANDEM_BIN, make_backing, run
+from nodes import NodeProcesses
 
 
 def available():
@@ -33,7 +34,7 @@ def ip(*args, ns=None, check=True):
     return run(cmd, check=check, timeout=20)
 
 
-class Cluster:
+class Cluster(NodeProcesses):
     """Nodes `alpha` (id 0), `beta` (id 1) and optionally `witness` (id 2), each in a namespace
     with address 10.<net>.0.<id+1>; the bridge has .254. Every process started is killed and
     every namespace and link deleted by `close()`."""
@@ -101,27 +102,7 @@ class Cluster:
     # --- processes
 
     def up(self, name, *extra):
-        log = self.dir / f"{name}-{sum(1 for k in self.logs if k.startswith(name))}.log"
-        self.logs[name] = log
-        args = ["ip", "netns", "exec", self.ns[name], TANDEM_BIN, "up", str(self.resource), "--node", name, *extra]
-        self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"), preexec_fn=_die_with_parent)
-        return self.procs[name]
-
-    def log(self, name):
-        return self.logs[name].read_text()
-
-    def mark(self, name):
-        return len(self.log(name))
-
-    def wait_for(self, name, pattern, timeout=30, since=0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log(name)[since:]
-            if re.search(pattern, text):
-                return text
-            assert self.procs[name].poll() is None, f"{name} exited:\n{text}"
-            time.sleep(0.05)
-        raise AssertionError(f"{name}: no /{pattern}/ within {timeout}s:\n{self.log(name)[-8000:]}")
+        return self.start(name, extra, prefix=("ip", "netns", "exec", self.ns[name]))
 
     def wait_connected(self, a="alpha", b="beta", timeout=30, since=(0, 0)):
         pattern = r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync"

@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from conftest import MiB, TANDEM_BIN, _die_with_parent, free_port, make_backing, run
+from conftest import MiB, TANDEM_BIN, free_port, make_backing, run
+from nodes import NodeProcesses
 
 SIZE = 64 * MiB
 
 
-class Pair:
+class Pair(NodeProcesses):
     def __init__(self, tmp_path, tuning=""):
         self.dir = tmp_path
         run([TANDEM_BIN, "certs", "--dir", str(tmp_path / "pki"), "--node", "alpha", "--node", "beta"])
@@ -35,29 +36,7 @@ class Pair:
         self.logs = {}
 
     def up(self, name, *extra):
-        log = self.dir / f"{name}-{len(self.logs)}.log"
-        self.logs[name] = log
-        args = [TANDEM_BIN, "up", str(self.resource), "--node", name, *extra]
-        # Dies with the test runner even if the runner is killed before its teardown.
-        self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"), preexec_fn=_die_with_parent)
-        return self.procs[name]
-
-    def log(self, name):
-        return self.logs[name].read_text()
-
-    def mark(self, name):
-        """The current end of a node's log: later waits look only past it."""
-        return len(self.log(name))
-
-    def wait_for(self, name, pattern, timeout=30, since=0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log(name)[since:]
-            if re.search(pattern, text):
-                return text
-            assert self.procs[name].poll() is None, f"{name} exited:\n{text}"
-            time.sleep(0.05)
-        raise AssertionError(f"{name}: no /{pattern}/ within {timeout}s:\n{self.log(name)}")
+        return self.start(name, extra)
 
     def wait_in_sync(self, since=0):
         self.wait_for("alpha", r"link connected, established, 0 bytes out of sync", since=since)
