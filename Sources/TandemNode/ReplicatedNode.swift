@@ -79,6 +79,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// Writes whose chunks were saved in this batch: they go to the disk after one sync of the
     /// undo store at the batch's end (group commit), in order.
     private var savedWrites: [LocalIO] = []
+    /// A rollback in progress: restored a tick at a time so status (and `tandem rollback`'s
+    /// progress bar) can follow it.
+    private var rollbackRun: (id: UInt64, plan: RollbackPlan, next: Int, started: UInt64)?
+    private static let rollbackChunksPerTick = 256
+    /// The last rollback failed part way (it finishes when the node starts again).
+    private var rollbackFailed = false
 
     // MARK: Witness and quorum
 
@@ -493,29 +499,62 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// node starts a new generation, so on reconnect the peer resyncs exactly those from here.
     private func rollback(to id: UInt64) -> String {
         guard let undo, undo.index.contains(id) else { return Self.error("no barrier \(id) is kept on \(me.name)") }
+        guard rollbackRun == nil else { return Self.error("a rollback is already running") }
         guard core.role == .secondary else { return Self.error("roll back on the secondary that keeps the barrier; \(me.name) is primary") }
         guard barrierExports.isEmpty else { return Self.error("unexport the barrier exports first") }
         guard core.peerRole != .primary else { return Self.error("\(peer.name) is primary: demote it first (tandem secondary), so nothing writes during the rollback") }
-        let started = monotonicNanos()
         beginActions()
         core.disconnect(freshUUID: Self.freshUUID(), into: &actions)
         perform()
-        let fd = device.fd, device = self.device
         let plan: RollbackPlan
         do {
-            plan = try undo.rollback(
-                to: id,
-                writeDevice: { offset, bytes in
-                    try Self.deviceIO(device, write: true, at: offset, UnsafeMutableRawBufferPointer(mutating: bytes))
-                },
-                syncDevice: { guard fdatasync(fd) == 0 else { throw UndoStoreError("cannot sync the device: \(SystemError.text(errno))") } })
+            plan = try undo.beginRollback(to: id)
         } catch {
             logger.error("rollback to barrier \(id) failed: \(error)")
-            return Self.error("rollback failed: \(error); the node stays disconnected (run it again: it finishes what it started)")
+            return Self.error("rollback failed: \(error); the node stays disconnected")
         }
+        rollbackRun = (id, plan, 0, monotonicNanos())
+        rollbackFailed = false
+        logger.notice("rolling back to barrier \(id): \(plan.restores.count) chunks to restore")
+        emit("rollback-start", "\"id\":\(id),\"chunks\":\(plan.restores.count)")
+        return "{\"ok\":true,\"started\":true,\"id\":\(id),\"chunks\":\(plan.restores.count)}"
+    }
+
+    /// Restores the next chunks of a rollback (on the tick); at the end, syncs the device, ends
+    /// the rollback in the undo store, marks the restored chunks out of sync, starts a new
+    /// generation and connects, so the peer resyncs exactly those chunks from here.
+    private func stepRollback() {
+        guard var run = rollbackRun, let undo else { return }
         let geometry = undo.geometry
+        let device = self.device
+        do {
+            var buffer = [UInt8](repeating: 0, count: geometry.chunkBytes)
+            let end = min(run.next + Self.rollbackChunksPerTick, run.plan.restores.count)
+            for restore in run.plan.restores[run.next..<end] {
+                try buffer.withUnsafeMutableBytes { raw in
+                    let data = UnsafeMutableRawBufferPointer(rebasing: raw[0..<restore.record.dataBytes])
+                    try undo.readRecord(restore.record, of: restore.barrierID, into: data)
+                    try Self.deviceIO(device, write: true, at: geometry.offset(ofChunk: restore.chunk), data)
+                }
+            }
+            run.next = end
+            rollbackRun = run
+            if end < run.plan.restores.count {
+                if ticks % 10 == 0 { emit("rollback-progress", "\"id\":\(run.id),\"done_chunks\":\(end),\"total_chunks\":\(run.plan.restores.count)") }
+                return
+            }
+            guard fdatasync(device.fd) == 0 else { throw UndoStoreError("cannot sync \(device.path): \(SystemError.text(errno))") }
+            try undo.finishRollback(to: run.id)
+        } catch {
+            rollbackRun = nil
+            rollbackFailed = true
+            logger.error("rollback to barrier \(run.id) failed: \(error); it finishes when the node starts again")
+            emit("rollback-failed", "\"id\":\(run.id)")
+            return
+        }
+        rollbackRun = nil
         beginActions()
-        for restore in plan.restores {
+        for restore in run.plan.restores {
             core.markOutOfSync(offset: geometry.offset(ofChunk: restore.chunk), length: UInt64(geometry.length(ofChunk: restore.chunk)))
         }
         core.startGenerationAfterRollback(freshUUID: Self.freshUUID(), into: &actions)
@@ -523,9 +562,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         perform()
         persistMetadata()
         if me.id > peer.id { dial() }
-        let micros = (monotonicNanos() - started) / 1000
-        logger.notice("rolled back to barrier \(id) in \(micros) µs: \(plan.restores.count) chunks restored, \(plan.newer.count) newer barriers dropped; \(peer.name) resyncs them from here")
-        return "{\"ok\":true,\"id\":\(id),\"chunks_restored\":\(plan.restores.count),\"barriers_dropped\":\(plan.newer.count),\"micros\":\(micros)}"
+        let micros = (monotonicNanos() - run.started) / 1000
+        logger.notice("rolled back to barrier \(run.id) in \(micros) µs: \(run.plan.restores.count) chunks restored, \(run.plan.newer.count) newer barriers dropped; \(peer.name) resyncs them from here")
+        emit("rollback-done", "\"id\":\(run.id),\"chunks_restored\":\(run.plan.restores.count),\"barriers_dropped\":\(run.plan.newer.count)")
     }
 
     static func jsonString(_ s: String) -> String {
@@ -725,6 +764,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             ticks &+= 1
             checkPeerAlive()
             if ticks % 10 == 0 { handlers.reap(nowNanos: monotonicNanos()) }
+            if rollbackRun != nil { stepRollback() }
             if ticks % 100 == 0, let undo {
                 do {
                     for (old, reason) in try undo.applyRetention(nowUnixSeconds: Self.unixSeconds()) { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
@@ -1491,6 +1531,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     private func promoteLocally(force: Bool) -> String {
         guard !demoting else { return Self.error("a demotion is in progress") }
+        guard rollbackRun == nil else { return Self.error("a rollback is running") }
         if core.role == .primary { return "{\"ok\":true,\"role\":\"Primary\",\"changed\":false}" }
         let started = monotonicNanos()
         // The flag goes to disk with the state change, before any client can write.
@@ -1555,6 +1596,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// peer or `tandem disconnect`) and connect again.
     private func connect(discardMyData: Bool) -> String {
         guard !stopping else { return Self.error("the node is stopping") }
+        guard rollbackRun == nil else { return Self.error("a rollback is running; the node connects when it ends") }
         if discardMyData && core.role == .primary {
             return Self.error("a primary cannot discard its data: demote it first ('tandem secondary')")
         }
@@ -1591,7 +1633,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             "replication":"\(connected ? Self.title(s.sync.rawValue) : "Off")","out_of_sync_bytes":\(s.outOfSyncBytes),\
             "resync_done_bytes":\(core.resyncedBytes)},"writes_in_flight":\(s.writesInFlight),"transfer_log_entries":\(s.transferLogEntries),\
             "verify":{"running":\(verify != nil),"checked_bytes":\(verify?.checkedBytes ?? lastVerify?.checked ?? 0),\
-            "mismatched_bytes":\(verify?.mismatchedBytes ?? lastVerify?.mismatched ?? 0),"total_bytes":\(device.size)}}
+            "mismatched_bytes":\(verify?.mismatchedBytes ?? lastVerify?.mismatched ?? 0),"total_bytes":\(device.size)},\
+            "rollback":{"running":\(rollbackRun != nil),"barrier":\(rollbackRun.map { "\($0.id)" } ?? "null"),\
+            "done_chunks":\(rollbackRun?.next ?? 0),"total_chunks":\(rollbackRun?.plan.restores.count ?? 0),"failed":\(rollbackFailed)}}
             """
     }
 

@@ -505,6 +505,8 @@ struct Rollback: ParsableCommand {
     @Flag(name: .customLong("yes-destroy-newer-data"), help: "Confirm: every write after the barrier is lost.")
     var confirmed = false
 
+    @OptionGroup var progress: ProgressOptions
+
     /// `tandem rollback --undo-dir D --device F 5`: the only positional is the id.
     var offlineID: UInt64? { barrierID == nil ? file.flatMap { UInt64($0) } : nil }
     var id: UInt64 { barrierID ?? offlineID ?? idOption ?? 0 }
@@ -516,8 +518,28 @@ struct Rollback: ParsableCommand {
             var target = OptionalNode()
             target.file = file
             target.node = node
-            let answer = try target.ask("rollback \(id)", timeoutSeconds: 600)
-            return print("rolled back to barrier \(id): \(answer)")
+            let answer = try target.ask("rollback \(id)")
+            let started = answer.data(using: .utf8).flatMap { try? JSONSerialization.jsonObject(with: $0) as? [String: Any] }
+            let total = started?["chunks"] as? Int ?? 0
+            // The node restores a step per tick; its status says how far it is.
+            let reporter = progress.reporter(label: "rollback")
+            var statusTarget = RunningNode()
+            statusTarget.file = file
+            statusTarget.node = node ?? ""
+            while true {
+                usleep(200_000)
+                let status = try statusTarget.status()
+                let rollback = status.object["rollback"] as? [String: Any] ?? [:]
+                guard rollback["running"] as? Bool == true else { break }
+                reporter?.update(done: UInt64(rollback["done_chunks"] as? Int ?? 0), total: UInt64(max(rollback["total_chunks"] as? Int ?? total, 1)))
+            }
+            reporter?.update(done: UInt64(total), total: UInt64(max(total, 1)))
+            reporter?.finish()
+            if (try statusTarget.status()).object["rollback"].flatMap({ ($0 as? [String: Any])?["failed"] as? Bool }) == true {
+                throw fail("the rollback to barrier \(id) failed part way (see the node's log); it finishes when the node starts again")
+            }
+            print("rolled back \(node ?? "") to barrier \(id): \(total) chunks restored; the peer resyncs them from it (tandem wait-sync to follow)")
+            return
         }
         let (device, undo) = try store.open(readOnly: false)
         if let pending = undo.pendingRollback, pending != id {

@@ -160,7 +160,8 @@ def test_the_schema_checker_catches_what_it_should():
             "peer": {"node": "b", "connection": "Connected", "role": "Secondary", "disk": "UpToDate",
                      "replication": "Established", "out_of_sync_bytes": 0, "resync_done_bytes": 0},
             "writes_in_flight": 0, "transfer_log_entries": 0,
-            "verify": {"running": False, "checked_bytes": 0, "mismatched_bytes": 0, "total_bytes": 1}}
+            "verify": {"running": False, "checked_bytes": 0, "mismatched_bytes": 0, "total_bytes": 1},
+            "rollback": {"running": False, "barrier": None, "done_chunks": 0, "total_chunks": 0, "failed": False}}
     assert schema_problems(good, SCHEMA) == []
     bad = json.loads(json.dumps(good))
     bad["role"] = "primary"
