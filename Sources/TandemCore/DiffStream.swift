@@ -81,14 +81,7 @@ public struct DiffStreamHeader: Equatable, Sendable {
     }
 
     public init(decoding bytes: UnsafeRawBufferPointer) throws(UndoFormatError) {
-        guard bytes.count >= Self.encodedBytes else { throw .tooShort(bytes: bytes.count, need: Self.encodedBytes) }
-        let block = UnsafeRawBufferPointer(rebasing: bytes[0..<Self.encodedBytes])
-        guard block[0..<8].elementsEqual(Self.magic) else { throw .badMagic("stream") }
-        let version = MetadataCoding.load32(block, 8)
-        guard version == Self.version else { throw .unsupportedVersion(version) }
-        let stored = MetadataCoding.load32(block, 12)
-        let computed = MetadataCoding.checksum(block, crcOffset: 12)
-        guard stored == computed else { throw .checksumMismatch(what: "stream header", stored: stored, computed: computed) }
+        let block = try checkedHeaderBlock(bytes, count: Self.encodedBytes, magic: Self.magic, version: Self.version, what: "stream")
         if let at = MetadataCoding.firstNonzero(block, 66..<72) ?? MetadataCoding.firstNonzero(block, 200..<256) {
             throw .nonzeroReserved(offset: at)
         }

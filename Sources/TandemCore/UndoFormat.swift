@@ -143,14 +143,7 @@ public struct UndoSegmentHeader: Equatable, Sendable {
 
     /// Decodes and checks a header: magic, version, checksum, reserved bytes, label, geometry.
     public init(decoding bytes: UnsafeRawBufferPointer) throws(UndoFormatError) {
-        guard bytes.count >= Self.encodedBytes else { throw .tooShort(bytes: bytes.count, need: Self.encodedBytes) }
-        let block = UnsafeRawBufferPointer(rebasing: bytes[0..<Self.encodedBytes])
-        guard block[0..<8].elementsEqual(Self.magic) else { throw .badMagic("segment") }
-        let version = MetadataCoding.load32(block, 8)
-        guard version == Self.version else { throw .unsupportedVersion(version) }
-        let stored = MetadataCoding.load32(block, 12)
-        let computed = MetadataCoding.checksum(block, crcOffset: 12)
-        guard stored == computed else { throw .checksumMismatch(what: "segment header", stored: stored, computed: computed) }
+        let block = try checkedHeaderBlock(bytes, count: Self.encodedBytes, magic: Self.magic, version: Self.version, what: "segment")
         if let at = MetadataCoding.firstNonzero(block, 45..<48) ?? MetadataCoding.firstNonzero(block, 120..<128) {
             throw .nonzeroReserved(offset: at)
         }
@@ -429,4 +422,20 @@ extension Limits {
         precondition(barrierLabelBytesMax <= 255, "the label length is one byte on disk")
         precondition(barriersRetainedMax >= 1 && undoRecordsMax >= 1)
     }
+}
+
+/// The first `count` bytes of `bytes` as a header block whose magic (bytes 0..<8), version
+/// (8..<12) and CRC-32C (12..<16, over the block with those bytes zeroed) are checked: the
+/// common start of the undo segment header and the stream header.
+func checkedHeaderBlock(_ bytes: UnsafeRawBufferPointer, count: Int, magic: [UInt8], version expected: UInt32,
+                        what: String) throws(UndoFormatError) -> UnsafeRawBufferPointer {
+    guard bytes.count >= count else { throw .tooShort(bytes: bytes.count, need: count) }
+    let block = UnsafeRawBufferPointer(rebasing: bytes[0..<count])
+    guard block[0..<8].elementsEqual(magic) else { throw .badMagic(what) }
+    let version = MetadataCoding.load32(block, 8)
+    guard version == expected else { throw .unsupportedVersion(version) }
+    let stored = MetadataCoding.load32(block, 12)
+    let computed = MetadataCoding.checksum(block, crcOffset: 12)
+    guard stored == computed else { throw .checksumMismatch(what: "\(what) header", stored: stored, computed: computed) }
+    return block
 }
