@@ -32,6 +32,19 @@ public enum LinkDownReason: Sendable, Equatable {
     case administrative
     /// Both nodes are primary, or the connect would make a primary the sync target.
     case roleConflict
+
+    /// The reason a `disconnect` message tells the peer, for the verdicts it must share (the
+    /// peer then stays down too); nil for the link failures, which need no message.
+    public var wire: PeerDisconnectReason? {
+        switch self {
+        case .splitBrain: .splitBrain
+        case .unrelatedData: .unrelatedData
+        case .roleConflict: .roleConflict
+        case .sizeMismatch: .sizeMismatch
+        case .administrative: .shutdown
+        case .peerClosed, .timeout, .protocolError: nil
+        }
+    }
 }
 
 /// What to do when a connect finds a split brain (the resource file's `after-split-brain`).

@@ -142,11 +142,6 @@ public struct ResourceConfig: Sendable {
         }
 
         public var isWitness: Bool { role == .witness }
-        public static func == (a: Node, b: Node) -> Bool {
-            (a.name, a.id, a.role, a.address, a.devicePath, a.metadataPath) == (b.name, b.id, b.role, b.address, b.devicePath, b.metadataPath)
-                && (a.nbd, a.controlPath, a.certPath, a.keyPath, a.undoPath) == (b.nbd, b.controlPath, b.certPath, b.keyPath, b.undoPath)
-                && a.metrics == b.metrics
-        }
     }
 
     /// Replication tuning; every field has a default, so `[tuning]` is optional.

@@ -241,3 +241,20 @@ public enum ControlClient {
         return answer.isEmpty ? nil : String(decoding: answer, as: UTF8.self)
     }
 }
+
+/// `s` as a JSON string literal (quotes, backslashes and control characters escaped): for the
+/// control socket's answers and the CLI's JSON output.
+public func jsonString(_ s: String) -> String {
+    var out = "\""
+    for scalar in s.unicodeScalars {
+        switch scalar {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case _ where scalar.value < 0x20:
+            let hex = String(scalar.value, radix: 16)
+            out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+        default: out.unicodeScalars.append(scalar)
+        }
+    }
+    return out + "\""
+}

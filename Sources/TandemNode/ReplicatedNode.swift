@@ -285,7 +285,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                     _ = try store.rollback(
                         to: pending,
                         writeDevice: { offset, bytes in
-                            try Self.deviceIO(device, write: true, at: offset, UnsafeMutableRawBufferPointer(mutating: bytes))
+                            try BlockFile.write(device, bytes, at: offset)
                         },
                         syncDevice: { guard fdatasync(fd) == 0 else { throw UndoStoreError("cannot sync the device: \(SystemError.text(errno))") } })
                 }
@@ -367,7 +367,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         do {
             let dropped = try undo.createBarrier(info, nowUnixSeconds: Self.unixSeconds())
             logger.info("barrier \(info.id) '\(info.label)' recorded")
-            emit("barrier-recorded", "\"id\":\(info.id),\"label\":\(Self.jsonString(info.label))")
+            emit("barrier-recorded", "\"id\":\(info.id),\"label\":\(jsonString(info.label))")
             for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
         } catch {
             logger.error("barrier \(info.id): cannot record it: \(error); replication goes on without it")
@@ -381,7 +381,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let device = self.device
         do {
             let dropped = try undo.save(offset: offset, length: length, nowUnixSeconds: Self.unixSeconds(), sync: sync) { at, buffer in
-                try Self.deviceIO(device, write: false, at: at, buffer)
+                try BlockFile.read(device, into: buffer, at: at)
             }
             for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
         } catch {
@@ -391,36 +391,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     static func unixSeconds() -> Int64 { Int64(time(nil)) }
-
-    /// Synchronous device I/O for the barrier paths (off the hot path), through an aligned bounce
-    /// buffer: an O_DIRECT device takes only aligned buffers, offsets and lengths.
-    static func deviceIO(_ device: BackingDevice, write: Bool, at offset: UInt64, _ bytes: UnsafeMutableRawBufferPointer) throws {
-        let align = UInt64(max(device.alignment, 512))
-        let start = offset / align * align
-        let end = (offset + UInt64(bytes.count) + align - 1) / align * align
-        let count = Int(end - start)
-        let bounce = allocateAligned(count)
-        defer { freeAligned(bounce, count) }
-        func transfer(_ isWrite: Bool) throws {
-            var done = 0
-            while done < count {
-                let n = isWrite ? pwrite(device.fd, bounce + done, count - done, off_t(start) + off_t(done))
-                    : pread(device.fd, bounce + done, count - done, off_t(start) + off_t(done))
-                if n < 0 && errno == EINTR { continue }
-                guard n > 0 else { throw UndoStoreError("cannot \(isWrite ? "write" : "read") \(device.path): \(n == 0 ? "short" : SystemError.text(errno))", errno: EIO) }
-                done += n
-            }
-        }
-        let inside = Int(offset - start)
-        if write {
-            if start != offset || end != offset + UInt64(bytes.count) { try transfer(false) }
-            (bounce + inside).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
-            try transfer(true)
-        } else {
-            try transfer(false)
-            bytes.baseAddress!.copyMemory(from: bounce + inside, byteCount: bytes.count)
-        }
-    }
 
     /// Primary: `tandem barrier create`.
     private func createBarrier(label: String) -> String {
@@ -435,18 +405,18 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         createdBarriers.append(info)
         if createdBarriers.count > Limits.barriersRetainedMax { createdBarriers.removeFirst() }
         logger.info("barrier \(info.id) '\(label)' created")
-        emit("barrier-created", "\"id\":\(info.id),\"label\":\(Self.jsonString(label))")
+        emit("barrier-created", "\"id\":\(info.id),\"label\":\(jsonString(label))")
         return "{\"ok\":true,\"id\":\(info.id),\"time\":\(info.createdUnixSeconds)}"
     }
 
     private func listBarriers() -> String {
         if let undo, !undo.barriers.isEmpty || core.role == .secondary {
             let items = undo.barriers.map { row in
-                "{\"id\":\(row.info.id),\"time\":\(row.info.createdUnixSeconds),\"label\":\(Self.jsonString(row.info.label)),\"bytes_held\":\(row.bytesHeld),\"exported\":\(barrierExports[row.info.id].map { "\"\($0.boundAddress)\"" } ?? "null")}"
+                "{\"id\":\(row.info.id),\"time\":\(row.info.createdUnixSeconds),\"label\":\(jsonString(row.info.label)),\"bytes_held\":\(row.bytesHeld),\"exported\":\(barrierExports[row.info.id].map { "\"\($0.boundAddress)\"" } ?? "null")}"
             }
             return "{\"node\":\"\(me.name)\",\"kept_here\":true,\"chunk_bytes\":\(undo.geometry.chunkBytes),\"barriers\":[\(items.joined(separator: ","))]}"
         }
-        let items = createdBarriers.map { "{\"id\":\($0.id),\"time\":\($0.createdUnixSeconds),\"label\":\(Self.jsonString($0.label)),\"bytes_held\":null}" }
+        let items = createdBarriers.map { "{\"id\":\($0.id),\"time\":\($0.createdUnixSeconds),\"label\":\(jsonString($0.label)),\"bytes_held\":null}" }
         return "{\"node\":\"\(me.name)\",\"kept_here\":false,\"kept_on\":\"\(peer.name)\",\"barriers\":[\(items.joined(separator: ","))]}"
     }
 
@@ -474,7 +444,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             guard let self, let undo = self.undo, undo.index.contains(id) else { return -ENOENT }
             do {
                 try undo.readImage(at: id, offset: offset, into: buffer) { at, target in
-                    try Self.deviceIO(device, write: false, at: at, target)
+                    try BlockFile.read(device, into: target, at: at)
                 }
                 return 0
             } catch {
@@ -534,7 +504,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 try buffer.withUnsafeMutableBytes { raw in
                     let data = UnsafeMutableRawBufferPointer(rebasing: raw[0..<restore.record.dataBytes])
                     try undo.readRecord(restore.record, of: restore.barrierID, into: data)
-                    try Self.deviceIO(device, write: true, at: geometry.offset(ofChunk: restore.chunk), data)
+                    try BlockFile.write(device, UnsafeRawBufferPointer(data), at: geometry.offset(ofChunk: restore.chunk))
                 }
             }
             run.next = end
@@ -565,19 +535,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let micros = (monotonicNanos() - run.started) / 1000
         logger.notice("rolled back to barrier \(run.id) in \(micros) µs: \(run.plan.restores.count) chunks restored, \(run.plan.newer.count) newer barriers dropped; \(peer.name) resyncs them from here")
         emit("rollback-done", "\"id\":\(run.id),\"chunks_restored\":\(run.plan.restores.count),\"barriers_dropped\":\(run.plan.newer.count)")
-    }
-
-    static func jsonString(_ s: String) -> String {
-        var out = "\""
-        for scalar in s.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case _ where scalar.value < 0x20: out += "\\u00" + (scalar.value < 16 ? "0" : "") + String(scalar.value, radix: 16)
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
     }
 
     // MARK: Metrics
@@ -1125,13 +1082,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 case .splitBrain, .unrelatedData, .roleConflict, .sizeMismatch:
                     // Our hello and the verdict reach the peer before the link closes, so it
                     // reaches the same verdict and stays down too.
-                    let wire: PeerDisconnectReason = switch reason {
-                    case .splitBrain: .splitBrain
-                    case .unrelatedData: .unrelatedData
-                    case .roleConflict: .roleConflict
-                    default: .sizeMismatch
-                    }
-                    link?.send(.disconnect(reason: wire, text: "\(reason)"))
+                    link?.send(.disconnect(reason: reason.wire!, text: "\(reason)"))
                     link?.closeAfterSending(reason: "\(reason)")
                 case .peerClosed, .timeout, .protocolError:
                     link?.close(reason: "\(reason)")
@@ -1491,7 +1442,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     static func error(_ message: String) -> String {
-        "{\"error\":\"\(message.filter { $0 != "\"" && $0 != "\\" && $0 != "\n" })\"}"
+        "{\"error\":\(jsonString(message))}"
     }
 
     // MARK: Roles

@@ -21,9 +21,10 @@ public struct UndoStoreError: Error, CustomStringConvertible, Sendable {
 }
 
 /// Positioned, synchronous, whole-buffer I/O (EINTR retried in one place) for the barrier code,
-/// which runs off the hot path: at attach, in the offline tools, and for export reads of records.
-enum BlockFile {
-    static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, _ what: @autoclosure () -> String) throws {
+/// which runs off the hot path: at attach, in the offline tools, copy-on-write, export reads and
+/// rollback.
+public enum BlockFile {
+    public static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, _ what: @autoclosure () -> String) throws {
         var done = 0
         while done < buffer.count {
             let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -34,7 +35,7 @@ enum BlockFile {
         }
     }
 
-    static func write(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: UInt64, _ what: @autoclosure () -> String) throws {
+    public static func write(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: UInt64, _ what: @autoclosure () -> String) throws {
         var done = 0
         while done < bytes.count {
             let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
@@ -43,6 +44,39 @@ enum BlockFile {
             // A short write with no error is the filesystem filling up; the retry reports ENOSPC.
             done += n
         }
+    }
+
+    /// `read` from a backing device at any offset and length, through an aligned bounce buffer
+    /// (an O_DIRECT device takes only aligned buffers, offsets and lengths).
+    public static func read(_ device: BackingDevice, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try bounced(device, at: offset, count: buffer.count, readFirst: true) { bounce, inside, _ in
+            buffer.baseAddress!.copyMemory(from: bounce + inside, byteCount: buffer.count)
+        }
+    }
+
+    /// `write` to a backing device at any offset and length (the partial blocks at either end
+    /// are read first).
+    public static func write(_ device: BackingDevice, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        let align = UInt64(max(device.alignment, 512))
+        let aligned = offset % align == 0 && UInt64(bytes.count) % align == 0
+        try bounced(device, at: offset, count: bytes.count, readFirst: !aligned) { bounce, inside, whole in
+            (bounce + inside).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+            try write(device.fd, UnsafeRawBufferPointer(whole), at: offset - UInt64(inside), device.path)
+        }
+    }
+
+    private static func bounced(_ device: BackingDevice, at offset: UInt64, count: Int, readFirst: Bool,
+                                _ body: (UnsafeMutableRawPointer, Int, UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        let align = UInt64(max(device.alignment, 512))
+        let start = offset / align * align
+        let end = (offset + UInt64(count) + align - 1) / align * align
+        let bytes = Int(end - start)
+        let bounce = allocateAligned(bytes)
+        defer { freeAligned(bounce, bytes) }
+        let whole = UnsafeMutableRawBufferPointer(start: bounce, count: bytes)
+        // A read serves a read, and keeps the edges of a write that does not cover whole blocks.
+        if readFirst { try read(device.fd, into: whole, at: start, device.path) }
+        try body(bounce, Int(offset - start), whole)
     }
 
     static func dataSync(_ fd: Int32, _ what: @autoclosure () -> String) throws {

@@ -146,8 +146,8 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
         }
     }
 
-    /// A reply carries the request's id; a refusal's reason follows as a `disconnect`-free
-    /// control text is not in the protocol, so the reason is logged on both sides.
+    /// A reply carries the request's id and, for a refusal, the `refused` flag; the reason is in
+    /// the witness's log (stateChange carries no text).
     private func reply(_ connection: PeerConnection, to request: PeerStateChange, refused: String?) {
         var flags = PeerFlags.State.reply
         if refused != nil { flags |= PeerFlags.State.refused }

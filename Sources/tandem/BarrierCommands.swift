@@ -42,27 +42,7 @@ struct UndoStoreOptions: ParsableArguments {
 func unixNow() -> Int64 { Int64(time(nil)) }
 
 func readDevice(_ device: BackingDevice) -> (UInt64, UnsafeMutableRawBufferPointer) throws -> Void {
-    { offset, buffer in try readExactly(device.fd, buffer, at: offset, device.path) }
-}
-
-func readExactly(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, _ path: String) throws {
-    var done = 0
-    while done < buffer.count {
-        let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else { throw UndoStoreError("cannot read \(path): \(n == 0 ? "short file" : SystemError.text(errno))", errno: errno) }
-        done += n
-    }
-}
-
-func writeExactly(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: UInt64, _ path: String) throws {
-    var done = 0
-    while done < bytes.count {
-        let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else { throw UndoStoreError("cannot write \(path): \(SystemError.text(errno))", errno: errno) }
-        done += n
-    }
+    { offset, buffer in try BlockFile.read(device.fd, into: buffer, at: offset, device.path) }
 }
 
 func logDrops(_ dropped: [(BarrierInfo, BarrierRetention.Reason)]) {
@@ -79,16 +59,21 @@ struct OptionalNode: ParsableArguments {
 
     var online: Bool { file != nil }
 
-    func ask(_ request: String, timeoutSeconds: Int = 30) throws -> String {
-        guard let file, let node else { throw fail("--node is required with a resource file") }
-        var target = RunningNode()
-        target.file = file
-        target.node = node
-        let answer = try target.ask(request, timeoutSeconds: timeoutSeconds)
-        if let range = answer.range(of: "{\"error\":\"") {
-            throw fail("\(node): \(answer[range.upperBound...].dropLast(answer.hasSuffix("\"}\n") ? 3 : 2))")
+    /// The running node, when a resource file is given.
+    var running: RunningNode {
+        get throws {
+            guard let file, let node else { throw fail("--node is required with a resource file") }
+            var target = RunningNode()
+            target.file = file
+            target.node = node
+            return target
         }
-        return answer.hasSuffix("\n") ? String(answer.dropLast()) : answer
+    }
+
+    /// The node's answer as JSON text, or its refusal as one `error:` line.
+    func ask(_ request: String, timeoutSeconds: Int = 30) throws -> String {
+        let object = try running.command(request, timeoutSeconds: timeoutSeconds)
+        return String(decoding: try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self)
     }
 }
 
@@ -129,10 +114,8 @@ struct Barrier: ParsableCommand {
         var listen: String
 
         func run() throws {
-            var node = OptionalNode()
-            node.file = target.file
-            node.node = target.node
-            print(try node.ask("barrier export \(id) \(listen)"))
+            let answer = try target.command("barrier export \(id) \(listen)")
+            print("barrier \(id) exported read-only as nbd://\(answer["address"] ?? "?")/\(answer["export"] ?? "?")")
         }
     }
 
@@ -150,10 +133,7 @@ struct Barrier: ParsableCommand {
         var id: UInt64
 
         func run() throws {
-            var node = OptionalNode()
-            node.file = target.file
-            node.node = target.node
-            _ = try node.ask("barrier unexport \(id)")
+            try target.command("barrier unexport \(id)")
             print("barrier \(id) no longer exported")
         }
     }
@@ -242,8 +222,7 @@ struct Barrier: ParsableCommand {
 
         func run() throws {
             if target.online {
-                let answer = try target.ask("barrier create \(label)")
-                let id = answer.split(separator: ",").first { $0.contains("\"id\"") }?.split(separator: ":").last ?? "?"
+                let id = try target.running.command("barrier create \(label)")["id"] ?? "?"
                 return print("barrier \(id)")
             }
             let (_, undo) = try store.open(readOnly: false, chunkBytes: chunkBytes)
@@ -285,9 +264,9 @@ struct Barrier: ParsableCommand {
             }
             var bytes = [UInt8](repeating: 0, count: Int(length))
             do {
-                try bytes.withUnsafeMutableBytes { try readExactly(fd, $0, at: 0, input) }
+                try bytes.withUnsafeMutableBytes { try BlockFile.read(fd, into: $0, at: 0, input) }
                 logDrops(try undo.save(offset: offset, length: length, nowUnixSeconds: unixNow(), readDevice: readDevice(device)))
-                try bytes.withUnsafeBytes { try writeExactly(device.fd, $0, at: offset, device.path) }
+                try bytes.withUnsafeBytes { try BlockFile.write(device.fd, $0, at: offset, device.path) }
                 guard fsync(device.fd) == 0 else { throw UndoStoreError("cannot sync \(device.path): \(SystemError.text(errno))") }
             } catch {
                 throw fail("\(error)")
@@ -337,15 +316,15 @@ struct Barrier: ParsableCommand {
                     let fill = UInt64(rng.next())
                     for i in 0..<length { buffer[i] = UInt8(truncatingIfNeeded: fill >> UInt64(8 * (i % 8)) &+ UInt64(i / 8)) }
                     logDrops(try undo.save(offset: offset, length: UInt64(length), nowUnixSeconds: unixNow(), readDevice: readDevice(device)))
-                    try buffer.withUnsafeBytes { try writeExactly(device.fd, UnsafeRawBufferPointer(rebasing: $0[0..<length]), at: offset, device.path) }
+                    try buffer.withUnsafeBytes { try BlockFile.write(device.fd, UnsafeRawBufferPointer(rebasing: $0[0..<length]), at: offset, device.path) }
                     if count % barrierEvery == 0 {
                         let id = undo.index.newestID + 1
                         logDrops(try undo.createBarrier(BarrierInfo(id: id, createdUnixSeconds: unixNow(), label: "t\(id)"), nowUnixSeconds: unixNow()))
-                        try image.withUnsafeMutableBytes { try readExactly(device.fd, $0, at: 0, device.path) }
+                        try image.withUnsafeMutableBytes { try BlockFile.read(device.fd, into: $0, at: 0, device.path) }
                         let path = "\(oracleDir)/\(id).img"
                         let fd = open(path + ".tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
                         guard fd >= 0 else { throw UndoStoreError("cannot create \(path).tmp: \(SystemError.text(errno))") }
-                        try image.withUnsafeBytes { try writeExactly(fd, $0, at: 0, path) }
+                        try image.withUnsafeBytes { try BlockFile.write(fd, $0, at: 0, path) }
                         close(fd)
                         rename(path + ".tmp", path)
                         // Unbuffered: the test reading it may kill this process at any moment.
@@ -496,9 +475,6 @@ struct Rollback: ParsableCommand {
 
     @OptionGroup var store: UndoStoreOptions
 
-    @Option(name: .customLong("id"), help: .hidden)
-    var idOption: UInt64?
-
     @Argument(help: "The barrier id.")
     var barrierID: UInt64?
 
@@ -509,7 +485,7 @@ struct Rollback: ParsableCommand {
 
     /// `tandem rollback --undo-dir D --device F 5`: the only positional is the id.
     var offlineID: UInt64? { barrierID == nil ? file.flatMap { UInt64($0) } : nil }
-    var id: UInt64 { barrierID ?? offlineID ?? idOption ?? 0 }
+    var id: UInt64 { barrierID ?? offlineID ?? 0 }
 
     func run() throws {
         guard confirmed else { throw fail("a rollback destroys every write after the barrier; add --yes-destroy-newer-data to confirm") }
@@ -518,14 +494,10 @@ struct Rollback: ParsableCommand {
             var target = OptionalNode()
             target.file = file
             target.node = node
-            let answer = try target.ask("rollback \(id)")
-            let started = answer.data(using: .utf8).flatMap { try? JSONSerialization.jsonObject(with: $0) as? [String: Any] }
-            let total = started?["chunks"] as? Int ?? 0
+            let total = try target.running.command("rollback \(id)")["chunks"] as? Int ?? 0
             // The node restores a step per tick; its status says how far it is.
             let reporter = progress.reporter(label: "rollback")
-            var statusTarget = RunningNode()
-            statusTarget.file = file
-            statusTarget.node = node ?? ""
+            let statusTarget = try target.running
             while true {
                 usleep(200_000)
                 let status = try statusTarget.status()
@@ -548,7 +520,7 @@ struct Rollback: ParsableCommand {
         do {
             let plan = try undo.rollback(
                 to: id,
-                writeDevice: { offset, bytes in try writeExactly(device.fd, bytes, at: offset, device.path) },
+                writeDevice: { offset, bytes in try BlockFile.write(device.fd, bytes, at: offset, device.path) },
                 syncDevice: { guard fsync(device.fd) == 0 else { throw UndoStoreError("cannot sync \(device.path): \(SystemError.text(errno))") } })
             print("rolled back \(device.path) to barrier \(id): \(plan.restores.count) chunks restored, \(plan.newer.count) newer barriers dropped")
         } catch {
@@ -557,20 +529,6 @@ struct Rollback: ParsableCommand {
     }
 }
 
-func jsonString(_ s: String) -> String {
-    var out = "\""
-    for scalar in s.unicodeScalars {
-        switch scalar {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case _ where scalar.value < 0x20:
-            let hex = String(scalar.value, radix: 16)
-            out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-        default: out.unicodeScalars.append(scalar)
-        }
-    }
-    return out + "\""
-}
 
 /// The human form of a node's `barrier list` answer.
 private func printBarrierTable(_ answer: String) {

@@ -1,5 +1,6 @@
 import Glibc
 import Logging
+import TandemNode
 
 /// `--log-format json`: one JSON object per line on stderr, for journald, Loki, Elastic and the
 /// like:

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import CTandem
 import Glibc
 import TandemCore
@@ -274,6 +275,18 @@ struct RunningNode: ParsableArguments {
         }
         return answer
     }
+
+    /// A request whose answer is one JSON object: the object, or a failure that says what the
+    /// node refused (`{"error": ...}`), as one `error:` line.
+    @discardableResult
+    func command(_ request: String, timeoutSeconds: Int = 30) throws -> [String: Any] {
+        let answer = try ask(request, timeoutSeconds: timeoutSeconds)
+        guard let data = answer.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+            throw fail("\(node): unreadable answer: \(answer.prefix(200))")
+        }
+        if let why = object["error"] as? String { throw fail("\(node): \(why)") }
+        return object
+    }
 }
 
 struct Status: ParsableCommand {
@@ -334,8 +347,7 @@ struct Verify: ParsableCommand {
     @OptionGroup var progress: ProgressOptions
 
     func run() throws {
-        let answer = try target.ask("verify")
-        if answer.contains("\"error\"") { throw fail("verify refused: \(answer.filter { $0 != "\n" })") }
+        try target.command("verify")
         guard wait else { return print("verify started on \(target.node); see tandem status") }
         let reporter = progress.reporter(label: "verify")
         while true {

@@ -2,19 +2,6 @@ import ArgumentParser
 import Foundation
 import TandemNode
 
-/// A control answer's error text, or nil when it succeeded.
-private func refusal(_ answer: String) -> String? {
-    guard let data = answer.data(using: .utf8),
-          let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
-    else { return "unreadable answer from the node: \(answer.prefix(200))" }
-    return object["error"] as? String
-}
-
-private func field(_ answer: String, _ name: String) -> Any? {
-    guard let data = answer.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { return nil }
-    return object[name]
-}
-
 struct Primary: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Promote a running node to primary: its NBD export becomes writable.",
@@ -37,9 +24,7 @@ struct Primary: ParsableCommand {
     var force = false
 
     func run() throws {
-        let answer = try target.ask(force ? "primary force" : "primary")
-        if let why = refusal(answer) { throw fail("\(target.node): \(why)") }
-        let micros = field(answer, "micros") as? Int
+        let micros = try target.command(force ? "primary force" : "primary")["micros"] as? Int
         print("\(target.node) is primary\(micros.map { " (promoted in \($0) µs)" } ?? " (already)")")
     }
 }
@@ -59,9 +44,7 @@ struct Secondary: ParsableCommand {
     @OptionGroup var target: RunningNode
 
     func run() throws {
-        let answer = try target.ask("secondary", timeoutSeconds: 60)
-        if let why = refusal(answer) { throw fail("\(target.node): \(why)") }
-        let micros = field(answer, "micros") as? Int
+        let micros = try target.command("secondary", timeoutSeconds: 60)["micros"] as? Int
         print("\(target.node) is secondary\(micros.map { " (demoted in \($0) µs)" } ?? " (already)")")
     }
 }
@@ -87,8 +70,7 @@ struct Connect: ParsableCommand {
     var discardMyData = false
 
     func run() throws {
-        let answer = try target.ask(discardMyData ? "connect discard-my-data" : "connect")
-        if let why = refusal(answer) { throw fail("\(target.node): \(why)") }
+        try target.command(discardMyData ? "connect discard-my-data" : "connect")
         print("\(target.node): connecting\(discardMyData ? "; its changes will be discarded if a split brain is found" : "")")
     }
 }
@@ -108,8 +90,7 @@ struct Disconnect: ParsableCommand {
     @OptionGroup var target: RunningNode
 
     func run() throws {
-        let answer = try target.ask("disconnect")
-        if let why = refusal(answer) { throw fail("\(target.node): \(why)") }
+        try target.command("disconnect")
         print("\(target.node): disconnected (StandAlone)")
     }
 }
