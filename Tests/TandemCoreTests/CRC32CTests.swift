@@ -78,9 +78,11 @@ typealias MetadataTestRNG = SplitMix64
 @Suite struct CRC32CHardwareTests {
     @Test func hardwareAndTableAgreeOnEveryLengthAndAlignment() {
         var rng = SplitMix64(seed: 0xC3C3)
-        let bytes = (0..<4096 + 64).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        let bytes = (0..<65536 + 64).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
         bytes.withUnsafeBytes { raw in
-            for length in [0, 1, 3, 7, 8, 9, 15, 16, 63, 64, 65, 511, 4096] {
+            // Around the three-stripe paths too: 3 x 256 and 3 x 8192 bytes, and their mixes.
+            let stripes = [767, 768, 769, 1536 + 5, 24575, 24576, 24577, 24576 + 768 + 13, 65536]
+            for length in [0, 1, 3, 7, 8, 9, 15, 16, 63, 64, 65, 511, 4096] + stripes {
                 for shift in 0..<8 {
                     let slice = UnsafeRawBufferPointer(rebasing: raw[shift..<shift + length])
                     let table = ~CRC32C.advanceByTable(~0, slice)
