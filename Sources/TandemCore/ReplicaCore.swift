@@ -280,6 +280,9 @@ public struct ReplicaCore {
     }
 
     /// Whether reads must go to the peer (the local disk is detached).
+    /// Secondary: peer writes received and not yet completed on the local disk.
+    public var peerWritesApplying: Int { peerWritesInFlight.count }
+
     public var readsFromPeer: Bool { disk == .failed && link == .connected && peerDisk == .upToDate }
 
     // MARK: Local completions

@@ -720,6 +720,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             perform()
             ticks &+= 1
             checkPeerAlive()
+            link?.flushLazy()
             if ticks % 10 == 0 { handlers.reap(nowNanos: monotonicNanos()) }
             if rollbackRun != nil { stepRollback() }
             if ticks % 100 == 0, let undo {
@@ -1015,6 +1016,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     private var performing = false
+    /// A barrier ack waits in the link's queue for the next write ack (see `perform`).
+    private var lazyAckQueued = false
 
     /// Carries out the collected actions in order. Re-entrant calls (an action whose effect calls
     /// back into the core) only append; the outer call carries everything out.
@@ -1030,7 +1033,18 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             case .submitLocal(let io):
                 submit(io)
             case .send(let message):
-                link?.send(message)
+                if case .barrierAck = message {
+                    // Nobody waits for it (the primary's durability comes from flushes): while a
+                    // peer write is on its way to the disk, its write ack carries this along.
+                    // Whether one is, is known once the whole batch of frames is read.
+                    link?.send(message, lazy: true)
+                    if !lazyAckQueued {
+                        lazyAckQueued = true
+                        loop.callAtBatchEnd(id)
+                    }
+                } else {
+                    link?.send(message)
+                }
             case .sendWrite(let write, let kind, let buffer):
                 let type: PeerMessageType
                 switch kind {
@@ -1182,6 +1196,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     func ioBatchEnded() {
+        if lazyAckQueued {
+            lazyAckQueued = false
+            if core.peerWritesApplying == 0 { link?.flushLazy() }
+        }
         guard !savedWrites.isEmpty else { return }
         do {
             try undo?.sync()
