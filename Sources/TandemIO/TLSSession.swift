@@ -45,6 +45,23 @@ public final class TLSSession {
         ctandem_tls_feed(session, bytes, count) == Int32(count)
     }
 
+    /// Hands over received ciphertext without copying it: the caller keeps the bytes unchanged
+    /// until `releaseInput()` (or the next feed), which copies whatever is still unread.
+    public func feedInPlace(_ bytes: UnsafeRawPointer, _ count: Int) -> Bool {
+        ctandem_tls_feed_in_place(session, bytes, count) == Int32(count)
+    }
+
+    /// The caller is about to reuse the buffer it fed in place.
+    public func releaseInput() -> Bool { ctandem_tls_release_input(session) == 0 }
+
+    /// Until `closeOutputWindow`, ciphertext goes straight into `buffer` (what does not fit
+    /// waits for `takeOutput`). Returns nothing; closing returns the bytes put into `buffer`.
+    public func setOutputWindow(_ buffer: UnsafeMutableRawPointer, capacity: Int) {
+        ctandem_tls_set_output_window(session, buffer, capacity)
+    }
+
+    public func closeOutputWindow() -> Int { ctandem_tls_close_output_window(session) }
+
     public func handshake() -> Status {
         switch ctandem_tls_handshake(session) {
         case Int32(CTANDEM_TLS_OK): return .ok

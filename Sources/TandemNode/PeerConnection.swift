@@ -197,7 +197,8 @@ final class PeerConnection: IOHandler {
         guard result > 0 else {
             return close(reason: result == 0 ? "peer closed the connection" : "receive failed: \(SystemError.text(-result))")
         }
-        guard tls.feed(cipherIn, Int(result)) else { return close(reason: "TLS: cannot buffer ciphertext") }
+        // OpenSSL reads the ciphertext where it landed; `postRecv` takes back what it left.
+        guard tls.feedInPlace(cipherIn, Int(result)) else { return close(reason: "TLS: cannot buffer ciphertext") }
         tlsWantsCiphertext = false
         if !up {
             pumpHandshake()
@@ -307,6 +308,7 @@ final class PeerConnection: IOHandler {
 
     private func postRecv() {
         guard !recvPosted, !closing, tlsWantsCiphertext else { return }
+        guard tls.releaseInput() else { return close(reason: "TLS: cannot buffer ciphertext") }
         recvPosted = true
         opsInFlight += 1
         loop.engine.recv(fd: fd, buffer: cipherIn, length: cipherBytes, waitAll: false, userData: IOLoop.userData(id, Self.tagRecv))
@@ -322,6 +324,10 @@ final class PeerConnection: IOHandler {
         cipherOutSent = 0
         if up && tls.pendingOutput < cipherBytes / 2 {
             cipherOutLength = tls.takeOutput(into: cipherOut, count: cipherBytes)
+            // Records are encrypted straight into the send buffer (a record that does not fit
+            // waits in TLS's queue); the budget leaves room for the last one to overshoot.
+            tls.setOutputWindow(cipherOut + cipherOutLength, capacity: cipherBytes - cipherOutLength)
+            defer { cipherOutLength += tls.closeOutputWindow() }
             var budget = cipherBytes / 2
             while budget > 0, let head = queue.first {
                 switch head {
@@ -335,8 +341,9 @@ final class PeerConnection: IOHandler {
                         headHeaderSent = true
                         budget -= headerLength
                     }
-                    // One TLS record at a time, its ciphertext taken out at once: OpenSSL's memory
-                    // BIO slows down badly when ciphertext piles up in it (Benchmarks/TLSRecord).
+                    // One TLS record at a time, its ciphertext put straight into the send buffer:
+                    // OpenSSL's memory BIO slows down badly when ciphertext piles up in it
+                    // (Benchmarks/TLSRecord).
                     let n = min(length - headOffset, max(budget, 0), Limits.tlsRecordPlaintextMax)
                     if n > 0 {
                         guard tls.write(payload! + headOffset, count: n) else { return close(reason: "TLS: \(tls.lastError)") }
@@ -351,7 +358,6 @@ final class PeerConnection: IOHandler {
                         if let token { delegate?.peerConnection(self, releasedPayload: token) }
                     }
                 }
-                cipherOutLength += tls.takeOutput(into: cipherOut + cipherOutLength, count: cipherBytes - cipherOutLength)
             }
         }
         cipherOutLength += tls.takeOutput(into: cipherOut + cipherOutLength, count: cipherBytes - cipherOutLength)

@@ -116,15 +116,25 @@ void ctandem_tls_free(ctandem_tls *tls);
 /// Result codes of the calls below.
 enum { CTANDEM_TLS_OK = 1, CTANDEM_TLS_WANT = 0, CTANDEM_TLS_ERROR = -1, CTANDEM_TLS_CLOSED = -2 };
 
-/// Hands received ciphertext to the session. Returns bytes taken (all of them) or -1.
+/// Hands received ciphertext to the session (copied). Returns bytes taken (all of them) or -1.
 int ctandem_tls_feed(ctandem_tls *tls, const void *data, size_t len);
+/// Hands received ciphertext over without copying it: OpenSSL reads it where it is. The caller
+/// keeps `data` unchanged until `ctandem_tls_release_input` (or the next feed), which copies
+/// whatever OpenSSL has not read yet. Returns bytes taken (all of them) or -1.
+int ctandem_tls_feed_in_place(ctandem_tls *tls, const void *data, size_t len);
+/// Copies unread in-place ciphertext into the session, so the caller may reuse its buffer. 0 or -1.
+int ctandem_tls_release_input(ctandem_tls *tls);
+/// Until closed, ciphertext goes straight into `buf` (up to `capacity`; beyond, into the session's
+/// queue that `ctandem_tls_take_out` drains). Closing returns the bytes put into `buf`.
+void ctandem_tls_set_output_window(ctandem_tls *tls, void *buf, size_t capacity);
+size_t ctandem_tls_close_output_window(ctandem_tls *tls);
 /// Advances the handshake: OK when complete, WANT when it needs more ciphertext, ERROR.
 int ctandem_tls_handshake(ctandem_tls *tls);
 /// Reads plaintext: > 0 bytes read, 0 (WANT) when more ciphertext is needed, CLOSED, ERROR.
 long ctandem_tls_read(ctandem_tls *tls, void *buf, size_t len);
 /// Encrypts plaintext: bytes taken (> 0) or ERROR.
 long ctandem_tls_write(ctandem_tls *tls, const void *buf, size_t len);
-/// Ciphertext waiting to be sent, and taking it out.
+/// Ciphertext waiting to be sent (not counting an output window's), and taking it out.
 size_t ctandem_tls_pending_out(ctandem_tls *tls);
 size_t ctandem_tls_take_out(ctandem_tls *tls, void *buf, size_t len);
 /// Sends close_notify (the ciphertext lands in the out queue).
