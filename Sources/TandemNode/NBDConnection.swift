@@ -586,6 +586,9 @@ final class NBDConnection: IOHandler {
     /// The payload of a request slot (a WRITE's data), for the replicator.
     func payload(slot: Int) -> UnsafeMutableRawPointer? { slots[slot].buffer?.pointer }
 
+    /// The payload's buffer: its registered index lets the disk write skip pinning its pages.
+    func payloadBuffer(slot: Int) -> PoolBuffer? { slots[slot].buffer }
+
     /// Answers a READ whose data is in its slot's buffer.
     private func replyRead(_ index: Int) {
         let request = slots[index].request

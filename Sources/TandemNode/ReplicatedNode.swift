@@ -1168,6 +1168,19 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         witness != nil && core.role == .primary && !core.replicating && !fenced
     }
 
+    /// The io_uring registered-buffer index of a buffer, or -1 (the kernel pins its pages).
+    private func fixedIndex(for buffer: BufferRef) -> Int32 {
+        switch buffer {
+        case .client(let clientID):
+            guard let client = clients[clientID] else { return -1 }
+            return client.connection.payloadBuffer(slot: client.slot)?.fixedIndex ?? -1
+        case .peer(let writeID):
+            return peerBuffers[writeID]?.fixedIndex ?? -1
+        case .resync(let key):
+            return resyncBuffers[key]?.fixedIndex ?? -1
+        }
+    }
+
     private func pointer(for buffer: BufferRef) -> UnsafeMutableRawPointer {
         switch buffer {
         case .client(let clientID):
@@ -1230,7 +1243,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             case .write:
                 let p: UnsafeMutableRawPointer
                 if case .resync(let key)? = io.buffer { p = resyncBuffers[key]!.pointer } else { p = pointer(for: io.buffer!) }
-                loop.engine.write(fd: device.fd, buffer: p, length: Int(io.length), offset: io.offset, fixedIndex: -1, fua: fua,
+                loop.engine.write(fd: device.fd, buffer: p, length: Int(io.length), offset: io.offset, fixedIndex: fixedIndex(for: io.buffer!), fua: fua,
                                   offload: device.cache == .page && io.length >= 65536, userData: userData)
             case .trim, .zeroes:
                 var mode = ctandem_FALLOC_FL_PUNCH_HOLE | ctandem_FALLOC_FL_KEEP_SIZE
