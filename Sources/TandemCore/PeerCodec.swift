@@ -547,6 +547,15 @@ extension PeerMessage {
         return total
     }
 
+    /// Appends the whole frame to `bytes` (several frames sent as one item).
+    public func encode(appendingTo bytes: inout [UInt8]) {
+        let start = bytes.count
+        bytes.append(contentsOf: repeatElement(0, count: frameBytes))
+        bytes.withUnsafeMutableBytes { raw in
+            _ = encode(into: UnsafeMutableRawBufferPointer(rebasing: raw[start...]))
+        }
+    }
+
     /// The whole frame as a new array (control messages, tests, the simulator).
     public func encoded() -> [UInt8] {
         [UInt8](unsafeUninitializedCapacity: frameBytes) { buffer, count in

@@ -785,21 +785,45 @@ public struct ReplicaCore {
     }
 
     /// Sends every bitmap page that has a bit set, then `bitmapDone`.
+    /// Sends the set bits as chunks that cover runs of non-zero words (zero words inside a run
+    /// cost less than a chunk of their own, up to `bitmapRunGapWords`): a few scattered dirty
+    /// blocks cost a few chunks, not whole pages, on the wire and in memory while queued.
     private mutating func sendBitmap(into actions: inout [Action]) {
         var bit = 0
         while let next = bitmap.nextSetBit(from: bit) {
             let page = bitmap.page(ofBit: next)
-            let first = page * DirtyBitmap.bitsPerPage
-            let count = min(DirtyBitmap.bitsPerPage, bitmap.bitCount - first)
-            let words = bitmap.withPageBytes(page) { raw in
-                (0..<(count + 63) / 64).map { raw.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self).littleEndian }
+            let pageFirst = page * DirtyBitmap.bitsPerPage
+            let pageBits = min(DirtyBitmap.bitsPerPage, bitmap.bitCount - pageFirst)
+            let pageWords = (pageBits + 63) / 64
+            bitmap.withPageBytes(page) { raw in
+                func word(_ i: Int) -> UInt64 { raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self).littleEndian }
+                var i = (next - pageFirst) / 64
+                while i < pageWords {
+                    guard word(i) != 0 else { i += 1; continue }
+                    // A run: from this word to the last non-zero one before a longer gap.
+                    var end = i + 1
+                    var gap = 0
+                    var scan = end
+                    while scan < pageWords && gap <= Self.bitmapRunGapWords {
+                        if word(scan) != 0 { end = scan + 1; gap = 0 } else { gap += 1 }
+                        scan += 1
+                    }
+                    let firstBit = pageFirst + i * 64
+                    let bits = min(end * 64, pageBits) - i * 64
+                    let words = (i..<end).map { word($0) }
+                    actions.append(.send(.bitmapChunk(PeerBitmapChunk(firstBit: UInt64(firstBit), bitCount: UInt32(bits), words: words))))
+                    i = end
+                }
             }
-            actions.append(.send(.bitmapChunk(PeerBitmapChunk(firstBit: UInt64(first), bitCount: UInt32(count), words: words))))
-            bit = first + count
+            bit = pageFirst + pageBits
             if bit >= bitmap.bitCount { break }
         }
         actions.append(.send(.bitmapDone(totalBits: UInt64(bitmap.bitCount), setBits: bitmap.setBitCount)))
     }
+
+    /// Zero words a bitmap chunk carries rather than starting a new one (a chunk costs a 32-byte
+    /// header and 12 bytes of prefix).
+    static let bitmapRunGapWords = 5
 
     private mutating func receivedBitmapChunk(_ chunk: PeerBitmapChunk, into actions: inout [Action]) {
         if link == .connected && sync == .established && role == .secondary && pendingSync == nil {

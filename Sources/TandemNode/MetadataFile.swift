@@ -60,12 +60,21 @@ public enum MetadataFile {
             throw ServeError("\(path) describes a device of \(layout.deviceBytes) bytes, but the device has \(deviceBytes)")
         }
         var bitmap = DirtyBitmap(deviceBytes: layout.deviceBytes, granularityBytes: layout.granularityBytes)
-        let bitmapBytes = try readAll(fd, count: Int(layout.bitmapBytes), at: layout.bitmapOffset, path: path)
-        bitmapBytes.withUnsafeBytes { raw in
-            for page in 0..<bitmap.pageCount {
-                let start = page * MetadataLayout.blockBytes
-                bitmap.loadPage(page, from: UnsafeRawBufferPointer(rebasing: raw[start..<start + MetadataLayout.blockBytes]))
+        // A MiB at a time: the bitmap of a 1 TiB device is 32 MiB, and a second copy of it would
+        // double the node's resident peak at start.
+        let pagesPerRead = (1 << 20) / MetadataLayout.blockBytes
+        var firstPage = 0
+        while firstPage < bitmap.pageCount {
+            let pages = min(pagesPerRead, bitmap.pageCount - firstPage)
+            let at = layout.bitmapOffset + UInt64(firstPage * MetadataLayout.blockBytes)
+            let chunk = try readAll(fd, count: pages * MetadataLayout.blockBytes, at: at, path: path)
+            chunk.withUnsafeBytes { raw in
+                for i in 0..<pages {
+                    let start = i * MetadataLayout.blockBytes
+                    bitmap.loadPage(firstPage + i, from: UnsafeRawBufferPointer(rebasing: raw[start..<start + MetadataLayout.blockBytes]))
+                }
             }
+            firstPage += pages
         }
         bitmap.markAllPagesPersisted()
         let ring = try readAll(fd, count: Int(layout.activityLogBytes), at: layout.activityLogOffset, path: path)

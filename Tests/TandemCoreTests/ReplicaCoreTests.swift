@@ -329,6 +329,35 @@ struct Pair {
         #expect(pair.primary.replicating, "application writes keep flowing during a resync")
     }
 
+    @Test func theBitmapTravelsAsRunsOfNonZeroWords() {
+        var pair = Pair()
+        pair.dropLink()
+        // Bits 0 and 3 share word 0; words 10 and 13 are 2 zero words apart (one run); the last
+        // bit of the device is alone at the end.
+        let bits = [0, 3, 640, 832, Int(Pair.size / 4096) - 1]
+        for (i, bit) in bits.enumerated() {
+            pair.write(UInt64(i + 1), at: UInt64(bit) * 4096)
+            pair.completePrimary(.client(UInt64(i + 1)))
+        }
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.linkUp(peer: Pair.hello(of: pair.secondary), freshUUID: 0x7000, into: &actions)
+        let chunks = actions.compactMap { action -> PeerBitmapChunk? in
+            if case .send(.bitmapChunk(let chunk)) = action { chunk } else { nil }
+        }
+        #expect(chunks.map(\.firstBit) == [0, 640, UInt64(bits.last! / 64 * 64)])
+        #expect(chunks.map(\.bitCount) == [64, 4 * 64, 64])
+        var copy = DirtyBitmap(deviceBytes: Pair.size)
+        for chunk in chunks {
+            for (i, word) in chunk.words.enumerated() {
+                for b in 0..<64 where word & (1 << UInt64(b)) != 0 {
+                    copy.setRange(offset: (chunk.firstBit + UInt64(i * 64 + b)) * 4096, length: 4096)
+                }
+            }
+        }
+        #expect(copy.setBitCount == bits.count)
+        for bit in bits { #expect(copy.isDirty(offset: UInt64(bit) * 4096, length: 4096)) }
+    }
+
     @Test func bothSidesWritingApartIsSplitBrainAndNeverMerged() {
         var pair = Pair()
         pair.dropLink()
