@@ -16,14 +16,14 @@ SIZE = 64 * MiB
 
 
 class Pair(NodeProcesses):
-    def __init__(self, tmp_path, tuning=""):
+    def __init__(self, tmp_path, tuning="", size=SIZE):
         self.dir = tmp_path
         run([TANDEM_BIN, "certs", "--dir", str(tmp_path / "pki"), "--node", "alpha", "--node", "beta"])
         self.nbd_port = free_port()
         ports = [free_port(), free_port()]
         text = f'resource = "r0"\n\n[tls]\nca = "{tmp_path}/pki/ca-cert.pem"\n\n[tuning]\nconnect-retry-ms = 100\n{tuning}'
         for i, name in enumerate(("alpha", "beta")):
-            make_backing(tmp_path / f"{name}.img", SIZE)
+            make_backing(tmp_path / f"{name}.img", size)
             text += (f'\n[[node]]\nname = "{name}"\nid = {i}\naddress = "127.0.0.1:{ports[i]}"\n'
                      f'device = "{tmp_path}/{name}.img"\nmetadata = "{tmp_path}/{name}.meta"\n'
                      f'nbd = "127.0.0.1:{self.nbd_port if i == 0 else free_port()}"\ncontrol = "{tmp_path}/{name}.sock"\n'
@@ -69,8 +69,8 @@ def make_pair(tmp_path):
     """Makes a pair (with extra [tuning] lines); every process is killed at teardown."""
     made = []
 
-    def make(tuning=""):
-        made.append(Pair(tmp_path, tuning))
+    def make(tuning="", size=SIZE):
+        made.append(Pair(tmp_path, tuning, size))
         return made[-1]
 
     yield make
@@ -127,6 +127,36 @@ def test_killed_secondary_resyncs_only_what_changed(pair, tmp_path):
     assert pair.stop("alpha") == 0
     assert pair.stop("beta") == 0
     assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_a_bitmap_of_many_scattered_blocks_crosses_the_link(make_pair, tmp_path):
+    """12,000 dirty blocks 1.5 MiB apart make 12,000 bitmap chunks, more than the link queue's
+    items: the primary once crashed on such a reconnect."""
+    pair = make_pair(size=18 * 1024 * MiB)  # sparse
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    pair.stop("beta", signal.SIGKILL)
+    pair.wait_for("alpha", "link to beta down")
+    blocks = 12000
+    stride = 6 * 64 * 4096
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(pair.uri)
+    for i in range(blocks):
+        h.pwrite(bytes([i % 251 + 1]) * 4096, i * stride)
+    h.flush()
+    h.shutdown()
+    since = pair.mark("alpha")
+    pair.up("beta")
+    text = pair.wait_for("alpha", r"syncSource, (\d+) bytes out of sync", since=since)
+    moved = int(re.findall(r"syncSource, (\d+) bytes out of sync", text)[-1])
+    assert moved >= blocks * 4096, f"every block written alone is resynced, moved {moved}"
+    pair.wait_in_sync(since=since)
+    with open(tmp_path / "beta.img", "rb") as f:
+        for i in range(0, blocks, 997):
+            f.seek(i * stride)
+            assert f.read(4096) == bytes([i % 251 + 1]) * 4096, f"block {i} reached the secondary"
 
 
 def test_peer_with_a_certificate_from_another_ca_is_refused(pair, tmp_path):
