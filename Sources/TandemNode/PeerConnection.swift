@@ -61,6 +61,8 @@ final class PeerConnection: IOHandler {
 
     private let cipherIn: UnsafeMutableRawPointer
     private let cipherOut: UnsafeMutableRawPointer
+    /// One small frame (header and payload) gathered into a single TLS record.
+    private let recordStage: UnsafeMutableRawPointer
     private let cipherBytes = Limits.tlsCiphertextBufferBytes
     private var cipherOutLength = 0
     private var cipherOutSent = 0
@@ -96,6 +98,7 @@ final class PeerConnection: IOHandler {
         tls = TLSSession(context: context, expectedPeerName: expectedPeerName)
         cipherIn = allocateAligned(cipherBytes)
         cipherOut = allocateAligned(cipherBytes)
+        recordStage = allocateAligned(Limits.tlsRecordPlaintextMax)
         input = allocateAligned(inputCapacity)
         headerSlots = allocateAligned(Self.queueCapacity * Self.headerSlotBytes)
         freeHeaderSlots = Array((0..<Self.queueCapacity).reversed())
@@ -108,6 +111,7 @@ final class PeerConnection: IOHandler {
     deinit {
         freeAligned(cipherIn, cipherBytes)
         freeAligned(cipherOut, cipherBytes)
+        freeAligned(recordStage, Limits.tlsRecordPlaintextMax)
         freeAligned(input, inputCapacity)
         freeAligned(headerSlots, Self.queueCapacity * Self.headerSlotBytes)
         iov.deallocate()
@@ -336,6 +340,18 @@ final class PeerConnection: IOHandler {
                     budget -= bytes.count
                     queue.pop()
                 case .block(let slot, let headerLength, let payload, let length, let token):
+                    if !headHeaderSent && length > 0 && headerLength + length <= Limits.tlsRecordPlaintextMax {
+                        // A small frame goes as one record: copying 4 KiB costs less than a
+                        // second record's seal here and open on the peer.
+                        recordStage.copyMemory(from: headerSlots + slot * Self.headerSlotBytes, byteCount: headerLength)
+                        (recordStage + headerLength).copyMemory(from: payload!, byteCount: length)
+                        guard tls.write(recordStage, count: headerLength + length) else { return close(reason: "TLS: \(tls.lastError)") }
+                        budget -= headerLength + length
+                        queue.pop()
+                        freeHeaderSlots.append(slot)
+                        if let token { delegate?.peerConnection(self, releasedPayload: token) }
+                        continue
+                    }
                     if !headHeaderSent {
                         guard tls.write(headerSlots + slot * Self.headerSlotBytes, count: headerLength) else { return close(reason: "TLS: \(tls.lastError)") }
                         headHeaderSent = true
