@@ -1,43 +1,50 @@
 /// A first-in first-out queue with a capacity fixed at creation: pushing past it is a bug.
-/// Storage is allocated once, so steady-state use allocates nothing.
+/// Storage is allocated once, so steady-state use allocates nothing. Inlinable, so a queue in
+/// another module (the peer link's send queue) is specialized there rather than run through
+/// generic metadata on every push and pop.
 public struct FixedQueue<Element> {
-    private var storage: [Element?]
-    private var head = 0
-    public private(set) var count = 0
+    @usableFromInline var storage: [Element?]
+    @usableFromInline var head = 0
+    @usableFromInline var stored = 0
 
+    @inlinable
     public init(capacity: Int) {
         precondition(capacity > 0)
         storage = Array(repeating: nil, count: capacity)
     }
 
-    public var capacity: Int { storage.count }
-    public var isEmpty: Bool { count == 0 }
-    public var isFull: Bool { count == storage.count }
+    @inlinable public var count: Int { stored }
+    @inlinable public var capacity: Int { storage.count }
+    @inlinable public var isEmpty: Bool { stored == 0 }
+    @inlinable public var isFull: Bool { stored == storage.count }
 
+    @inlinable
     public mutating func push(_ element: Element) {
-        precondition(count < storage.count, "FixedQueue over its capacity \(storage.count)")
-        storage[(head + count) % storage.count] = element
-        count += 1
+        precondition(stored < storage.count, "FixedQueue over its capacity \(storage.count)")
+        storage[(head + stored) % storage.count] = element
+        stored += 1
     }
 
-    public var first: Element? { count == 0 ? nil : storage[head] }
+    @inlinable public var first: Element? { stored == 0 ? nil : storage[head] }
 
     /// The element `i` places after the head.
+    @inlinable
     public subscript(i: Int) -> Element {
-        precondition(i >= 0 && i < count)
+        precondition(i >= 0 && i < stored)
         return storage[(head + i) % storage.count]!
     }
 
-    @discardableResult
+    @inlinable @discardableResult
     public mutating func pop() -> Element? {
-        guard count > 0 else { return nil }
+        guard stored > 0 else { return nil }
         let element = storage[head]
         storage[head] = nil
         head = (head + 1) % storage.count
-        count -= 1
+        stored -= 1
         return element
     }
 
+    @inlinable
     public mutating func removeAll() {
         while pop() != nil {}
     }
