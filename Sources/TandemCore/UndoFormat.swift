@@ -421,6 +421,8 @@ extension Limits {
         precondition(undoChunksMax <= bitmapBitsMax)
         precondition(barrierLabelBytesMax <= 255, "the label length is one byte on disk")
         precondition(barriersRetainedMax >= 1 && undoRecordsMax >= 1)
+        precondition(changeTrackingGranulesMax * MemoryLayout<UInt16>.stride <= 16 << 20, "changed-block tracking stays within 16 MiB")
+        precondition(barriersRetainedMax < Int(UInt16.max), "the tracker renumbers its barriers into u16 sequences")
     }
 }
 

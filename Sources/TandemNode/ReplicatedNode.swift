@@ -71,6 +71,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var undo: UndoStore?
     /// Barriers this node created as primary, for `barrier list` on the primary.
     private var createdBarriers: [BarrierInfo] = []
+    /// What was written since each of `createdBarriers`, for the NBD export's
+    /// `qemu:dirty-bitmap:` contexts. In memory: a restarted node offers none of the old ones.
+    private var changes: ChangeTracker
     private var lastScheduledBarrier: UInt64 = 0
     /// Chunks a write must save first, reused.
     private var chunksToSave: [UInt64] = []
@@ -256,6 +259,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             logger.warning("\(me.name) crashed as primary: \(bitmap.outOfSyncBytes) bytes of hot extents marked out of sync")
         }
         activityLog = ActivityLog(superblock: superblock, nextSequence: loaded.recovery.nextSequence)
+        changes = ChangeTracker(deviceBytes: device.size, granuleBytesMin: config.barriers.chunkBytes)
         transactionBuffer = allocateAligned(ActivityLog.transactionBytes)
         var disk: PeerDiskState = superblock.flags.contains(.resyncTarget) || !superblock.flags.contains(.consistent) ? .inconsistent : .upToDate
         if disk == .upToDate && superblock.flags.contains(.outdated) { disk = .outdated }
@@ -403,7 +407,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         perform()
         guard sent else { return Self.error("the secondary is not connected and UpToDate: it could not keep the barrier") }
         createdBarriers.append(info)
-        if createdBarriers.count > Limits.barriersRetainedMax { createdBarriers.removeFirst() }
+        if changes.barrierIDs.isEmpty {
+            logger.info("changed-block tracking: \(changes.granuleCount) granules of \(changes.granuleBytes) bytes, \(changes.granuleCount * 2) bytes of memory")
+        }
+        changes.barrierCreated(info.id)
+        if createdBarriers.count > Limits.barriersRetainedMax { changes.forget(createdBarriers.removeFirst().id) }
+        publishDirtyBitmaps()
         logger.info("barrier \(info.id) '\(label)' created")
         emit("barrier-created", "\"id\":\(info.id),\"label\":\(jsonString(label))")
         return "{\"ok\":true,\"id\":\(info.id),\"time\":\(info.createdUnixSeconds)}"
@@ -416,7 +425,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
             return "{\"node\":\"\(me.name)\",\"kept_here\":true,\"chunk_bytes\":\(undo.geometry.chunkBytes),\"barriers\":[\(items.joined(separator: ","))]}"
         }
-        let items = createdBarriers.map { "{\"id\":\($0.id),\"time\":\($0.createdUnixSeconds),\"label\":\(jsonString($0.label)),\"bytes_held\":null}" }
+        let items = createdBarriers.map {
+            "{\"id\":\($0.id),\"time\":\($0.createdUnixSeconds),\"label\":\(jsonString($0.label)),\"bytes_held\":null,"
+                + "\"dirty_bitmap\":\(changes.tracks($0.id) ? jsonString(NBD.dirtyBitmapPrefix + "\($0.id)") : "null")}"
+        }
         return "{\"node\":\"\(me.name)\",\"kept_here\":false,\"kept_on\":\"\(peer.name)\",\"barriers\":[\(items.joined(separator: ","))]}"
     }
 
@@ -506,6 +518,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                     try undo.readRecord(restore.record, of: restore.barrierID, into: data)
                     try BlockFile.write(device, UnsafeRawBufferPointer(data), at: geometry.offset(ofChunk: restore.chunk))
                 }
+                changes.written(offset: geometry.offset(ofChunk: restore.chunk), length: UInt64(geometry.length(ofChunk: restore.chunk)))
             }
             run.next = end
             rollbackRun = run
@@ -990,7 +1003,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         requestBytes[kind] &+= kind == 3 ? 0 : UInt64(request.length)
         beginActions()
         let fua = request.has(NBD.CommandFlag.fua)
-        if request.command != .flush { loggedWrites[clientID] = (request.offset, UInt64(request.length)) }
+        if request.command != .flush {
+            loggedWrites[clientID] = (request.offset, UInt64(request.length))
+            // Counted here too: a detached disk gets no local write, yet the data changes.
+            changes.written(offset: request.offset, length: UInt64(request.length))
+        }
         switch request.command! {
         case .write:
             core.clientWrite(id: clientID, offset: request.offset, length: request.length, kind: .write, fua: fua, into: &actions)
@@ -1167,6 +1184,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     private func submit(_ io: LocalIO) {
+        // Every write to this device counts for changed-block tracking, whatever its source
+        // (client, replicated, resync): the device's content is what a backup reads.
+        if case .write = io.operation { changes.written(offset: io.offset, length: UInt64(io.length)) }
         if case .write = io.operation, let undo, undo.index.newest != nil {
             undo.chunksToSave(offset: io.offset, length: UInt64(io.length), into: &chunksToSave)
             if !chunksToSave.isEmpty || !savedWrites.isEmpty {
@@ -1450,7 +1470,26 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// The NBD export this node serves; its mode follows the role.
     func attach(server: NBDServer) {
         nbdServer = server
+        server.changedRuns = { [unowned self] key, offset, length, runsMax, runs in
+            changes.changedRuns(since: key, offset: offset, length: length, runsMax: runsMax, into: &runs)
+        }
         exportFollowsRole()
+        publishDirtyBitmaps()
+    }
+
+    /// The `qemu:dirty-bitmap:` contexts new NBD clients may select: every tracked barrier by its
+    /// id, and by its label (naming the newest barrier with it) unless the label is a number.
+    private func publishDirtyBitmaps() {
+        var bitmaps: [NBDDirtyBitmap] = []
+        var byLabel: [(label: String, id: UInt64)] = []
+        for info in createdBarriers where changes.tracks(info.id) {
+            bitmaps.append(NBDDirtyBitmap(name: "\(info.id)", key: info.id))
+            guard !info.label.isEmpty, UInt64(info.label) == nil else { continue }
+            byLabel.removeAll { $0.label == info.label }
+            byLabel.append((info.label, info.id))
+        }
+        bitmaps += byLabel.map { NBDDirtyBitmap(name: $0.label, key: $0.id) }
+        nbdServer?.setDirtyBitmaps(bitmaps)
     }
 
     private func exportFollowsRole() {
