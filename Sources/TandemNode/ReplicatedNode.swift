@@ -75,13 +75,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// `qemu:dirty-bitmap:` contexts. In memory: a restarted node offers none of the old ones.
     private var changes: ChangeTracker
     private var lastScheduledBarrier: UInt64 = 0
-    /// Chunks a write must save first, reused.
-    private var chunksToSave: [UInt64] = []
     /// Read-only NBD exports of barriers, by barrier id.
     private var barrierExports: [UInt64: NBDServer] = [:]
-    /// Writes whose chunks were saved in this batch: they go to the disk after one sync of the
-    /// undo store at the batch's end (group commit), in order.
-    private var savedWrites: [LocalIO] = []
+    /// Copy-on-write of what the barriers need, before a write reaches the device (nil without
+    /// an undo store).
+    private var copyOnWrite: CopyOnWrite?
     /// A rollback in progress: restored a tick at a time so status (and `tandem rollback`'s
     /// progress bar) can follow it.
     private var rollbackRun: (id: UInt64, plan: RollbackPlan, next: Int, started: UInt64)?
@@ -295,6 +293,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 }
                 undo = store
                 logger.info("undo store \(undoPath): \(store.barriers.count) barriers")
+                let cow = CopyOnWrite(loop: loop, device: device, undo: store, logger: logger)
+                cow.dropped = { dropped in
+                    for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
+                }
+                cow.failed = { why in
+                    logger.error("undo store: \(why); dropping every barrier so replication goes on")
+                    try? store.dropAll()
+                }
+                copyOnWrite = cow
             } catch {
                 throw ServeError("undo store \(undoPath): \(error)")
             }
@@ -330,6 +337,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     func start() throws(ServeError) {
         id = loop.register(self)
+        copyOnWrite?.release = { [unowned self] io in submitNow(io) }
         if superblock.flags.contains(.wasPrimary) || core.role == .primary {
             superblock.flags.insert(.wasPrimary)
             persistMetadata()
@@ -375,22 +383,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
         } catch {
             logger.error("barrier \(info.id): cannot record it: \(error); replication goes on without it")
-        }
-    }
-
-    /// Saves what the barriers need before a write reaches the disk (copy-on-write, made durable
-    /// first). Never fails the write: an undo store that cannot write drops its barriers.
-    private func saveForBarriers(offset: UInt64, length: UInt64, sync: Bool) {
-        guard let undo, undo.index.newest != nil else { return }
-        let device = self.device
-        do {
-            let dropped = try undo.save(offset: offset, length: length, nowUnixSeconds: Self.unixSeconds(), sync: sync) { at, buffer in
-                try BlockFile.read(device, into: buffer, at: at)
-            }
-            for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
-        } catch {
-            logger.error("undo store: \(error); dropping every barrier so replication goes on")
-            try? undo.dropAll()
         }
     }
 
@@ -484,6 +476,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         guard rollbackRun == nil else { return Self.error("a rollback is already running") }
         guard core.role == .secondary else { return Self.error("roll back on the secondary that keeps the barrier; \(me.name) is primary") }
         guard barrierExports.isEmpty else { return Self.error("unexport the barrier exports first") }
+        guard copyOnWrite?.isIdle ?? true else { return Self.error("writes are still being saved for the barriers; try again in a moment") }
         guard core.peerRole != .primary else { return Self.error("\(peer.name) is primary: demote it first (tandem secondary), so nothing writes during the rollback") }
         beginActions()
         core.disconnect(freshUUID: Self.freshUUID(), into: &actions)
@@ -1067,8 +1060,19 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 link.sendBlock(type: .resyncData, flags: data.flags, sequence: data.id, block: PeerBlock(offset: data.offset, length: data.length),
                                payload: UnsafeRawPointer(read.pointer), token: (1 << 63) | UInt64(slot))
             case .recordBarrier(let info):
-                recordBarrier(info)
-                core.barrierRecorded(into: &actions)
+                guard let copyOnWrite, !copyOnWrite.isIdle else {
+                    recordBarrier(info)
+                    core.barrierRecorded(into: &actions)
+                    break
+                }
+                // Records still being saved belong to the barrier before: the new one starts
+                // once they are durable and their writes on the device.
+                copyOnWrite.whenIdle { [unowned self] in
+                    recordBarrier(info)
+                    beginActions()
+                    core.barrierRecorded(into: &actions)
+                    perform()
+                }
             case .completeClientFlush(let flushID, let result) where internalFlushes[flushID] != nil:
                 internalFlushes.removeValue(forKey: flushID)!(result)
             case .completeClient(let clientID, let result) where mustHold,
@@ -1186,32 +1190,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private func submit(_ io: LocalIO) {
         // Every write to this device counts for changed-block tracking, whatever its source
         // (client, replicated, resync): the device's content is what a backup reads.
-        if case .write = io.operation { changes.written(offset: io.offset, length: UInt64(io.length)) }
-        if case .write = io.operation, let undo, undo.index.newest != nil {
-            undo.chunksToSave(offset: io.offset, length: UInt64(io.length), into: &chunksToSave)
-            if !chunksToSave.isEmpty || !savedWrites.isEmpty {
-                // Copy-on-write: the old chunks are appended now, made durable once for the whole
-                // batch, and only then may the write reach the disk (Protocol/barriers.md).
-                if !chunksToSave.isEmpty { saveForBarriers(offset: io.offset, length: UInt64(io.length), sync: false) }
-                if savedWrites.isEmpty { loop.callAtBatchEnd(id) }
-                savedWrites.append(io)
-                return
-            }
+        if case .write = io.operation {
+            changes.written(offset: io.offset, length: UInt64(io.length))
+            // Copy-on-write: the chunks the barriers need are saved and durable before the write
+            // reaches the device (Protocol/barriers.md); `submitNow` once they are.
+            if let copyOnWrite { return copyOnWrite.write(io) }
         }
         submitNow(io)
-    }
-
-    func ioBatchEnded() {
-        guard !savedWrites.isEmpty else { return }
-        do {
-            try undo?.sync()
-        } catch {
-            logger.error("undo store: \(error); dropping every barrier so replication goes on")
-            try? undo?.dropAll()
-        }
-        let writes = savedWrites
-        savedWrites.removeAll(keepingCapacity: true)
-        for io in writes { submitNow(io) }
     }
 
     private func submitNow(_ io: LocalIO) {

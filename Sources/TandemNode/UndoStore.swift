@@ -396,6 +396,10 @@ public final class UndoStore {
         return dropped
     }
 
+    /// The newest segment's descriptor (nil: no barrier), for a caller that syncs the records
+    /// itself, off the loop (on a duplicate: retention may close this one meanwhile).
+    public var newestSegmentDescriptor: Int32? { index.newest.flatMap { files[$0.id] } }
+
     /// Makes every appended record durable (one fdatasync of the newest segment): the node calls
     /// it once per batch, before the device writes the records protect.
     public func sync() throws {
