@@ -16,6 +16,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let tagConnect: UInt32 = 0x1000_0001
     private static let tagTick: UInt32 = 0x1000_0002
     private static let tagRetry: UInt32 = 0x1000_0003
+    private static let tagDiffStep: UInt32 = 0x1000_0004
+    private static let tagDiffSync: UInt32 = 0x1000_0005
     /// Verify reads: this base plus the request's window slot (primary) or the peer's request
     /// slot (secondary).
     private static let tagVerifyLocal: UInt32 = 0x2000_0000
@@ -86,6 +88,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let rollbackChunksPerTick = 256
     /// The last rollback failed part way (it finishes when the node starts again).
     private var rollbackFailed = false
+    /// `tandem diff` on this node: the stream being written a step at a time between the loop's
+    /// other work (replication goes on), and the last one's outcome, for status.
+    private var diffRun: DiffMaker?
+    private var diffSyncFD: Int32 = -1
+    private var lastDiff: (from: UInt64, to: UInt64, output: String, doneBytes: UInt64, totalBytes: UInt64,
+                           summary: BarrierStream.MadeSummary?, error: String?)?
+    /// Work per diff step on the loop, and the pause after it.
+    private static let diffStepNanos: UInt64 = 2_000_000
+    private static let diffPauseNanos: UInt64 = 1_000_000
 
     // MARK: Witness and quorum
 
@@ -477,6 +488,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         guard core.role == .secondary else { return Self.error("roll back on the secondary that keeps the barrier; \(me.name) is primary") }
         guard barrierExports.isEmpty else { return Self.error("unexport the barrier exports first") }
         guard copyOnWrite?.isIdle ?? true else { return Self.error("writes are still being saved for the barriers; try again in a moment") }
+        guard diffRun == nil else { return Self.error("a diff is running (tandem status shows its progress); roll back after it") }
         guard core.peerRole != .primary else { return Self.error("\(peer.name) is primary: demote it first (tandem secondary), so nothing writes during the rollback") }
         beginActions()
         core.disconnect(freshUUID: Self.freshUUID(), into: &actions)
@@ -541,6 +553,90 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let micros = (monotonicNanos() - run.started) / 1000
         logger.notice("rolled back to barrier \(run.id) in \(micros) µs: \(run.plan.restores.count) chunks restored, \(run.plan.newer.count) newer barriers dropped; \(peer.name) resyncs them from here")
         emit("rollback-done", "\"id\":\(run.id),\"chunks_restored\":\(run.plan.restores.count),\"barriers_dropped\":\(run.plan.newer.count)")
+    }
+
+    /// `tandem diff FROM TO --output PATH` on a running node: the stream is written by the node
+    /// (it owns the undo store), a step of at most `diffStepNanos` at a time, then synced on the
+    /// engine and renamed. Replication goes on meanwhile: a chunk's image at a barrier read on the
+    /// loop is always whole (copy-on-write); a barrier dropped meanwhile stops the diff.
+    private func startDiff(from: UInt64?, to: UInt64, output: String) -> String {
+        guard let undo else { return Self.error("\(me.name) keeps no barriers (no undo directory)") }
+        guard diffRun == nil else { return Self.error("a diff is already running (to \(diffRun!.output))") }
+        guard rollbackRun == nil else { return Self.error("a rollback is running") }
+        guard output.hasPrefix("/") else { return Self.error("the output path must be absolute") }
+        let device = self.device
+        let maker: DiffMaker
+        do {
+            maker = try DiffMaker(store: undo, deviceBytes: device.size, from: from, to: to, output: output, nowUnixSeconds: Self.unixSeconds()) { offset, buffer in
+                try BlockFile.read(device, into: buffer, at: offset)
+            }
+        } catch {
+            return Self.error("\(error)")
+        }
+        diffRun = maker
+        lastDiff = (from ?? 0, to, output, 0, maker.totalBytes, nil, nil)
+        loop.addTimer(id: id, tag: Self.tagDiffStep, afterNanos: 0)
+        logger.notice("diff \(from ?? 0) → \(to) to \(output): \(maker.totalBytes) bytes of changed chunks to compare")
+        emit("diff-start", "\"from\":\(from ?? 0),\"to\":\(to),\"output\":\(jsonString(output)),\"total_bytes\":\(maker.totalBytes)")
+        return "{\"ok\":true,\"started\":true,\"from\":\(from ?? 0),\"to\":\(to),\"total_bytes\":\(maker.totalBytes)}"
+    }
+
+    /// The next chunks of a diff; at the end, the trailer and a sync on the engine.
+    private func stepDiff() {
+        guard let maker = diffRun, diffSyncFD < 0 else { return }
+        let deadline = monotonicNanos() + Self.diffStepNanos
+        do {
+            var done = false
+            repeat { done = try maker.step(chunksMax: 8) } while !done && monotonicNanos() < deadline
+            lastDiff?.doneBytes = maker.doneBytes
+            if !done { return loop.addTimer(id: id, tag: Self.tagDiffStep, afterNanos: Self.diffPauseNanos) }
+            try maker.writeTrailer()
+            diffSyncFD = dup(maker.descriptor)
+            guard diffSyncFD >= 0 else { throw UndoStoreError("cannot sync \(maker.partial): \(SystemError.text(errno))") }
+            loop.engine.fsync(fd: diffSyncFD, datasync: true, userData: IOLoop.userData(id, Self.tagDiffSync))
+        } catch {
+            finishDiff(.failure(UndoStoreError("\(error)")))
+        }
+    }
+
+    private func diffSynced(_ result: Int32) {
+        if result == -EINTR || result == -EAGAIN {
+            return loop.engine.fsync(fd: diffSyncFD, datasync: true, userData: IOLoop.userData(id, Self.tagDiffSync))
+        }
+        closeDescriptor(diffSyncFD)
+        diffSyncFD = -1
+        guard let maker = diffRun else { return }
+        if result < 0 { return finishDiff(.failure(UndoStoreError("cannot sync \(maker.partial): \(SystemError.text(-result))"))) }
+        do {
+            finishDiff(.success(try maker.commit(synced: true)))
+        } catch {
+            finishDiff(.failure(UndoStoreError("\(error)")))
+        }
+    }
+
+    private func finishDiff(_ outcome: Result<BarrierStream.MadeSummary, UndoStoreError>) {
+        guard let maker = diffRun else { return }
+        diffRun = nil
+        switch outcome {
+        case .success(let summary):
+            lastDiff?.summary = summary
+            logger.notice("diff to \(maker.output): \(summary.chunks) chunks, \(summary.dataBytes) bytes of data, \(summary.streamBytes) bytes")
+            emit("diff-done", "\"output\":\(jsonString(maker.output)),\"chunks\":\(summary.chunks),\"stream_bytes\":\(summary.streamBytes)")
+        case .failure(let error):
+            maker.abandon()
+            lastDiff?.error = error.message
+            logger.error("diff to \(maker.output) failed: \(error.message)")
+            emit("diff-failed", "\"output\":\(jsonString(maker.output)),\"error\":\(jsonString(error.message))")
+        }
+    }
+
+    private var diffStatusJSON: String {
+        guard let d = lastDiff else {
+            return "{\"running\":false,\"from\":null,\"to\":null,\"output\":null,\"done_bytes\":0,\"total_bytes\":0,\"chunks\":null,\"stream_bytes\":null,\"error\":null}"
+        }
+        return "{\"running\":\(diffRun != nil),\"from\":\(d.from),\"to\":\(d.to),\"output\":\(jsonString(d.output)),\"done_bytes\":\(d.doneBytes),"
+            + "\"total_bytes\":\(d.totalBytes),\"chunks\":\(d.summary.map { "\($0.chunks)" } ?? "null"),"
+            + "\"stream_bytes\":\(d.summary.map { "\($0.streamBytes)" } ?? "null"),\"error\":\(d.error.map(jsonString) ?? "null")}"
     }
 
     // MARK: Metrics
@@ -720,6 +816,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
         case Self.tagRetry:
             dial()
+        case Self.tagDiffStep:
+            stepDiff()
+        case Self.tagDiffSync:
+            diffSynced(result)
         case Self.tagTick:
             beginActions()
             core.tick(nowNanos: monotonicNanos(), into: &actions)
@@ -1438,6 +1538,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         case "barrier" where words.count == 3 && words[1] == "unexport":
             guard let id = UInt64(words[2]) else { return reply(Self.error("barrier id \(words[2])")) }
             reply(unexportBarrier(id))
+        case "diff" where words.count >= 4:
+            // `diff FROM TO PATH`: the path is the rest of the line (it may hold spaces).
+            let parts = request.split(separator: " ", maxSplits: 3, omittingEmptySubsequences: false)
+            guard parts.count == 4, let from = UInt64(parts[1]), let to = UInt64(parts[2]), to > 0 else {
+                return reply(Self.error("diff FROM TO PATH: FROM a barrier id or 0, TO a barrier id"))
+            }
+            reply(startDiff(from: from == 0 ? nil : from, to: to, output: String(parts[3])))
         case "rollback" where words.count == 2:
             guard let id = UInt64(words[1]) else { return reply(Self.error("barrier id \(words[1])")) }
             reply(rollback(to: id))
@@ -1610,7 +1717,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             "verify":{"running":\(verify != nil),"checked_bytes":\(verify?.checkedBytes ?? lastVerify?.checked ?? 0),\
             "mismatched_bytes":\(verify?.mismatchedBytes ?? lastVerify?.mismatched ?? 0),"total_bytes":\(device.size)},\
             "rollback":{"running":\(rollbackRun != nil),"barrier":\(rollbackRun.map { "\($0.id)" } ?? "null"),\
-            "done_chunks":\(rollbackRun?.next ?? 0),"total_chunks":\(rollbackRun?.plan.restores.count ?? 0),"failed":\(rollbackFailed)}}
+            "done_chunks":\(rollbackRun?.next ?? 0),"total_chunks":\(rollbackRun?.plan.restores.count ?? 0),"failed":\(rollbackFailed)},\
+            "diff":\(diffStatusJSON)}
             """
     }
 
@@ -1638,6 +1746,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         witness?.stop()
         for server in barrierExports.values { server.beginShutdown() }
         barrierExports.removeAll()
+        if let maker = diffRun {
+            maker.abandon()
+            diffRun = nil
+            logger.warning("diff to \(maker.output) abandoned: the node is stopping")
+        }
         persistMetadata()
         if core.role == .primary {
             superblock.flags.remove(.wasPrimary)
