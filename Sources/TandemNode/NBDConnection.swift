@@ -498,7 +498,9 @@ final class NBDConnection: IOHandler {
                         runs.append((request.length, NBD.stateDirty))
                     }
                 }
-                precondition(!runs.isEmpty && runs.count <= maxExtents)
+                precondition(!runs.isEmpty)
+                // A run longer than 4 GiB - 4 KiB splits in two: REQ_ONE still gets one extent.
+                if runs.count > maxExtents { runs.removeLast(runs.count - maxExtents) }
                 bytes += runs.withUnsafeBufferPointer {
                     NBDTransmission.encodeBlockStatus(cookie: request.cookie, contextID: context.id, last: i == contexts.count - 1,
                                                       extents: $0, into: scratch + bytes)
