@@ -251,6 +251,9 @@ public struct UndoSegmentScan: Sendable {
         case clean
         /// The file ends in a torn or damaged record at `validBytes`; why.
         case torn(String)
+        /// The records end at `validBytes`, where zeros follow (space preallocated for records
+        /// to come, or a record header that never reached the disk): nothing was lost.
+        case zeroTail
         /// The segment header itself is unusable: the segment holds nothing.
         case badHeader(UndoFormatError)
     }
@@ -259,6 +262,8 @@ public struct UndoSegmentScan: Sendable {
         case header
         case recordHeader
         case recordData(UndoRecordHeader)
+        /// Fewer bytes than a record header left: zeros, or a torn header.
+        case shortTail
         case done
     }
 
@@ -284,6 +289,7 @@ public struct UndoSegmentScan: Sendable {
         case .header: return (0, UndoSegmentHeader.encodedBytes)
         case .recordHeader: return (validBytes, UndoRecordHeader.encodedBytes)
         case .recordData(let record): return (validBytes + UInt64(UndoRecordHeader.encodedBytes), record.dataBytes)
+        case .shortTail: return (validBytes, Int(fileBytes - validBytes))
         case .done: return nil
         }
     }
@@ -302,6 +308,7 @@ public struct UndoSegmentScan: Sendable {
             validBytes = UInt64(UndoSegmentHeader.encodedBytes)
             advanceToRecord()
         case .recordHeader:
+            if !bytes.contains(where: { $0 != 0 }) { return finish(.zeroTail) }
             let record: UndoRecordHeader
             do {
                 record = try UndoRecordHeader(decoding: bytes, segment: header!)
@@ -321,6 +328,9 @@ public struct UndoSegmentScan: Sendable {
             if seen.insert(record.chunk).inserted { records.append(location) }
             validBytes += location.recordBytes
             advanceToRecord()
+        case .shortTail:
+            if !bytes.contains(where: { $0 != 0 }) { return finish(.zeroTail) }
+            finish(.torn("\(fileBytes - validBytes) bytes of a record header at \(validBytes)"))
         case .done:
             preconditionFailure("unreachable")
         }
@@ -328,10 +338,7 @@ public struct UndoSegmentScan: Sendable {
 
     private mutating func advanceToRecord() {
         if validBytes == fileBytes { return finish(.clean) }
-        if fileBytes - validBytes < UInt64(UndoRecordHeader.encodedBytes) {
-            return finish(.torn("\(fileBytes - validBytes) bytes of a record header at \(validBytes)"))
-        }
-        state = .recordHeader
+        state = fileBytes - validBytes < UInt64(UndoRecordHeader.encodedBytes) ? .shortTail : .recordHeader
     }
 
     private mutating func finish(_ outcome: Outcome) {
@@ -408,6 +415,9 @@ extension Limits {
     /// and a read at an old barrier looks through every newer one. 256 is ten days of hourly
     /// barriers.
     public static let barriersRetainedMax = 256
+    /// Zeros written ahead of the newest undo segment's records at a time, so appends overwrite
+    /// blocks the file has (see `UndoStore.preallocate`); not counted in a barrier's bytes held.
+    public static let undoPreallocateBytes = 4 << 20
     /// Records in the in-memory undo index, all barriers together: about 40 bytes of memory each,
     /// so 160 MiB at most (256 GiB of saved data at 64 KiB chunks). Past it the oldest barrier is
     /// dropped, as when the disk is full.
@@ -421,6 +431,8 @@ extension Limits {
         precondition(undoChunksMax <= bitmapBitsMax)
         precondition(barrierLabelBytesMax <= 255, "the label length is one byte on disk")
         precondition(barriersRetainedMax >= 1 && undoRecordsMax >= 1)
+        precondition(changeTrackingGranulesMax * MemoryLayout<UInt16>.stride <= 16 << 20, "changed-block tracking stays within 16 MiB")
+        precondition(barriersRetainedMax < Int(UInt16.max), "the tracker renumbers its barriers into u16 sequences")
     }
 }
 

@@ -130,10 +130,15 @@ public enum NBD {
         }
     }
 
-    /// Meta context ids this server hands out.
+    /// Meta context ids this server hands out: `base:allocation` is always 1, dirty bitmaps get
+    /// 2, 3, ... in the order a SET_META_CONTEXT selected them.
     public static let baseAllocationContextID: UInt32 = 1
     public static let baseAllocationName = "base:allocation"
     /// base:allocation extent flags.
     public static let stateHole: UInt32 = 1 << 0
     public static let stateZero: UInt32 = 1 << 1
+    /// qemu's changed-block contexts, `qemu:dirty-bitmap:<name>` (qemu docs/interop/nbd.rst):
+    /// one flag, set where the extent is dirty.
+    public static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
+    public static let stateDirty: UInt32 = 1 << 0
 }

@@ -13,6 +13,9 @@ public struct NBDExport: Sendable, Equatable {
     public var canTrim: Bool
     public var canZero: Bool
     public var canFastZero: Bool
+    /// Changed-block bitmaps a client may select as `qemu:dirty-bitmap:<name>` contexts (the
+    /// node's barriers); the list as it was when the client connected applies to it.
+    public var dirtyBitmaps: [NBDDirtyBitmap] = []
 
     public init(
         name: String, description: String = "", size: UInt64, readOnly: Bool,
@@ -60,11 +63,48 @@ public enum NBDTLSMode: Sendable, Equatable {
     case forced
 }
 
+/// A changed-block bitmap an export offers: the context `qemu:dirty-bitmap:<name>`, answered
+/// by the server's source of changes for `key` (a barrier id).
+public struct NBDDirtyBitmap: Sendable, Equatable {
+    public var name: String
+    public var key: UInt64
+
+    public init(name: String, key: UInt64) {
+        self.name = name
+        self.key = key
+    }
+}
+
+/// A meta context selected for a session (proto.md "Metadata querying").
+public struct NBDMetaContext: Sendable, Equatable {
+    public enum Kind: Sendable, Equatable {
+        case baseAllocation
+        case dirtyBitmap(key: UInt64)
+    }
+
+    public var id: UInt32
+    public var name: String
+    public var kind: Kind
+
+    public init(id: UInt32, name: String, kind: Kind) {
+        self.id = id
+        self.name = name
+        self.kind = kind
+    }
+}
+
 /// What the handshake settled for one connection.
 public struct NBDSession: Sendable, Equatable {
     public var export: NBDExport
     public var structuredReplies: Bool
-    /// Whether `base:allocation` was selected (then BLOCK_STATUS is allowed).
-    public var baseAllocation: Bool
+    /// The meta contexts selected, in reply order (BLOCK_STATUS is allowed when not empty).
+    public var contexts: [NBDMetaContext]
     public var transmissionFlags: UInt16
+
+    public init(export: NBDExport, structuredReplies: Bool, contexts: [NBDMetaContext], transmissionFlags: UInt16) {
+        self.export = export
+        self.structuredReplies = structuredReplies
+        self.contexts = contexts
+        self.transmissionFlags = transmissionFlags
+    }
 }

@@ -35,7 +35,7 @@ public struct NBDHandshake {
     private var optionCount = 0
     /// Export name the meta context selection belongs to (nil: nothing selected).
     private var metaContextExport: String?
-    private var baseAllocationSelected = false
+    private var selectedContexts: [NBDMetaContext] = []
 
     public init(exports: [NBDExport], tlsMode: NBDTLSMode) {
         precondition(!exports.isEmpty, "an NBD server needs an export")
@@ -87,7 +87,7 @@ public struct NBDHandshake {
         tlsUp = true
         structuredReplies = false
         metaContextExport = nil
-        baseAllocationSelected = false
+        selectedContexts = []
         state = .awaitOption
     }
 
@@ -171,10 +171,9 @@ public struct NBDHandshake {
     }
 
     private func makeSession(_ export: NBDExport, requestedName: String) -> NBDSession {
-        let contexts = structuredReplies && baseAllocationSelected
-            && metaContextExport.map { self.export(named: $0) == export } == true
+        let selectedHere = structuredReplies && metaContextExport.map { self.export(named: $0) == export } == true
         return NBDSession(
-            export: export, structuredReplies: structuredReplies, baseAllocation: contexts,
+            export: export, structuredReplies: structuredReplies, contexts: selectedHere ? selectedContexts : [],
             transmissionFlags: export.transmissionFlags(structuredReplies: structuredReplies))
     }
 
@@ -227,8 +226,11 @@ public struct NBDHandshake {
 
     private mutating func metaContext(_ option: NBD.Option, _ data: UnsafeRawBufferPointer) -> Action {
         let code = option.rawValue
-        if option == .setMetaContext && !structuredReplies {
-            return .send(Self.reply(code, NBD.Reply.errInvalid, message: "structured replies first"))
+        if option == .setMetaContext {
+            // A SET replaces the selection even when it fails (proto.md, SET_META_CONTEXT).
+            metaContextExport = nil
+            selectedContexts = []
+            if !structuredReplies { return .send(Self.reply(code, NBD.Reply.errInvalid, message: "structured replies first")) }
         }
         var reader = ByteReader(data)
         guard let nameLength = reader.u32(), nameLength <= Limits.nbdStringLengthMax,
@@ -251,30 +253,65 @@ public struct NBDHandshake {
         guard reader.remaining == 0 else {
             return .send(Self.reply(code, NBD.Reply.errInvalid, message: "trailing bytes"))
         }
-        guard export(named: name) != nil else {
+        guard let export = export(named: name) else {
             return .send(Self.reply(code, NBD.Reply.errUnknown, message: "unknown export"))
         }
-        let matches: Bool
-        if option == .listMetaContext && queries.isEmpty {
-            matches = true
-        } else {
-            matches = queries.contains { query in
-                query == NBD.baseAllocationName || (option == .listMetaContext && query == "base:")
-            }
-        }
         var out: [UInt8] = []
-        if matches {
-            var payload: [UInt8] = []
-            payload.appendBE(NBD.baseAllocationContextID)
-            payload.append(contentsOf: NBD.baseAllocationName.utf8)
-            out += Self.reply(code, NBD.Reply.metaContext, payload)
-        }
-        if option == .setMetaContext {
+        if option == .listMetaContext {
+            // The id in a LIST reply is reserved: zero (proto.md, LIST_META_CONTEXT).
+            var listed: [String] = []
+            for query in queries.isEmpty ? [""] : queries {
+                for context in Self.contexts(listing: query, of: export) where !listed.contains(context) {
+                    listed.append(context)
+                    out += Self.contextReply(code, id: 0, name: context)
+                }
+            }
+        } else {
+            var selected: [NBDMetaContext] = []
+            var bitmaps: UInt32 = 0
+            for query in queries where !selected.contains(where: { $0.name == query }) {
+                guard let kind = Self.context(named: query, of: export) else { continue }
+                var id = NBD.baseAllocationContextID
+                if kind != .baseAllocation {
+                    bitmaps += 1
+                    id = NBD.baseAllocationContextID + bitmaps
+                }
+                selected.append(NBDMetaContext(id: id, name: query, kind: kind))
+                out += Self.contextReply(code, id: id, name: query)
+            }
             metaContextExport = name
-            baseAllocationSelected = matches
+            selectedContexts = selected
         }
         out += Self.reply(code, NBD.Reply.ack)
         return .send(out)
+    }
+
+    /// The context a SET query selects: an exact name the export offers, or nil (ignored, as
+    /// the spec asks of unknown names and wildcards).
+    static func context(named name: String, of export: NBDExport) -> NBDMetaContext.Kind? {
+        if name == NBD.baseAllocationName { return .baseAllocation }
+        guard name.hasPrefix(NBD.dirtyBitmapPrefix) else { return nil }
+        let leaf = name.dropFirst(NBD.dirtyBitmapPrefix.count)
+        return export.dirtyBitmaps.first { $0.name == leaf }.map { .dirtyBitmap(key: $0.key) }
+    }
+
+    /// The context names a LIST query matches: an exact name, or the wildcards qemu-nbd also
+    /// answers: `base:`, `qemu:` and `qemu:dirty-bitmap:`; "" (no query at all) lists everything.
+    static func contexts(listing query: String, of export: NBDExport) -> [String] {
+        let bitmaps = export.dirtyBitmaps.map { NBD.dirtyBitmapPrefix + $0.name }
+        switch query {
+        case "": return [NBD.baseAllocationName] + bitmaps
+        case "base:": return [NBD.baseAllocationName]
+        case "qemu:", NBD.dirtyBitmapPrefix: return bitmaps
+        default: return context(named: query, of: export) == nil ? [] : [query]
+        }
+    }
+
+    private static func contextReply(_ option: UInt32, id: UInt32, name: String) -> [UInt8] {
+        var payload: [UInt8] = []
+        payload.appendBE(id)
+        payload.append(contentsOf: name.utf8)
+        return reply(option, NBD.Reply.metaContext, payload)
     }
 
     /// One option reply: magic, option, reply type, length, data.

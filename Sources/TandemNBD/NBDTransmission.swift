@@ -93,7 +93,7 @@ public enum NBDTransmission {
         case .cache:
             if overflow || end > export.size { return .inval }
         case .blockStatus:
-            if !session.baseAllocation { return .inval }
+            if session.contexts.isEmpty { return .inval }
             if length == 0 || overflow || end > export.size { return .inval }
         case .flush:
             if offset != 0 || length != 0 { return .inval }
@@ -175,14 +175,16 @@ public enum NBDTransmission {
     /// Room a reply header may need (the largest of the encoders above).
     public static let replyHeaderBytesMax = 32
 
-    /// Encodes a BLOCK_STATUS chunk for `base:allocation` into `p`: header, context id, then
-    /// `extents` (length, flags) pairs. Returns bytes written; `p` needs 24 + 8 * count bytes.
+    /// Encodes a BLOCK_STATUS chunk for context `contextID` into `p`: header, context id, then
+    /// `extents` (length, flags) pairs. A reply has one chunk per selected context; only the
+    /// `last` carries the DONE flag. Returns bytes written; `p` needs 24 + 8 * count bytes.
     public static func encodeBlockStatus(
-        cookie: UInt64, extents: UnsafeBufferPointer<(length: UInt32, flags: UInt32)>, into p: UnsafeMutableRawPointer
+        cookie: UInt64, contextID: UInt32 = NBD.baseAllocationContextID, last: Bool = true,
+        extents: UnsafeBufferPointer<(length: UInt32, flags: UInt32)>, into p: UnsafeMutableRawPointer
     ) -> Int {
         let payload = 4 + 8 * extents.count
-        encodeChunkHeader(flags: NBD.chunkFlagDone, type: NBD.ChunkType.blockStatus, cookie: cookie, length: UInt32(payload), into: p)
-        p.storeBE(NBD.baseAllocationContextID, at: 20)
+        encodeChunkHeader(flags: last ? NBD.chunkFlagDone : 0, type: NBD.ChunkType.blockStatus, cookie: cookie, length: UInt32(payload), into: p)
+        p.storeBE(contextID, at: 20)
         var at = 24
         for extent in extents {
             p.storeBE(extent.length, at: at)

@@ -35,87 +35,18 @@ public enum BarrierStream {
     public static func make(store: UndoStore?, deviceFD: Int32, deviceBytes: UInt64, from: UInt64?, to: UInt64?,
                             output: String, nowUnixSeconds: Int64,
                             progress: ((_ doneBytes: UInt64, _ totalBytes: UInt64) -> Void)? = nil) throws -> MadeSummary {
-        let geometry = try store?.geometry ?? UndoGeometry(deviceBytes: deviceBytes)
-        precondition(geometry.deviceBytes == deviceBytes)
-        func barrier(_ id: UInt64) throws -> BarrierInfo {
-            guard let store, let info = store.index.barrier(id) else {
-                throw UndoStoreError("no barrier \(id) is retained\(store.map { " in \($0.directory)" } ?? "")")
-            }
-            return info
-        }
-        let fromInfo = try from.map(barrier)
-        let toInfo = try to.map(barrier) ?? BarrierInfo(id: 0, createdUnixSeconds: nowUnixSeconds, label: "")
-        if let fromInfo, toInfo.id != 0, fromInfo.id >= toInfo.id {
-            throw UndoStoreError("the stream must go from an older barrier to a newer one (\(fromInfo.id) → \(toInfo.id))")
-        }
-        let chunks: [UInt64]
-        if let from {
-            chunks = try store!.index.changedChunks(from: from, to: to)
-        } else {
-            chunks = Array(0..<geometry.chunkCount)
-        }
-
-        func readDevice(_ offset: UInt64, _ buffer: UnsafeMutableRawBufferPointer) throws {
+        let maker = try DiffMaker(store: store, deviceBytes: deviceBytes, from: from, to: to, output: output, nowUnixSeconds: nowUnixSeconds) { offset, buffer in
             try BlockFile.read(deviceFD, into: buffer, at: offset, "the device")
         }
-        func readImage(_ id: UInt64?, _ offset: UInt64, _ buffer: UnsafeMutableRawBufferPointer) throws {
-            if let id { try store!.readImage(at: id, offset: offset, into: buffer, readDevice: readDevice) } else { try readDevice(offset, buffer) }
+        do {
+            while try !maker.step(chunksMax: 64) { progress?(maker.doneBytes, maker.totalBytes) }
+            progress?(maker.doneBytes, maker.totalBytes)
+            try maker.writeTrailer()
+            return try maker.commit(synced: false)
+        } catch {
+            maker.abandon()
+            throw error
         }
-
-        let partial = output + ".partial"
-        let fd = open(partial, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw UndoStoreError("cannot create \(partial): \(SystemError.text(errno))", errno: errno) }
-        var closed = false
-        defer {
-            if !closed {
-                close(fd)
-                unlink(partial)
-            }
-        }
-        var writer = DiffStreamWriter(header: DiffStreamHeader(geometry: geometry, from: fromInfo, to: toInfo))
-        var at: UInt64 = 0
-        func emit(_ bytes: UnsafeRawBufferPointer) throws {
-            try BlockFile.write(fd, bytes, at: at, partial)
-            at += UInt64(bytes.count)
-        }
-        try writer.headerBytes().withUnsafeBytes { try emit($0) }
-        let base = UnsafeMutableRawBufferPointer.allocate(byteCount: geometry.chunkBytes, alignment: 4096)
-        let new = UnsafeMutableRawBufferPointer.allocate(byteCount: geometry.chunkBytes, alignment: 4096)
-        defer {
-            base.deallocate()
-            new.deallocate()
-        }
-        let totalBytes = chunks.reduce(UInt64(0)) { $0 + UInt64(geometry.length(ofChunk: $1)) }
-        var doneBytes: UInt64 = 0
-        for chunk in chunks {
-            let offset = geometry.offset(ofChunk: chunk)
-            let length = geometry.length(ofChunk: chunk)
-            defer {
-                doneBytes += UInt64(length)
-                progress?(doneBytes, totalBytes)
-            }
-            let newBytes = UnsafeMutableRawBufferPointer(rebasing: new[0..<length])
-            try readImage(to, offset, newBytes)
-            var baseChecksum: UInt32 = 0
-            if let from {
-                let baseBytes = UnsafeMutableRawBufferPointer(rebasing: base[0..<length])
-                try readImage(from, offset, baseBytes)
-                if memcmp(baseBytes.baseAddress!, newBytes.baseAddress!, length) == 0 { continue }
-                baseChecksum = CRC32C.checksum(UnsafeRawBufferPointer(baseBytes))
-            }
-            try writer.chunkHeader(offset: offset, data: UnsafeRawBufferPointer(newBytes), baseChecksum: baseChecksum).withUnsafeBytes { try emit($0) }
-            try emit(UnsafeRawBufferPointer(newBytes))
-        }
-        try writer.trailerBytes().withUnsafeBytes { try emit($0) }
-        guard fsync(fd) == 0 else { throw UndoStoreError("cannot sync \(partial): \(SystemError.text(errno))", errno: errno) }
-        closed = true
-        close(fd)
-        guard rename(partial, output) == 0 else {
-            let err = errno
-            unlink(partial)
-            throw UndoStoreError("cannot rename \(partial) to \(output): \(SystemError.text(err))", errno: err)
-        }
-        return MadeSummary(chunks: writer.chunkCount, dataBytes: writer.dataBytes, streamBytes: at)
     }
 
     /// Applies the stream in `path` to the file or block device `target`, all or nothing as far
@@ -224,5 +155,147 @@ public enum BarrierStream {
         } catch {
             throw UndoStoreError("\(path) is damaged at \(error)\(written ? "" : " (nothing written)")")
         }
+    }
+}
+
+/// One `tandem diff` being written, a step at a time: the offline tool runs the steps in a loop,
+/// a running node a few at a time between its other work (`tandem diff` on a running node).
+///
+/// The chunks are those changed between the barriers, fixed when it starts: records tagged
+/// `from ≤ t < to` only ever gain company under newer tags. A node reads every chunk on its loop,
+/// where the image at a barrier is always whole (copy-on-write holds a chunk's writes until its
+/// record is in the index); it must stop the stream if either barrier goes (`step` then throws).
+public final class DiffMaker {
+    public let output: String
+    public let partial: String
+    public let from: UInt64?
+    public let to: UInt64?
+    public let totalBytes: UInt64
+    public private(set) var doneBytes: UInt64 = 0
+    private let store: UndoStore?
+    private let geometry: UndoGeometry
+    private let readDevice: (UInt64, UnsafeMutableRawBufferPointer) throws -> Void
+    private let chunks: [UInt64]
+    private var next = 0
+    private var writer: DiffStreamWriter
+    private var fd: Int32
+    private var at: UInt64 = 0
+    private let base: UnsafeMutableRawBufferPointer
+    private let new: UnsafeMutableRawBufferPointer
+    private var finished = false
+
+    /// Opens `output.partial` and writes the header. `readDevice` reads the device's current
+    /// bytes (the image's pieces that no record holds).
+    public init(store: UndoStore?, deviceBytes: UInt64, from: UInt64?, to: UInt64?, output: String, nowUnixSeconds: Int64,
+                readDevice: @escaping (UInt64, UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        let geometry = try store?.geometry ?? UndoGeometry(deviceBytes: deviceBytes)
+        precondition(geometry.deviceBytes == deviceBytes)
+        func barrier(_ id: UInt64) throws -> BarrierInfo {
+            guard let store, let info = store.index.barrier(id) else {
+                throw UndoStoreError("no barrier \(id) is retained\(store.map { " in \($0.directory)" } ?? "")")
+            }
+            return info
+        }
+        let fromInfo = try from.map(barrier)
+        let toInfo = try to.map(barrier) ?? BarrierInfo(id: 0, createdUnixSeconds: nowUnixSeconds, label: "")
+        if let fromInfo, toInfo.id != 0, fromInfo.id >= toInfo.id {
+            throw UndoStoreError("the stream must go from an older barrier to a newer one (\(fromInfo.id) → \(toInfo.id))")
+        }
+        chunks = try from.map { try store!.index.changedChunks(from: $0, to: to) } ?? Array(0..<geometry.chunkCount)
+        self.store = store
+        self.geometry = geometry
+        self.readDevice = readDevice
+        self.from = from
+        self.to = to
+        self.output = output
+        partial = output + ".partial"
+        totalBytes = chunks.reduce(UInt64(0)) { $0 + UInt64(geometry.length(ofChunk: $1)) }
+        writer = DiffStreamWriter(header: DiffStreamHeader(geometry: geometry, from: fromInfo, to: toInfo))
+        fd = open(partial, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw UndoStoreError("cannot create \(partial): \(SystemError.text(errno))", errno: errno) }
+        base = .allocate(byteCount: geometry.chunkBytes, alignment: 4096)
+        new = .allocate(byteCount: geometry.chunkBytes, alignment: 4096)
+        do {
+            try writer.headerBytes().withUnsafeBytes { try emit($0) }
+        } catch {
+            abandon()
+            throw error
+        }
+    }
+
+    deinit {
+        abandon()
+        base.deallocate()
+        new.deallocate()
+    }
+
+    /// Chunks in the stream so far, and bytes of their data.
+    public var chunkCount: UInt64 { writer.chunkCount }
+
+    /// The stream file being written (to sync it elsewhere before `commit(synced: true)`).
+    public var descriptor: Int32 { fd }
+
+    private func emit(_ bytes: UnsafeRawBufferPointer) throws {
+        try BlockFile.write(fd, bytes, at: at, partial)
+        at += UInt64(bytes.count)
+    }
+
+    private func readImage(_ id: UInt64?, _ offset: UInt64, _ buffer: UnsafeMutableRawBufferPointer) throws {
+        if let id { try store!.readImage(at: id, offset: offset, into: buffer, readDevice: readDevice) } else { try readDevice(offset, buffer) }
+    }
+
+    /// Looks at up to `chunksMax` more chunks and writes those that differ. True when every chunk
+    /// has been looked at.
+    public func step(chunksMax: Int) throws -> Bool {
+        precondition(!finished, "step after the trailer")
+        let end = min(next + chunksMax, chunks.count)
+        while next < end {
+            let chunk = chunks[next]
+            next += 1
+            let offset = geometry.offset(ofChunk: chunk)
+            let length = geometry.length(ofChunk: chunk)
+            let newBytes = UnsafeMutableRawBufferPointer(rebasing: new[0..<length])
+            try readImage(to, offset, newBytes)
+            var baseChecksum: UInt32 = 0
+            doneBytes += UInt64(length)
+            if let from {
+                let baseBytes = UnsafeMutableRawBufferPointer(rebasing: base[0..<length])
+                try readImage(from, offset, baseBytes)
+                if memcmp(baseBytes.baseAddress!, newBytes.baseAddress!, length) == 0 { continue }
+                baseChecksum = CRC32C.checksum(UnsafeRawBufferPointer(baseBytes))
+            }
+            try writer.chunkHeader(offset: offset, data: UnsafeRawBufferPointer(newBytes), baseChecksum: baseChecksum).withUnsafeBytes { try emit($0) }
+            try emit(UnsafeRawBufferPointer(newBytes))
+        }
+        return next == chunks.count
+    }
+
+    /// Writes the trailer, after the last step.
+    public func writeTrailer() throws {
+        precondition(next == chunks.count && !finished)
+        finished = true
+        try writer.trailerBytes().withUnsafeBytes { try emit($0) }
+    }
+
+    /// Syncs the stream (unless the caller did, `synced`) and renames it to its final name.
+    public func commit(synced: Bool) throws -> BarrierStream.MadeSummary {
+        precondition(finished && fd >= 0)
+        if !synced { try BlockFile.dataSync(fd, partial) }
+        close(fd)
+        fd = -1
+        guard rename(partial, output) == 0 else {
+            let err = errno
+            unlink(partial)
+            throw UndoStoreError("cannot rename \(partial) to \(output): \(SystemError.text(err))", errno: err)
+        }
+        return BarrierStream.MadeSummary(chunks: writer.chunkCount, dataBytes: writer.dataBytes, streamBytes: at)
+    }
+
+    /// Stops: the partial file goes.
+    public func abandon() {
+        guard fd >= 0 else { return }
+        close(fd)
+        fd = -1
+        unlink(partial)
     }
 }

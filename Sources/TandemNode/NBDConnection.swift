@@ -73,6 +73,9 @@ final class NBDConnection: IOHandler {
     private var waitingForBuffer = false
     private var bufferBytesHeld = 0
     private var runs: [(length: UInt32, flags: UInt32)] = []
+    /// BLOCK_STATUS chunks being encoded (allocated at the first request that needs it).
+    private var blockStatusScratch: UnsafeMutableRawPointer?
+    static let blockStatusScratchBytes = Limits.nbdMetaContextQueriesMax * (24 + 8 * Limits.nbdBlockStatusExtentsMax)
 
     // Output.
     private var replies: FixedQueue<Int32>
@@ -127,6 +130,7 @@ final class NBDConnection: IOHandler {
         freeAligned(headers, Limits.nbdRequestsInFlightMax * NBDTransmission.replyHeaderBytesMax)
         if let cipherIn { freeAligned(cipherIn, Limits.tlsCiphertextBufferBytes) }
         if let cipherOut { freeAligned(cipherOut, Limits.tlsCiphertextBufferBytes) }
+        if let blockStatusScratch { freeAligned(blockStatusScratch, Self.blockStatusScratchBytes) }
         iov.deallocate()
         message.deallocate()
     }
@@ -469,17 +473,43 @@ final class NBDConnection: IOHandler {
             }
             reply(slot, error: .ok)
         case .blockStatus:
+            // One chunk per selected context, in the order they were selected (proto.md
+            // "Metadata querying"); the buffer has room for the most extents each may have.
+            // The chunks are encoded into the connection's scratch first, then copied into a pool
+            // buffer of their size (small, like the replies of the many block-status requests of
+            // a copy tool).
             let maxExtents = request.has(NBD.CommandFlag.reqOne) ? 1 : Limits.nbdBlockStatusExtentsMax
-            if server.imageReader != nil {
+            let contexts = session.contexts
+            precondition(contexts.count <= Limits.nbdMetaContextQueriesMax)
+            if blockStatusScratch == nil { blockStatusScratch = allocateAligned(Self.blockStatusScratchBytes) }
+            let scratch = blockStatusScratch!
+            var bytes = 0
+            for (i, context) in contexts.enumerated() {
                 runs.removeAll(keepingCapacity: true)
-                runs.append((request.length, 0))
-            } else {
-                device.allocationRuns(offset: request.offset, length: UInt64(request.length), max: maxExtents, into: &runs)
+                switch context.kind {
+                case .baseAllocation where server.imageReader != nil:
+                    runs.append((request.length, 0))
+                case .baseAllocation:
+                    device.allocationRuns(offset: request.offset, length: UInt64(request.length), max: maxExtents, into: &runs)
+                case .dirtyBitmap(let key):
+                    let known = server.changedRuns?(key, request.offset, request.length, maxExtents, &runs) ?? false
+                    if !known {
+                        runs.removeAll(keepingCapacity: true)
+                        runs.append((request.length, NBD.stateDirty))
+                    }
+                }
+                precondition(!runs.isEmpty)
+                // A run longer than 4 GiB - 4 KiB splits in two: REQ_ONE still gets one extent.
+                if runs.count > maxExtents { runs.removeLast(runs.count - maxExtents) }
+                bytes += runs.withUnsafeBufferPointer {
+                    NBDTransmission.encodeBlockStatus(cookie: request.cookie, contextID: context.id, last: i == contexts.count - 1,
+                                                      extents: $0, into: scratch + bytes)
+                }
             }
-            guard let buffer = takeBuffer(24 + 8 * runs.count) else { return false }
+            guard let buffer = takeBuffer(bytes) else { return false }
+            buffer.pointer.copyMemory(from: scratch, byteCount: bytes)
             let slot = takeSlot(request)
             slots[Int(slot)].buffer = buffer
-            let bytes = runs.withUnsafeBufferPointer { NBDTransmission.encodeBlockStatus(cookie: request.cookie, extents: $0, into: buffer.pointer) }
             slots[Int(slot)].headerLength = 0
             slots[Int(slot)].dataLength = bytes
             queueReply(slot)

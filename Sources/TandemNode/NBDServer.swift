@@ -51,6 +51,11 @@ public final class NBDServer: IOHandler {
     /// at the barrier), synchronously, and every range is reported as data (the device's holes
     /// say nothing about the barrier's image). Returns 0 or -errno.
     var imageReader: ((UInt64, UnsafeMutableRawBufferPointer) -> Int32)?
+    /// Set on a node that tracks changes since barriers: the extents of a range changed since
+    /// barrier `key` (flag 1 = dirty), for `qemu:dirty-bitmap:` contexts. False when it no longer
+    /// knows that barrier: the range is then reported dirty (never under-report).
+    var changedRuns: ((_ key: UInt64, _ offset: UInt64, _ length: UInt32, _ runsMax: Int,
+                       _ runs: inout [(length: UInt32, flags: UInt32)]) -> Bool)?
     /// Reads served (for metrics): requests and bytes.
     var readRequests: UInt64 = 0
     var readBytes: UInt64 = 0
@@ -178,6 +183,11 @@ public final class NBDServer: IOHandler {
     /// The export as new clients see it (a node that changes role changes this).
     func setReadOnly(_ readOnly: Bool) {
         configuration.export.readOnly = readOnly
+    }
+
+    /// The changed-block bitmaps new clients may select (a node that creates barriers sets it).
+    func setDirtyBitmaps(_ bitmaps: [NBDDirtyBitmap]) {
+        configuration.export.dirtyBitmaps = bitmaps
     }
 
     /// Closes every client once its requests in flight are answered (new requests get

@@ -16,6 +16,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let tagConnect: UInt32 = 0x1000_0001
     private static let tagTick: UInt32 = 0x1000_0002
     private static let tagRetry: UInt32 = 0x1000_0003
+    private static let tagDiffStep: UInt32 = 0x1000_0004
+    private static let tagDiffSync: UInt32 = 0x1000_0005
     /// Verify reads: this base plus the request's window slot (primary) or the peer's request
     /// slot (secondary).
     private static let tagVerifyLocal: UInt32 = 0x2000_0000
@@ -71,20 +73,30 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var undo: UndoStore?
     /// Barriers this node created as primary, for `barrier list` on the primary.
     private var createdBarriers: [BarrierInfo] = []
+    /// What was written since each of `createdBarriers`, for the NBD export's
+    /// `qemu:dirty-bitmap:` contexts. In memory: a restarted node offers none of the old ones.
+    private var changes: ChangeTracker
     private var lastScheduledBarrier: UInt64 = 0
-    /// Chunks a write must save first, reused.
-    private var chunksToSave: [UInt64] = []
     /// Read-only NBD exports of barriers, by barrier id.
     private var barrierExports: [UInt64: NBDServer] = [:]
-    /// Writes whose chunks were saved in this batch: they go to the disk after one sync of the
-    /// undo store at the batch's end (group commit), in order.
-    private var savedWrites: [LocalIO] = []
+    /// Copy-on-write of what the barriers need, before a write reaches the device (nil without
+    /// an undo store).
+    private var copyOnWrite: CopyOnWrite?
     /// A rollback in progress: restored a tick at a time so status (and `tandem rollback`'s
     /// progress bar) can follow it.
     private var rollbackRun: (id: UInt64, plan: RollbackPlan, next: Int, started: UInt64)?
     private static let rollbackChunksPerTick = 256
     /// The last rollback failed part way (it finishes when the node starts again).
     private var rollbackFailed = false
+    /// `tandem diff` on this node: the stream being written a step at a time between the loop's
+    /// other work (replication goes on), and the last one's outcome, for status.
+    private var diffRun: DiffMaker?
+    private var diffSyncFD: Int32 = -1
+    private var lastDiff: (from: UInt64, to: UInt64, output: String, doneBytes: UInt64, totalBytes: UInt64,
+                           summary: BarrierStream.MadeSummary?, error: String?)?
+    /// Work per diff step on the loop, and the pause after it.
+    private static let diffStepNanos: UInt64 = 2_000_000
+    private static let diffPauseNanos: UInt64 = 1_000_000
 
     // MARK: Witness and quorum
 
@@ -256,6 +268,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             logger.warning("\(me.name) crashed as primary: \(bitmap.outOfSyncBytes) bytes of hot extents marked out of sync")
         }
         activityLog = ActivityLog(superblock: superblock, nextSequence: loaded.recovery.nextSequence)
+        changes = ChangeTracker(deviceBytes: device.size, granuleBytesMin: config.barriers.chunkBytes)
         transactionBuffer = allocateAligned(ActivityLog.transactionBytes)
         var disk: PeerDiskState = superblock.flags.contains(.resyncTarget) || !superblock.flags.contains(.consistent) ? .inconsistent : .upToDate
         if disk == .upToDate && superblock.flags.contains(.outdated) { disk = .outdated }
@@ -291,6 +304,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 }
                 undo = store
                 logger.info("undo store \(undoPath): \(store.barriers.count) barriers")
+                let cow = CopyOnWrite(loop: loop, device: device, undo: store, logger: logger)
+                cow.dropped = { dropped in
+                    for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
+                }
+                cow.failed = { why in
+                    logger.error("undo store: \(why); dropping every barrier so replication goes on")
+                    try? store.dropAll()
+                }
+                copyOnWrite = cow
             } catch {
                 throw ServeError("undo store \(undoPath): \(error)")
             }
@@ -326,6 +348,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     func start() throws(ServeError) {
         id = loop.register(self)
+        copyOnWrite?.release = { [unowned self] io in submitNow(io) }
         if superblock.flags.contains(.wasPrimary) || core.role == .primary {
             superblock.flags.insert(.wasPrimary)
             persistMetadata()
@@ -374,22 +397,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
     }
 
-    /// Saves what the barriers need before a write reaches the disk (copy-on-write, made durable
-    /// first). Never fails the write: an undo store that cannot write drops its barriers.
-    private func saveForBarriers(offset: UInt64, length: UInt64, sync: Bool) {
-        guard let undo, undo.index.newest != nil else { return }
-        let device = self.device
-        do {
-            let dropped = try undo.save(offset: offset, length: length, nowUnixSeconds: Self.unixSeconds(), sync: sync) { at, buffer in
-                try BlockFile.read(device, into: buffer, at: at)
-            }
-            for (old, reason) in dropped { logger.notice("barrier \(old.id) dropped (\(reason.rawValue))") }
-        } catch {
-            logger.error("undo store: \(error); dropping every barrier so replication goes on")
-            try? undo.dropAll()
-        }
-    }
-
     static func unixSeconds() -> Int64 { Int64(time(nil)) }
 
     /// Primary: `tandem barrier create`.
@@ -403,7 +410,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         perform()
         guard sent else { return Self.error("the secondary is not connected and UpToDate: it could not keep the barrier") }
         createdBarriers.append(info)
-        if createdBarriers.count > Limits.barriersRetainedMax { createdBarriers.removeFirst() }
+        if changes.barrierIDs.isEmpty {
+            logger.info("changed-block tracking: \(changes.granuleCount) granules of \(changes.granuleBytes) bytes, \(changes.granuleCount * 2) bytes of memory")
+        }
+        changes.barrierCreated(info.id)
+        if createdBarriers.count > Limits.barriersRetainedMax { changes.forget(createdBarriers.removeFirst().id) }
+        publishDirtyBitmaps()
         logger.info("barrier \(info.id) '\(label)' created")
         emit("barrier-created", "\"id\":\(info.id),\"label\":\(jsonString(label))")
         return "{\"ok\":true,\"id\":\(info.id),\"time\":\(info.createdUnixSeconds)}"
@@ -416,7 +428,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
             return "{\"node\":\"\(me.name)\",\"kept_here\":true,\"chunk_bytes\":\(undo.geometry.chunkBytes),\"barriers\":[\(items.joined(separator: ","))]}"
         }
-        let items = createdBarriers.map { "{\"id\":\($0.id),\"time\":\($0.createdUnixSeconds),\"label\":\(jsonString($0.label)),\"bytes_held\":null}" }
+        let items = createdBarriers.map {
+            "{\"id\":\($0.id),\"time\":\($0.createdUnixSeconds),\"label\":\(jsonString($0.label)),\"bytes_held\":null,"
+                + "\"dirty_bitmap\":\(changes.tracks($0.id) ? jsonString(NBD.dirtyBitmapPrefix + "\($0.id)") : "null")}"
+        }
         return "{\"node\":\"\(me.name)\",\"kept_here\":false,\"kept_on\":\"\(peer.name)\",\"barriers\":[\(items.joined(separator: ","))]}"
     }
 
@@ -472,6 +487,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         guard rollbackRun == nil else { return Self.error("a rollback is already running") }
         guard core.role == .secondary else { return Self.error("roll back on the secondary that keeps the barrier; \(me.name) is primary") }
         guard barrierExports.isEmpty else { return Self.error("unexport the barrier exports first") }
+        guard copyOnWrite?.isIdle ?? true else { return Self.error("writes are still being saved for the barriers; try again in a moment") }
+        guard diffRun == nil else { return Self.error("a diff is running (tandem status shows its progress); roll back after it") }
         guard core.peerRole != .primary else { return Self.error("\(peer.name) is primary: demote it first (tandem secondary), so nothing writes during the rollback") }
         beginActions()
         core.disconnect(freshUUID: Self.freshUUID(), into: &actions)
@@ -506,6 +523,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                     try undo.readRecord(restore.record, of: restore.barrierID, into: data)
                     try BlockFile.write(device, UnsafeRawBufferPointer(data), at: geometry.offset(ofChunk: restore.chunk))
                 }
+                changes.written(offset: geometry.offset(ofChunk: restore.chunk), length: UInt64(geometry.length(ofChunk: restore.chunk)))
             }
             run.next = end
             rollbackRun = run
@@ -535,6 +553,90 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let micros = (monotonicNanos() - run.started) / 1000
         logger.notice("rolled back to barrier \(run.id) in \(micros) µs: \(run.plan.restores.count) chunks restored, \(run.plan.newer.count) newer barriers dropped; \(peer.name) resyncs them from here")
         emit("rollback-done", "\"id\":\(run.id),\"chunks_restored\":\(run.plan.restores.count),\"barriers_dropped\":\(run.plan.newer.count)")
+    }
+
+    /// `tandem diff FROM TO --output PATH` on a running node: the stream is written by the node
+    /// (it owns the undo store), a step of at most `diffStepNanos` at a time, then synced on the
+    /// engine and renamed. Replication goes on meanwhile: a chunk's image at a barrier read on the
+    /// loop is always whole (copy-on-write); a barrier dropped meanwhile stops the diff.
+    private func startDiff(from: UInt64?, to: UInt64, output: String) -> String {
+        guard let undo else { return Self.error("\(me.name) keeps no barriers (no undo directory)") }
+        guard diffRun == nil else { return Self.error("a diff is already running (to \(diffRun!.output))") }
+        guard rollbackRun == nil else { return Self.error("a rollback is running") }
+        guard output.hasPrefix("/") else { return Self.error("the output path must be absolute") }
+        let device = self.device
+        let maker: DiffMaker
+        do {
+            maker = try DiffMaker(store: undo, deviceBytes: device.size, from: from, to: to, output: output, nowUnixSeconds: Self.unixSeconds()) { offset, buffer in
+                try BlockFile.read(device, into: buffer, at: offset)
+            }
+        } catch {
+            return Self.error("\(error)")
+        }
+        diffRun = maker
+        lastDiff = (from ?? 0, to, output, 0, maker.totalBytes, nil, nil)
+        loop.addTimer(id: id, tag: Self.tagDiffStep, afterNanos: 0)
+        logger.notice("diff \(from ?? 0) → \(to) to \(output): \(maker.totalBytes) bytes of changed chunks to compare")
+        emit("diff-start", "\"from\":\(from ?? 0),\"to\":\(to),\"output\":\(jsonString(output)),\"total_bytes\":\(maker.totalBytes)")
+        return "{\"ok\":true,\"started\":true,\"from\":\(from ?? 0),\"to\":\(to),\"total_bytes\":\(maker.totalBytes)}"
+    }
+
+    /// The next chunks of a diff; at the end, the trailer and a sync on the engine.
+    private func stepDiff() {
+        guard let maker = diffRun, diffSyncFD < 0 else { return }
+        let deadline = monotonicNanos() + Self.diffStepNanos
+        do {
+            var done = false
+            repeat { done = try maker.step(chunksMax: 8) } while !done && monotonicNanos() < deadline
+            lastDiff?.doneBytes = maker.doneBytes
+            if !done { return loop.addTimer(id: id, tag: Self.tagDiffStep, afterNanos: Self.diffPauseNanos) }
+            try maker.writeTrailer()
+            diffSyncFD = dup(maker.descriptor)
+            guard diffSyncFD >= 0 else { throw UndoStoreError("cannot sync \(maker.partial): \(SystemError.text(errno))") }
+            loop.engine.fsync(fd: diffSyncFD, datasync: true, userData: IOLoop.userData(id, Self.tagDiffSync))
+        } catch {
+            finishDiff(.failure(UndoStoreError("\(error)")))
+        }
+    }
+
+    private func diffSynced(_ result: Int32) {
+        if result == -EINTR || result == -EAGAIN {
+            return loop.engine.fsync(fd: diffSyncFD, datasync: true, userData: IOLoop.userData(id, Self.tagDiffSync))
+        }
+        closeDescriptor(diffSyncFD)
+        diffSyncFD = -1
+        guard let maker = diffRun else { return }
+        if result < 0 { return finishDiff(.failure(UndoStoreError("cannot sync \(maker.partial): \(SystemError.text(-result))"))) }
+        do {
+            finishDiff(.success(try maker.commit(synced: true)))
+        } catch {
+            finishDiff(.failure(UndoStoreError("\(error)")))
+        }
+    }
+
+    private func finishDiff(_ outcome: Result<BarrierStream.MadeSummary, UndoStoreError>) {
+        guard let maker = diffRun else { return }
+        diffRun = nil
+        switch outcome {
+        case .success(let summary):
+            lastDiff?.summary = summary
+            logger.notice("diff to \(maker.output): \(summary.chunks) chunks, \(summary.dataBytes) bytes of data, \(summary.streamBytes) bytes")
+            emit("diff-done", "\"output\":\(jsonString(maker.output)),\"chunks\":\(summary.chunks),\"stream_bytes\":\(summary.streamBytes)")
+        case .failure(let error):
+            maker.abandon()
+            lastDiff?.error = error.message
+            logger.error("diff to \(maker.output) failed: \(error.message)")
+            emit("diff-failed", "\"output\":\(jsonString(maker.output)),\"error\":\(jsonString(error.message))")
+        }
+    }
+
+    private var diffStatusJSON: String {
+        guard let d = lastDiff else {
+            return "{\"running\":false,\"from\":null,\"to\":null,\"output\":null,\"done_bytes\":0,\"total_bytes\":0,\"chunks\":null,\"stream_bytes\":null,\"error\":null}"
+        }
+        return "{\"running\":\(diffRun != nil),\"from\":\(d.from),\"to\":\(d.to),\"output\":\(jsonString(d.output)),\"done_bytes\":\(d.doneBytes),"
+            + "\"total_bytes\":\(d.totalBytes),\"chunks\":\(d.summary.map { "\($0.chunks)" } ?? "null"),"
+            + "\"stream_bytes\":\(d.summary.map { "\($0.streamBytes)" } ?? "null"),\"error\":\(d.error.map(jsonString) ?? "null")}"
     }
 
     // MARK: Metrics
@@ -714,6 +816,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
         case Self.tagRetry:
             dial()
+        case Self.tagDiffStep:
+            stepDiff()
+        case Self.tagDiffSync:
+            diffSynced(result)
         case Self.tagTick:
             beginActions()
             core.tick(nowNanos: monotonicNanos(), into: &actions)
@@ -991,7 +1097,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         requestBytes[kind] &+= kind == 3 ? 0 : UInt64(request.length)
         beginActions()
         let fua = request.has(NBD.CommandFlag.fua)
-        if request.command != .flush { loggedWrites[clientID] = (request.offset, UInt64(request.length)) }
+        if request.command != .flush {
+            loggedWrites[clientID] = (request.offset, UInt64(request.length))
+            // Counted here too: a detached disk gets no local write, yet the data changes.
+            changes.written(offset: request.offset, length: UInt64(request.length))
+        }
         switch request.command! {
         case .write:
             core.clientWrite(id: clientID, offset: request.offset, length: request.length, kind: .write, fua: fua, into: &actions)
@@ -1072,8 +1182,19 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 link.sendBlock(type: .resyncData, flags: data.flags, sequence: data.id, block: PeerBlock(offset: data.offset, length: data.length),
                                payload: UnsafeRawPointer(read.pointer), token: (1 << 63) | UInt64(slot))
             case .recordBarrier(let info):
-                recordBarrier(info)
-                core.barrierRecorded(into: &actions)
+                guard let copyOnWrite, !copyOnWrite.isIdle else {
+                    recordBarrier(info)
+                    core.barrierRecorded(into: &actions)
+                    break
+                }
+                // Records still being saved belong to the barrier before: the new one starts
+                // once they are durable and their writes on the device.
+                copyOnWrite.whenIdle { [unowned self] in
+                    recordBarrier(info)
+                    beginActions()
+                    core.barrierRecorded(into: &actions)
+                    perform()
+                }
             case .completeClientFlush(let flushID, let result) where internalFlushes[flushID] != nil:
                 internalFlushes.removeValue(forKey: flushID)!(result)
             case .completeClient(let clientID, let result) where mustHold,
@@ -1213,16 +1334,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     private func submit(_ io: LocalIO) {
-        if case .write = io.operation, let undo, undo.index.newest != nil {
-            undo.chunksToSave(offset: io.offset, length: UInt64(io.length), into: &chunksToSave)
-            if !chunksToSave.isEmpty || !savedWrites.isEmpty {
-                // Copy-on-write: the old chunks are appended now, made durable once for the whole
-                // batch, and only then may the write reach the disk (Protocol/barriers.md).
-                if !chunksToSave.isEmpty { saveForBarriers(offset: io.offset, length: UInt64(io.length), sync: false) }
-                if savedWrites.isEmpty { loop.callAtBatchEnd(id) }
-                savedWrites.append(io)
-                return
-            }
+        // Every write to this device counts for changed-block tracking, whatever its source
+        // (client, replicated, resync): the device's content is what a backup reads.
+        if case .write = io.operation {
+            changes.written(offset: io.offset, length: UInt64(io.length))
+            // Copy-on-write: the chunks the barriers need are saved and durable before the write
+            // reaches the device (Protocol/barriers.md); `submitNow` once they are.
+            if let copyOnWrite { return copyOnWrite.write(io) }
         }
         submitNow(io)
     }
@@ -1232,16 +1350,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             lazyAckQueued = false
             if core.peerWritesApplying == 0 { link?.flushLazy() }
         }
-        guard !savedWrites.isEmpty else { return }
-        do {
-            try undo?.sync()
-        } catch {
-            logger.error("undo store: \(error); dropping every barrier so replication goes on")
-            try? undo?.dropAll()
-        }
-        let writes = savedWrites
-        savedWrites.removeAll(keepingCapacity: true)
-        for io in writes { submitNow(io) }
     }
 
     private func submitNow(_ io: LocalIO) {
@@ -1483,6 +1591,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         case "barrier" where words.count == 3 && words[1] == "unexport":
             guard let id = UInt64(words[2]) else { return reply(Self.error("barrier id \(words[2])")) }
             reply(unexportBarrier(id))
+        case "diff" where words.count >= 4:
+            // `diff FROM TO PATH`: the path is the rest of the line (it may hold spaces).
+            let parts = request.split(separator: " ", maxSplits: 3, omittingEmptySubsequences: false)
+            guard parts.count == 4, let from = UInt64(parts[1]), let to = UInt64(parts[2]), to > 0 else {
+                return reply(Self.error("diff FROM TO PATH: FROM a barrier id or 0, TO a barrier id"))
+            }
+            reply(startDiff(from: from == 0 ? nil : from, to: to, output: String(parts[3])))
         case "rollback" where words.count == 2:
             guard let id = UInt64(words[1]) else { return reply(Self.error("barrier id \(words[1])")) }
             reply(rollback(to: id))
@@ -1500,7 +1615,26 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// The NBD export this node serves; its mode follows the role.
     func attach(server: NBDServer) {
         nbdServer = server
+        server.changedRuns = { [unowned self] key, offset, length, runsMax, runs in
+            changes.changedRuns(since: key, offset: offset, length: length, runsMax: runsMax, into: &runs)
+        }
         exportFollowsRole()
+        publishDirtyBitmaps()
+    }
+
+    /// The `qemu:dirty-bitmap:` contexts new NBD clients may select: every tracked barrier by its
+    /// id, and by its label (naming the newest barrier with it) unless the label is a number.
+    private func publishDirtyBitmaps() {
+        var bitmaps: [NBDDirtyBitmap] = []
+        var byLabel: [(label: String, id: UInt64)] = []
+        for info in createdBarriers where changes.tracks(info.id) {
+            bitmaps.append(NBDDirtyBitmap(name: "\(info.id)", key: info.id))
+            guard !info.label.isEmpty, UInt64(info.label) == nil else { continue }
+            byLabel.removeAll { $0.label == info.label }
+            byLabel.append((info.label, info.id))
+        }
+        bitmaps += byLabel.map { NBDDirtyBitmap(name: $0.label, key: $0.id) }
+        nbdServer?.setDirtyBitmaps(bitmaps)
     }
 
     private func exportFollowsRole() {
@@ -1636,7 +1770,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             "verify":{"running":\(verify != nil),"checked_bytes":\(verify?.checkedBytes ?? lastVerify?.checked ?? 0),\
             "mismatched_bytes":\(verify?.mismatchedBytes ?? lastVerify?.mismatched ?? 0),"total_bytes":\(device.size)},\
             "rollback":{"running":\(rollbackRun != nil),"barrier":\(rollbackRun.map { "\($0.id)" } ?? "null"),\
-            "done_chunks":\(rollbackRun?.next ?? 0),"total_chunks":\(rollbackRun?.plan.restores.count ?? 0),"failed":\(rollbackFailed)}}
+            "done_chunks":\(rollbackRun?.next ?? 0),"total_chunks":\(rollbackRun?.plan.restores.count ?? 0),"failed":\(rollbackFailed)},\
+            "diff":\(diffStatusJSON)}
             """
     }
 
@@ -1664,6 +1799,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         witness?.stop()
         for server in barrierExports.values { server.beginShutdown() }
         barrierExports.removeAll()
+        if let maker = diffRun {
+            maker.abandon()
+            diffRun = nil
+            logger.warning("diff to \(maker.output) abandoned: the node is stopping")
+        }
         persistMetadata()
         if core.role == .primary {
             superblock.flags.remove(.wasPrimary)

@@ -128,6 +128,11 @@ public final class UndoStore {
     /// Open segment files by barrier id (read-write for the newest, read-only when `readOnly`).
     private var files: [UInt64: Int32] = [:]
     private var newestUnsynced = false
+    /// Bytes of the newest segment file: its records, then zeros written ahead for the next ones.
+    private var allocatedEnd: UInt64 = 0
+    /// Zeros to write ahead with, allocated at the first preallocation.
+    private var zeros: UnsafeMutableRawPointer?
+    private static let zerosBytes = 1 << 20
     /// Scratch for record headers, reused.
     private var headerBytes = [UInt8](repeating: 0, count: UndoRecordHeader.encodedBytes)
 
@@ -199,6 +204,13 @@ public final class UndoStore {
                 throw UndoStoreError("\(path) was saved for a device of \(header.geometry.deviceBytes) bytes in \(header.geometry.chunkBytes)-byte chunks, not this one (\(deviceBytes) bytes)")
             }
             geometry = header.geometry
+            if scan.outcome == .zeroTail && !readOnly {
+                // Space written ahead for records (a node that stopped keeps some): cut, quietly.
+                guard ftruncate(fd, off_t(scan.validBytes)) == 0 else {
+                    close(fd)
+                    throw UndoStoreError("cannot truncate \(path): \(SystemError.text(errno))", errno: errno)
+                }
+            }
             if case .torn(let why) = scan.outcome {
                 log.append("barrier \(id): cut \(scan.fileBytes - scan.validBytes) bytes of a torn record at \(scan.validBytes) (\(why))")
                 if !readOnly {
@@ -238,10 +250,12 @@ public final class UndoStore {
         }
         if !readOnly && !log.isEmpty { try BlockFile.syncDirectory(directory) }
         recoveryLog = log
+        allocatedEnd = index.newest.map { index.bytesHeld($0.id)! } ?? 0
     }
 
     deinit {
         for fd in files.values { close(fd) }
+        if let zeros { freeAligned(zeros, Self.zerosBytes) }
     }
 
     /// The device size the store's newest readable segment was saved for (nil: no segment), so
@@ -297,6 +311,10 @@ public final class UndoStore {
         try sync()
         let dropped = retention.drops(index, nowUnixSeconds: nowUnixSeconds, extraBarriers: 1)
         for _ in dropped { try dropOldest() }
+        if let previous = index.newest, let fd = files[previous.id] {
+            // Its zeros written ahead are no use any more: the file holds just its records.
+            _ = ftruncate(fd, off_t(index.bytesHeld(previous.id)!))
+        }
         let header = UndoSegmentHeader(barrier: info, geometry: geometry, previousID: index.newestID)
         let path = segmentPath(info.id)
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
@@ -312,6 +330,7 @@ public final class UndoStore {
             throw UndoStoreError("\(error)", errno: (error as? UndoStoreError)?.errno ?? 0)
         }
         files[info.id] = fd
+        allocatedEnd = UInt64(UndoSegmentHeader.encodedBytes)
         return dropped
     }
 
@@ -375,6 +394,7 @@ public final class UndoStore {
             headerBytes.withUnsafeMutableBytes {
                 UndoRecordHeader(chunk: chunk, dataBytes: data.count, dataChecksum: crc, barrierID: newest.id).encode(into: $0)
             }
+            if end + recordBytes > allocatedEnd { preallocate(fd, path, end: end, recordBytes: recordBytes) }
             do {
                 try headerBytes.withUnsafeBytes { raw in try BlockFile.write(fd, raw, at: end, path) }
                 try BlockFile.write(fd, data, at: end + UInt64(UndoRecordHeader.encodedBytes), path)
@@ -382,6 +402,7 @@ public final class UndoStore {
                 // Leave no partial record behind: recovery would cut it, but a later append
                 // would land after it.
                 _ = ftruncate(fd, off_t(end))
+                allocatedEnd = end
                 guard error.isNoSpace else { throw error }
                 // The filesystem is full: the oldest barrier gives its space (maybe the newest
                 // itself, and then this chunk needs no saving).
@@ -394,6 +415,34 @@ public final class UndoStore {
             return dropped
         }
         return dropped
+    }
+
+    /// The newest segment's descriptor (nil: no barrier), for a caller that syncs the records
+    /// itself, off the loop (on a duplicate: retention may close this one meanwhile).
+    public var newestSegmentDescriptor: Int32? { index.newest.flatMap { files[$0.id] } }
+
+    /// Writes zeros ahead of the newest segment's records (`Limits.undoPreallocateBytes` at a
+    /// time), so a record lands on blocks the file already has and the sync after it flushes data
+    /// only: growing the file costs a filesystem journal commit in every `fdatasync` (on ext4
+    /// about 290 µs against 165 µs), which is what bounds copy-on-write. Recovery reads the zeros
+    /// as the end of the records (`zeroTail`). Best effort: on an error (a full filesystem) the
+    /// file is cut back and the record extends it, as without.
+    private func preallocate(_ fd: Int32, _ path: String, end: UInt64, recordBytes: UInt64) {
+        if zeros == nil { zeros = allocateAligned(Self.zerosBytes) }
+        let block = UInt64(Limits.blockSize)
+        let target = (end + recordBytes + UInt64(Limits.undoPreallocateBytes) + block - 1) / block * block
+        var at = max(allocatedEnd, end)
+        do {
+            while at < target {
+                let n = Int(min(UInt64(Self.zerosBytes), target - at))
+                try BlockFile.write(fd, UnsafeRawBufferPointer(start: zeros, count: n), at: at, path)
+                at += UInt64(n)
+            }
+            allocatedEnd = target
+        } catch {
+            _ = ftruncate(fd, off_t(end))
+            allocatedEnd = end
+        }
     }
 
     /// Makes every appended record durable (one fdatasync of the newest segment): the node calls
@@ -506,6 +555,7 @@ public final class UndoStore {
         try BlockFile.dataSync(fd, segmentPath(id))
         index.clearRecords(of: id)
         newestUnsynced = false
+        allocatedEnd = UInt64(UndoSegmentHeader.encodedBytes)
         let path = "\(directory)/\(Self.markerName)"
         guard unlink(path) == 0 || errno == ENOENT else { throw UndoStoreError("cannot remove \(path): \(SystemError.text(errno))", errno: errno) }
         try BlockFile.syncDirectory(directory)

@@ -341,30 +341,38 @@ struct Barrier: ParsableCommand {
 
 struct Diff: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Write an incremental stream between two barriers of an offline undo store (like zfs send -i).",
+        abstract: "Write an incremental stream between two barriers (like zfs send -i), on a running node or offline.",
         discussion: """
             The stream holds every chunk that differs between the image at FROM and the image at
             TO, with checksums of both; `tandem apply` refuses it on a device that does not hold
             the image at FROM. FROM 0 makes a full stream (every chunk; applies to any device of
-            the size). TO "now" is the device as it is (offline, nothing writing it).
+            the size).
+
+            With a resource file and --node, the running node that keeps the barriers (the
+            secondary) writes the stream to --output (a path on its host) while it goes on
+            replicating; a progress bar follows it. TO must be a barrier there.
+            Offline, on a stopped secondary's undo directory and device, TO may also be "now":
+            the device as it is (nothing may write it meanwhile).
 
             Examples:
+              tandem diff r0.toml --node beta 3 7 --output /backup/3-7.tdiff
+              tandem diff r0.toml --node beta 0 7 --output /backup/full-7.tdiff
               tandem diff --undo-dir r0.undo --device disk.img 3 7 --output 3-7.tdiff
-              tandem diff --undo-dir r0.undo --device disk.img 0 7 --output full-7.tdiff
               tandem diff --device disk.img 0 now --output full.tdiff
             """)
 
-    @Option(help: "The undo directory (not needed for FROM 0 and TO now).")
+    @Argument(help: ArgumentHelp("[RESOURCE-FILE] FROM TO: the resource file (a running node), the base barrier id (0: a full stream), the target barrier id (or now, offline).",
+                                 valueName: "args"))
+    var words: [String] = []
+
+    @Option(help: "The node that keeps the barriers (with a resource file).")
+    var node: String?
+
+    @Option(help: "Offline: the undo directory (not needed for FROM 0 and TO now).")
     var undoDir: String?
 
-    @Option(help: "The device the undo directory protects.")
-    var device: String
-
-    @Argument(help: "The base barrier id (0: a full stream).")
-    var from: UInt64
-
-    @Argument(help: "The target barrier id, or now.")
-    var to: String
+    @Option(help: "Offline: the device the undo directory protects.")
+    var device: String?
 
     @Option(help: "The stream file to write.")
     var output: String
@@ -374,16 +382,31 @@ struct Diff: ParsableCommand {
 
     @OptionGroup var progress: ProgressOptions
 
+    var online: Bool { words.count == 3 }
+    var from: UInt64 { UInt64(words[words.count - 2]) ?? 0 }
+    var to: String { words[words.count - 1] }
+
     func validate() throws {
+        guard words.count == 2 || words.count == 3 else { throw ValidationError("give FROM and TO (and the resource file first for a running node)") }
+        guard UInt64(words[words.count - 2]) != nil else { throw ValidationError("FROM must be a barrier id or 0, got '\(words[words.count - 2])'") }
         guard to == "now" || UInt64(to) != nil else { throw ValidationError("TO must be a barrier id or now, got '\(to)'") }
-        if undoDir == nil && !(from == 0 && to == "now") { throw ValidationError("--undo-dir is needed unless FROM is 0 and TO is now") }
         if to != "now", let id = UInt64(to), from != 0, id <= from { throw ValidationError("TO (\(id)) must be newer than FROM (\(from))") }
+        if online {
+            guard node != nil else { throw ValidationError("--node is required with a resource file") }
+            guard undoDir == nil && device == nil else { throw ValidationError("--undo-dir and --device are for the offline form; a running node uses its own") }
+            guard to != "now" else { throw ValidationError("a running node diffs to a barrier, not to now (its device changes under the stream): create a barrier and diff to it") }
+            guard !output.contains("\n") else { throw ValidationError("--output must not contain a newline") }
+        } else {
+            guard device != nil else { throw ValidationError("--device is needed offline (or give a resource file and --node)") }
+            if undoDir == nil && !(from == 0 && to == "now") { throw ValidationError("--undo-dir is needed unless FROM is 0 and TO is now") }
+        }
     }
 
     func run() throws {
         if !force && access(output, F_OK) == 0 { throw fail("\(output) exists; use --force to replace it") }
+        if online { return try runOnline() }
         let backing: BackingDevice
-        do { backing = try BackingDevice.open(path: device, readOnly: true, cache: .page) } catch { throw fail(error.message) }
+        do { backing = try BackingDevice.open(path: device!, readOnly: true, cache: .page) } catch { throw fail(error.message) }
         do {
             let store = try undoDir.map { try UndoStore(directory: $0, deviceBytes: backing.size, readOnly: true) }
             for line in store?.recoveryLog ?? [] { printError("note: \(line) (read-only: not repaired)") }
@@ -399,6 +422,31 @@ struct Diff: ParsableCommand {
         } catch {
             throw fail("\(error)")
         }
+    }
+
+    /// The running node writes the stream; its status says how far it is.
+    private func runOnline() throws {
+        var target = RunningNode()
+        target.file = words[0]
+        target.node = node!
+        // The node writes the file: a path relative to this shell means nothing to it.
+        let path = output.hasPrefix("/") ? output : FileManager.default.currentDirectoryPath + "/" + output
+        let started = try target.command("diff \(from) \(to) \(path)")
+        let total = UInt64(started["total_bytes"] as? Int ?? 0)
+        let reporter = progress.reporter(label: "diff")
+        var diff: [String: Any] = [:]
+        while true {
+            let status = try target.status()
+            diff = status.object["diff"] as? [String: Any] ?? [:]
+            guard diff["output"] as? String == path else { throw fail("\(node!) no longer reports this diff (restarted?)") }
+            if diff["running"] as? Bool != true { break }
+            reporter?.update(done: UInt64(diff["done_bytes"] as? Int ?? 0), total: max(total, 1))
+            usleep(200_000)
+        }
+        if let why = diff["error"] as? String { throw fail("\(node!): the diff failed: \(why)") }
+        reporter?.update(done: total, total: max(total, 1))
+        reporter?.finish()
+        print("wrote \(path): \(diff["chunks"] ?? "?") chunks, \(diff["stream_bytes"] ?? "?") bytes")
     }
 }
 

@@ -104,6 +104,20 @@ import TandemCore
         }
     }
 
+    /// Zeros after the records (space preallocated for more, of any length) end the records
+    /// without a loss: not a torn record.
+    @Test func zerosAfterTheRecordsArePreallocatedSpace() {
+        let h = Self.header()
+        let bytes = Self.segment(h, [(1, 1), (5, 2)])
+        for zeros in [1, 31, 32, 33, 4096, 3 * 4096 + 17] {
+            let scan = Self.scan(bytes + [UInt8](repeating: 0, count: zeros))
+            #expect(scan.outcome == .zeroTail && scan.records.count == 2 && scan.validBytes == UInt64(bytes.count), "\(zeros) zeros")
+        }
+        // A record header that never reached the disk, with its data that did: the same.
+        let torn = bytes + [UInt8](repeating: 0, count: 32) + [UInt8](repeating: 9, count: 100)
+        #expect(Self.scan(torn).outcome == .zeroTail && Self.scan(torn).records.count == 2)
+    }
+
     /// Damage anywhere in a record stops the scan at that record; the records before it stay.
     @Test func damageAtEveryByte() {
         let h = Self.header()

@@ -7,8 +7,9 @@ struct HandshakeDriver {
     var machine: NBDHandshake
     var pending: [UInt8] = []
 
-    init(tls: NBDTLSMode = .none, readOnly: Bool = false) {
-        let export = NBDExport(name: "disk", description: "test disk", size: 1 << 20, readOnly: readOnly, blockSizeMin: 512, blockSizeMax: 32 << 20)
+    init(tls: NBDTLSMode = .none, readOnly: Bool = false, dirtyBitmaps: [NBDDirtyBitmap] = []) {
+        var export = NBDExport(name: "disk", description: "test disk", size: 1 << 20, readOnly: readOnly, blockSizeMin: 512, blockSizeMax: 32 << 20)
+        export.dirtyBitmaps = dirtyBitmaps
         machine = NBDHandshake(exports: [export], tlsMode: tls)
     }
 
@@ -131,7 +132,7 @@ func parseReplies(_ bytes: [UInt8]) -> [(option: UInt32, type: UInt32, data: [UI
         let b = split.feed(input, byteByByte: true)
         #expect(a == b)
         guard case .enterTransmission(_, let session) = a.last else { Issue.record("no transmission"); return }
-        #expect(session.structuredReplies && session.baseAllocation)
+        #expect(session.structuredReplies && session.contexts.map(\.kind) == [.baseAllocation])
         #expect(session.transmissionFlags & NBD.TransmissionFlag.sendDF != 0)
     }
 
@@ -169,6 +170,54 @@ func parseReplies(_ bytes: [UInt8]) -> [(option: UInt32, type: UInt32, data: [UI
         actions = d.feed(HandshakeDriver.option(NBD.Option.listMetaContext.rawValue, HandshakeDriver.metaQuery("disk", ["qemu:dirty-bitmap:x"])))
         guard case .send(let none) = actions.first else { Issue.record("no reply"); return }
         #expect(parseReplies(none).map(\.type) == [NBD.Reply.ack])
+    }
+
+    /// qemu-nbd's conventions for changed-block bitmaps: `qemu:dirty-bitmap:NAME` contexts,
+    /// listed by a bare LIST and by the `qemu:` and `qemu:dirty-bitmap:` wildcards.
+    @Test func dirtyBitmapContextsAreListedAndSelected() {
+        var d = HandshakeDriver(dirtyBitmaps: [NBDDirtyBitmap(name: "17", key: 17), NBDDirtyBitmap(name: "nightly", key: 17), NBDDirtyBitmap(name: "20", key: 20)])
+        func names(_ action: NBDHandshake.Action?) -> [String] {
+            guard case .send(let bytes) = action else { Issue.record("no reply: \(String(describing: action))"); return [] }
+            let replies = parseReplies(bytes)
+            #expect(replies.last?.type == NBD.Reply.ack)
+            return replies.filter { $0.type == NBD.Reply.metaContext }.map { String(decoding: $0.data[4...], as: UTF8.self) }
+        }
+        func ids(_ action: NBDHandshake.Action?) -> [UInt32] {
+            guard case .send(let bytes) = action else { return [] }
+            return parseReplies(bytes).filter { $0.type == NBD.Reply.metaContext }.map { $0.data[0..<4].reduce(0) { $0 << 8 | UInt32($1) } }
+        }
+        _ = d.feed(HandshakeDriver.clientFlags() + HandshakeDriver.option(NBD.Option.structuredReply.rawValue))
+        let list = { (queries: [String]) in d.feed(HandshakeDriver.option(NBD.Option.listMetaContext.rawValue, HandshakeDriver.metaQuery("disk", queries))).first }
+        let all = list([])
+        #expect(names(all) == ["base:allocation", "qemu:dirty-bitmap:17", "qemu:dirty-bitmap:nightly", "qemu:dirty-bitmap:20"])
+        #expect(ids(all).allSatisfy { $0 == 0 }, "LIST ids are reserved: zero")
+        #expect(names(list(["qemu:"])) == ["qemu:dirty-bitmap:17", "qemu:dirty-bitmap:nightly", "qemu:dirty-bitmap:20"])
+        #expect(names(list(["qemu:dirty-bitmap:", "base:"])) == ["qemu:dirty-bitmap:17", "qemu:dirty-bitmap:nightly", "qemu:dirty-bitmap:20", "base:allocation"])
+        #expect(names(list(["qemu:dirty-bitmap:20", "qemu:dirty-bitmap:99", "x-other:thing"])) == ["qemu:dirty-bitmap:20"])
+        // SET: exact names only, duplicates once, ids 1 for base:allocation and 2... for bitmaps.
+        let set = d.feed(HandshakeDriver.option(NBD.Option.setMetaContext.rawValue, HandshakeDriver.metaQuery("disk", [
+            "qemu:dirty-bitmap:nightly", "qemu:dirty-bitmap:", "base:allocation", "qemu:dirty-bitmap:20", "qemu:dirty-bitmap:nightly", "qemu:dirty-bitmap:5",
+        ]))).first
+        #expect(names(set) == ["qemu:dirty-bitmap:nightly", "base:allocation", "qemu:dirty-bitmap:20"])
+        #expect(ids(set) == [2, 1, 3])
+        guard case .enterTransmission(_, let session) = d.feed(HandshakeDriver.option(NBD.Option.go.rawValue, HandshakeDriver.nameAndInfos("disk"))).last else {
+            Issue.record("no transmission"); return
+        }
+        #expect(session.contexts.map(\.kind) == [.dirtyBitmap(key: 17), .baseAllocation, .dirtyBitmap(key: 20)])
+        #expect(session.contexts.map(\.id) == [2, 1, 3])
+    }
+
+    @Test func aFailedSetMetaContextClearsTheSelection() {
+        var d = HandshakeDriver(dirtyBitmaps: [NBDDirtyBitmap(name: "1", key: 1)])
+        _ = d.feed(HandshakeDriver.clientFlags() + HandshakeDriver.option(NBD.Option.structuredReply.rawValue)
+            + HandshakeDriver.option(NBD.Option.setMetaContext.rawValue, HandshakeDriver.metaQuery("disk", ["qemu:dirty-bitmap:1"])))
+        let bad = d.feed(HandshakeDriver.option(NBD.Option.setMetaContext.rawValue, [0, 0, 0, 9]))
+        guard case .send(let bytes) = bad.first else { Issue.record("no reply"); return }
+        #expect(parseReplies(bytes).first?.type == NBD.Reply.errInvalid)
+        guard case .enterTransmission(_, let session) = d.feed(HandshakeDriver.option(NBD.Option.go.rawValue, HandshakeDriver.nameAndInfos("disk"))).last else {
+            Issue.record("no transmission"); return
+        }
+        #expect(session.contexts.isEmpty)
     }
 
     @Test func forcedTLSRefusesEverythingButStartTLS() {

@@ -7,7 +7,7 @@ import TandemCore
 
     func session(readOnly: Bool = false, structured: Bool = true, contexts: Bool = true, min: UInt32 = 512) -> NBDSession {
         let export = NBDExport(name: "d", size: size, readOnly: readOnly, blockSizeMin: min, blockSizeMax: 32 << 20)
-        return NBDSession(export: export, structuredReplies: structured, baseAllocation: contexts, transmissionFlags: export.transmissionFlags(structuredReplies: structured))
+        return NBDSession(export: export, structuredReplies: structured, contexts: contexts ? [NBDMetaContext(id: 1, name: NBD.baseAllocationName, kind: .baseAllocation)] : [], transmissionFlags: export.transmissionFlags(structuredReplies: structured))
     }
 
     func request(_ command: NBD.Command, offset: UInt64 = 0, length: UInt32 = 4096, flags: UInt16 = 0) -> NBDRequest {
@@ -82,6 +82,9 @@ import TandemCore
         let n = extents.withUnsafeBufferPointer { NBDTransmission.encodeBlockStatus(cookie: 1, extents: $0, into: p) }
         #expect(n == 24 + 16)
         #expect(Array(raw(n)[20...]) == [0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x20, 0, 0, 0, 0, 3])
+        // A chunk for another context that is not the reply's last: its id, no DONE flag.
+        let m = extents.withUnsafeBufferPointer { NBDTransmission.encodeBlockStatus(cookie: 1, contextID: 7, last: false, extents: $0, into: p) }
+        #expect(m == 24 + 16 && raw(8)[4...5] == [0, 0] && Array(raw(24)[20...]) == [0, 0, 0, 7])
     }
 
     @Test func errnoMapping() {

@@ -161,7 +161,9 @@ def test_the_schema_checker_catches_what_it_should():
                      "replication": "Established", "out_of_sync_bytes": 0, "resync_done_bytes": 0},
             "writes_in_flight": 0, "transfer_log_entries": 0,
             "verify": {"running": False, "checked_bytes": 0, "mismatched_bytes": 0, "total_bytes": 1},
-            "rollback": {"running": False, "barrier": None, "done_chunks": 0, "total_chunks": 0, "failed": False}}
+            "rollback": {"running": False, "barrier": None, "done_chunks": 0, "total_chunks": 0, "failed": False},
+            "diff": {"running": False, "from": None, "to": None, "output": None, "done_bytes": 0, "total_bytes": 0,
+                     "chunks": None, "stream_bytes": None, "error": None}}
     assert schema_problems(good, SCHEMA) == []
     bad = json.loads(json.dumps(good))
     bad["role"] = "primary"
