@@ -8,7 +8,7 @@ import signal
 
 import nbd
 
-from conftest import KiB, MiB, free_port, run
+from conftest import KiB, MiB, TANDEM_BIN, free_port, run
 from test_barriers_online import barrier_pair, create_barrier, tandem
 from test_replication import SIZE, make_pair, qemu_io  # noqa: F401 (fixture)
 
@@ -160,3 +160,40 @@ def test_backup_tools_read_just_the_changes_since_each_barrier(make_pair, tmp_pa
     h.shutdown()
     cp = run(["nbdinfo", f"--map=qemu:dirty-bitmap:{first}", p.uri], check=False)
     assert cp.returncode != 0
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_tracking_a_1_tib_device_takes_at_most_16_mib(make_pair, tmp_path):
+    """On a sparse 1 TiB device the tracker takes 128 KiB granules and 16 MiB, once the first
+    barrier exists; the node stays far below the 128 MiB target."""
+    p = make_pair()
+    text = p.resource.read_text()
+    for name in ("alpha", "beta"):
+        meta = f'metadata = "{tmp_path}/{name}.meta"\n'
+        text = text.replace(meta, meta + f'undo = "{tmp_path}/{name}.undo"\n')
+        with open(tmp_path / f"{name}.img", "r+b") as f:
+            f.truncate(1 << 40)
+    p.resource.write_text(text)
+    for name in ("alpha", "beta"):
+        run([TANDEM_BIN, "init", p.resource, "--node", name, "--zeroed", "--force"])
+    p.up("beta")
+    p.up("alpha", "--primary")
+    p.wait_in_sync()
+    before = rss_bytes(p.procs["alpha"].pid)
+    first = create_barrier(p, "big")
+    p.wait_for("alpha", r"changed-block tracking: 8388608 granules of 131072 bytes, 16777216 bytes of memory")
+    qemu_io(p.uri, "write -P 0x61 512G 4k", "write -P 0x62 1023G 256k", "flush")
+    grown = rss_bytes(p.procs["alpha"].pid) - before
+    assert grown <= 20 * MiB, f"alpha grew by {grown} bytes"
+    assert rss_bytes(p.procs["alpha"].pid) < 128 * MiB
+    h = nbd.NBD()
+    h.add_meta_context(f"qemu:dirty-bitmap:{first}")
+    h.connect_uri(p.uri)
+    got = []
+    h.block_status(1 << 30, 512 << 30, lambda name, off, entries, err: got.extend(zip(entries[0::2], entries[1::2])) or 0)
+    h.shutdown()
+    assert got[0] == (128 * KiB, 1) and got[1][1] == 0, got[:4]
