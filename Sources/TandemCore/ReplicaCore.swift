@@ -126,8 +126,9 @@ public struct ReplicaCore {
 
     // MARK: Ordering on the receiving side
 
-    /// Writes from the peer (replicated or resync) on the local disk now, and those waiting for an
-    /// overlapping earlier one: overlapping writes are applied in arrival order.
+    /// Writes on the local disk now (client writes on a primary; replicated and resync writes on
+    /// a secondary), and those waiting for an overlapping earlier one: overlapping writes are
+    /// applied in the order they arrived.
     private var appliedInFlight: [(tag: LocalIO.Tag, offset: UInt64, length: UInt32)] = []
     private var appliedWaiting: [LocalIO] = []
 
@@ -230,7 +231,9 @@ public struct ReplicaCore {
             write.localDone = true
             write.localResult = replicating ? 0 : -5
         } else {
-            actions.append(.submitLocal(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload)))
+            // Overlapping writes reach the local disk in the order they reach the peer's (which
+            // applies in arrival order), or the two copies could end with different data.
+            apply(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload), into: &actions)
         }
         if sync == .syncSource { markResyncStale(offset: offset, length: length) }
         if replicating {
@@ -292,6 +295,7 @@ public struct ReplicaCore {
             write.localDone = true
             write.localResult = result
             writes[id] = write
+            applied(tag, into: &actions)
             finishWriteIfDone(id, into: &actions)
         case .clientFlush(let id):
             guard var flush = flushes[id] else { preconditionFailure("completion of unknown flush \(id)") }
@@ -367,7 +371,7 @@ public struct ReplicaCore {
         }
     }
 
-    /// Submits a write from the peer, or queues it behind an overlapping earlier one.
+    /// Submits a local write, or queues it behind an overlapping earlier one.
     private mutating func apply(_ io: LocalIO, into actions: inout [Action]) {
         let overlaps = { (o: UInt64, l: UInt32) in o < io.offset + UInt64(io.length) && io.offset < o + UInt64(l) }
         if appliedInFlight.contains(where: { overlaps($0.offset, $0.length) }) || appliedWaiting.contains(where: { overlaps($0.offset, $0.length) }) {
@@ -378,7 +382,7 @@ public struct ReplicaCore {
         actions.append(.submitLocal(io))
     }
 
-    /// A peer write finished: start queued writes no longer behind an overlapping one.
+    /// A local write finished: start queued writes no longer behind an overlapping one.
     private mutating func applied(_ tag: LocalIO.Tag, into actions: inout [Action]) {
         appliedInFlight.removeAll { $0.tag == tag }
         guard !appliedWaiting.isEmpty else { return }

@@ -5,8 +5,9 @@ public struct SimOptions: Sendable {
     /// After a primary crash, the operator promotes the survivor (`ReplicaCore.promote`, retried
     /// until the core agrees); the old primary comes back as secondary.
     public var failover = false
-    /// Let the client send writes that overlap writes still in flight (NBD leaves the result
-    /// undefined, so only replica equality is checked for such blocks, not their value).
+    /// Let the client send writes that overlap writes still in flight (NBD leaves their order
+    /// undefined; Tandem applies them in arrival order on both disks, and the model expects
+    /// that; the read-back at each answer is not checked, a newer write may be on the disk).
     public var overlappingClientWrites = false
     /// Inject disk errors on the primary too (by default only the secondary's disk fails). A
     /// primary whose disk is detached and later restarted comes back UpToDate on stale data:

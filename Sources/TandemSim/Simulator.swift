@@ -63,6 +63,9 @@ final class World {
     // The model of what the device must return (see `Checker` below).
     var floor: [UInt64]
     var exact: [Bool]
+    /// The newest write whose outcome on the block is unknown (it failed, or was lost in a
+    /// crash): an older write acknowledged later does not make the block exact again.
+    var unsettledSeq: [UInt64]
     var stable: [UInt64]
     var maxSeq: [UInt64]
     var ackLog: [(first: Int, count: Int, seq: UInt64)] = []
@@ -88,6 +91,7 @@ final class World {
         inFlightMax = 1
         floor = Array(repeating: 0, count: SimLayout.blocks)
         exact = Array(repeating: true, count: SimLayout.blocks)
+        unsettledSeq = Array(repeating: 0, count: SimLayout.blocks)
         stable = floor
         maxSeq = floor
         primaryNode = rng.below(2)

@@ -11,6 +11,12 @@ extension World {
         return "block \(b) holds \(v), but \(expectation(b))"
     }
 
+    /// Block `b` may hold any value up to `seq` from now on (until a newer write is acknowledged).
+    func uncertain(_ b: Int, upTo seq: UInt64) {
+        exact[b] = false
+        unsettledSeq[b] = max(unsettledSeq[b], seq)
+    }
+
     func expectation(_ b: Int) -> String {
         exact[b] ? "the client was last acknowledged \(floor[b])" : "the client may read \(floor[b])...\(maxSeq[b]) (stable \(stable[b]))"
     }

@@ -104,14 +104,14 @@ extension World {
                 for b in 0..<SimLayout.blocks where nodes[s].disk.cache[b] != floor[b] {
                     floor[b] = min(floor[b], nodes[s].disk.cache[b])
                     stable[b] = min(stable[b], floor[b])
-                    exact[b] = false
+                    uncertain(b, upTo: maxSeq[b])
                 }
             }
             if powerLoss {
                 // It comes back as primary with what its disk kept: flushed data at least.
                 for b in 0..<SimLayout.blocks where floor[b] > stable[b] {
                     floor[b] = stable[b]
-                    exact[b] = false
+                    uncertain(b, upTo: maxSeq[b])
                 }
                 // A later flush covers nothing acknowledged before the crash: that may be gone.
                 stabilized = ackLog.count

@@ -124,12 +124,14 @@ extension World {
         let blocks = op.first..<op.first + op.count
         guard result == 0 else {
             // A failed write may have landed on some blocks, on either disk.
-            for b in blocks { exact[b] = false }
+            for b in blocks { uncertain(b, upTo: op.seq) }
             return
         }
         for b in blocks {
-            floor[b] = op.seq
-            exact[b] = !pending.contains { $0.isWrite && $0.first <= b && b < $0.first + $0.count }
+            // Overlapping writes reach both disks in the order they were issued (the core keeps
+            // it): a write answered after a newer one to the same block leaves the newer value.
+            floor[b] = max(floor[b], op.seq)
+            exact[b] = floor[b] >= unsettledSeq[b] && !pending.contains { $0.isWrite && $0.seq > floor[b] && $0.first <= b && b < $0.first + $0.count }
         }
         ackLog.append((op.first, op.count, op.seq))
         if op.fua { for b in blocks { stable[b] = max(stable[b], op.seq) } }
@@ -153,7 +155,7 @@ extension World {
     func dropClients(of i: Int) {
         guard i == primaryNode else { return }
         for op in pending where op.isWrite {
-            for b in op.first..<op.first + op.count { exact[b] = false }
+            for b in op.first..<op.first + op.count { uncertain(b, upTo: op.seq) }
         }
         if !pending.isEmpty { record(.note("client loses \(pending.count) requests in flight")) }
         pending.removeAll()

@@ -444,6 +444,20 @@ struct Pair {
         #expect(pair.secondaryDisk.contains { $0.tag == .peerWrite(2) })
     }
 
+    /// Found by the simulator (`--overlapping-writes`, seed 60): the primary submitted
+    /// overlapping client writes at once, its disk could finish them in the other order, and the
+    /// two copies ended with different data.
+    @Test func overlappingClientWritesReachThePrimaryDiskInArrivalOrder() {
+        var pair = Pair()
+        pair.write(1, at: 0, 8192)
+        pair.write(2, at: 4096, 4096)
+        pair.write(3, at: 65536, 4096)
+        #expect(pair.primaryDisk.map(\.tag) == [.client(1), .client(3)], "write 2 waits for the overlapping write 1")
+        #expect(pair.toSecondary.count == 3, "all three go to the peer at once, in order")
+        pair.completePrimary(.client(1))
+        #expect(pair.primaryDisk.map(\.tag) == [.client(3), .client(2)])
+    }
+
     @Test func resyncKeepsToItsRate() {
         var pair = Pair()
         pair.dropLink()

@@ -94,6 +94,13 @@ import TandemSim
         Self.check(Simulator.run(seed: seed))
     }
 
+    /// Overlapping client writes in flight reached the primary's disk in any order and the
+    /// peer's in arrival order: the replicas ended different.
+    @Test(arguments: SimRegressions.overlappingWritesReordered)
+    func overlappingWritesLandInOneOrderOnBothDisks(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true)))
+    }
+
     // MARK: Known issues, open (the simulator finds them with these options)
 
     /// Failover (the survivor promoted with `promote`) onto a secondary whose disk failed a
@@ -132,6 +139,7 @@ enum SimRegressions {
     static let alEvictionWithoutDataSync: [UInt64] = [993]
     static let resyncIDsRepeated: [UInt64] = [2996]
     static let failoverDecisions: [UInt64] = [28, 524]
+    static let overlappingWritesReordered: [UInt64] = [1, 60]
 
     // Known issues (fail today): each with the option that enables its fault.
     static let failoverLosesWrites: UInt64 = 410
