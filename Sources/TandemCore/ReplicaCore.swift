@@ -70,6 +70,13 @@ public struct ReplicaCore {
         /// Secondary: every replicated write before the barrier is on the disk and none after
         /// it has started: record the barrier (its undo segment), then call `barrierRecorded`.
         case recordBarrier(BarrierInfo)
+        /// A client write no longer needs its activity-log extents (`ActivityLog.endWrite`): it
+        /// is answered, and the peer's copy is durable (a peer flush covered it) or the range is
+        /// marked out of sync (the peer failed it, never got it, or the link went down). Once
+        /// per client write, after its `completeClient` or later; until then a crash of this
+        /// primary must resync the write's extents, as the peer may still lose it from a
+        /// volatile cache (DRBD keeps the extent until the barrier ack).
+        case writeSettled(offset: UInt64, length: UInt32)
     }
 
     public let configuration: Configuration
@@ -143,6 +150,8 @@ public struct ReplicaCore {
         var peerResult: Int32 = 0
         /// The link sequence of the data message (for transfer-log coverage by flushes).
         var linkSequence: UInt64 = 0
+        /// Its entry is in the transfer log: it settles when a peer flush covers it.
+        var awaitingPeerFlush = false
     }
 
     private struct ClientFlush {
@@ -156,6 +165,8 @@ public struct ReplicaCore {
         var offset: UInt64
         var length: UInt32
         var linkSequence: UInt64
+        /// The client write's id (it may still be in flight: the peer can ack before the disk).
+        var id: UInt64
     }
 
     private var writes: [UInt64: ClientWrite] = [:]
@@ -332,6 +343,7 @@ public struct ReplicaCore {
         }
         epochClosePending = true
         actions.append(.completeClient(id: id, result: result))
+        if !write.awaitingPeerFlush { actions.append(.writeSettled(offset: write.offset, length: write.length)) }
     }
 
     private mutating func finishFlushIfDone(_ id: UInt64, into actions: inout [Action]) {
@@ -404,9 +416,10 @@ public struct ReplicaCore {
             guard var write = writes[id], write.peerPending else { return protocolError("ack of unknown write \(id)", into: &actions) }
             write.peerPending = false
             write.peerResult = -Int32(bitPattern: code)
+            write.awaitingPeerFlush = code == 0
             writes[id] = write
             if code == 0 {
-                recordInTransferLog(TransferLogEntry(offset: write.offset, length: write.length, linkSequence: write.linkSequence), into: &actions)
+                recordInTransferLog(TransferLogEntry(offset: write.offset, length: write.length, linkSequence: write.linkSequence, id: id), into: &actions)
             } else {
                 // The peer could not write it: out of sync until a resync repairs it.
                 bitmap.setRange(offset: write.offset, length: UInt64(write.length))
@@ -417,8 +430,10 @@ public struct ReplicaCore {
             startWaitingPeerFlushes(into: &actions)
         case .flushAck(let id, let code):
             guard let covered = peerFlushCoverage.removeValue(forKey: id) else { return protocolError("ack of unknown flush \(id)", into: &actions) }
-            if code == 0 {
-                while let head = transferLog.first, head.linkSequence < covered { transferLog.pop() }
+            // A failed flush leaves the writes it covers maybe not durable on the peer: out of
+            // sync from now on, as a link loss would leave them.
+            while let head = transferLog.first, head.linkSequence < covered {
+                settle(transferLog.pop()!, outOfSync: code != 0, into: &actions)
             }
             if var flush = flushes[id] {
                 flush.peerPending = false
@@ -494,10 +509,32 @@ public struct ReplicaCore {
             peerFlushCoverage[ownFlushID] = linkSequence + 1
             actions.append(.send(.flush(id: ownFlushID)))
             // Until it returns, the oldest entry is remembered in the bitmap instead.
-            let oldest = transferLog.pop()!
-            bitmap.setRange(offset: oldest.offset, length: UInt64(oldest.length))
+            settle(transferLog.pop()!, outOfSync: true, into: &actions)
         }
         transferLog.push(entry)
+    }
+
+    /// A transfer-log entry leaves the log: durable on the peer (a flush covered it) or marked out
+    /// of sync. Its write settles now, or when it completes if it is still in flight.
+    private mutating func settle(_ entry: TransferLogEntry, outOfSync: Bool, into actions: inout [Action]) {
+        if outOfSync { bitmap.setRange(offset: entry.offset, length: UInt64(entry.length)) }
+        if writes[entry.id]?.linkSequence == entry.linkSequence {
+            writes[entry.id]!.awaitingPeerFlush = false
+        } else {
+            actions.append(.writeSettled(offset: entry.offset, length: entry.length))
+        }
+    }
+
+    /// Asks the peer for a flush when acknowledged writes wait for one to settle and no flush in
+    /// flight covers them all. The node calls this when a client write waits for room in the
+    /// activity log: settled writes free extents, and the client may not flush for a while.
+    public mutating func flushPeerToSettleWrites(into actions: inout [Action]) {
+        guard replicating, transferLog.count > 0 else { return }
+        let newest = transferLog[transferLog.count - 1].linkSequence
+        guard !peerFlushCoverage.values.contains(where: { $0 > newest }) else { return }
+        ownFlushID += 1
+        peerFlushCoverage[ownFlushID] = linkSequence + 1
+        actions.append(.send(.flush(id: ownFlushID)))
     }
 
     /// Asks the node to record the oldest barrier once every write that arrived before it is done.
@@ -747,6 +784,11 @@ public struct ReplicaCore {
         guard writes.isEmpty && flushes.isEmpty else { return .requestsInFlight(writes.count + flushes.count) }
         role = .secondary
         primarySinceMillis = 0
+        // The node flushed both sides first, which emptied the transfer log; what a failed or
+        // skipped flush left is out of sync, and its activity-log extents are released.
+        while let entry = transferLog.pop() {
+            settle(entry, outOfSync: true, into: &actions)
+        }
 
         announceState(into: &actions)
         return nil
@@ -1018,7 +1060,7 @@ public struct ReplicaCore {
         guard link == .connected || link == .handshaking else { return }
         let unconfirmed = writes.values.contains { $0.peerPending }
         while let entry = transferLog.pop() {
-            bitmap.setRange(offset: entry.offset, length: UInt64(entry.length))
+            settle(entry, outOfSync: true, into: &actions)
         }
         for (id, var write) in writes where write.peerPending {
             write.peerPending = false
@@ -1058,10 +1100,10 @@ public struct ReplicaCore {
         link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch
                 || peerDisconnectedForSplitBrain) ? .standalone : .connecting
         peerDisconnectedForSplitBrain = false
-        let ids = Array(writes.keys)
-        for id in ids { finishWriteIfDone(id, into: &actions) }
-        let flushIDs = Array(flushes.keys)
-        for id in flushIDs { finishFlushIfDone(id, into: &actions) }
+        // In id order: the answers go out in the order the requests came (and a replay of the
+        // simulator sees the same order in every process).
+        for id in writes.keys.sorted() { finishWriteIfDone(id, into: &actions) }
+        for id in flushes.keys.sorted() { finishFlushIfDone(id, into: &actions) }
         actions.append(.stateChanged(status))
     }
 }

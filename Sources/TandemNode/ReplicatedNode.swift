@@ -135,8 +135,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var activityLog: ActivityLog
     /// Client writes waiting for room in the log, in arrival order.
     private var waitingForLog: [(connection: NBDConnection, slot: Int, request: NBDRequest)] = []
-    /// Ranges of client writes in flight, for `endWrite` (by client id).
-    private var loggedWrites: [UInt64: (offset: UInt64, length: UInt64)] = [:]
     private let transactionBuffer: UnsafeMutableRawPointer
 
     /// Starts writes that waited for room in the activity log, in order.
@@ -145,6 +143,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             waitingForLog.removeFirst()
             startClientRequest(first.connection, slot: first.slot, first.request)
         }
+        if !waitingForLog.isEmpty { flushPeerForRoom() }
+    }
+
+    /// Extents of answered writes stay hot until the peer flushed them (`writeSettled`): a write
+    /// waiting for room asks the core to flush the peer rather than wait for the client's flush.
+    private func flushPeerForRoom() {
+        beginActions()
+        core.flushPeerToSettleWrites(into: &actions)
+        perform()
     }
 
     var readsFromPeer: Bool { core.readsFromPeer }
@@ -622,9 +629,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         for h in held {
             guard let client = clients.removeValue(forKey: h.id) else { continue }
             client.connection.replicatedCompleted(slot: client.slot, result: error ?? h.result)
-            if let range = loggedWrites.removeValue(forKey: h.id), activityLog.endWrite(offset: range.offset, length: range.length) {
-                admitWaitingWrites()
-            }
         }
     }
 
@@ -928,6 +932,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if request.command != .flush {
             guard waitingForLog.isEmpty, admitToLog(request) else {
                 waitingForLog.append((connection, slot, request))
+                flushPeerForRoom()
                 return
             }
         }
@@ -990,7 +995,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         requestBytes[kind] &+= kind == 3 ? 0 : UInt64(request.length)
         beginActions()
         let fua = request.has(NBD.CommandFlag.fua)
-        if request.command != .flush { loggedWrites[clientID] = (request.offset, UInt64(request.length)) }
         switch request.command! {
         case .write:
             core.clientWrite(id: clientID, offset: request.offset, length: request.length, kind: .write, fua: fua, into: &actions)
@@ -1070,9 +1074,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                     flushLatency.record(nanos: monotonicNanos() - client.started)
                 }
                 client.connection.replicatedCompleted(slot: client.slot, result: result)
-                if let range = loggedWrites.removeValue(forKey: clientID), activityLog.endWrite(offset: range.offset, length: range.length) {
-                    admitWaitingWrites()
-                }
+            case .writeSettled(let offset, let length):
+                if activityLog.endWrite(offset: offset, length: UInt64(length)) { admitWaitingWrites() }
             case .dropLink(let reason):
                 logger.warning("replication: dropping the link: \(reason)")
                 switch reason {

@@ -13,10 +13,11 @@ enum SimLayout {
     static let alCapacity = 6
     static let alRingSlots = ActivityLog.ringSlotsMin(capacity: alCapacity) + 2
     static let resourceName = "sim"
+    static let transferLogEntriesMax = 16
 
     static func configuration(nodeID: UInt8) -> ReplicaCore.Configuration {
         ReplicaCore.Configuration(
-            nodeID: nodeID, deviceBytes: deviceBytes, granularityBytes: blockBytes, transferLogEntriesMax: 16,
+            nodeID: nodeID, deviceBytes: deviceBytes, granularityBytes: blockBytes, transferLogEntriesMax: transferLogEntriesMax,
             resyncInFlightMax: 4, resyncRunBytesMax: 4 * blockBytes, resyncBytesPerSecond: 8 << 20)
     }
 
@@ -73,7 +74,6 @@ struct SimNode {
     var nextClientID: UInt64 = 1
     /// Client id -> workload op key.
     var clients: [UInt64: Int] = [:]
-    var loggedWrites: [UInt64: (offset: UInt64, length: UInt64)] = [:]
     /// Workload op keys waiting for room in the activity log, in order.
     var waitingForLog: [Int] = []
     /// Client id -> the connection on which the peer acknowledged it successfully.
@@ -110,7 +110,6 @@ struct SimNode {
         connection = nil
         nextClientID = 1
         clients = [:]
-        loggedWrites = [:]
         waitingForLog = []
         peerAcked = [:]
         peerValues = [:]

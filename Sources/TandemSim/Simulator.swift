@@ -239,7 +239,9 @@ final class World {
         case .submitLocal(let io):
             submit(i, io)
         case .send(let message):
-            if case .flush(let id) = message, id > 1 << 63 { peerWriteFailed = true }  // the core's own: a full transfer log
+            if case .flush(let id) = message, id > 1 << 63, nodes[i].core.status.transferLogEntries >= SimLayout.transferLogEntriesMax {
+                peerWriteFailed = true  // the core's own flush for a full transfer log (its oldest entry went to the bitmap)
+            }
             send(i, .message(message))
         case .sendWrite(let write, let kind, _):
             guard let key = nodes[i].clients[write.id], let op = pending.first(where: { $0.key == key }) else {
@@ -255,10 +257,9 @@ final class World {
             guard let key = nodes[i].clients.removeValue(forKey: id) else {
                 return fail("n\(i) core answered client request \(id) twice or never asked")
             }
-            if let range = nodes[i].loggedWrites.removeValue(forKey: id), nodes[i].activityLog.endWrite(offset: range.offset, length: range.length) {
-                admitWaitingWrites(i)
-            }
             clientCompleted(i, key: key, clientID: id, result: result)
+        case .writeSettled(let offset, let length):
+            if nodes[i].activityLog.endWrite(offset: offset, length: UInt64(length)) { admitWaitingWrites(i) }
         case .dropLink(let reason):
             record(.dropLink(node: i, reason))
             count("core drops link")
@@ -405,7 +406,10 @@ final class World {
     func diskCompleted(_ i: Int, _ number: Int) {
         guard let (op, result, read) = nodes[i].disk.complete(number, rng: &rng) else { return }
         record(.diskDone(node: i, tag: op.tag, result: result))
-        if result < 0, case .peerWrite = op.tag { peerWriteFailed = true }
+        switch op.tag {
+        case .peerWrite, .peerFlush: if result < 0 { peerWriteFailed = true }
+        default: break
+        }
         switch op.tag {
         case .peerWrite(let id): nodes[i].peerValues[id] = nil
         case .resyncWrite(let key): nodes[i].resyncIn[key] = nil

@@ -49,6 +49,7 @@ extension World {
         if op.isWrite {
             guard nodes[i].waitingForLog.isEmpty, admitToLog(i, op) else {
                 nodes[i].waitingForLog.append(op.key)
+                flushPeerForRoom(i)
                 return
             }
         }
@@ -93,6 +94,13 @@ extension World {
             nodes[i].waitingForLog.removeFirst()
             startClientRequest(i, op)
         }
+        if !nodes[i].waitingForLog.isEmpty { flushPeerForRoom(i) }
+    }
+
+    /// As the node: a write waiting for room asks the core to flush the peer, so that answered
+    /// writes settle and release their extents.
+    func flushPeerForRoom(_ i: Int) {
+        call(i) { core, a in core.flushPeerToSettleWrites(into: &a) }
     }
 
     func startClientRequest(_ i: Int, _ op: ClientOp) {
@@ -100,7 +108,6 @@ extension World {
         nodes[i].nextClientID += 1
         nodes[i].clients[id] = op.key
         let offset = UInt64(op.first * SimLayout.blockBytes), length = UInt32(op.count * SimLayout.blockBytes)
-        if op.isWrite { nodes[i].loggedWrites[id] = (offset, UInt64(length)) }
         call(i) { core, a in
             switch op.kind {
             case .write: core.clientWrite(id: id, offset: offset, length: length, kind: .write, fua: op.fua, into: &a)

@@ -15,6 +15,8 @@ struct Pair {
     var completed: [UInt64: Int32] = [:]
     var flushed: [UInt64: Int32] = [:]
     var dropped: [LinkDownReason] = []
+    /// Offsets of the primary's writes that settled (their activity-log extents released).
+    var settled: [UInt64] = []
     static let size: UInt64 = 64 << 20
 
     init(transferLog: Int = 64) {
@@ -61,6 +63,7 @@ struct Pair {
             case .completeClient(let id, let result): completed[id] = result
             case .completeClientFlush(let id, let result): flushed[id] = result
             case .dropLink(let reason): dropped.append(reason)
+            case .writeSettled(let offset, _): settled.append(offset)
             case .stateChanged, .recordBarrier: break
             }
         }
@@ -74,6 +77,7 @@ struct Pair {
             case .sendWrite, .sendResync: Issue.record("secondary sent a write")
             case .completeClient, .completeClientFlush: Issue.record("secondary answered a client")
             case .dropLink(let reason): dropped.append(reason)
+            case .writeSettled: Issue.record("secondary settled a client write")
             case .stateChanged, .recordBarrier: break
             }
         }
@@ -212,6 +216,53 @@ struct Pair {
         pair.deliverToPrimary()
         #expect(pair.flushed[100] == 0)
         #expect(pair.primary.status.transferLogEntries == 0)
+    }
+
+    /// Found by the simulator (`--double-faults`, seed 133): extents were released at the answer,
+    /// so a primary crash right after the secondary lost its cache resynced neither.
+    @Test func aWriteSettlesOnlyOnceAPeerFlushCoversIt() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.write(2, at: 1 << 20)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        #expect(pair.completed[1] == 0 && pair.settled.isEmpty, "answered, but the peer may still lose it")
+        // A write waiting for room in the activity log: the node asks for a flush.
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.flushPeerToSettleWrites(into: &actions)
+        pair.applyPrimary(actions)
+        actions.removeAll()
+        pair.primary.flushPeerToSettleWrites(into: &actions)
+        #expect(actions.isEmpty, "one flush in flight covers them all")
+        pair.deliverToSecondary()
+        guard let own = pair.secondaryDisk.first(where: { if case .peerFlush = $0.tag { true } else { false } }) else {
+            Issue.record("no peer flush")
+            return
+        }
+        pair.completeSecondary(own.tag)
+        pair.deliverToPrimary()
+        #expect(pair.settled == [0], "write 1 settles with the flush ack")
+        pair.completePrimary(.client(2))
+        #expect(pair.settled == [0, 1 << 20], "write 2, covered before its local completion, settles when it completes")
+    }
+
+    @Test func aFailedPeerFlushLeavesWhatItCoveredOutOfSync() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        pair.flush(100)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerFlush(100), -5)
+        pair.deliverToPrimary()
+        pair.completePrimary(.clientFlush(100))
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096))
+        #expect(pair.settled == [0] && pair.primary.status.transferLogEntries == 0)
     }
 
     @Test func linkLossMarksWhatThePeerMayLackAndFinishesLocally() {

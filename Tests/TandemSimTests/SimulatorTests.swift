@@ -101,6 +101,14 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true)))
     }
 
+    /// Both nodes crash before the primary noticed the secondary's crash: acknowledged writes
+    /// lost from the secondary's cache were only in the primary's transfer log, and their
+    /// activity-log extents were already released (now they settle when a peer flush covers them).
+    @Test(arguments: SimRegressions.extentsReleasedBeforePeerFlush)
+    func doubleCrashBeforeTheLinkLossIsNoticed(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(doubleFaults: true)))
+    }
+
     // MARK: Known issues, open (the simulator finds them with these options)
 
     /// Failover (the survivor promoted with `promote`) onto a secondary whose disk failed a
@@ -119,14 +127,6 @@ import TandemSim
         }
     }
 
-    /// Both nodes crash before the primary noticed the secondary's crash: acknowledged writes
-    /// lost from the secondary's cache were only in the primary's transfer log, and their
-    /// activity-log extents were already released.
-    @Test func doubleCrashBeforeTheLinkLossIsNoticed() {
-        withKnownIssue("activity-log extents are released before the peer's flush covers their writes") {
-            Self.check(Simulator.run(seed: SimRegressions.doubleCrash, options: SimOptions(doubleFaults: true)))
-        }
-    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -140,9 +140,9 @@ enum SimRegressions {
     static let resyncIDsRepeated: [UInt64] = [2996]
     static let failoverDecisions: [UInt64] = [28, 524]
     static let overlappingWritesReordered: [UInt64] = [1, 60]
+    static let extentsReleasedBeforePeerFlush: [UInt64] = [133, 270, 917]
 
     // Known issues (fail today): each with the option that enables its fault.
-    static let failoverLosesWrites: UInt64 = 410
-    static let detachedDiskRestarted: UInt64 = 21
-    static let doubleCrash: UInt64 = 133
+    static let failoverLosesWrites: UInt64 = 968
+    static let detachedDiskRestarted: UInt64 = 88
 }
