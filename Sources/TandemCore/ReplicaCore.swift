@@ -130,6 +130,9 @@ public struct ReplicaCore {
     private var lastTickNanos: UInt64?
     /// Bytes the current resync has copied (for status and the note in the log).
     public private(set) var resyncedBytes: UInt64 = 0
+    /// The source's final flush is on the disk, submitted during the link with this resync id
+    /// base (a flush of an earlier link covers nothing read since).
+    private var resyncFlushLink: UInt64?
 
     // MARK: Ordering on the receiving side
 
@@ -230,17 +233,21 @@ public struct ReplicaCore {
         precondition(writes[id] == nil, "duplicate client write id \(id)")
         var write = ClientWrite(offset: offset, length: length)
         let payload: BufferRef? = kind == .write ? .client(id) : nil
-        if !replicating, !configuration.fencing, uuids.bitmap == 0, let fresh = spareUUID {
+        if !replicating, link != .handshaking, !configuration.fencing, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID {
             // New data from here on belongs to a generation the peer does not have; the node
-            // persists it (on this state change) before it submits the write.
+            // persists it (on this state change) before it submits the write. Not during a
+            // handshake: the peer is there, and the resync that follows copies these blocks (a
+            // new generation now would leave the peer adopting the old one at its end).
             spareUUID = nil
             uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
             actions.append(.stateChanged(status))
         }
         if disk == .failed {
-            // Detached: the peer's copy is the only one (the write fails if it is gone too).
+            // Detached: no local copy (EIO), so the peer's answer is the client's. The local disk
+            // lacks the range: resynced into it once it is attached again.
             write.localDone = true
-            write.localResult = replicating ? 0 : -5
+            write.localResult = -5
+            bitmap.setRange(offset: offset, length: UInt64(length))
         } else {
             // Overlapping writes reach the local disk in the order they reach the peer's (which
             // applies in arrival order), or the two copies could end with different data.
@@ -272,8 +279,10 @@ public struct ReplicaCore {
         precondition(flushes[id] == nil, "duplicate client flush id \(id)")
         var flush = ClientFlush()
         if disk == .failed {
+            // Detached: only the peer's flush counts, and without the peer nothing is durable.
             flush.localDone = true
-            flush.localResult = replicating ? 0 : -5
+            flush.localResult = -5
+            if !replicating { flush.peerResult = -5 }
         } else {
             actions.append(.submitLocal(LocalIO(tag: .clientFlush(id), operation: .flush, offset: 0, length: 0, buffer: nil)))
         }
@@ -317,15 +326,23 @@ public struct ReplicaCore {
         case .peerWrite(let id):
             guard peerWritesInFlight.removeValue(forKey: id) != nil else { preconditionFailure("completion of unknown peer write \(id)") }
             actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+            if result < 0, let failed = appliedInFlight.first(where: { $0.tag == tag }) {
+                // This copy lacks the write from now on, whatever the primary remembers.
+                bitmap.setRange(offset: failed.offset, length: UInt64(failed.length))
+                detachAfterReplicationError(into: &actions)
+            }
             applied(tag, into: &actions)
             startWaitingPeerFlushes(into: &actions)
             recordSnapshotsIfReady(into: &actions)
         case .peerFlush(let id):
             actions.append(.send(.flushAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+            if result < 0 { detachAfterReplicationError(into: &actions) }
         case .resyncRead(let slot):
             resyncReadCompleted(slot, result: result, into: &actions)
         case .resyncWrite(let id):
             resyncWriteCompleted(id, result: result, into: &actions)
+        case .resyncFlush:
+            resyncFlushCompleted(result: result, into: &actions)
         }
     }
 
@@ -333,10 +350,11 @@ public struct ReplicaCore {
         guard let write = writes[id], write.localDone, !write.peerPending else { return }
         writes[id] = nil
         var result = write.localResult
-        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 && peerDisk == .upToDate {
+        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 && (disk == .failed || peerDisk == .upToDate) {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
             result = 0
+            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
             detachLocalDisk(into: &actions)
         } else if result < 0 {
             bitmap.setRange(offset: write.offset, length: UInt64(write.length))
@@ -354,10 +372,27 @@ public struct ReplicaCore {
         actions.append(.completeClientFlush(id: id, result: disk == .failed ? flush.peerResult : flush.localResult))
     }
 
+    /// The local disk failed: detached (DRBD's `on-io-error detach`). It misses what is written
+    /// from now on, so it is no longer a consistent image: persisted as a resync target, it comes
+    /// back Inconsistent after a restart (the node's attach) and is resynced from the peer. Until
+    /// then it takes no part in sync decisions, starts no generation, and cannot be promoted
+    /// without an UpToDate peer.
     private mutating func detachLocalDisk(into actions: inout [Action]) {
         guard disk != .failed else { return }
         disk = .failed
-        actions.append(.stateChanged(status))
+        localFlags.remove(.consistent)
+        localFlags.remove(.outdated)
+        localFlags.insert(.resyncTarget)
+        announceState(into: &actions)
+    }
+
+    /// Secondary: a replicated write or flush failed on the local disk. An UpToDate copy that
+    /// lacks an acknowledged write must not stay UpToDate (a failover would promote it without
+    /// the write): detach. A resync target is Inconsistent already; the source copies the range
+    /// again.
+    private mutating func detachAfterReplicationError(into actions: inout [Action]) {
+        guard role == .secondary, sync == .established, disk != .inconsistent else { return }
+        detachLocalDisk(into: &actions)
     }
 
     // MARK: Peer messages
@@ -462,6 +497,11 @@ public struct ReplicaCore {
             let changed = peerDisk != change.diskState || peerRole != change.role
             peerDisk = change.diskState
             peerRole = change.role
+            if change.diskState == .failed || change.diskState == .diskless {
+                // The peer detached its disk: what it acknowledged but never flushed may be lost
+                // with it, and nothing written from now on reaches it.
+                while let entry = transferLog.pop() { settle(entry, outOfSync: true, into: &actions) }
+            }
             if changed && !awaitingSkippedSyncUUID && !(change.role == .primary && role == .primary) {
                 actions.append(.stateChanged(status))
             }
@@ -503,6 +543,11 @@ public struct ReplicaCore {
     }
 
     private mutating func recordInTransferLog(_ entry: TransferLogEntry, into actions: inout [Action]) {
+        defer {
+            // Half full: a flush of our own empties it before it overflows (an overflow marks
+            // blocks out of sync that only the next connect resyncs).
+            if transferLog.count >= max(1, transferLog.capacity / 2) { flushPeerToSettleWrites(into: &actions) }
+        }
         if transferLog.isFull {
             // Make room: a flush of our own covers everything sent so far.
             ownFlushID += 1
@@ -602,6 +647,9 @@ public struct ReplicaCore {
         pendingSync = nil
         awaitingSkippedSyncUUID = false
         peerCurrentUUID = hello.uuids.current
+        if disk == .failed || hello.diskState == .failed || hello.diskState == .diskless {
+            return connectWithDetachedDisk(peer: hello, into: &actions)
+        }
         // Only what the hello carries counts on both sides: `wasPrimary` is the node's own
         // bookkeeping (turned into `crashedPrimary` at attach); deciding on it here would make
         // the two sides' decisions differ (both sync source).
@@ -636,15 +684,22 @@ public struct ReplicaCore {
         switch result.decision {
         case .noSync:
             link = .connected
-            if disk == .outdated && peerDisk == .upToDate {
-                // Outdated only meant "the peer may have written since": it did not.
-                disk = .upToDate
-                localFlags.remove(.outdated)
-            }
-            if role == .primary && bitmap.setBitCount > 0 {
-                // Writes made before this link came up with no link loss to start a generation
-                // (a primary that started disconnected): the generations match, but these blocks
-                // are not on the peer. Copy them as a verify's marks are copied.
+            // Outdated only meant "the peer may have written since", Consistent "attached
+            // without the peer": it did not, and the peer holds this generation too.
+            let localState = disk, peerState = hello.diskState
+            disk = Self.caughtUp(localState, peer: peerState)
+            peerDisk = Self.caughtUp(peerState, peer: localState)
+            if disk == .upToDate { localFlags.remove(.outdated) }
+            // The generations match, but blocks may be marked out of sync on either side with no
+            // generation to say so: writes of a primary that started disconnected, or the
+            // transfer log of a primary that lost its link and then demoted without writing.
+            // Copy the union as a verify's marks are copied: from the primary (a primary is
+            // never a target), or between secondaries from the side that marked them (the lower
+            // node id if both did). The other side answers with its own bitmap.
+            let mine = bitmap.setBitCount > 0, theirs = hello.outOfSyncBits > 0
+            let source = role == .primary ? mine || theirs
+                : hello.role != .primary && mine && (!theirs || configuration.nodeID < hello.nodeID)
+            if source && disk == .upToDate {
                 link = .handshaking
                 pendingSync = .syncSource
                 sendBitmap(into: &actions)
@@ -662,11 +717,15 @@ public struct ReplicaCore {
             disk = .upToDate
             peerDisk = .upToDate
         case .becomeSource, .becomeTarget:
+            // The newer data is the source's (a Consistent disk attached without its peer is
+            // current once the peer's generation is found older).
+            if result.decision == .becomeSource && disk == .consistent { disk = .upToDate }
             // Both sides send their bitmaps; the union is what the resync copies.
             link = .handshaking
             pendingSync = result.decision == .becomeSource ? .syncSource : .syncTarget
             sendBitmap(into: &actions)
         case .fullSyncAsSource, .fullSyncAsTarget:
+            if result.decision == .fullSyncAsSource && disk == .consistent { disk = .upToDate }
             bitmap.setAll()
             link = .handshaking
             pendingSync = result.decision == .fullSyncAsSource ? .syncSource : .syncTarget
@@ -678,6 +737,37 @@ public struct ReplicaCore {
             actions.append(.dropLink(result.decision == .splitBrain ? .splitBrain : .unrelatedData))
         }
         actions.append(.stateChanged(status))
+    }
+
+    /// A side's disk is detached: its data takes no part in a sync decision (a restart attaches it
+    /// again, as a resync target). The link connects without a resync, as DRBD connects a
+    /// Diskless node: a detached primary reads and writes through an UpToDate peer, a primary
+    /// whose peer is detached marks what it writes out of sync. A detached primary connects only
+    /// to the generation it served (DRBD: "Can only connect to data with current UUID"): other
+    /// data would change under its clients.
+    private mutating func connectWithDetachedDisk(peer hello: PeerHello, into actions: inout [Action]) {
+        lastDecision = (.noSync, .detachedDisk)
+        let otherData = disk == .failed && role == .primary
+            && hello.uuids.current & GenerationUUIDs.comparedBits != uuids.current & GenerationUUIDs.comparedBits
+        if (role == .primary && hello.role == .primary) || otherData {
+            link = .connecting
+            peerDisk = nil
+            peerRole = nil
+            actions.append(.dropLink(.roleConflict))
+            actions.append(.stateChanged(status))
+            return
+        }
+        link = .connected
+        actions.append(.stateChanged(status))
+    }
+
+    /// A disk state after a connect that found the same generation on both sides and nothing to
+    /// copy: Outdated or Consistent holds the current data if the peer's is usable too.
+    static func caughtUp(_ state: PeerDiskState, peer: PeerDiskState) -> PeerDiskState {
+        switch state {
+        case .outdated, .consistent: [.upToDate, .outdated, .consistent].contains(peer) ? .upToDate : state
+        case .upToDate, .inconsistent, .failed, .diskless: state
+        }
     }
 
     /// Whether a split brain resolves by the operator's `--discard-my-data` (on exactly one side)
@@ -727,7 +817,7 @@ public struct ReplicaCore {
     /// The witness fenced the peer: writes answered from now on (and those held) belong to a
     /// generation the peer does not have.
     public mutating func startGenerationWithoutPeer(into actions: inout [Action]) {
-        guard role == .primary, !replicating, uuids.bitmap == 0, let fresh = spareUUID else { return }
+        guard role == .primary, !replicating, link != .handshaking, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID else { return }
         spareUUID = nil
         uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
         actions.append(.stateChanged(status))
@@ -782,6 +872,13 @@ public struct ReplicaCore {
     public mutating func demote(into actions: inout [Action]) -> RoleChangeRefusal? {
         guard role != .secondary else { return nil }
         guard writes.isEmpty && flushes.isEmpty else { return .requestsInFlight(writes.count + flushes.count) }
+        if link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount > 0 {
+            // The peer may lack these blocks (a transfer log that overflowed): promoted, it would
+            // serve them stale. Copy them first; the demotion works once the resync ends.
+            let bytes = bitmap.outOfSyncBytes
+            resyncMarked(into: &actions)
+            return .outOfSync(bytes)
+        }
         role = .secondary
         primarySinceMillis = 0
         // The node flushed both sides first, which emptied the transfer log; what a failed or
@@ -899,7 +996,7 @@ public struct ReplicaCore {
     /// Starts a resync of the blocks marked out of sync while connected (after a verify): this
     /// side is the source; its bitmap goes to the peer, which becomes the target.
     public mutating func resyncMarked(into actions: inout [Action]) {
-        guard link == .connected, sync == .established, role == .primary, bitmap.setBitCount > 0 else { return }
+        guard link == .connected, sync == .established, role == .primary, disk == .upToDate, peerDisk == .upToDate, bitmap.setBitCount > 0 else { return }
         link = .handshaking
         pendingSync = .syncSource
         sendBitmap(into: &actions)
@@ -938,7 +1035,7 @@ public struct ReplicaCore {
                     resyncCursor = 0
                     continue
                 }
-                if resyncSlots.allSatisfy({ $0 == nil }) && bitmap.setBitCount == 0 { finishResyncAsSource(into: &actions) }
+                if resyncSlots.allSatisfy({ $0 == nil }) && bitmap.setBitCount == 0 { flushBeforeFinishingResync(into: &actions) }
                 return
             }
             resyncCursor = run.upperBound
@@ -988,6 +1085,27 @@ public struct ReplicaCore {
             resyncedBytes += UInt64(length)
         }
         pumpResync(into: &actions)
+    }
+
+    /// Every block is copied, but the source read them from its volatile cache: until they are
+    /// durable here too, a power loss would lose them on this side only (the target wrote them
+    /// with FUA), and no bitmap would remember. A flush first, then the end.
+    private mutating func flushBeforeFinishingResync(into actions: inout [Action]) {
+        guard resyncFlushLink == nil else { return }
+        resyncFlushLink = resyncIDBase
+        actions.append(.submitLocal(LocalIO(tag: .resyncFlush, operation: .flush, offset: 0, length: 0, buffer: nil)))
+    }
+
+    private mutating func resyncFlushCompleted(result: Int32, into actions: inout [Action]) {
+        guard let link = resyncFlushLink else { preconditionFailure("resync flush completed but none was submitted") }
+        resyncFlushLink = nil
+        guard sync == .syncSource, self.link == .connected else { return }
+        if result == 0 && link == resyncIDBase && bitmap.setBitCount == 0 && resyncSlots.allSatisfy({ $0 == nil }) {
+            finishResyncAsSource(into: &actions)
+        } else {
+            // Failed, of an earlier link, or blocks went out of sync meanwhile: copy, flush again.
+            pumpResync(into: &actions)
+        }
     }
 
     private mutating func finishResyncAsSource(into actions: inout [Action]) {
@@ -1070,6 +1188,7 @@ public struct ReplicaCore {
         }
         for (id, var flush) in flushes where flush.peerPending {
             flush.peerPending = false
+            flush.peerResult = -5  // what a detached disk answers: the peer never confirmed it
             flushes[id] = flush
         }
         peerFlushCoverage.removeAll()
@@ -1081,7 +1200,7 @@ public struct ReplicaCore {
             // A primary that loses its link and writes nothing (it lost quorum, or it crashes
             // next) still holds the peer's generation and causes no split brain.
             spareUUID = freshUUID
-            if uuids.bitmap == 0 && unconfirmed && !configuration.fencing {
+            if uuids.bitmap == 0 && unconfirmed && !configuration.fencing && disk != .failed {
                 uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
                 spareUUID = nil
             }
