@@ -7,8 +7,13 @@ extension World {
         guard !healing, !done else { return }
         if opsIssued < opsTotal {
             let p = primaryNode
-            if nodes[p].up && nodes[p].core.role == .primary && pending.count < inFlightMax { issue(on: p) }
-            queue.push(now + rng.between(50, 2000) * SimTime.us, .clientIssue)
+            if nodes[p].up && nodes[p].core.role == .primary && pending.count < inFlightMax && switchover == nil { issue(on: p) }
+            // A client refused for lack of quorum retries slowly.
+            let backoff = options.witness && nodes[p].up && !hasQuorum(p) ? 20 * SimTime.ms : 0
+            // With a witness, a slower client: the run lasts long enough for an isolation to
+            // outlast the timeouts and the witness to promote the other node.
+            let gap = options.witness ? rng.between(1000, 20_000) * SimTime.us : rng.between(50, 2000) * SimTime.us
+            queue.push(now + backoff + gap, .clientIssue)
         } else if pending.isEmpty {
             startHeal()
         } else {
@@ -46,6 +51,16 @@ extension World {
 
     /// `ReplicatedNode.clientRequest`: writes pass the activity log first, in order.
     func clientRequest(_ i: Int, _ op: ClientOp) {
+        guard hasQuorum(i) else {
+            // ReplicatedNode: without quorum the other side may be promoted; nothing is accepted.
+            // (Not counted in the workload: the client tries again later.)
+            pending.removeAll { $0.key == op.key }
+            opsIssued -= 1
+            record(.complete(node: i, op: op, result: -5))
+            count("refused without quorum")
+            if op.isWrite { for b in op.first..<op.first + op.count { uncertain(b, upTo: op.seq) } }
+            return
+        }
         if op.isWrite {
             guard nodes[i].waitingForLog.isEmpty, admitToLog(i, op) else {
                 nodes[i].waitingForLog.append(op.key)
@@ -120,7 +135,10 @@ extension World {
 
     /// The client gets its answer: the model learns, and the answer is checked against both disks.
     func clientCompleted(_ i: Int, key: Int, clientID: UInt64, result: Int32) {
-        guard let index = pending.firstIndex(where: { $0.key == key }) else { return fail("n\(i) answered request #\(key), which is not in flight") }
+        guard let index = pending.firstIndex(where: { $0.key == key }) else {
+            if let op = orphans.removeValue(forKey: key) { return orphanCompleted(i, op, clientID: clientID, result: result) }
+            return fail("n\(i) answered request #\(key), which is not in flight")
+        }
         let op = pending.remove(at: index)
         let acked = nodes[i].peerAcked.removeValue(forKey: clientID)
         record(.complete(node: i, op: op, result: result))
@@ -144,7 +162,32 @@ extension World {
         if op.fua { for b in blocks { stable[b] = max(stable[b], op.seq) } }
         let live = nodes[i].connection.flatMap { conns[$0].alive ? $0 : nil }
         if acked == nil || acked != live { nodes[i].wroteAlone = true }
+        checkQuorumAnswer(i, op)
         checkAcknowledged(i, op)
+    }
+
+    /// The old primary answers a request the client gave up on when it moved to the new one:
+    /// the model learns nothing (its blocks are uncertain), but an acknowledgment still counts.
+    func orphanCompleted(_ i: Int, _ op: ClientOp, clientID: UInt64, result: Int32) {
+        let acked = nodes[i].peerAcked.removeValue(forKey: clientID)
+        record(.complete(node: i, op: op, result: result))
+        guard op.isWrite, result == 0 else { return }
+        count("answer after the client moved")
+        let live = nodes[i].connection.flatMap { conns[$0].alive ? $0 : nil }
+        if acked == nil || acked != live { nodes[i].wroteAlone = true }
+        checkQuorumAnswer(i, op)
+    }
+
+    /// The client leaves node `i` (the witness promoted the other): its requests in flight may
+    /// still be answered there, or not.
+    func abandonClients(of i: Int) {
+        for op in pending {
+            orphans[op.key] = op
+            if op.isWrite { for b in op.first..<op.first + op.count { uncertain(b, upTo: op.seq) } }
+        }
+        if !pending.isEmpty { record(.note("client abandons \(pending.count) requests in flight on n\(i)")) }
+        pending.removeAll()
+        nodes[i].waitingForLog.removeAll()
     }
 
     /// An acknowledged FLUSH makes durable every write acknowledged before it was sent.
