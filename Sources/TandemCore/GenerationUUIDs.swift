@@ -155,6 +155,8 @@ public struct GenerationUUIDs: Equatable, Sendable, CustomStringConvertible {
         case sharedAncestor = 100
         case noRelation = 1000
         case contradictory = 1001
+        /// Not a UUID rule: a side's disk is detached, so nothing is compared (`ReplicaCore`).
+        case detachedDisk = 2000
 
         public var description: String {
             switch self {
@@ -172,6 +174,7 @@ public struct GenerationUUIDs: Equatable, Sendable, CustomStringConvertible {
             case .sharedAncestor: "both sides wrote since a common older generation"
             case .noRelation: "no common generation"
             case .contradictory: "each side's UUIDs say the other is older (reused or damaged UUIDs)"
+            case .detachedDisk: "a disk is detached: no resync until it is attached again"
             }
         }
     }
@@ -211,6 +214,15 @@ public struct GenerationUUIDs: Equatable, Sendable, CustomStringConvertible {
         }
         let localConsistent = localFlags.contains(.consistent)
         let peerConsistent = peerFlags.contains(.consistent)
+        if !localConsistent && !peerConsistent {
+            // Neither side holds a consistent image (both detached, or both unfinished targets):
+            // no source exists, both stay Inconsistent until an operator forces one primary
+            // (DRBD refuses: "I shall become SyncSource, but I am inconsistent").
+            switch byUUIDs {
+            case .becomeSource, .becomeTarget, .fullSyncAsSource, .fullSyncAsTarget: return (.noSync, rule)
+            case .noSync, .splitBrain, .unrelatedData, .skipInitialSync: return (byUUIDs, rule)
+            }
+        }
         guard localConsistent != peerConsistent, byUUIDs != .unrelatedData else { return (byUUIDs, rule) }
         let full = switch byUUIDs {
         case .fullSyncAsSource, .fullSyncAsTarget: true

@@ -70,6 +70,13 @@ public struct ReplicaCore {
         /// Secondary: every replicated write before the barrier is on the disk and none after
         /// it has started: record the barrier (its undo segment), then call `barrierRecorded`.
         case recordBarrier(BarrierInfo)
+        /// A client write no longer needs its activity-log extents (`ActivityLog.endWrite`): it
+        /// is answered, and the peer's copy is durable (a peer flush covered it) or the range is
+        /// marked out of sync (the peer failed it, never got it, or the link went down). Once
+        /// per client write, after its `completeClient` or later; until then a crash of this
+        /// primary must resync the write's extents, as the peer may still lose it from a
+        /// volatile cache (DRBD keeps the extent until the barrier ack).
+        case writeSettled(offset: UInt64, length: UInt32)
     }
 
     public let configuration: Configuration
@@ -123,11 +130,15 @@ public struct ReplicaCore {
     private var lastTickNanos: UInt64?
     /// Bytes the current resync has copied (for status and the note in the log).
     public private(set) var resyncedBytes: UInt64 = 0
+    /// The source's final flush is on the disk, submitted during the link with this resync id
+    /// base (a flush of an earlier link covers nothing read since).
+    private var resyncFlushLink: UInt64?
 
     // MARK: Ordering on the receiving side
 
-    /// Writes from the peer (replicated or resync) on the local disk now, and those waiting for an
-    /// overlapping earlier one: overlapping writes are applied in arrival order.
+    /// Writes on the local disk now (client writes on a primary; replicated and resync writes on
+    /// a secondary), and those waiting for an overlapping earlier one: overlapping writes are
+    /// applied in the order they arrived.
     private var appliedInFlight: [(tag: LocalIO.Tag, offset: UInt64, length: UInt32)] = []
     private var appliedWaiting: [LocalIO] = []
 
@@ -142,6 +153,8 @@ public struct ReplicaCore {
         var peerResult: Int32 = 0
         /// The link sequence of the data message (for transfer-log coverage by flushes).
         var linkSequence: UInt64 = 0
+        /// Its entry is in the transfer log: it settles when a peer flush covers it.
+        var awaitingPeerFlush = false
     }
 
     private struct ClientFlush {
@@ -155,6 +168,8 @@ public struct ReplicaCore {
         var offset: UInt64
         var length: UInt32
         var linkSequence: UInt64
+        /// The client write's id (it may still be in flight: the peer can ack before the disk).
+        var id: UInt64
     }
 
     private var writes: [UInt64: ClientWrite] = [:]
@@ -218,19 +233,25 @@ public struct ReplicaCore {
         precondition(writes[id] == nil, "duplicate client write id \(id)")
         var write = ClientWrite(offset: offset, length: length)
         let payload: BufferRef? = kind == .write ? .client(id) : nil
-        if !replicating, !configuration.fencing, uuids.bitmap == 0, let fresh = spareUUID {
+        if !replicating, link != .handshaking, !configuration.fencing, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID {
             // New data from here on belongs to a generation the peer does not have; the node
-            // persists it (on this state change) before it submits the write.
+            // persists it (on this state change) before it submits the write. Not during a
+            // handshake: the peer is there, and the resync that follows copies these blocks (a
+            // new generation now would leave the peer adopting the old one at its end).
             spareUUID = nil
             uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
             actions.append(.stateChanged(status))
         }
         if disk == .failed {
-            // Detached: the peer's copy is the only one (the write fails if it is gone too).
+            // Detached: no local copy (EIO), so the peer's answer is the client's. The local disk
+            // lacks the range: resynced into it once it is attached again.
             write.localDone = true
-            write.localResult = replicating ? 0 : -5
+            write.localResult = -5
+            bitmap.setRange(offset: offset, length: UInt64(length))
         } else {
-            actions.append(.submitLocal(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload)))
+            // Overlapping writes reach the local disk in the order they reach the peer's (which
+            // applies in arrival order), or the two copies could end with different data.
+            apply(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload), into: &actions)
         }
         if sync == .syncSource { markResyncStale(offset: offset, length: length) }
         if replicating {
@@ -258,8 +279,10 @@ public struct ReplicaCore {
         precondition(flushes[id] == nil, "duplicate client flush id \(id)")
         var flush = ClientFlush()
         if disk == .failed {
+            // Detached: only the peer's flush counts, and without the peer nothing is durable.
             flush.localDone = true
-            flush.localResult = replicating ? 0 : -5
+            flush.localResult = -5
+            if !replicating { flush.peerResult = -5 }
         } else {
             actions.append(.submitLocal(LocalIO(tag: .clientFlush(id), operation: .flush, offset: 0, length: 0, buffer: nil)))
         }
@@ -295,6 +318,7 @@ public struct ReplicaCore {
             write.localDone = true
             write.localResult = result
             writes[id] = write
+            applied(tag, into: &actions)
             finishWriteIfDone(id, into: &actions)
         case .clientFlush(let id):
             guard var flush = flushes[id] else { preconditionFailure("completion of unknown flush \(id)") }
@@ -305,15 +329,23 @@ public struct ReplicaCore {
         case .peerWrite(let id):
             guard peerWritesInFlight.removeValue(forKey: id) != nil else { preconditionFailure("completion of unknown peer write \(id)") }
             actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+            if result < 0, let failed = appliedInFlight.first(where: { $0.tag == tag }) {
+                // This copy lacks the write from now on, whatever the primary remembers.
+                bitmap.setRange(offset: failed.offset, length: UInt64(failed.length))
+                detachAfterReplicationError(into: &actions)
+            }
             applied(tag, into: &actions)
             startWaitingPeerFlushes(into: &actions)
             recordSnapshotsIfReady(into: &actions)
         case .peerFlush(let id):
             actions.append(.send(.flushAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+            if result < 0 { detachAfterReplicationError(into: &actions) }
         case .resyncRead(let slot):
             resyncReadCompleted(slot, result: result, into: &actions)
         case .resyncWrite(let id):
             resyncWriteCompleted(id, result: result, into: &actions)
+        case .resyncFlush:
+            resyncFlushCompleted(result: result, into: &actions)
         }
     }
 
@@ -321,16 +353,18 @@ public struct ReplicaCore {
         guard let write = writes[id], write.localDone, !write.peerPending else { return }
         writes[id] = nil
         var result = write.localResult
-        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 && peerDisk == .upToDate {
+        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 && (disk == .failed || peerDisk == .upToDate) {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
             result = 0
+            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
             detachLocalDisk(into: &actions)
         } else if result < 0 {
             bitmap.setRange(offset: write.offset, length: UInt64(write.length))
         }
         epochClosePending = true
         actions.append(.completeClient(id: id, result: result))
+        if !write.awaitingPeerFlush { actions.append(.writeSettled(offset: write.offset, length: write.length)) }
     }
 
     private mutating func finishFlushIfDone(_ id: UInt64, into actions: inout [Action]) {
@@ -341,10 +375,27 @@ public struct ReplicaCore {
         actions.append(.completeClientFlush(id: id, result: disk == .failed ? flush.peerResult : flush.localResult))
     }
 
+    /// The local disk failed: detached (DRBD's `on-io-error detach`). It misses what is written
+    /// from now on, so it is no longer a consistent image: persisted as a resync target, it comes
+    /// back Inconsistent after a restart (the node's attach) and is resynced from the peer. Until
+    /// then it takes no part in sync decisions, starts no generation, and cannot be promoted
+    /// without an UpToDate peer.
     private mutating func detachLocalDisk(into actions: inout [Action]) {
         guard disk != .failed else { return }
         disk = .failed
-        actions.append(.stateChanged(status))
+        localFlags.remove(.consistent)
+        localFlags.remove(.outdated)
+        localFlags.insert(.resyncTarget)
+        announceState(into: &actions)
+    }
+
+    /// Secondary: a replicated write or flush failed on the local disk. An UpToDate copy that
+    /// lacks an acknowledged write must not stay UpToDate (a failover would promote it without
+    /// the write): detach. A resync target is Inconsistent already; the source copies the range
+    /// again.
+    private mutating func detachAfterReplicationError(into actions: inout [Action]) {
+        guard role == .secondary, sync == .established, disk != .inconsistent else { return }
+        detachLocalDisk(into: &actions)
     }
 
     // MARK: Peer messages
@@ -370,7 +421,7 @@ public struct ReplicaCore {
         }
     }
 
-    /// Submits a write from the peer, or queues it behind an overlapping earlier one.
+    /// Submits a local write, or queues it behind an overlapping earlier one.
     private mutating func apply(_ io: LocalIO, into actions: inout [Action]) {
         let overlaps = { (o: UInt64, l: UInt32) in o < io.offset + UInt64(io.length) && io.offset < o + UInt64(l) }
         if appliedInFlight.contains(where: { overlaps($0.offset, $0.length) }) || appliedWaiting.contains(where: { overlaps($0.offset, $0.length) }) {
@@ -381,7 +432,7 @@ public struct ReplicaCore {
         actions.append(.submitLocal(io))
     }
 
-    /// A peer write finished: start queued writes no longer behind an overlapping one.
+    /// A local write finished: start queued writes no longer behind an overlapping one.
     private mutating func applied(_ tag: LocalIO.Tag, into actions: inout [Action]) {
         appliedInFlight.removeAll { $0.tag == tag }
         guard !appliedWaiting.isEmpty else { return }
@@ -403,9 +454,10 @@ public struct ReplicaCore {
             guard var write = writes[id], write.peerPending else { return protocolError("ack of unknown write \(id)", into: &actions) }
             write.peerPending = false
             write.peerResult = -Int32(bitPattern: code)
+            write.awaitingPeerFlush = code == 0
             writes[id] = write
             if code == 0 {
-                recordInTransferLog(TransferLogEntry(offset: write.offset, length: write.length, linkSequence: write.linkSequence), into: &actions)
+                recordInTransferLog(TransferLogEntry(offset: write.offset, length: write.length, linkSequence: write.linkSequence, id: id), into: &actions)
             } else {
                 // The peer could not write it: out of sync until a resync repairs it.
                 bitmap.setRange(offset: write.offset, length: UInt64(write.length))
@@ -416,8 +468,10 @@ public struct ReplicaCore {
             startWaitingPeerFlushes(into: &actions)
         case .flushAck(let id, let code):
             guard let covered = peerFlushCoverage.removeValue(forKey: id) else { return protocolError("ack of unknown flush \(id)", into: &actions) }
-            if code == 0 {
-                while let head = transferLog.first, head.linkSequence < covered { transferLog.pop() }
+            // A failed flush leaves the writes it covers maybe not durable on the peer: out of
+            // sync from now on, as a link loss would leave them.
+            while let head = transferLog.first, head.linkSequence < covered {
+                settle(transferLog.pop()!, outOfSync: code != 0, into: &actions)
             }
             if var flush = flushes[id] {
                 flush.peerPending = false
@@ -446,6 +500,11 @@ public struct ReplicaCore {
             let changed = peerDisk != change.diskState || peerRole != change.role
             peerDisk = change.diskState
             peerRole = change.role
+            if change.diskState == .failed || change.diskState == .diskless {
+                // The peer detached its disk: what it acknowledged but never flushed may be lost
+                // with it, and nothing written from now on reaches it.
+                while let entry = transferLog.pop() { settle(entry, outOfSync: true, into: &actions) }
+            }
             if changed && !awaitingSkippedSyncUUID && !(change.role == .primary && role == .primary) {
                 actions.append(.stateChanged(status))
             }
@@ -487,16 +546,43 @@ public struct ReplicaCore {
     }
 
     private mutating func recordInTransferLog(_ entry: TransferLogEntry, into actions: inout [Action]) {
+        defer {
+            // Half full: a flush of our own empties it before it overflows (an overflow marks
+            // blocks out of sync that only the next connect resyncs).
+            if transferLog.count >= max(1, transferLog.capacity / 2) { flushPeerToSettleWrites(into: &actions) }
+        }
         if transferLog.isFull {
             // Make room: a flush of our own covers everything sent so far.
             ownFlushID += 1
             peerFlushCoverage[ownFlushID] = linkSequence + 1
             actions.append(.send(.flush(id: ownFlushID)))
             // Until it returns, the oldest entry is remembered in the bitmap instead.
-            let oldest = transferLog.pop()!
-            bitmap.setRange(offset: oldest.offset, length: UInt64(oldest.length))
+            settle(transferLog.pop()!, outOfSync: true, into: &actions)
         }
         transferLog.push(entry)
+    }
+
+    /// A transfer-log entry leaves the log: durable on the peer (a flush covered it) or marked out
+    /// of sync. Its write settles now, or when it completes if it is still in flight.
+    private mutating func settle(_ entry: TransferLogEntry, outOfSync: Bool, into actions: inout [Action]) {
+        if outOfSync { bitmap.setRange(offset: entry.offset, length: UInt64(entry.length)) }
+        if writes[entry.id]?.linkSequence == entry.linkSequence {
+            writes[entry.id]!.awaitingPeerFlush = false
+        } else {
+            actions.append(.writeSettled(offset: entry.offset, length: entry.length))
+        }
+    }
+
+    /// Asks the peer for a flush when acknowledged writes wait for one to settle and no flush in
+    /// flight covers them all. The node calls this when a client write waits for room in the
+    /// activity log: settled writes free extents, and the client may not flush for a while.
+    public mutating func flushPeerToSettleWrites(into actions: inout [Action]) {
+        guard replicating, transferLog.count > 0 else { return }
+        let newest = transferLog[transferLog.count - 1].linkSequence
+        guard !peerFlushCoverage.values.contains(where: { $0 > newest }) else { return }
+        ownFlushID += 1
+        peerFlushCoverage[ownFlushID] = linkSequence + 1
+        actions.append(.send(.flush(id: ownFlushID)))
     }
 
     /// Asks the node to record the oldest barrier once every write that arrived before it is done.
@@ -564,6 +650,9 @@ public struct ReplicaCore {
         pendingSync = nil
         awaitingSkippedSyncUUID = false
         peerCurrentUUID = hello.uuids.current
+        if disk == .failed || hello.diskState == .failed || hello.diskState == .diskless {
+            return connectWithDetachedDisk(peer: hello, into: &actions)
+        }
         // Only what the hello carries counts on both sides: `wasPrimary` is the node's own
         // bookkeeping (turned into `crashedPrimary` at attach); deciding on it here would make
         // the two sides' decisions differ (both sync source).
@@ -598,15 +687,22 @@ public struct ReplicaCore {
         switch result.decision {
         case .noSync:
             link = .connected
-            if disk == .outdated && peerDisk == .upToDate {
-                // Outdated only meant "the peer may have written since": it did not.
-                disk = .upToDate
-                localFlags.remove(.outdated)
-            }
-            if role == .primary && bitmap.setBitCount > 0 {
-                // Writes made before this link came up with no link loss to start a generation
-                // (a primary that started disconnected): the generations match, but these blocks
-                // are not on the peer. Copy them as a verify's marks are copied.
+            // Outdated only meant "the peer may have written since", Consistent "attached
+            // without the peer": it did not, and the peer holds this generation too.
+            let localState = disk, peerState = hello.diskState
+            disk = Self.caughtUp(localState, peer: peerState)
+            peerDisk = Self.caughtUp(peerState, peer: localState)
+            if disk == .upToDate { localFlags.remove(.outdated) }
+            // The generations match, but blocks may be marked out of sync on either side with no
+            // generation to say so: writes of a primary that started disconnected, or the
+            // transfer log of a primary that lost its link and then demoted without writing.
+            // Copy the union as a verify's marks are copied: from the primary (a primary is
+            // never a target), or between secondaries from the side that marked them (the lower
+            // node id if both did). The other side answers with its own bitmap.
+            let mine = bitmap.setBitCount > 0, theirs = hello.outOfSyncBits > 0
+            let source = role == .primary ? mine || theirs
+                : hello.role != .primary && mine && (!theirs || configuration.nodeID < hello.nodeID)
+            if source && disk == .upToDate {
                 link = .handshaking
                 pendingSync = .syncSource
                 sendBitmap(into: &actions)
@@ -624,11 +720,15 @@ public struct ReplicaCore {
             disk = .upToDate
             peerDisk = .upToDate
         case .becomeSource, .becomeTarget:
+            // The newer data is the source's (a Consistent disk attached without its peer is
+            // current once the peer's generation is found older).
+            if result.decision == .becomeSource && disk == .consistent { disk = .upToDate }
             // Both sides send their bitmaps; the union is what the resync copies.
             link = .handshaking
             pendingSync = result.decision == .becomeSource ? .syncSource : .syncTarget
             sendBitmap(into: &actions)
         case .fullSyncAsSource, .fullSyncAsTarget:
+            if result.decision == .fullSyncAsSource && disk == .consistent { disk = .upToDate }
             bitmap.setAll()
             link = .handshaking
             pendingSync = result.decision == .fullSyncAsSource ? .syncSource : .syncTarget
@@ -640,6 +740,37 @@ public struct ReplicaCore {
             actions.append(.dropLink(result.decision == .splitBrain ? .splitBrain : .unrelatedData))
         }
         actions.append(.stateChanged(status))
+    }
+
+    /// A side's disk is detached: its data takes no part in a sync decision (a restart attaches it
+    /// again, as a resync target). The link connects without a resync, as DRBD connects a
+    /// Diskless node: a detached primary reads and writes through an UpToDate peer, a primary
+    /// whose peer is detached marks what it writes out of sync. A detached primary connects only
+    /// to the generation it served (DRBD: "Can only connect to data with current UUID"): other
+    /// data would change under its clients.
+    private mutating func connectWithDetachedDisk(peer hello: PeerHello, into actions: inout [Action]) {
+        lastDecision = (.noSync, .detachedDisk)
+        let otherData = disk == .failed && role == .primary
+            && hello.uuids.current & GenerationUUIDs.comparedBits != uuids.current & GenerationUUIDs.comparedBits
+        if (role == .primary && hello.role == .primary) || otherData {
+            link = .connecting
+            peerDisk = nil
+            peerRole = nil
+            actions.append(.dropLink(.roleConflict))
+            actions.append(.stateChanged(status))
+            return
+        }
+        link = .connected
+        actions.append(.stateChanged(status))
+    }
+
+    /// A disk state after a connect that found the same generation on both sides and nothing to
+    /// copy: Outdated or Consistent holds the current data if the peer's is usable too.
+    static func caughtUp(_ state: PeerDiskState, peer: PeerDiskState) -> PeerDiskState {
+        switch state {
+        case .outdated, .consistent: [.upToDate, .outdated, .consistent].contains(peer) ? .upToDate : state
+        case .upToDate, .inconsistent, .failed, .diskless: state
+        }
     }
 
     /// Whether a split brain resolves by the operator's `--discard-my-data` (on exactly one side)
@@ -689,7 +820,7 @@ public struct ReplicaCore {
     /// The witness fenced the peer: writes answered from now on (and those held) belong to a
     /// generation the peer does not have.
     public mutating func startGenerationWithoutPeer(into actions: inout [Action]) {
-        guard role == .primary, !replicating, uuids.bitmap == 0, let fresh = spareUUID else { return }
+        guard role == .primary, !replicating, link != .handshaking, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID else { return }
         spareUUID = nil
         uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
         actions.append(.stateChanged(status))
@@ -744,8 +875,20 @@ public struct ReplicaCore {
     public mutating func demote(into actions: inout [Action]) -> RoleChangeRefusal? {
         guard role != .secondary else { return nil }
         guard writes.isEmpty && flushes.isEmpty else { return .requestsInFlight(writes.count + flushes.count) }
+        if link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount > 0 {
+            // The peer may lack these blocks (a transfer log that overflowed): promoted, it would
+            // serve them stale. Copy them first; the demotion works once the resync ends.
+            let bytes = bitmap.outOfSyncBytes
+            resyncMarked(into: &actions)
+            return .outOfSync(bytes)
+        }
         role = .secondary
         primarySinceMillis = 0
+        // The node flushed both sides first, which emptied the transfer log; what a failed or
+        // skipped flush left is out of sync, and its activity-log extents are released.
+        while let entry = transferLog.pop() {
+            settle(entry, outOfSync: true, into: &actions)
+        }
 
         announceState(into: &actions)
         return nil
@@ -880,7 +1023,7 @@ public struct ReplicaCore {
     /// Starts a resync of the blocks marked out of sync while connected (after a verify): this
     /// side is the source; its bitmap goes to the peer, which becomes the target.
     public mutating func resyncMarked(into actions: inout [Action]) {
-        guard link == .connected, sync == .established, role == .primary, bitmap.setBitCount > 0 else { return }
+        guard link == .connected, sync == .established, role == .primary, disk == .upToDate, peerDisk == .upToDate, bitmap.setBitCount > 0 else { return }
         link = .handshaking
         pendingSync = .syncSource
         sendBitmap(into: &actions)
@@ -919,7 +1062,7 @@ public struct ReplicaCore {
                     resyncCursor = 0
                     continue
                 }
-                if resyncSlots.allSatisfy({ $0 == nil }) && bitmap.setBitCount == 0 { finishResyncAsSource(into: &actions) }
+                if resyncSlots.allSatisfy({ $0 == nil }) && bitmap.setBitCount == 0 { flushBeforeFinishingResync(into: &actions) }
                 return
             }
             resyncCursor = run.upperBound
@@ -969,6 +1112,27 @@ public struct ReplicaCore {
             resyncedBytes += UInt64(length)
         }
         pumpResync(into: &actions)
+    }
+
+    /// Every block is copied, but the source read them from its volatile cache: until they are
+    /// durable here too, a power loss would lose them on this side only (the target wrote them
+    /// with FUA), and no bitmap would remember. A flush first, then the end.
+    private mutating func flushBeforeFinishingResync(into actions: inout [Action]) {
+        guard resyncFlushLink == nil else { return }
+        resyncFlushLink = resyncIDBase
+        actions.append(.submitLocal(LocalIO(tag: .resyncFlush, operation: .flush, offset: 0, length: 0, buffer: nil)))
+    }
+
+    private mutating func resyncFlushCompleted(result: Int32, into actions: inout [Action]) {
+        guard let link = resyncFlushLink else { preconditionFailure("resync flush completed but none was submitted") }
+        resyncFlushLink = nil
+        guard sync == .syncSource, self.link == .connected else { return }
+        if result == 0 && link == resyncIDBase && bitmap.setBitCount == 0 && resyncSlots.allSatisfy({ $0 == nil }) {
+            finishResyncAsSource(into: &actions)
+        } else {
+            // Failed, of an earlier link, or blocks went out of sync meanwhile: copy, flush again.
+            pumpResync(into: &actions)
+        }
     }
 
     private mutating func finishResyncAsSource(into actions: inout [Action]) {
@@ -1041,7 +1205,7 @@ public struct ReplicaCore {
         guard link == .connected || link == .handshaking else { return }
         let unconfirmed = writes.values.contains { $0.peerPending }
         while let entry = transferLog.pop() {
-            bitmap.setRange(offset: entry.offset, length: UInt64(entry.length))
+            settle(entry, outOfSync: true, into: &actions)
         }
         for (id, var write) in writes where write.peerPending {
             write.peerPending = false
@@ -1051,6 +1215,7 @@ public struct ReplicaCore {
         }
         for (id, var flush) in flushes where flush.peerPending {
             flush.peerPending = false
+            flush.peerResult = -5  // what a detached disk answers: the peer never confirmed it
             flushes[id] = flush
         }
         peerFlushCoverage.removeAll()
@@ -1062,7 +1227,7 @@ public struct ReplicaCore {
             // A primary that loses its link and writes nothing (it lost quorum, or it crashes
             // next) still holds the peer's generation and causes no split brain.
             spareUUID = freshUUID
-            if uuids.bitmap == 0 && unconfirmed && !configuration.fencing {
+            if uuids.bitmap == 0 && unconfirmed && !configuration.fencing && disk != .failed {
                 uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
                 spareUUID = nil
             }
@@ -1081,10 +1246,10 @@ public struct ReplicaCore {
         link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch
                 || peerDisconnectedForSplitBrain) ? .standalone : .connecting
         peerDisconnectedForSplitBrain = false
-        let ids = Array(writes.keys)
-        for id in ids { finishWriteIfDone(id, into: &actions) }
-        let flushIDs = Array(flushes.keys)
-        for id in flushIDs { finishFlushIfDone(id, into: &actions) }
+        // In id order: the answers go out in the order the requests came (and a replay of the
+        // simulator sees the same order in every process).
+        for id in writes.keys.sorted() { finishWriteIfDone(id, into: &actions) }
+        for id in flushes.keys.sorted() { finishFlushIfDone(id, into: &actions) }
         actions.append(.stateChanged(status))
     }
 }

@@ -68,6 +68,7 @@ public enum RoleChangeRefusal: Error, Sendable, Equatable, CustomStringConvertib
     case resyncTarget
     case noUsableData
     case requestsInFlight(Int)
+    case outOfSync(UInt64)
 
     public var description: String {
         switch self {
@@ -77,6 +78,7 @@ public enum RoleChangeRefusal: Error, Sendable, Equatable, CustomStringConvertib
         case .resyncTarget: "a resync into this node is running: its data is not consistent until it ends"
         case .noUsableData: "the local disk has failed and no UpToDate peer is connected"
         case .requestsInFlight(let n): "\(n) client requests are still in flight"
+        case .outOfSync(let bytes): "\(bytes) bytes are out of sync with the peer, which could not serve them: a resync of them started; demote once it ends"
         }
     }
 }
@@ -114,6 +116,8 @@ public struct LocalIO: Sendable, Equatable {
         case peerFlush(UInt64)
         case resyncRead(Int)
         case resyncWrite(Int)
+        /// The source's flush before it ends a resync (see `ReplicaCore`, resync).
+        case resyncFlush
     }
 
     public var tag: Tag

@@ -14,7 +14,9 @@
 /// A primary that loses its peer asks the witness to record `peerOutdated` before it answers any
 /// client write without the peer (fencing, as DRBD's `fence-peer`). A primary that loses both
 /// its peer and the witness has no quorum and fails writes, so at most one side of any
-/// partition accepts writes.
+/// partition accepts writes. The witness records that for one primary only, and only once it has
+/// heard from the other node since it started: a restarted witness knows nothing, and the other
+/// node may be a primary it (before the restart) let take over, writing without this one.
 public struct WitnessArbiter: Sendable {
     public struct NodeView: Sendable, Equatable {
         public var connected = false
@@ -27,6 +29,8 @@ public struct WitnessArbiter: Sendable {
         /// Told to demote (the other node was promoted while it was away); what it claims until
         /// it announces itself secondary counts for nothing.
         public var deposed = false
+        /// The generation UUIDs it last reported (nil before it said any).
+        public var uuids: PeerGenerationUUIDs?
     }
 
     public enum Verdict: Sendable, Equatable {
@@ -48,19 +52,42 @@ public struct WitnessArbiter: Sendable {
 
     private func other(_ id: UInt8) -> UInt8 { nodes.keys.first { $0 != id }! }
 
-    /// A data node connected and said hello. Returns why it must be turned away (it claims to
-    /// be primary while the witness granted the other node), or nil.
-    public mutating func connected(_ id: UInt8, role: PeerRole, disk: PeerDiskState) -> String? {
+    /// Whether `a`'s data generation descends from `b`'s: `a` wrote since `b`'s generation (its
+    /// bitmap or history UUID is `b`'s current).
+    static func descends(_ a: PeerGenerationUUIDs?, from b: PeerGenerationUUIDs?) -> Bool {
+        guard let a, let b else { return false }
+        let mask = GenerationUUIDs.comparedBits
+        let base = b.current & mask
+        guard base != 0, a.current & mask != base else { return false }
+        return a.bitmap & mask == base || a.history.contains { $0 & mask == base }
+    }
+
+    /// Both claim to be primary: whether `id` must give way. The one whose generation descends
+    /// from the other's holds the newer data; otherwise the one the witness recorded first (or
+    /// let take over) keeps the role.
+    private func loses(_ id: UInt8, uuids: PeerGenerationUUIDs?) -> Bool {
+        let o = other(id)
+        if Self.descends(uuids, from: nodes[o]!.uuids) { return false }
+        if Self.descends(nodes[o]!.uuids, from: uuids) { return true }
+        return (nodes[id]!.known && nodes[id]!.role != .primary) || nodes[o]!.writesWithoutPeer
+    }
+
+    /// A data node connected and said hello (with its generation UUIDs). Returns why it must be
+    /// turned away (it claims to be primary while the witness granted the other node, or the
+    /// other node holds newer data as primary), or nil.
+    public mutating func connected(_ id: UInt8, role: PeerRole, disk: PeerDiskState, uuids: PeerGenerationUUIDs? = nil) -> String? {
         precondition(isDataNode(id))
         let o = other(id)
-        if role == .primary, nodes[o]!.role == .primary, nodes[id]!.known, nodes[id]!.role != .primary {
-            // It was deposed while away: the other node was promoted with the witness's consent.
+        if role == .primary, nodes[o]!.role == .primary, loses(id, uuids: uuids) {
+            // It was deposed while away: the other node was promoted with the witness's consent,
+            // or (after a restart of the witness) is recorded writing without this one.
             nodes[id]!.connected = true
             nodes[id]!.deposed = true
+            nodes[id]!.uuids = uuids
             return "\(names[o]!) was promoted while \(names[id]!) was unreachable; \(names[id]!) must demote"
         }
         nodes[id]! = NodeView(connected: true, known: true, role: role, disk: disk, writesWithoutPeer: nodes[id]!.writesWithoutPeer && role == .primary,
-                              deposed: false)
+                              deposed: false, uuids: uuids ?? nodes[id]!.uuids)
         return nil
     }
 
@@ -68,19 +95,52 @@ public struct WitnessArbiter: Sendable {
         nodes[id]?.connected = false
     }
 
-    /// A data node's state changed (announcement or fencing request).
-    public mutating func announced(_ id: UInt8, role: PeerRole, disk: PeerDiskState, writesWithoutPeer: Bool) {
+    /// A data node's state changed (announcement or fencing request). A fencing request (a primary
+    /// writing without its peer) is refused while the witness has not heard from the other node
+    /// since it started, and refused with the requester deposed while the other node is recorded
+    /// as primary with data at least as new (two primaries would both accept writes; the one
+    /// with the older generation is deposed). A primary whose UUIDs say it holds writes the peer
+    /// lacks (a bitmap UUID) is recorded so even when its request is refused, so that a witness
+    /// that restarted since does not promote the other node.
+    @discardableResult
+    public mutating func announced(_ id: UInt8, role: PeerRole, disk: PeerDiskState, writesWithoutPeer: Bool, uuids: PeerGenerationUUIDs? = nil) -> Verdict {
         precondition(isDataNode(id))
+        let o = other(id)
+        let me = names[id]!, them = names[o]!
+        if let uuids { nodes[id]!.uuids = uuids }
+        let aheadOfPeer = (uuids?.bitmap ?? 0) & GenerationUUIDs.comparedBits != 0
         if nodes[id]!.deposed {
-            guard role == .secondary else { return }
+            guard role == .secondary else { return .refused("\(me) was deposed and has not demoted yet") }
             nodes[id]!.deposed = false
+        }
+        if role == .primary && writesWithoutPeer {
+            if !nodes[o]!.known {
+                nodes[id]!.known = true
+                nodes[id]!.role = .primary
+                nodes[id]!.disk = disk
+                nodes[id]!.writesWithoutPeer = aheadOfPeer
+                return .refused("the witness has not heard from \(them) since it started: \(them) may be primary elsewhere")
+            }
+            if nodes[o]!.role == .primary {
+                if loses(id, uuids: nodes[id]!.uuids) {
+                    nodes[id]!.known = true
+                    nodes[id]!.deposed = true
+                    return .refused("\(them) is primary: \(me) must demote")
+                }
+                // This one holds the newer generation: the other must give way when it next
+                // talks to the witness.
+                nodes[o]!.deposed = true
+                nodes[o]!.role = .secondary
+                nodes[o]!.writesWithoutPeer = false
+            }
         }
         // A promotion the witness did not grant (`--force`) is recorded as it is: with both
         // primary, no promotion is granted until one of them announces itself secondary.
         nodes[id]!.known = true
         nodes[id]!.role = role
         nodes[id]!.disk = disk
-        nodes[id]!.writesWithoutPeer = role == .primary && writesWithoutPeer
+        nodes[id]!.writesWithoutPeer = role == .primary && (writesWithoutPeer || aheadOfPeer)
+        return .granted
     }
 
     /// A data node asks to become primary.

@@ -103,7 +103,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var witness: WitnessClient?
     /// The witness recorded that this primary writes without its peer (the peer is fenced).
     private var fenced = false
-    private var fenceRequested = false
+    /// A fencing request is on its way to the witness (retried on the tick while answers wait).
+    private var fenceInFlight = false
     /// Client answers held until the peer is fenced (a primary with a witness never acknowledges
     /// a write its peer lacks before the witness knows the peer is outdated).
     private var heldCompletions: [(id: UInt64, result: Int32, flush: Bool)] = []
@@ -147,8 +148,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var activityLog: ActivityLog
     /// Client writes waiting for room in the log, in arrival order.
     private var waitingForLog: [(connection: NBDConnection, slot: Int, request: NBDRequest)] = []
-    /// Ranges of client writes in flight, for `endWrite` (by client id).
-    private var loggedWrites: [UInt64: (offset: UInt64, length: UInt64)] = [:]
     private let transactionBuffer: UnsafeMutableRawPointer
 
     /// Starts writes that waited for room in the activity log, in order.
@@ -157,6 +156,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             waitingForLog.removeFirst()
             startClientRequest(first.connection, slot: first.slot, first.request)
         }
+        if !waitingForLog.isEmpty { flushPeerForRoom() }
+    }
+
+    /// Extents of answered writes stay hot until the peer flushed them (`writeSettled`): a write
+    /// waiting for room asks the core to flush the peer rather than wait for the client's flush.
+    private func flushPeerForRoom() {
+        beginActions()
+        core.flushPeerToSettleWrites(into: &actions)
+        perform()
     }
 
     var readsFromPeer: Bool { core.readsFromPeer }
@@ -272,6 +280,20 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         transactionBuffer = allocateAligned(ActivityLog.transactionBytes)
         var disk: PeerDiskState = superblock.flags.contains(.resyncTarget) || !superblock.flags.contains(.consistent) ? .inconsistent : .upToDate
         if disk == .upToDate && superblock.flags.contains(.outdated) { disk = .outdated }
+        var primary = primary
+        if primary && superblock.flags.contains(.resyncTarget) {
+            // A detached disk, or an unfinished resync target: the peer's data must be copied in
+            // first, and a primary is never a resync target (the connect would be refused forever).
+            logger.warning("\(me.name) needs a resync from \(peer.name) (its disk was detached, or a resync into it did not finish): starting as secondary; promote it once it is UpToDate")
+            primary = false
+        }
+        if disk == .upToDate && !primary && config.witness != nil {
+            // With fencing, a disk attached without its peer is Consistent, not UpToDate (DRBD
+            // does the same): after a power loss its volatile cache may have lost writes the
+            // primary acknowledged, so it may not take over (the witness asks for UpToDate)
+            // until a connect to the primary finds it current.
+            disk = .consistent
+        }
         if primary && disk == .inconsistent && !superblock.flags.contains(.resyncTarget) {
             // A new node started as primary on data of its own: its data is the one the peer gets.
             logger.warning("\(me.name) starts as primary on data never synced: it becomes the source of the initial sync")
@@ -701,9 +723,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         guard let witness, witness.up else { return quorumMayHaveChanged() }
         let state = witnessState()
         let fencing = state.flags & PeerFlags.State.peerOutdated != 0
-        if fencing { fenceRequested = true }
+        if fencing { fenceInFlight = true }
         witness.request(state) { [weak self] recorded in
             guard let self else { return }
+            if fencing { self.fenceInFlight = false }
             if fencing && recorded && self.core.role == .primary && !self.core.replicating {
                 self.fenced = true
                 self.logger.notice("witness recorded \(self.peer.name) as outdated: answering writes without it")
@@ -724,9 +747,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         for h in held {
             guard let client = clients.removeValue(forKey: h.id) else { continue }
             client.connection.replicatedCompleted(slot: client.slot, result: error ?? h.result)
-            if let range = loggedWrites.removeValue(forKey: h.id), activityLog.endWrite(offset: range.offset, length: range.length) {
-                admitWaitingWrites()
-            }
         }
     }
 
@@ -848,6 +868,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 let now = monotonicNanos()
                 witness.tick(now: now)
                 considerAutomaticFailover(now: now)
+                // A refused fencing request (the witness had not heard from the peer since it
+                // started) is asked again while answers wait for it.
+                if mustHold && !heldCompletions.isEmpty && !fenceInFlight && ticks % 5 == 0 { announceToWitness() }
             }
             if core.sync != .established && ticks % Self.resyncCheckpointTicks == 0 {
                 emit("resync-progress", "\"done_bytes\":\(core.resyncedBytes),\"out_of_sync_bytes\":\(core.bitmap.outOfSyncBytes)")
@@ -1035,6 +1058,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if request.command != .flush {
             guard waitingForLog.isEmpty, admitToLog(request) else {
                 waitingForLog.append((connection, slot, request))
+                flushPeerForRoom()
                 return
             }
         }
@@ -1098,7 +1122,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         beginActions()
         let fua = request.has(NBD.CommandFlag.fua)
         if request.command != .flush {
-            loggedWrites[clientID] = (request.offset, UInt64(request.length))
             // Counted here too: a detached disk gets no local write, yet the data changes.
             changes.written(offset: request.offset, length: UInt64(request.length))
         }
@@ -1213,9 +1236,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                     flushLatency.record(nanos: monotonicNanos() - client.started)
                 }
                 client.connection.replicatedCompleted(slot: client.slot, result: result)
-                if let range = loggedWrites.removeValue(forKey: clientID), activityLog.endWrite(offset: range.offset, length: range.length) {
-                    admitWaitingWrites()
-                }
+            case .writeSettled(let offset, let length):
+                if activityLog.endWrite(offset: offset, length: UInt64(length)) { admitWaitingWrites() }
             case .dropLink(let reason):
                 logger.warning("replication: dropping the link: \(reason)")
                 switch reason {
@@ -1237,9 +1259,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 persistMetadata()
                 report(status)
                 if core.spareUUID == nil { core.spareUUID = Self.freshUUID() }
-                if core.replicating || core.role != .primary {
-                    fenced = false
-                    fenceRequested = false
+                if core.replicating || core.role != .primary { fenced = false }
+                if !heldCompletions.isEmpty && core.role == .primary && peerHoldsHeldWrites {
+                    // The witness never recorded the peer as outdated, but the peer is back: the
+                    // resync that copies the held writes has started (the peer is Inconsistent
+                    // until it ends, so it cannot be promoted without them), or they are copied.
+                    releaseHeld(error: nil)
                 }
                 if witness != nil { announceToWitness() }
             }
@@ -1321,6 +1346,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
     }
 
+    /// The peer is connected and gets (or has) what was written without it.
+    private var peerHoldsHeldWrites: Bool {
+        core.link == .connected && core.peerDisk != .failed
+            && (core.sync == .syncSource || (core.sync == .established && core.bitmap.setBitCount == 0))
+    }
+
     private func pointer(for buffer: BufferRef) -> UnsafeMutableRawPointer {
         switch buffer {
         case .client(let clientID):
@@ -1398,7 +1429,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             if let buffer = resyncBuffers.removeValue(forKey: key) { loop.pool.release(buffer) }
         case .resyncRead(let slot):
             if result < 0, let buffer = resyncBuffers.removeValue(forKey: -slot - 1) { loop.pool.release(buffer) }
-        case .client, .clientFlush, .peerFlush:
+        case .client, .clientFlush, .peerFlush, .resyncFlush:
             break
         }
         beginActions()
@@ -1453,6 +1484,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         guard core.role == .primary else { return "{\"error\":\"verify runs on the primary\"}" }
         guard core.status.link == .connected, core.status.sync == .established, let link else {
             return "{\"error\":\"verify needs the peer connected and in sync\"}"
+        }
+        guard core.disk == .upToDate, core.peerDisk == .upToDate else {
+            return "{\"error\":\"verify needs both disks UpToDate (a detached disk is resynced when it is attached again)\"}"
         }
         guard verify == nil else { return "{\"error\":\"a verify is already running\"}" }
         verify = Verify()

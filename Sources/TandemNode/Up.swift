@@ -58,7 +58,7 @@ public enum Up {
             // The primary exports read-write through replication; a secondary exports read-only,
             // so its NBD clients get EPERM for every write. The node switches it with the role.
             let export = NBDExport(
-                name: options.config.name, size: device.size, readOnly: !options.primary, blockSizeMin: device.alignment,
+                name: options.config.name, size: device.size, readOnly: node.status.role != .primary, blockSizeMin: device.alignment,
                 blockSizePreferred: UInt32(Limits.blockSize), blockSizeMax: UInt32(Limits.nbdRequestBytesMax),
                 canTrim: true, canZero: true, canFastZero: false)
             let s = try NBDServer(
@@ -96,7 +96,8 @@ public enum Up {
         server?.start()
         control.start()
         metrics?.start()
-        logger.info("node \(me.name) of \(options.config.name) up as \(options.primary ? "primary" : "secondary")\(server.map { ", exporting \"\(options.config.name)\"\(options.primary ? "" : " read-only") on \($0.boundAddress)" } ?? "")")
+        let primary = node.status.role == .primary
+        logger.info("node \(me.name) of \(options.config.name) up as \(primary ? "primary" : "secondary")\(server.map { ", exporting \"\(options.config.name)\"\(primary ? "" : " read-only") on \($0.boundAddress)" } ?? "")")
         loop.run()
         _ = fdatasync(device.fd)
         withExtendedLifetime((signals, node, control, metrics)) {}

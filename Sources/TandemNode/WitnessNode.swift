@@ -113,7 +113,7 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             }
             link.node = hello.nodeID
             links[key] = link
-            let deposed = arbiter.connected(hello.nodeID, role: hello.role, disk: hello.diskState)
+            let deposed = arbiter.connected(hello.nodeID, role: hello.role, disk: hello.diskState, uuids: hello.uuids)
             logger.info("witness: \(certificate) connected (\(hello.role), disk \(hello.diskState))")
             if let deposed {
                 logger.warning("witness: \(deposed)")
@@ -133,11 +133,26 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
                     reply(connection, to: change, refused: why)
                 }
             } else {
-                arbiter.announced(node, role: change.role, disk: change.diskState, writesWithoutPeer: change.flags & PeerFlags.State.peerOutdated != 0)
-                if change.flags & PeerFlags.State.peerOutdated != 0 {
-                    logger.notice("witness: \(name(node)) writes without its peer: the peer is outdated until they resync")
+                let otherDeposed = arbiter.nodes.first { $0.key != node }?.value.deposed ?? false
+                let verdict = arbiter.announced(node, role: change.role, disk: change.diskState, writesWithoutPeer: change.flags & PeerFlags.State.peerOutdated != 0,
+                                                uuids: change.uuids)
+                if let (other, view) = arbiter.nodes.first(where: { $0.key != node }), view.deposed && !otherDeposed {
+                    // This node holds the newer generation: the other, still primary, must demote now.
+                    for link in links.values where link.node == other {
+                        link.connection.send(.disconnect(reason: .roleConflict, text: "\(name(node)) holds newer data as primary; \(name(other)) must demote"))
+                    }
                 }
-                if change.id != 0 { reply(connection, to: change, refused: nil) }
+                switch verdict {
+                case .granted:
+                    if change.flags & PeerFlags.State.peerOutdated != 0 {
+                        logger.notice("witness: \(name(node)) writes without its peer: the peer is outdated until they resync")
+                    }
+                    if change.id != 0 { reply(connection, to: change, refused: nil) }
+                case .refused(let why):
+                    logger.warning("witness: refused to record \(name(node)) writing without its peer: \(why)")
+                    if change.id != 0 { reply(connection, to: change, refused: why) }
+                    if arbiter.nodes[node]?.deposed == true { connection.send(.disconnect(reason: .roleConflict, text: why)) }
+                }
             }
         case .message(.ping(let pingID)):
             connection.send(.pingAck(id: pingID))

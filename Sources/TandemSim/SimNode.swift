@@ -13,11 +13,13 @@ enum SimLayout {
     static let alCapacity = 6
     static let alRingSlots = ActivityLog.ringSlotsMin(capacity: alCapacity) + 2
     static let resourceName = "sim"
+    static let transferLogEntriesMax = 16
 
-    static func configuration(nodeID: UInt8) -> ReplicaCore.Configuration {
+    /// `fencing` as the node sets it: with a witness.
+    static func configuration(nodeID: UInt8, fencing: Bool) -> ReplicaCore.Configuration {
         ReplicaCore.Configuration(
-            nodeID: nodeID, deviceBytes: deviceBytes, granularityBytes: blockBytes, transferLogEntriesMax: 16,
-            resyncInFlightMax: 4, resyncRunBytesMax: 4 * blockBytes, resyncBytesPerSecond: 8 << 20)
+            nodeID: nodeID, deviceBytes: deviceBytes, granularityBytes: blockBytes, transferLogEntriesMax: transferLogEntriesMax,
+            resyncInFlightMax: 4, resyncRunBytesMax: 4 * blockBytes, resyncBytesPerSecond: 8 << 20, fencing: fencing)
     }
 
     static func activityLog(nextSequence: UInt64) -> ActivityLog {
@@ -51,6 +53,13 @@ struct SimMetadata {
     }
 }
 
+/// A demotion the node runs on its own (deposed by the witness): its requests finish, then a
+/// flush of both sides, then `ReplicaCore.demote`.
+enum Demotion {
+    case draining
+    case flushing
+}
+
 /// One node: the core, its disk, its metadata, and the state `ReplicatedNode` keeps around the
 /// core (buffers by id, the activity log, the clients in flight).
 struct SimNode {
@@ -73,11 +82,29 @@ struct SimNode {
     var nextClientID: UInt64 = 1
     /// Client id -> workload op key.
     var clients: [UInt64: Int] = [:]
-    var loggedWrites: [UInt64: (offset: UInt64, length: UInt64)] = [:]
     /// Workload op keys waiting for room in the activity log, in order.
     var waitingForLog: [Int] = []
     /// Client id -> the connection on which the peer acknowledged it successfully.
     var peerAcked: [UInt64: Int] = [:]
+    /// The flush a demotion waits for (ReplicatedNode's `internalFlushes`).
+    var demotionFlushID: UInt64?
+    /// A demotion the witness asked for (deposed), in progress.
+    var demotion: Demotion?
+
+    // The witness and quorum (`--witness`), as WitnessClient and ReplicatedNode keep them.
+    var witnessConn: Int?
+    /// The witness's hello arrived on the link.
+    var witnessUp = false
+    var witnessRequests: [UInt64: WitnessRequest] = [:]
+    var nextWitnessRequest: UInt64 = 1
+    /// The witness recorded that this primary writes without its peer.
+    var fenced = false
+    var fenceInFlight = false
+    /// Client answers held until the peer is fenced: client id and the core's result.
+    var held: [(id: UInt64, result: Int32)] = []
+    var hadQuorum = true
+    var promotionRequested = false
+    var nextPromotionTry: UInt64 = 0
 
     // Buffers, keyed as ReplicatedNode keys them.
     /// Replicated writes received: write id -> block value.
@@ -110,9 +137,19 @@ struct SimNode {
         connection = nil
         nextClientID = 1
         clients = [:]
-        loggedWrites = [:]
         waitingForLog = []
         peerAcked = [:]
+        demotionFlushID = nil
+        demotion = nil
+        witnessConn = nil
+        witnessUp = false
+        witnessRequests = [:]
+        fenced = false
+        fenceInFlight = false
+        held = []
+        hadQuorum = true
+        promotionRequested = false
+        nextPromotionTry = 0
         peerValues = [:]
         resyncIn = [:]
         resyncOut = [:]

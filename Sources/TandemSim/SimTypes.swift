@@ -5,16 +5,23 @@ public struct SimOptions: Sendable {
     /// After a primary crash, the operator promotes the survivor (`ReplicaCore.promote`, retried
     /// until the core agrees); the old primary comes back as secondary.
     public var failover = false
-    /// Let the client send writes that overlap writes still in flight (NBD leaves the result
-    /// undefined, so only replica equality is checked for such blocks, not their value).
+    /// Let the client send writes that overlap writes still in flight (NBD leaves their order
+    /// undefined; Tandem applies them in arrival order on both disks, and the model expects
+    /// that; the read-back at each answer is not checked, a newer write may be on the disk).
     public var overlappingClientWrites = false
-    /// Inject disk errors on the primary too (by default only the secondary's disk fails). A
-    /// primary whose disk is detached and later restarted comes back UpToDate on stale data:
-    /// known, see DEVELOPERS.md, "Simulator".
+    /// Inject disk errors on the primary too (by default only the secondary's disk fails). One
+    /// disk fails at a time: with both detached no copy is consistent.
     public var primaryDiskErrors = false
     /// Crash a node while the other is down or has not yet noticed an earlier crash (by default
     /// faults are single: the invariants are about surviving one node's loss).
     public var doubleFaults = false
+    /// Planned switchovers during load: the primary demotes (clients drained, both sides
+    /// flushed, `ReplicaCore.demote`), the secondary is promoted once it sees the demotion.
+    public var switchover = false
+    /// A witness: quorum, fencing before writing without the peer, automatic failover (the
+    /// client follows the new primary), deposing; faults cut a node off from its peer and the
+    /// witness, and restart the witness (it forgets what it recorded).
+    public var witness = false
     /// Print every event as it happens (for replaying one seed).
     public var verbose = false
     /// Events kept for the trace printed on failure.
@@ -22,9 +29,11 @@ public struct SimOptions: Sendable {
     /// Runs in parallel pass different slots, so a trap names every seed in flight.
     public var slot = 0
 
-    public init(failover: Bool = false, overlappingClientWrites: Bool = false, primaryDiskErrors: Bool = false, doubleFaults: Bool = false, verbose: Bool = false,
-                traceEvents: Int = 48, slot: Int = 0) {
+    public init(failover: Bool = false, overlappingClientWrites: Bool = false, primaryDiskErrors: Bool = false, doubleFaults: Bool = false,
+                switchover: Bool = false, witness: Bool = false, verbose: Bool = false, traceEvents: Int = 48, slot: Int = 0) {
         self.slot = slot
+        self.witness = witness
+        self.switchover = switchover
         self.primaryDiskErrors = primaryDiskErrors
         self.doubleFaults = doubleFaults
         self.failover = failover
@@ -106,6 +115,16 @@ enum Event {
     case writeback(node: Int)
     case partitionTimeout(conn: Int)
     case healCheck
+    /// The next step of a planned switchover (`Switchover`).
+    case switchoverStep
+    /// The witness (`World+Witness.swift`).
+    case witnessDial(node: Int, life: Int)
+    case witnessDeliver(conn: Int, toWitness: Bool)
+    case witnessNotice(conn: Int, atWitness: Bool)
+    case witnessTimeout(conn: Int)
+    case witnessStart(life: Int)
+    /// The next step of a node's own demotion (`Demotion`).
+    case demotionStep(node: Int, life: Int)
 }
 
 /// A min-heap of events by time, ties in scheduling order (so a run is a function of the seed).

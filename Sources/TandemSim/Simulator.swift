@@ -56,6 +56,16 @@ final class World {
     var verifiedAfterCorruption = false
     var corruptionInjected = false
     var lastCrash: UInt64?
+    /// A planned switchover in progress.
+    var switchover: Switchover?
+    // The witness (`--witness`).
+    var witness = SimWitness()
+    var witnessConns: [WitnessConnection] = []
+    /// Until when each node is cut off from its peer and the witness.
+    var isolatedUntil: [UInt64] = [0, 0]
+    /// Requests the client sent to a primary it then left (the witness promoted the other
+    /// node): by workload key, answered or not.
+    var orphans: [Int: ClientOp] = [:]
     /// The secondary failed a replicated write, or the transfer log overflowed: the primary then
     /// keeps blocks out of sync on an established link until the next connect.
     var peerWriteFailed = false
@@ -63,6 +73,9 @@ final class World {
     // The model of what the device must return (see `Checker` below).
     var floor: [UInt64]
     var exact: [Bool]
+    /// The newest write whose outcome on the block is unknown (it failed, or was lost in a
+    /// crash): an older write acknowledged later does not make the block exact again.
+    var unsettledSeq: [UInt64]
     var stable: [UInt64]
     var maxSeq: [UInt64]
     var ackLog: [(first: Int, count: Int, seq: UInt64)] = []
@@ -88,6 +101,7 @@ final class World {
         inFlightMax = 1
         floor = Array(repeating: 0, count: SimLayout.blocks)
         exact = Array(repeating: true, count: SimLayout.blocks)
+        unsettledSeq = Array(repeating: 0, count: SimLayout.blocks)
         stable = floor
         maxSeq = floor
         primaryNode = rng.below(2)
@@ -159,13 +173,31 @@ final class World {
             guard !nodes[i].up, nodes[i].life == life else { return }
             restart(i)
         case .promote(let i, let life, let tries):
-            guard nodes[i].up, nodes[i].life == life, nodes[i].core.role == .secondary else { return }
+            guard nodes[i].up, nodes[i].life == life, nodes[i].core.role == .secondary, i == primaryNode else { return }
+            if options.witness && nodes[i].core.link != .connected && nodes[i].core.link != .handshaking {
+                // `tandem primary` with a witness and no peer: the witness must agree first.
+                if !nodes[i].promotionRequested {
+                    var state = witnessState(i)
+                    state.role = .primary
+                    if witnessRequest(i, state, .promotion) { nodes[i].promotionRequested = true }
+                }
+                queue.push(now + (tries < 50 ? 100 : 500) * SimTime.ms, .promote(node: i, life: life, tries: tries + 1))
+                return
+            }
             var refusal: RoleChangeRefusal?
             let fresh = freshUUID()
             call(i) { core, a in refusal = core.promote(force: false, freshUUID: fresh, nowMillis: now / SimTime.ms, into: &a) }
-            if let refusal {
+            if refusal == .noUsableData {
+                // Its disk is detached and no UpToDate peer serves: the operator attaches it again
+                // (a restart); it comes back Inconsistent and is promoted once resynced.
+                record(.fault("operator: n\(i) has a detached disk and cannot be promoted: restart it"))
+                count("promote refused: detached disk")
+                stop(i)
+                queue.push(now + 50 * SimTime.ms, .restart(node: i, life: nodes[i].life))
+            } else if let refusal {
+                // Retried until the core agrees (the peer noticed, a resync into it ended).
                 record(.note("promote n\(i) refused: \(refusal)"))
-                if tries < 50 { queue.push(now + 100 * SimTime.ms, .promote(node: i, life: life, tries: tries + 1)) }
+                queue.push(now + (tries < 50 ? 100 : 500) * SimTime.ms, .promote(node: i, life: life, tries: tries + 1))
             } else {
                 record(.fault("failover: n\(i) promoted"))
                 nodes[i].superblockFlags.insert(.wasPrimary)
@@ -182,6 +214,24 @@ final class World {
             kill(c, noticeDelay: [rng.between(0, 200) * SimTime.ms, rng.between(0, 200) * SimTime.ms])
         case .healCheck:
             healCheck()
+        case .switchoverStep:
+            switchoverStep()
+        case .witnessDial(let i, let life):
+            guard nodes[i].up, nodes[i].life == life else { return }
+            witnessDial(i)
+        case .witnessDeliver(let w, let toWitness):
+            witnessDeliver(w, toWitness: toWitness)
+        case .witnessNotice(let w, let atWitness):
+            witnessNotice(w, atWitness: atWitness)
+        case .witnessTimeout(let w):
+            guard witnessConns[w].alive else { return }
+            record(.fault("witness link w\(w) times out"))
+            killWitnessLink(w, nodeDelay: rng.between(0, 200) * SimTime.ms, witnessDelay: rng.between(0, 200) * SimTime.ms)
+        case .witnessStart(let life):
+            startWitness(life: life)
+        case .demotionStep(let i, let life):
+            guard nodes[i].up, nodes[i].life == life else { return }
+            demotionStep(i)
         }
     }
 
@@ -194,6 +244,8 @@ final class World {
     func call(_ i: Int, _ body: (inout ReplicaCore, inout [ReplicaCore.Action]) -> Void) {
         var batch: [ReplicaCore.Action] = []
         body(&nodes[i].core, &batch)
+        // A full transfer log after a call: its oldest entry may have gone to the bitmap.
+        if nodes[i].core.status.transferLogEntries >= SimLayout.transferLogEntriesMax { peerWriteFailed = true }
         nodes[i].actions.append(contentsOf: Self.canonicalOrder(batch))
         guard !nodes[i].performing else { return }
         nodes[i].performing = true
@@ -235,7 +287,6 @@ final class World {
         case .submitLocal(let io):
             submit(i, io)
         case .send(let message):
-            if case .flush(let id) = message, id > 1 << 63 { peerWriteFailed = true }  // the core's own: a full transfer log
             send(i, .message(message))
         case .sendWrite(let write, let kind, _):
             guard let key = nodes[i].clients[write.id], let op = pending.first(where: { $0.key == key }) else {
@@ -247,14 +298,23 @@ final class World {
                 return fail("n\(i) core sent resync data from \(buffer), which holds no read")
             }
             send(i, .resync(data, values: values))
+        case .completeClientFlush(let id, let result) where id == nodes[i].demotionFlushID:
+            nodes[i].demotionFlushID = nil
+            if nodes[i].demotion != nil { demoteDeposed(i, flushResult: result) } else { demoteAfterFlush(i, result: result) }
+        case .completeClient(let id, let result) where mustHold(i), .completeClientFlush(let id, let result) where mustHold(i):
+            if hasQuorum(i) {
+                nodes[i].held.append((id, result))
+            } else {
+                nodes[i].held.append((id, -5))
+                releaseHeld(i, error: -5)
+            }
         case .completeClient(let id, let result), .completeClientFlush(let id, let result):
             guard let key = nodes[i].clients.removeValue(forKey: id) else {
                 return fail("n\(i) core answered client request \(id) twice or never asked")
             }
-            if let range = nodes[i].loggedWrites.removeValue(forKey: id), nodes[i].activityLog.endWrite(offset: range.offset, length: range.length) {
-                admitWaitingWrites(i)
-            }
             clientCompleted(i, key: key, clientID: id, result: result)
+        case .writeSettled(let offset, let length):
+            if nodes[i].activityLog.endWrite(offset: offset, length: UInt64(length)) { admitWaitingWrites(i) }
         case .dropLink(let reason):
             record(.dropLink(node: i, reason))
             count("core drops link")
@@ -275,6 +335,11 @@ final class World {
             if core.link == .connected && core.sync == .established && core.peerDisk == .upToDate && core.disk == .upToDate
                 && core.bitmap.setBitCount == 0 {
                 nodes[i].wroteAlone = false
+            }
+            if options.witness {
+                if core.replicating || core.role != .primary { nodes[i].fenced = false }
+                if !nodes[i].held.isEmpty && core.role == .primary && peerHoldsHeldWrites(i) { releaseHeld(i, error: nil) }
+                announceToWitness(i)
             }
         }
     }
@@ -304,10 +369,7 @@ final class World {
         // The node meant to be primary comes back as primary if it was primary when it went
         // down (or at the start); a survivor promoted while the other was away and then
         // restarted comes back secondary and is promoted again by the operator.
-        let role: PeerRole = i == primaryNode && (nodes[i].lastRole ?? .primary) == .primary ? .primary : .secondary
-        if i == primaryNode && role == .secondary {
-            queue.push(now + SimTime.peerTimeout + rng.between(10, 300) * SimTime.ms, .promote(node: i, life: nodes[i].life, tries: 0))
-        }
+        var role: PeerRole = i == primaryNode && (nodes[i].lastRole ?? .primary) == .primary ? .primary : .secondary
         var node = nodes[i]
         let recovery = node.meta.recover()
         var flags = node.meta.flags
@@ -325,12 +387,25 @@ final class World {
         }
         node.activityLog = SimLayout.activityLog(nextSequence: recovery.nextSequence)
         var disk: PeerDiskState = flags.contains(.resyncTarget) || !flags.contains(.consistent) ? .inconsistent : .upToDate
+        if disk == .upToDate && flags.contains(.outdated) { disk = .outdated }
+        if disk == .upToDate && role == .secondary && options.witness {
+            // As the node with fencing: attached Consistent until a connect finds it current.
+            disk = .consistent
+        }
+        if role == .primary && flags.contains(.resyncTarget) {
+            // As the node: a disk that needs a resync (detached, or an unfinished target) starts
+            // secondary; the operator promotes it once it is UpToDate.
+            role = .secondary
+        }
+        if i == primaryNode && role == .secondary {
+            queue.push(now + SimTime.peerTimeout + rng.between(10, 300) * SimTime.ms, .promote(node: i, life: nodes[i].life, tries: 0))
+        }
         if role == .primary && disk == .inconsistent && !flags.contains(.resyncTarget) {
             flags.insert(.consistent)
             disk = .upToDate
         }
         node.superblockFlags = flags
-        node.core = ReplicaCore(configuration: SimLayout.configuration(nodeID: UInt8(i)), role: role, disk: disk,
+        node.core = ReplicaCore(configuration: SimLayout.configuration(nodeID: UInt8(i), fencing: options.witness), role: role, disk: disk,
                                 uuids: node.meta.uuids, bitmap: bitmap, flags: flags)
         node.core.spareUUID = freshUUID()
         node.up = true
@@ -341,12 +416,17 @@ final class World {
             persistMetadata(i)
         }
         queue.push(now + rng.between(0, 100) * SimTime.ms, .tick(node: i, life: nodes[i].life))
+        if options.witness { queue.push(now + rng.between(0, 50) * SimTime.ms, .witnessDial(node: i, life: nodes[i].life)) }
         scheduleConnect()
     }
 
     func tick(_ i: Int) {
         call(i) { core, a in core.tick(nowNanos: now, into: &a) }
         nodes[i].ticks += 1
+        if nodes[i].up {
+            considerAutomaticFailover(i)
+            retryFencing(i)
+        }
         if nodes[i].up, nodes[i].core.sync != .established, nodes[i].ticks % 10 == 0 {
             // The resync checkpoint: data synced, then the bitmap that says it is in sync.
             nodes[i].disk.flushNow()
@@ -401,7 +481,10 @@ final class World {
     func diskCompleted(_ i: Int, _ number: Int) {
         guard let (op, result, read) = nodes[i].disk.complete(number, rng: &rng) else { return }
         record(.diskDone(node: i, tag: op.tag, result: result))
-        if result < 0, case .peerWrite = op.tag { peerWriteFailed = true }
+        switch op.tag {
+        case .peerWrite, .peerFlush: if result < 0 { peerWriteFailed = true }
+        default: break
+        }
         switch op.tag {
         case .peerWrite(let id): nodes[i].peerValues[id] = nil
         case .resyncWrite(let key): nodes[i].resyncIn[key] = nil
@@ -423,6 +506,8 @@ final class World {
         var at = now + rng.between(20, 600) * SimTime.us
         if rng.chance(10) { at += rng.between(1, 30) * SimTime.ms }  // a slow stretch of the path
         if partitionUntil > now { at = max(at, partitionUntil + rng.between(20, 600) * SimTime.us) }
+        let cut = max(isolatedUntil[i], isolatedUntil[to])
+        if cut > now { at = max(at, cut + rng.between(20, 600) * SimTime.us) }
         at = max(at, conns[c].lastDelivery[to])  // TCP: in order
         conns[c].lastDelivery[to] = at
         conns[c].queues[to].append(wire)
@@ -440,8 +525,9 @@ final class World {
             call(to) { core, a in core.linkUp(peer: hello, freshUUID: freshUUID(), into: &a) }
             guard nodes[to].up, let decision = nodes[to].core.lastDecision else { return }
             record(.linkUp(node: to, conn: c, decision: "\(decision.decision) (\(decision.rule)) uuids \(nodes[to].core.uuids)"))
-            count("decision \(decision.decision)")
-            if nodes[0].wroteAlone && nodes[1].wroteAlone && decision.decision != .splitBrain {
+            count(decision.rule == .detachedDisk ? "connect with a detached disk" : "decision \(decision.decision)")
+            // A detached disk merges nothing: the decision comes when it is attached again.
+            if nodes[0].wroteAlone && nodes[1].wroteAlone && decision.decision != .splitBrain && decision.rule != .detachedDisk {
                 fail("split brain not detected: both nodes acknowledged writes the other lacks, n\(to) decided \(decision.decision) by rule \(decision.rule)")
             }
         case .write(let write, let kind, let value):
@@ -515,7 +601,7 @@ final class World {
     func connect() {
         guard nodes[0].up, nodes[1].up else { return }
         guard nodes[0].connection == nil, nodes[1].connection == nil else { return }
-        guard partitionUntil <= now else { return scheduleConnect() }
+        guard partitionUntil <= now, isolatedUntil[0] <= now, isolatedUntil[1] <= now else { return scheduleConnect() }
         let c = conns.count
         conns.append(Connection())
         record(.connect(conn: c))
@@ -530,6 +616,7 @@ final class World {
         if core.localFlags.contains(.newZeroed) { flags |= PeerFlags.Hello.newZeroed }
         if core.localFlags.contains(.crashedPrimary) { flags |= PeerFlags.Hello.crashedPrimary }
         return PeerHello(nodeID: UInt8(i), role: core.role, diskState: core.disk, flags: flags, resourceName: SimLayout.resourceName,
-                         deviceSizeBytes: SimLayout.deviceBytes, bitmapGranularityBytes: UInt32(SimLayout.blockBytes), uuids: ReplicaCore.wire(core.uuids))
+                         deviceSizeBytes: SimLayout.deviceBytes, bitmapGranularityBytes: UInt32(SimLayout.blockBytes), uuids: ReplicaCore.wire(core.uuids),
+                         outOfSyncBits: UInt64(core.bitmap.setBitCount), primarySinceMillis: core.primarySinceMillis)
     }
 }

@@ -1,11 +1,11 @@
 import TandemCore
 
-/// Faults, one case each: to add one (a promote, a barrier, a witness), add a case, a weight and
-/// its effect in `inject`.
+/// Faults, one case each: to add one, add a case (last, so that the seeds of the other modes
+/// keep their picks), a weight (0 unless its option is on) and its effect in `inject`.
 enum Fault: CaseIterable {
-    case linkReset, partition, crash, restart, diskErrors, corrupt, verify, none
+    case linkReset, partition, crash, restart, diskErrors, corrupt, verify, none, switchover, isolate, witnessRestart
 
-    var weight: Int {
+    func weight(_ options: SimOptions) -> Int {
         switch self {
         case .linkReset: 18
         case .partition: 10
@@ -15,14 +15,17 @@ enum Fault: CaseIterable {
         case .corrupt: 3
         case .verify: 8
         case .none: 10
+        case .switchover: options.switchover ? 40 : 0
+        case .isolate: options.witness ? 16 : 0
+        case .witnessRestart: options.witness ? 4 : 0
         }
     }
 }
 
 extension World {
     func injectFault() {
-        var pick = rng.below(Fault.allCases.reduce(0) { $0 + $1.weight })
-        let fault = Fault.allCases.first { pick -= $0.weight; return pick < 0 }!
+        var pick = rng.below(Fault.allCases.reduce(0) { $0 + $1.weight(options) })
+        let fault = Fault.allCases.first { pick -= $0.weight(options); return pick < 0 }!
         switch fault {
         case .linkReset:
             guard let c = liveConnection() else { return }
@@ -53,6 +56,9 @@ extension World {
             queue.push(now + rng.between(50, 500) * SimTime.ms, .restart(node: i, life: nodes[i].life))
         case .diskErrors:
             let i = options.primaryDiskErrors ? rng.below(2) : other(primaryNode)
+            // One failing disk at a time: with both detached no copy is consistent, and only an
+            // operator forcing one primary (with data loss) gets out.
+            guard !diskNeedsRepair(other(i)) else { return }
             let permille = 20 + rng.below(280)
             let duration = rng.between(50, 2000) * SimTime.ms
             record(.fault("n\(i) disk fails \(permille)/1000 of operations for \(duration / SimTime.ms) ms"))
@@ -61,7 +67,10 @@ extension World {
             queue.push(now + duration, .diskHealthy(node: i))
         case .corrupt:
             let s = other(primaryNode)
-            guard !options.failover, nodes[s].up else { return }
+            // Only where a verify from the primary finds it: with failover, switchover or a
+            // detached primary the rotten copy may serve or become the resync source, and
+            // nothing can tell.
+            guard !options.failover, !options.primaryDiskErrors, !options.switchover, !options.witness, nodes[s].up else { return }
             let b = rng.below(SimLayout.blocks)
             record(.fault("n\(s) block \(b) rots"))
             count("fault corruption")
@@ -71,7 +80,20 @@ extension World {
             if verify(blocks: rng.below(2) == 0 ? 0..<SimLayout.blocks : randomRange()) { count("verify") }
         case .none:
             break
+        case .switchover:
+            startSwitchover()
+        case .isolate:
+            // Mostly the primary: the interesting case is the witness promoting the other.
+            let i = rng.chance(700) ? primaryNode : other(primaryNode)
+            isolate(i, for: rng.chance(400) ? rng.between(100, 1000) * SimTime.ms : rng.between(1500, 6000) * SimTime.ms)
+        case .witnessRestart:
+            restartWitness(after: rng.between(50, 3000) * SimTime.ms)
         }
+    }
+
+    /// The node's disk fails now, is detached, or waits for the resync that attaches it again.
+    func diskNeedsRepair(_ i: Int) -> Bool {
+        nodes[i].disk.errorPermille > 0 || nodes[i].meta.flags.contains(.resyncTarget) || (nodes[i].up && nodes[i].core.disk != .upToDate)
     }
 
     func randomRange() -> Range<Int> {
@@ -87,6 +109,7 @@ extension World {
     /// Power loss (the cache is lost, writes in flight tear) or a killed process (the machine
     /// keeps its cache). With `failover`, a crashed primary's peer is restarted as primary.
     func crash(_ i: Int, powerLoss: Bool) {
+        abortSwitchoverBeforeAFault()
         record(.fault("n\(i) \(powerLoss ? "loses power" : "process is killed")"))
         count(powerLoss ? "fault power loss" : "fault process crash")
         checkContinuously()
@@ -94,7 +117,18 @@ extension World {
         let s = other(i)
         let failingOver = options.failover && i == primaryNode && nodes[s].up
         let redundant = isRedundant()
+        // The primary's disk is detached, or the peer (a failover's target) is not UpToDate: this
+        // node holds the only consistent copy.
+        let onlyCopy = i != primaryNode && !(nodes[s].up && nodes[s].core.disk == .upToDate)
         dropClients(of: i)
+        if onlyCopy && powerLoss {
+            // As the device losing power: flushed data survives, unflushed writes may not.
+            for b in 0..<SimLayout.blocks where floor[b] > stable[b] {
+                floor[b] = stable[b]
+                uncertain(b, upTo: maxSeq[b])
+            }
+            stabilized = ackLog.count
+        }
         if i == primaryNode {
             if failingOver && !redundant {
                 // The writes only the old primary had may be lost (the operator promotes the peer)
@@ -104,20 +138,23 @@ extension World {
                 for b in 0..<SimLayout.blocks where nodes[s].disk.cache[b] != floor[b] {
                     floor[b] = min(floor[b], nodes[s].disk.cache[b])
                     stable[b] = min(stable[b], floor[b])
-                    exact[b] = false
+                    uncertain(b, upTo: maxSeq[b])
                 }
             }
             if powerLoss {
                 // It comes back as primary with what its disk kept: flushed data at least.
                 for b in 0..<SimLayout.blocks where floor[b] > stable[b] {
                     floor[b] = stable[b]
-                    exact[b] = false
+                    uncertain(b, upTo: maxSeq[b])
                 }
                 // A later flush covers nothing acknowledged before the crash: that may be gone.
                 stabilized = ackLog.count
             }
         }
         if powerLoss { nodes[i].disk.powerLoss(rng: &rng) } else { nodes[i].disk.processCrash() }
+        if let w = nodes[i].witnessConn {
+            killWitnessLink(w, nodeDelay: 0, witnessDelay: powerLoss ? SimTime.peerTimeout + rng.between(0, 200) * SimTime.ms : rng.between(10, 1000) * SimTime.us)
+        }
         let c = nodes[i].connection
         nodes[i].die()
         if let c {
@@ -142,6 +179,7 @@ extension World {
     /// persisted, `wasPrimary` cleared on a primary; the machine stays up (writes in flight
     /// land) and the device is synced when the loop ends.
     func stop(_ i: Int) {
+        abortSwitchoverBeforeAFault()
         let c = nodes[i].connection
         if let c { linkNotice(i, c) }
         persistMetadata(i)
@@ -150,6 +188,7 @@ extension World {
             persistMetadata(i)
         }
         dropClients(of: i)
+        if let w = nodes[i].witnessConn { killWitnessLink(w, nodeDelay: 0, witnessDelay: rng.between(10, 1000) * SimTime.us) }
         nodes[i].disk.processCrash()
         nodes[i].disk.flushNow()
         nodes[i].die()
@@ -162,7 +201,8 @@ extension World {
     func verify(blocks: Range<Int>) -> Bool {
         let p = primaryNode, s = other(p)
         guard nodes[p].up, nodes[s].up, let c = nodes[p].connection, conns[c].alive, nodes[s].connection == c,
-              nodes[p].core.role == .primary, nodes[p].core.link == .connected, nodes[p].core.sync == .established
+              nodes[p].core.role == .primary, nodes[p].core.link == .connected, nodes[p].core.sync == .established,
+              nodes[p].core.disk == .upToDate, nodes[p].core.peerDisk == .upToDate
         else { return false }
         var differ = 0
         for b in blocks where nodes[p].disk.cache[b] != nodes[s].disk.cache[b] {
@@ -185,6 +225,8 @@ extension World {
         lastNudge = now
         record(.note("faults stop; healing"))
         partitionUntil = now
+        isolatedUntil = [now, now]
+        if options.witness && !witness.up { startWitness(life: witness.life) }
         for i in 0..<2 {
             nodes[i].disk.errorPermille = 0
             if !nodes[i].up { queue.push(now + 10 * SimTime.ms, .restart(node: i, life: nodes[i].life)) }
@@ -240,7 +282,8 @@ extension World {
     }
 
     func quiescent() -> Bool {
-        guard pending.isEmpty, let c = liveConnection(), conns[c].isDrained else { return false }
+        guard pending.isEmpty, switchover == nil, let c = liveConnection(), conns[c].isDrained, nodes[primaryNode].up, nodes[primaryNode].core.role == .primary
+        else { return false }
         for n in nodes {
             guard n.up, n.connection == c, n.waitingForLog.isEmpty, !n.disk.hasInFlight,
                   n.core.link == .connected, n.core.sync == .established, n.core.disk == .upToDate, n.core.peerDisk == .upToDate,

@@ -7,8 +7,13 @@ extension World {
         guard !healing, !done else { return }
         if opsIssued < opsTotal {
             let p = primaryNode
-            if nodes[p].up && nodes[p].core.role == .primary && pending.count < inFlightMax { issue(on: p) }
-            queue.push(now + rng.between(50, 2000) * SimTime.us, .clientIssue)
+            if nodes[p].up && nodes[p].core.role == .primary && pending.count < inFlightMax && switchover == nil { issue(on: p) }
+            // A client refused for lack of quorum retries slowly.
+            let backoff = options.witness && nodes[p].up && !hasQuorum(p) ? 20 * SimTime.ms : 0
+            // With a witness, a slower client: the run lasts long enough for an isolation to
+            // outlast the timeouts and the witness to promote the other node.
+            let gap = options.witness ? rng.between(1000, 20_000) * SimTime.us : rng.between(50, 2000) * SimTime.us
+            queue.push(now + backoff + gap, .clientIssue)
         } else if pending.isEmpty {
             startHeal()
         } else {
@@ -46,9 +51,20 @@ extension World {
 
     /// `ReplicatedNode.clientRequest`: writes pass the activity log first, in order.
     func clientRequest(_ i: Int, _ op: ClientOp) {
+        guard hasQuorum(i) else {
+            // ReplicatedNode: without quorum the other side may be promoted; nothing is accepted.
+            // (Not counted in the workload: the client tries again later.)
+            pending.removeAll { $0.key == op.key }
+            opsIssued -= 1
+            record(.complete(node: i, op: op, result: -5))
+            count("refused without quorum")
+            if op.isWrite { for b in op.first..<op.first + op.count { uncertain(b, upTo: op.seq) } }
+            return
+        }
         if op.isWrite {
             guard nodes[i].waitingForLog.isEmpty, admitToLog(i, op) else {
                 nodes[i].waitingForLog.append(op.key)
+                flushPeerForRoom(i)
                 return
             }
         }
@@ -93,6 +109,13 @@ extension World {
             nodes[i].waitingForLog.removeFirst()
             startClientRequest(i, op)
         }
+        if !nodes[i].waitingForLog.isEmpty { flushPeerForRoom(i) }
+    }
+
+    /// As the node: a write waiting for room asks the core to flush the peer, so that answered
+    /// writes settle and release their extents.
+    func flushPeerForRoom(_ i: Int) {
+        call(i) { core, a in core.flushPeerToSettleWrites(into: &a) }
     }
 
     func startClientRequest(_ i: Int, _ op: ClientOp) {
@@ -100,7 +123,6 @@ extension World {
         nodes[i].nextClientID += 1
         nodes[i].clients[id] = op.key
         let offset = UInt64(op.first * SimLayout.blockBytes), length = UInt32(op.count * SimLayout.blockBytes)
-        if op.isWrite { nodes[i].loggedWrites[id] = (offset, UInt64(length)) }
         call(i) { core, a in
             switch op.kind {
             case .write: core.clientWrite(id: id, offset: offset, length: length, kind: .write, fua: op.fua, into: &a)
@@ -113,7 +135,10 @@ extension World {
 
     /// The client gets its answer: the model learns, and the answer is checked against both disks.
     func clientCompleted(_ i: Int, key: Int, clientID: UInt64, result: Int32) {
-        guard let index = pending.firstIndex(where: { $0.key == key }) else { return fail("n\(i) answered request #\(key), which is not in flight") }
+        guard let index = pending.firstIndex(where: { $0.key == key }) else {
+            if let op = orphans.removeValue(forKey: key) { return orphanCompleted(i, op, clientID: clientID, result: result) }
+            return fail("n\(i) answered request #\(key), which is not in flight")
+        }
         let op = pending.remove(at: index)
         let acked = nodes[i].peerAcked.removeValue(forKey: clientID)
         record(.complete(node: i, op: op, result: result))
@@ -124,18 +149,45 @@ extension World {
         let blocks = op.first..<op.first + op.count
         guard result == 0 else {
             // A failed write may have landed on some blocks, on either disk.
-            for b in blocks { exact[b] = false }
+            for b in blocks { uncertain(b, upTo: op.seq) }
             return
         }
         for b in blocks {
-            floor[b] = op.seq
-            exact[b] = !pending.contains { $0.isWrite && $0.first <= b && b < $0.first + $0.count }
+            // Overlapping writes reach both disks in the order they were issued (the core keeps
+            // it): a write answered after a newer one to the same block leaves the newer value.
+            floor[b] = max(floor[b], op.seq)
+            exact[b] = floor[b] >= unsettledSeq[b] && !pending.contains { $0.isWrite && $0.seq > floor[b] && $0.first <= b && b < $0.first + $0.count }
         }
         ackLog.append((op.first, op.count, op.seq))
         if op.fua { for b in blocks { stable[b] = max(stable[b], op.seq) } }
         let live = nodes[i].connection.flatMap { conns[$0].alive ? $0 : nil }
         if acked == nil || acked != live { nodes[i].wroteAlone = true }
+        checkQuorumAnswer(i, op)
         checkAcknowledged(i, op)
+    }
+
+    /// The old primary answers a request the client gave up on when it moved to the new one:
+    /// the model learns nothing (its blocks are uncertain), but an acknowledgment still counts.
+    func orphanCompleted(_ i: Int, _ op: ClientOp, clientID: UInt64, result: Int32) {
+        let acked = nodes[i].peerAcked.removeValue(forKey: clientID)
+        record(.complete(node: i, op: op, result: result))
+        guard op.isWrite, result == 0 else { return }
+        count("answer after the client moved")
+        let live = nodes[i].connection.flatMap { conns[$0].alive ? $0 : nil }
+        if acked == nil || acked != live { nodes[i].wroteAlone = true }
+        checkQuorumAnswer(i, op)
+    }
+
+    /// The client leaves node `i` (the witness promoted the other): its requests in flight may
+    /// still be answered there, or not.
+    func abandonClients(of i: Int) {
+        for op in pending {
+            orphans[op.key] = op
+            if op.isWrite { for b in op.first..<op.first + op.count { uncertain(b, upTo: op.seq) } }
+        }
+        if !pending.isEmpty { record(.note("client abandons \(pending.count) requests in flight on n\(i)")) }
+        pending.removeAll()
+        nodes[i].waitingForLog.removeAll()
     }
 
     /// An acknowledged FLUSH makes durable every write acknowledged before it was sent.
@@ -153,7 +205,7 @@ extension World {
     func dropClients(of i: Int) {
         guard i == primaryNode else { return }
         for op in pending where op.isWrite {
-            for b in op.first..<op.first + op.count { exact[b] = false }
+            for b in op.first..<op.first + op.count { uncertain(b, upTo: op.seq) }
         }
         if !pending.isEmpty { record(.note("client loses \(pending.count) requests in flight")) }
         pending.removeAll()

@@ -14,6 +14,8 @@ struct Sim: ParsableCommand {
               tandem sim --seeds 100000 --start 7000000
               tandem sim --seed 4242 --verbose       # replay one seed, printing every event
               tandem sim --seeds 1000 --failover     # also fail over (crash the primary, promote the peer)
+              tandem sim --seeds 1000 --switchover   # also demote the primary and promote the secondary under load
+              tandem sim --seeds 1000 --witness      # a witness: no two nodes may acknowledge writes apart
             """)
 
     @Option(help: "Run this one seed.")
@@ -28,17 +30,23 @@ struct Sim: ParsableCommand {
     @Flag(help: "Print every event of the run (with --seed).")
     var verbose = false
 
-    @Flag(help: "After a primary crash, promote the survivor (a secondary that failed a write is known to be promoted without it).")
+    @Flag(help: "After a primary crash, promote the survivor (the old primary returns as secondary).")
     var failover = false
 
     @Flag(help: "Let the client send writes overlapping writes still in flight.")
     var overlappingWrites = false
 
-    @Flag(help: "Let the primary's disk fail too (a detached primary disk restarted is known to come back as UpToDate).")
+    @Flag(help: "Let the primary's disk fail too (one disk at a time; a detached disk is resynced after a restart).")
     var primaryDiskErrors = false
 
     @Flag(help: "Crash a node while the other is down or has not noticed an earlier crash.")
     var doubleFaults = false
+
+    @Flag(help: "Switch over during load: the primary demotes (drained, both sides flushed), the secondary is promoted.")
+    var switchover = false
+
+    @Flag(help: "Add a witness: quorum, fencing, automatic failover; nodes are cut off, the witness restarts.")
+    var witness = false
 
     @Option(help: "Stop after this many failing seeds (0: never).")
     var maxFailures: Int = 10
@@ -52,7 +60,8 @@ struct Sim: ParsableCommand {
 
     func run() throws {
         SimCrashReporter.install()
-        let options = SimOptions(failover: failover, overlappingClientWrites: overlappingWrites, primaryDiskErrors: primaryDiskErrors, doubleFaults: doubleFaults, verbose: verbose)
+        let options = SimOptions(failover: failover, overlappingClientWrites: overlappingWrites, primaryDiskErrors: primaryDiskErrors, doubleFaults: doubleFaults,
+                                 switchover: switchover, witness: witness, verbose: verbose)
         if let seed {
             print("seed \(seed)")
             let report = Simulator.run(seed: seed, options: options)

@@ -125,8 +125,12 @@ import TandemCore
         // Split brain found through the bitmaps stays bitmap-based, through history it is full.
         #expect(both(u(0x200, 0x100), u(0x300, 0x100), ok, inconsistent) == .becomeSource)
         #expect(both(u(0x400, 0x200, 0x100), u(0x500, 0x300, 0x100), ok, inconsistent) == .fullSyncAsSource)
-        // Both Inconsistent: the UUIDs decide (the node refuses to be a source while Inconsistent).
+        // Both Inconsistent: no source at all, whatever the UUIDs say (found by the simulator, with
+        // both disks detached: a crashed primary's Inconsistent disk became the source).
         #expect(both(u(0x100), u(0x100), inconsistent, inconsistent) == .noSync)
+        #expect(both(u(0x100), u(0x100), [.resyncTarget, .crashedPrimary], inconsistent) == .noSync)
+        #expect(both(u(0x200, 0x100), u(0x100), inconsistent, []) == .noSync)
+        #expect(both(u(0x300, 0, 0x100), u(0x100), [], inconsistent) == .noSync)
     }
 
     /// Whatever the UUIDs and flags, the two sides reach mirror-image decisions, so they never

@@ -15,6 +15,8 @@ struct Pair {
     var completed: [UInt64: Int32] = [:]
     var flushed: [UInt64: Int32] = [:]
     var dropped: [LinkDownReason] = []
+    /// Offsets of the primary's writes that settled (their activity-log extents released).
+    var settled: [UInt64] = []
     static let size: UInt64 = 64 << 20
 
     init(transferLog: Int = 64) {
@@ -61,6 +63,7 @@ struct Pair {
             case .completeClient(let id, let result): completed[id] = result
             case .completeClientFlush(let id, let result): flushed[id] = result
             case .dropLink(let reason): dropped.append(reason)
+            case .writeSettled(let offset, _): settled.append(offset)
             case .stateChanged, .recordBarrier: break
             }
         }
@@ -74,6 +77,7 @@ struct Pair {
             case .sendWrite, .sendResync: Issue.record("secondary sent a write")
             case .completeClient, .completeClientFlush: Issue.record("secondary answered a client")
             case .dropLink(let reason): dropped.append(reason)
+            case .writeSettled: Issue.record("secondary settled a client write")
             case .stateChanged, .recordBarrier: break
             }
         }
@@ -214,6 +218,53 @@ struct Pair {
         #expect(pair.primary.status.transferLogEntries == 0)
     }
 
+    /// Found by the simulator (`--double-faults`, seed 133): extents were released at the answer,
+    /// so a primary crash right after the secondary lost its cache resynced neither.
+    @Test func aWriteSettlesOnlyOnceAPeerFlushCoversIt() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.write(2, at: 1 << 20)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        #expect(pair.completed[1] == 0 && pair.settled.isEmpty, "answered, but the peer may still lose it")
+        // A write waiting for room in the activity log: the node asks for a flush.
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.flushPeerToSettleWrites(into: &actions)
+        pair.applyPrimary(actions)
+        actions.removeAll()
+        pair.primary.flushPeerToSettleWrites(into: &actions)
+        #expect(actions.isEmpty, "one flush in flight covers them all")
+        pair.deliverToSecondary()
+        guard let own = pair.secondaryDisk.first(where: { if case .peerFlush = $0.tag { true } else { false } }) else {
+            Issue.record("no peer flush")
+            return
+        }
+        pair.completeSecondary(own.tag)
+        pair.deliverToPrimary()
+        #expect(pair.settled == [0], "write 1 settles with the flush ack")
+        pair.completePrimary(.client(2))
+        #expect(pair.settled == [0, 1 << 20], "write 2, covered before its local completion, settles when it completes")
+    }
+
+    @Test func aFailedPeerFlushLeavesWhatItCoveredOutOfSync() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        pair.flush(100)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerFlush(100), -5)
+        pair.deliverToPrimary()
+        pair.completePrimary(.clientFlush(100))
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096))
+        #expect(pair.settled == [0] && pair.primary.status.transferLogEntries == 0)
+    }
+
     @Test func linkLossMarksWhatThePeerMayLackAndFinishesLocally() {
         var pair = Pair()
         // Write 1: acked by the peer, not flushed. Write 2: never reached the peer.
@@ -251,14 +302,12 @@ struct Pair {
             pair.completePrimary(.client(id))
         }
         #expect(pair.primary.status.transferLogEntries == 4)
-        #expect(pair.toSecondary.contains { if case .send(.flush) = $0 { true } else { false } }, "the core flushed the peer itself")
+        #expect(pair.toSecondary.contains { if case .send(.flush) = $0 { true } else { false } }, "the core flushed the peer itself, half full")
         #expect(pair.primary.bitmap.isDirty(offset: 4096, length: 4096), "the evicted oldest entry is remembered in the bitmap")
         pair.deliverToSecondary()
-        guard let own = pair.secondaryDisk.first(where: { if case .peerFlush = $0.tag { true } else { false } }) else {
-            Issue.record("no peer flush")
-            return
-        }
-        pair.completeSecondary(own.tag)
+        let own = pair.secondaryDisk.filter { if case .peerFlush = $0.tag { true } else { false } }
+        #expect(!own.isEmpty)
+        for io in own { pair.completeSecondary(io.tag) }
         pair.deliverToPrimary()
         #expect(pair.primary.status.transferLogEntries == 0)
     }
@@ -272,6 +321,73 @@ struct Pair {
         pair.completePrimary(.client(1), -5)
         #expect(pair.completed[1] == 0, "the peer has the data: the client sees no error")
         #expect(pair.primary.disk == .failed)
+    }
+
+    /// Found by the simulator (`--primary-disk-errors`, seeds 30, 105, 109): a detached disk kept
+    /// `consistent` and came back UpToDate on stale data after a restart.
+    @Test func aDetachedPrimaryDiskIsPersistedAsAResyncTargetAndMarksWhatItMisses() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1), -5)
+        #expect(pair.primary.disk == .failed)
+        #expect(pair.primary.localFlags.contains(.resyncTarget) && !pair.primary.localFlags.contains(.consistent))
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096), "the failed write is not on the local disk")
+        pair.deliverToSecondary()
+        #expect(pair.secondary.peerDisk == .failed, "the peer is told")
+        // Writes go to the peer alone; the local disk misses them.
+        pair.write(2, at: 8192)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        #expect(pair.completed[2] == 0 && pair.primary.bitmap.isDirty(offset: 8192, length: 4096))
+        // A detached disk connects without a resync (it reads and writes through the peer).
+        pair.dropLink()
+        #expect(pair.primary.uuids.current == 0x1000, "a detached disk starts no generation")
+        pair.reconnect()
+        #expect(pair.primary.link == .connected && pair.primary.sync == .established && pair.primary.readsFromPeer)
+        // No verify resync from a detached disk.
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.resyncMarked(into: &actions)
+        #expect(actions.isEmpty)
+    }
+
+    /// Found by the simulator (`--primary-disk-errors`, seeds 105, 215, 884): a detached primary
+    /// answered a write the link lost before the peer confirmed it.
+    @Test func aDetachedPrimaryAnswersOnlyWhatThePeerConfirmed() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1), -5)
+        pair.write(2, at: 4096)
+        pair.flush(3)
+        pair.dropLink()
+        #expect(pair.completed[2] == -5 && pair.flushed[3] == -5, "on neither disk: EIO")
+        pair.write(4, at: 8192)
+        pair.flush(5)
+        #expect(pair.completed[4] == -5 && pair.flushed[5] == -5)
+    }
+
+    /// Found by the simulator (`--failover`, seeds 968, 1450, 2370, 2653): a secondary that
+    /// failed a replicated write stayed UpToDate and was promoted without it.
+    @Test func aSecondaryThatFailsAReplicatedWriteDetaches() {
+        var pair = Pair()
+        pair.write(1, at: 12288)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1), -5)
+        #expect(pair.secondary.disk == .failed && pair.secondary.localFlags.contains(.resyncTarget))
+        #expect(pair.secondary.bitmap.isDirty(offset: 12288, length: 4096))
+        pair.deliverToPrimary()
+        #expect(pair.primary.peerDisk == .failed && !pair.primary.replicating)
+        pair.completePrimary(.client(1))
+        #expect(pair.completed[1] == 0 && pair.primary.bitmap.isDirty(offset: 12288, length: 4096))
+        pair.dropLink()
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.secondary.promote(force: false, freshUUID: 0x9000, nowMillis: 1, into: &actions) == .noUsableData)
     }
 
     @Test func aPeerWriteErrorLeavesTheRangeOutOfSync() {
@@ -403,7 +519,12 @@ struct Pair {
             pair.primary.tick(nowNanos: now, into: &actions)
             pair.applyPrimary(actions)
             now += 10_000_000
-            for io in pair.primaryDisk { if case .resyncRead = io.tag { pair.completePrimary(io.tag) } }
+            for io in pair.primaryDisk {
+                switch io.tag {
+                case .resyncRead, .resyncFlush: pair.completePrimary(io.tag)
+                default: break
+                }
+            }
             pair.deliverToSecondary()
             for io in pair.secondaryDisk { if case .resyncWrite = io.tag { pair.completeSecondary(io.tag) } }
             pair.deliverToPrimary()
@@ -429,6 +550,46 @@ struct Pair {
         #expect(pair.secondary.disk == .upToDate && pair.primary.peerDisk == .upToDate)
         #expect(pair.secondary.uuids.current == pair.primary.uuids.current, "the target adopted the source's generation")
         #expect(pair.primary.uuids.bitmap == 0)
+    }
+
+    /// Found by the simulator (`--switchover --failover --double-faults --primary-disk-errors`,
+    /// seed 1009): a secondary source ended the resync with the copied blocks only in its
+    /// volatile cache, lost them in a power loss, and the replicas differed with no bit set.
+    @Test func theSourceFlushesBeforeItEndsAResync() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 0, 65536)
+        pair.completePrimary(.client(1))
+        pair.reconnect()
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
+        pair.primary.tick(nowNanos: 1_100_000_000, into: &actions)
+        pair.applyPrimary(actions)
+        for io in pair.primaryDisk { if case .resyncRead = io.tag { pair.completePrimary(io.tag) } }
+        pair.deliverToSecondary()
+        for io in pair.secondaryDisk { if case .resyncWrite = io.tag { pair.completeSecondary(io.tag) } }
+        pair.deliverToPrimary()
+        #expect(pair.primary.bitmap.setBitCount == 0 && pair.primaryDisk.map(\.tag) == [.resyncFlush])
+        #expect(pair.primary.sync == .syncSource, "not done before the flush")
+        pair.completePrimary(.resyncFlush)
+        #expect(pair.primary.sync == .established && pair.toSecondary.contains(.send(.resyncDone)))
+    }
+
+    /// Found by the simulator (`--switchover`, seed 2722): a client write during a verify's
+    /// handshake started a generation the target never adopted (it took the hello's at the end);
+    /// after a switchover, the next link loss looked like a split brain.
+    @Test func aWriteDuringAHandshakeStartsNoGeneration() {
+        var pair = Pair()
+        pair.primary.markOutOfSync(offset: 0, length: 4096)
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.resyncMarked(into: &actions)
+        pair.applyPrimary(actions)
+        #expect(pair.primary.link == .handshaking)
+        pair.primary.spareUUID = 0x4000  // as the node keeps one
+        pair.write(1, at: 8192)
+        pair.completePrimary(.client(1))
+        #expect(pair.completed[1] == 0 && pair.primary.uuids.current == 0x1000)
+        #expect(pair.primary.bitmap.isDirty(offset: 8192, length: 4096), "the resync copies it")
     }
 
     @Test func aClientWriteDuringAResyncReadMakesItsDataStale() {
@@ -471,6 +632,20 @@ struct Pair {
         #expect(started == [.peerWrite(1), .peerWrite(3)], "write 2 waits for the overlapping write 1")
         pair.completeSecondary(.peerWrite(1))
         #expect(pair.secondaryDisk.contains { $0.tag == .peerWrite(2) })
+    }
+
+    /// Found by the simulator (`--overlapping-writes`, seed 60): the primary submitted
+    /// overlapping client writes at once, its disk could finish them in the other order, and the
+    /// two copies ended with different data.
+    @Test func overlappingClientWritesReachThePrimaryDiskInArrivalOrder() {
+        var pair = Pair()
+        pair.write(1, at: 0, 8192)
+        pair.write(2, at: 4096, 4096)
+        pair.write(3, at: 65536, 4096)
+        #expect(pair.primaryDisk.map(\.tag) == [.client(1), .client(3)], "write 2 waits for the overlapping write 1")
+        #expect(pair.toSecondary.count == 3, "all three go to the peer at once, in order")
+        pair.completePrimary(.client(1))
+        #expect(pair.primaryDisk.map(\.tag) == [.client(3), .client(2)])
     }
 
     @Test func resyncKeepsToItsRate() {

@@ -42,6 +42,17 @@ import Testing
         #expect(back.contains { if case .submitLocal(let io) = $0 { io.tag == .peerWrite(7) } else { false } })
     }
 
+    /// Found by the simulator (`--switchover`, seed 2181): a primary demoted with blocks its
+    /// transfer log had marked out of sync; the promoted peer never got them and the secondary's
+    /// bits were never resynced.
+    @Test func aDemotionWithBlocksOutOfSyncResyncsThemFirst() {
+        var pair = Pair()
+        pair.primary.markOutOfSync(offset: 0, length: 4096)
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.primary.demote(into: &actions) == .outOfSync(4096))
+        #expect(pair.primary.role == .primary && pair.primary.link == .handshaking, "the resync of those blocks started")
+    }
+
     @Test func promotingAlonStartsANewGenerationAndTheReturningPeerResyncsFromIt() {
         var pair = Pair()
         // The primary crashes (it never sees the link go); the survivor (UpToDate) is promoted

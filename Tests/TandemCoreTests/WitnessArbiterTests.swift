@@ -46,6 +46,35 @@ import TandemCore
         #expect(a.requestPrimary(1, disk: .upToDate) == .granted)
     }
 
+    private func u(_ current: UInt64, _ bitmap: UInt64 = 0, _ history: [UInt64] = [0, 0, 0, 0]) -> PeerGenerationUUIDs {
+        PeerGenerationUUIDs(current: current, bitmap: bitmap, history: history)
+    }
+
+    /// Found by the simulator (`--witness`, seeds 347, 600): a restarted witness, which knows
+    /// nothing, recorded a second primary writing without its peer.
+    @Test func aRestartedWitnessFencesForOnePrimaryOnly() {
+        var a = WitnessArbiter(dataNodes: [(0, "alpha"), (1, "beta")])
+        // alpha, primary without its peer, asks first: beta is unknown, so it may be a primary
+        // the old witness let take over.
+        _ = a.connected(0, role: .primary, disk: .upToDate, uuids: u(0x100))
+        #expect(a.announced(0, role: .primary, disk: .upToDate, writesWithoutPeer: true, uuids: u(0x100)) != .granted)
+        // beta took over before the restart and wrote since alpha's generation: it holds the
+        // newer data and keeps the role; alpha must demote.
+        #expect(a.connected(1, role: .primary, disk: .upToDate, uuids: u(0x200, 0x100)) == nil)
+        #expect(a.announced(1, role: .primary, disk: .upToDate, writesWithoutPeer: true, uuids: u(0x200, 0x100)) == .granted)
+        #expect(a.nodes[0]?.deposed == true)
+        #expect(a.announced(0, role: .primary, disk: .upToDate, writesWithoutPeer: true, uuids: u(0x100)) != .granted)
+    }
+
+    @Test func aRefusedPrimaryThatWroteAloneStillOutdatesItsPeer() {
+        var a = WitnessArbiter(dataNodes: [(0, "alpha"), (1, "beta")])
+        _ = a.connected(0, role: .primary, disk: .upToDate, uuids: u(0x300, 0x100))
+        #expect(a.announced(0, role: .primary, disk: .upToDate, writesWithoutPeer: true, uuids: u(0x300, 0x100)) != .granted)
+        a.disconnected(0)
+        _ = a.connected(1, role: .secondary, disk: .upToDate, uuids: u(0x100))
+        #expect(a.requestPrimary(1, disk: .upToDate) != .granted, "alpha holds writes beta lacks")
+    }
+
     @Test func aWitnessThatNeverHeardFromThePeerRefusesAndStaleDisksAreRefused() {
         var a = WitnessArbiter(dataNodes: [(0, "alpha"), (1, "beta")])
         _ = a.connected(1, role: .secondary, disk: .upToDate)

@@ -1,8 +1,8 @@
 import Testing
 import TandemSim
 
-/// The simulator over many seeds, the seeds that found bugs (regressions), and the seeds of
-/// known, still open issues. Replay any of them: `tandem sim --seed N --verbose`.
+/// The simulator over many seeds, and the seeds that found bugs (regressions). Replay any of
+/// them: `tandem sim --seed N --verbose` (with the test's option).
 @Suite struct SimulatorTests {
     static let chunks = 8
     static let seedsPerChunk = 125
@@ -23,6 +23,43 @@ import TandemSim
         }
     }
 
+    /// The modes the default run leaves out, 100 seeds each, in parallel with the chunks above;
+    /// each covers what it adds.
+    enum Mode: String, CaseIterable, CustomStringConvertible {
+        case switchover, witness
+
+        var options: SimOptions {
+            switch self {
+            case .switchover: SimOptions(switchover: true, slot: SimulatorTests.chunks)
+            case .witness: SimOptions(witness: true, slot: SimulatorTests.chunks + 1)
+            }
+        }
+
+        var covers: [String] {
+            switch self {
+            case .switchover: ["switchover", "switchover done"]
+            case .witness: ["fault isolation", "fault witness restart", "witness fenced the peer", "witness promotion", "quorum lost"]
+            }
+        }
+
+        var description: String { rawValue }
+    }
+
+    @Test(arguments: Mode.allCases)
+    func hundredSeeds(mode: Mode) {
+        SimCrashReporter.install()
+        var counts: [String: Int] = [:]
+        for seed in UInt64(1)...100 {
+            let report = Simulator.run(seed: seed, options: mode.options)
+            Self.check(report)
+            if report.failure != nil { return }
+            for (k, v) in report.counts { counts[k, default: 0] += v }
+        }
+        for what in mode.covers {
+            #expect(counts[what, default: 0] > 0, "no \(what) in 100 seeds with \(mode): \(counts)")
+        }
+    }
+
     @Test func aSeedReplaysExactly() {
         let a = Simulator.run(seed: 77, options: SimOptions(traceEvents: 500))
         let b = Simulator.run(seed: 77, options: SimOptions(traceEvents: 500))
@@ -33,12 +70,12 @@ import TandemSim
     /// Over the 1000 seeds, every fault and the interesting transitions happen.
     @Test func seedsCoverTheFaults() {
         var counts: [String: Int] = [:]
-        for seed in UInt64(1)...200 {
+        for seed in UInt64(1)...120 {
             for (k, v) in Simulator.run(seed: seed).counts { counts[k, default: 0] += v }
         }
         for what in ["fault reset", "fault partition", "fault power loss", "fault process crash", "fault clean restart",
                      "fault disk errors", "fault corruption", "verify", "al eviction", "decision becomeSource", "connect"] {
-            #expect(counts[what, default: 0] > 0, "no \(what) in 200 seeds: \(counts)")
+            #expect(counts[what, default: 0] > 0, "no \(what) in 120 seeds: \(counts)")
         }
     }
 
@@ -94,31 +131,78 @@ import TandemSim
         Self.check(Simulator.run(seed: seed))
     }
 
-    // MARK: Known issues, open (the simulator finds them with these options)
-
-    /// Failover (the survivor promoted with `promote`) onto a secondary whose disk failed a
-    /// replicated write: the primary answered the write and marked it out of sync, but the
-    /// secondary stays UpToDate, so it can be promoted without it (DRBD detaches such a disk).
-    @Test func failoverOntoASecondaryThatFailedAWrite() {
-        withKnownIssue("a secondary that fails a replicated write is not detached or outdated") {
-            Self.check(Simulator.run(seed: SimRegressions.failoverLosesWrites, options: SimOptions(failover: true)))
-        }
-    }
-
-    /// A primary whose disk was detached comes back, after a restart, UpToDate on stale data.
-    @Test func aDetachedDiskRestartedIsStale() {
-        withKnownIssue("a detached disk is persisted as consistent") {
-            Self.check(Simulator.run(seed: SimRegressions.detachedDiskRestarted, options: SimOptions(primaryDiskErrors: true)))
-        }
+    /// Overlapping client writes in flight reached the primary's disk in any order and the
+    /// peer's in arrival order: the replicas ended different.
+    @Test(arguments: SimRegressions.overlappingWritesReordered)
+    func overlappingWritesLandInOneOrderOnBothDisks(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true)))
     }
 
     /// Both nodes crash before the primary noticed the secondary's crash: acknowledged writes
     /// lost from the secondary's cache were only in the primary's transfer log, and their
-    /// activity-log extents were already released.
-    @Test func doubleCrashBeforeTheLinkLossIsNoticed() {
-        withKnownIssue("activity-log extents are released before the peer's flush covers their writes") {
-            Self.check(Simulator.run(seed: SimRegressions.doubleCrash, options: SimOptions(doubleFaults: true)))
-        }
+    /// activity-log extents were already released (now they settle when a peer flush covers them).
+    @Test(arguments: SimRegressions.extentsReleasedBeforePeerFlush)
+    func doubleCrashBeforeTheLinkLossIsNoticed(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(doubleFaults: true)))
+    }
+
+    /// Failover (the survivor promoted with `promote`) onto a secondary whose disk failed a
+    /// replicated write: the primary answered the write and marked it out of sync, but the
+    /// secondary stayed UpToDate and was promoted without it (now it detaches, as DRBD does).
+    @Test(arguments: SimRegressions.failedSecondaryPromoted)
+    func aSecondaryThatFailedAWriteIsNotPromoted(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true)))
+    }
+
+    /// A primary whose disk was detached came back, after a restart, UpToDate on stale data (now
+    /// it is persisted as a resync target and restarts secondary until resynced).
+    @Test(arguments: SimRegressions.detachedDiskRestarted)
+    func aDetachedDiskRestartedIsResynced(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true)))
+    }
+
+    /// A client write during a verify's handshake started a generation the target never adopted;
+    /// after a switchover the next link loss looked like a split brain.
+    @Test(arguments: SimRegressions.generationDuringHandshake)
+    func aWriteDuringAHandshakeStartsNoGeneration(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(switchover: true)))
+    }
+
+    /// A primary demoted with blocks out of sync (an overflowed transfer log, or the link lost
+    /// before the demotion); the secondary's bits were never resynced and the promoted peer could
+    /// lack them.
+    @Test(arguments: SimRegressions.demotedWithBlocksOutOfSync)
+    func blocksOutOfSyncAreCopiedBeforeAndAfterADemotion(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(switchover: true)))
+    }
+
+    /// A secondary resync source ended the resync with the copied blocks only in its cache and
+    /// lost them in a power loss; the target kept them and no bitmap said so.
+    @Test(arguments: SimRegressions.resyncSourceNotDurable)
+    func theResyncSourceFlushesBeforeTheEnd(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, switchover: true)))
+    }
+
+    /// With a witness, a secondary restarted after a power loss came back UpToDate without the
+    /// acknowledged writes its cache lost, and the witness let it take over (now it attaches
+    /// Consistent until a connect finds it current, as DRBD does with fencing).
+    @Test(arguments: SimRegressions.restartedSecondaryTookOver)
+    func aRestartedSecondaryWaitsForThePrimary(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true)))
+    }
+
+    /// A restarted witness (which knows nothing) recorded a second primary writing without its
+    /// peer: two nodes fenced each other and both started generations.
+    @Test(arguments: SimRegressions.restartedWitnessTwoPrimaries)
+    func aRestartedWitnessLetsOnlyOnePrimaryWriteAlone(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true)))
+    }
+
+    /// A detached primary answered writes and flushes the link lost before the peer confirmed
+    /// them: they were on neither disk.
+    @Test(arguments: SimRegressions.detachedAnswerWithoutPeer)
+    func aDetachedPrimaryAnswersOnlyWhatThePeerHas(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true)))
     }
 }
 
@@ -132,9 +216,14 @@ enum SimRegressions {
     static let alEvictionWithoutDataSync: [UInt64] = [993]
     static let resyncIDsRepeated: [UInt64] = [2996]
     static let failoverDecisions: [UInt64] = [28, 524]
-
-    // Known issues (fail today): each with the option that enables its fault.
-    static let failoverLosesWrites: UInt64 = 410
-    static let detachedDiskRestarted: UInt64 = 21
-    static let doubleCrash: UInt64 = 133
+    static let overlappingWritesReordered: [UInt64] = [1, 60]
+    static let extentsReleasedBeforePeerFlush: [UInt64] = [133, 270, 917]
+    static let failedSecondaryPromoted: [UInt64] = [968, 1450, 2370, 2653]
+    static let detachedDiskRestarted: [UInt64] = [30, 105, 109]
+    static let detachedAnswerWithoutPeer: [UInt64] = [105, 215, 884]
+    static let generationDuringHandshake: [UInt64] = [2722]
+    static let demotedWithBlocksOutOfSync: [UInt64] = [778, 1124, 2181]
+    static let resyncSourceNotDurable: [UInt64] = [1009]
+    static let restartedSecondaryTookOver: [UInt64] = [6, 51, 87]
+    static let restartedWitnessTwoPrimaries: [UInt64] = [347, 600]
 }

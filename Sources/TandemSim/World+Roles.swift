@@ -1,0 +1,102 @@
+import TandemCore
+
+/// A planned switchover, as an operator runs it: `tandem secondary` on the primary
+/// (`ReplicatedNode.demote`: its clients drained, a flush of both sides, `ReplicaCore.demote`),
+/// then `tandem primary` on the secondary once it is connected, UpToDate and has seen the
+/// demotion. If the secondary does not get there (the link or a node failed meanwhile), the
+/// operator promotes the old primary again: it holds every write it answered.
+enum Switchover {
+    case draining(from: Int, life: Int)
+    case flushing(from: Int, life: Int)
+    case promoting(to: Int, tries: Int)
+}
+
+extension World {
+    static let switchoverPromoteTriesMax = 30
+
+    func startSwitchover() {
+        let p = primaryNode, s = other(p)
+        guard switchover == nil, nodes[p].up, nodes[s].up, nodes[p].core.role == .primary, nodes[p].core.replicating,
+              nodes[p].core.peerDisk == .upToDate
+        else { return }
+        record(.fault("switchover: n\(p) demotes, then n\(s) is promoted"))
+        count("switchover")
+        switchover = .draining(from: p, life: nodes[p].life)
+        queue.push(now + SimTime.ms, .switchoverStep)
+    }
+
+    func switchoverStep() {
+        guard let step = switchover else { return }
+        switch step {
+        case .draining(let p, let life):
+            guard nodes[p].up, nodes[p].life == life, nodes[p].core.role == .primary else { return abortSwitchover("n\(p) is gone") }
+            if pending.isEmpty {
+                // The node's clients are gone (writes waiting for the log with them); one flush
+                // of both sides, then the demotion.
+                let id = nodes[p].nextClientID
+                nodes[p].nextClientID += 1
+                nodes[p].demotionFlushID = id
+                switchover = .flushing(from: p, life: life)
+                record(.note("switchover: n\(p) drained, flushing both sides"))
+                call(p) { core, a in core.clientFlush(id: id, into: &a) }
+            }
+        case .flushing(let p, let life):
+            guard nodes[p].up, nodes[p].life == life else { return abortSwitchover("n\(p) is gone") }
+        case .promoting(let s, let tries):
+            let core = nodes[s].core
+            if nodes[s].up, let core, core.role == .secondary, core.link == .connected, core.sync == .established, core.disk == .upToDate,
+               core.peerRole == .secondary {
+                var refusal: RoleChangeRefusal?
+                let fresh = freshUUID()
+                nodes[s].superblockFlags.insert(.wasPrimary)
+                call(s) { core, a in refusal = core.promote(force: false, freshUUID: fresh, nowMillis: now / SimTime.ms, into: &a) }
+                if let refusal {
+                    nodes[s].superblockFlags.remove(.wasPrimary)
+                    record(.note("switchover: promote n\(s) refused: \(refusal)"))
+                } else {
+                    persistMetadata(s)
+                    record(.fault("switchover: n\(s) promoted"))
+                    count("switchover done")
+                    switchover = nil
+                    return
+                }
+            }
+            guard tries < Self.switchoverPromoteTriesMax else { return abortSwitchover("n\(s) did not become connected and UpToDate") }
+            switchover = .promoting(to: s, tries: tries + 1)
+        }
+        queue.push(now + 20 * SimTime.ms, .switchoverStep)
+    }
+
+    /// The demotion's flush is done (whatever its result: the node demotes anyway).
+    func demoteAfterFlush(_ p: Int, result: Int32) {
+        guard case .flushing(p, _) = switchover else { return fail("n\(p) finished a demotion flush no switchover waits for") }
+        var refusal: RoleChangeRefusal?
+        call(p) { core, a in refusal = core.demote(into: &a) }
+        if let refusal { return abortSwitchover("demotion refused: \(refusal)") }
+        // As the node: a clean demotion clears wasPrimary (its bitmap is on disk).
+        nodes[p].superblockFlags.remove(.wasPrimary)
+        persistMetadata(p)
+        record(.fault("switchover: n\(p) demoted (flush \(result))"))
+        primaryNode = other(p)
+        switchover = .promoting(to: other(p), tries: 0)
+    }
+
+    func abortSwitchover(_ why: String) {
+        guard let step = switchover else { return }
+        switchover = nil
+        record(.note("switchover abandoned: \(why)"))
+        count("switchover abandoned")
+        if case .promoting(let s, _) = step {
+            // The old primary took every answered write with it into the demotion: promote it again.
+            let p = other(s)
+            primaryNode = p
+            if nodes[p].up { queue.push(now + 10 * SimTime.ms, .promote(node: p, life: nodes[p].life, tries: 0)) }
+        }
+    }
+
+    /// A crash or stop ends a switchover that waits for the promotion (the model of who serves
+    /// must not change under the fault).
+    func abortSwitchoverBeforeAFault() {
+        if case .promoting = switchover { abortSwitchover("a node fails") }
+    }
+}
