@@ -233,11 +233,11 @@ public struct ReplicaCore {
         precondition(writes[id] == nil, "duplicate client write id \(id)")
         var write = ClientWrite(offset: offset, length: length)
         let payload: BufferRef? = kind == .write ? .client(id) : nil
-        if !replicating, link != .handshaking, !configuration.fencing, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID {
+        if !replicating, !configuration.fencing, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID {
             // New data from here on belongs to a generation the peer does not have; the node
-            // persists it (on this state change) before it submits the write. Not during a
-            // handshake: the peer is there, and the resync that follows copies these blocks (a
-            // new generation now would leave the peer adopting the old one at its end).
+            // persists it (on this state change) before it submits the write. Also during a
+            // handshake: the resync that follows copies these blocks, and the target adopts the
+            // generation the source announces at its end.
             spareUUID = nil
             uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
             actions.append(.stateChanged(status))
@@ -500,6 +500,7 @@ public struct ReplicaCore {
             let changed = peerDisk != change.diskState || peerRole != change.role
             peerDisk = change.diskState
             peerRole = change.role
+            if sync == .syncTarget { peerCurrentUUID = change.uuids.current }
             if change.diskState == .failed || change.diskState == .diskless {
                 // The peer detached its disk: what it acknowledged but never flushed may be lost
                 // with it, and nothing written from now on reaches it.
@@ -687,12 +688,6 @@ public struct ReplicaCore {
         switch result.decision {
         case .noSync:
             link = .connected
-            // Outdated only meant "the peer may have written since", Consistent "attached
-            // without the peer": it did not, and the peer holds this generation too.
-            let localState = disk, peerState = hello.diskState
-            disk = Self.caughtUp(localState, peer: peerState)
-            peerDisk = Self.caughtUp(peerState, peer: localState)
-            if disk == .upToDate { localFlags.remove(.outdated) }
             // The generations match, but blocks may be marked out of sync on either side with no
             // generation to say so: writes of a primary that started disconnected, or the
             // transfer log of a primary that lost its link and then demoted without writing.
@@ -702,7 +697,16 @@ public struct ReplicaCore {
             let mine = bitmap.setBitCount > 0, theirs = hello.outOfSyncBits > 0
             let source = role == .primary ? mine || theirs
                 : hello.role != .primary && mine && (!theirs || configuration.nodeID < hello.nodeID)
-            if source && disk == .upToDate {
+            if !mine && !theirs {
+                // Outdated only meant "the peer may have written since", Consistent "attached
+                // without the peer": it did not, and the peer holds this generation too. (With
+                // marks, not before the resync of them ends: the target may lack those blocks.)
+                let localState = disk, peerState = hello.diskState
+                disk = Self.caughtUp(localState, peer: peerState)
+                peerDisk = Self.caughtUp(peerState, peer: localState)
+                if disk == .upToDate { localFlags.remove(.outdated) }
+            }
+            if source && (disk == .upToDate || disk == .consistent || disk == .outdated) {
                 link = .handshaking
                 pendingSync = .syncSource
                 sendBitmap(into: &actions)
@@ -820,7 +824,7 @@ public struct ReplicaCore {
     /// The witness fenced the peer: writes answered from now on (and those held) belong to a
     /// generation the peer does not have.
     public mutating func startGenerationWithoutPeer(into actions: inout [Action]) {
-        guard role == .primary, !replicating, link != .handshaking, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID else { return }
+        guard role == .primary, !replicating, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID else { return }
         spareUUID = nil
         uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
         actions.append(.stateChanged(status))
@@ -1138,8 +1142,16 @@ public struct ReplicaCore {
     private mutating func finishResyncAsSource(into actions: inout [Action]) {
         uuids = uuids.afterResyncAsSource()
         localFlags.remove(.crashedPrimary)
+        if disk == .consistent || disk == .outdated {
+            // The marks of a noSync connect are copied: the two copies are the same now.
+            disk = .upToDate
+            localFlags.remove(.outdated)
+        }
         sync = .established
         peerDisk = .upToDate
+        // The generation the target adopts: this side's now (a write during the handshake may
+        // have started one since the hello).
+        actions.append(.send(.stateChange(PeerStateChange(role: role, diskState: disk, uuids: Self.wire(uuids)))))
         actions.append(.send(.resyncDone))
         actions.append(.stateChanged(status))
     }

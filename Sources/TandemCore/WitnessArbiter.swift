@@ -121,6 +121,13 @@ public struct WitnessArbiter: Sendable {
                 nodes[id]!.writesWithoutPeer = aheadOfPeer
                 return .refused("the witness has not heard from \(them) since it started: \(them) may be primary elsewhere")
             }
+            if Self.descends(nodes[o]!.uuids, from: nodes[id]!.uuids) {
+                // The other node wrote since this one's generation (it took over, then demoted or
+                // restarted): this primary's data is older; it must not write on alone.
+                nodes[id]!.known = true
+                nodes[id]!.deposed = true
+                return .refused("\(them) holds writes \(me) lacks (its generation descends from \(me)'s): \(me) must demote")
+            }
             if nodes[o]!.role == .primary {
                 if loses(id, uuids: nodes[id]!.uuids) {
                     nodes[id]!.known = true
@@ -143,11 +150,12 @@ public struct WitnessArbiter: Sendable {
         return .granted
     }
 
-    /// A data node asks to become primary.
-    public mutating func requestPrimary(_ id: UInt8, disk: PeerDiskState) -> Verdict {
+    /// A data node asks to become primary (with its generation UUIDs).
+    public mutating func requestPrimary(_ id: UInt8, disk: PeerDiskState, uuids: PeerGenerationUUIDs? = nil) -> Verdict {
         precondition(isDataNode(id))
         let o = other(id)
         let me = names[id]!, them = names[o]!
+        if let uuids { nodes[id]!.uuids = uuids }
         let view = nodes[o]!
         guard disk == .upToDate else { return .refused("\(me)'s disk is \(disk), not upToDate") }
         if nodes[id]!.deposed { return .refused("\(me) was deposed and has not demoted yet") }
@@ -155,6 +163,11 @@ public struct WitnessArbiter: Sendable {
         if !view.known { return .refused("the witness has not heard from \(them) since it started: it cannot tell whether \(me) has the newest data") }
         if view.role == .primary && view.writesWithoutPeer {
             return .refused("\(them) wrote without \(me) before it was lost: \(me)'s data is outdated")
+        }
+        if Self.descends(view.uuids, from: nodes[id]!.uuids) {
+            // The other node wrote since this one's generation (and then demoted, or restarted):
+            // this one's data is older, whatever roles the witness recorded.
+            return .refused("\(them) holds writes \(me) lacks (its generation descends from \(me)'s): \(me)'s data is outdated")
         }
         nodes[id]!.role = .primary
         nodes[id]!.disk = disk

@@ -123,7 +123,7 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             guard let node = link.node else { return connection.close(reason: "protocol error: stateChange before hello") }
             if change.role == .primary && arbiter.nodes[node]?.role != .primary && change.id != 0 && change.flags & PeerFlags.State.peerOutdated == 0 {
                 // A promotion request.
-                let verdict = arbiter.requestPrimary(node, disk: change.diskState)
+                let verdict = arbiter.requestPrimary(node, disk: change.diskState, uuids: change.uuids)
                 switch verdict {
                 case .granted:
                     logger.notice("witness: \(name(node)) may become primary")

@@ -43,6 +43,11 @@ extension World {
         case .flushing(let p, let life):
             guard nodes[p].up, nodes[p].life == life else { return abortSwitchover("n\(p) is gone") }
         case .promoting(let s, let tries):
+            if nodes[s].up, nodes[s].core.role == .primary {
+                // Promoted meanwhile another way (the witness's automatic failover).
+                switchover = nil
+                return
+            }
             let core = nodes[s].core
             if nodes[s].up, let core, core.role == .secondary, core.link == .connected, core.sync == .established, core.disk == .upToDate,
                core.peerRole == .secondary {
@@ -86,7 +91,7 @@ extension World {
         switchover = nil
         record(.note("switchover abandoned: \(why)"))
         count("switchover abandoned")
-        if case .promoting(let s, _) = step {
+        if case .promoting(let s, _) = step, !(nodes[s].up && nodes[s].core.role == .primary) {
             // The old primary took every answered write with it into the demotion: promote it again.
             let p = other(s)
             primaryNode = p

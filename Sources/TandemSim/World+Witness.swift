@@ -131,7 +131,7 @@ extension World {
         case .stateChange(let change):
             let node = UInt8(i)
             if change.role == .primary && witness.arbiter.nodes[node]?.role != .primary && change.id != 0 && change.flags & PeerFlags.State.peerOutdated == 0 {
-                let verdict = witness.arbiter.requestPrimary(node, disk: change.diskState)
+                let verdict = witness.arbiter.requestPrimary(node, disk: change.diskState, uuids: change.uuids)
                 if case .refused(let why) = verdict { record(.note("witness refuses n\(i) as primary: \(why)")) } else { record(.note("witness: n\(i) may become primary")) }
                 witnessReply(w, to: change, refused: verdict != .granted)
             } else {

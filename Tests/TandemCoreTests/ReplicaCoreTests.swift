@@ -578,7 +578,7 @@ struct Pair {
     /// Found by the simulator (`--switchover`, seed 2722): a client write during a verify's
     /// handshake started a generation the target never adopted (it took the hello's at the end);
     /// after a switchover, the next link loss looked like a split brain.
-    @Test func aWriteDuringAHandshakeStartsNoGeneration() {
+    @Test func aGenerationStartedDuringAHandshakeIsAdoptedAtTheEnd() {
         var pair = Pair()
         pair.primary.markOutOfSync(offset: 0, length: 4096)
         var actions: [ReplicaCore.Action] = []
@@ -588,8 +588,15 @@ struct Pair {
         pair.primary.spareUUID = 0x4000  // as the node keeps one
         pair.write(1, at: 8192)
         pair.completePrimary(.client(1))
-        #expect(pair.completed[1] == 0 && pair.primary.uuids.current == 0x1000)
+        #expect(pair.completed[1] == 0 && pair.primary.uuids.current == 0x4000, "answered without the peer: a new generation")
         #expect(pair.primary.bitmap.isDirty(offset: 8192, length: 4096), "the resync copies it")
+        for _ in 0..<4 {
+            pair.deliverToSecondary()
+            pair.deliverToPrimary()
+        }
+        Self.driveResync(&pair)
+        #expect(pair.primary.sync == .established && pair.secondary.sync == .established)
+        #expect(pair.secondary.uuids.current == 0x4000 && pair.primary.uuids.current == 0x4000)
     }
 
     @Test func aClientWriteDuringAResyncReadMakesItsDataStale() {

@@ -75,6 +75,26 @@ import TandemCore
         #expect(a.requestPrimary(1, disk: .upToDate) != .granted, "alpha holds writes beta lacks")
     }
 
+    /// Found by the simulator (`--witness --switchover`, seed 61): a primary wrote without its
+    /// peer, then demoted while cut off; seeing it secondary, the witness promoted the peer.
+    @Test func aPeerWhoseGenerationIsNewerBlocksThePromotion() {
+        var a = arbiter()
+        a.announced(0, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x300, 0x100))
+        a.disconnected(0)
+        #expect(a.requestPrimary(1, disk: .upToDate, uuids: u(0x100)) != .granted, "alpha wrote since beta's generation")
+        #expect(a.requestPrimary(1, disk: .upToDate, uuids: u(0x300)) == .granted)
+    }
+
+    /// Found by the simulator (`--witness --failover --double-faults --overlapping-writes`, seed
+    /// 632): the peer took over and wrote, restarted as secondary; the old primary, older, was
+    /// let fence it.
+    @Test func anOlderPrimaryMayNotFenceANewerPeer() {
+        var a = arbiter()
+        a.announced(1, role: .secondary, disk: .consistent, writesWithoutPeer: false, uuids: u(0x200, 0x100))
+        #expect(a.announced(0, role: .primary, disk: .upToDate, writesWithoutPeer: true, uuids: u(0x100)) != .granted)
+        #expect(a.nodes[0]?.deposed == true)
+    }
+
     @Test func aWitnessThatNeverHeardFromThePeerRefusesAndStaleDisksAreRefused() {
         var a = WitnessArbiter(dataNodes: [(0, "alpha"), (1, "beta")])
         _ = a.connected(1, role: .secondary, disk: .upToDate)

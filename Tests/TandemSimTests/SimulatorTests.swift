@@ -191,11 +191,32 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true)))
     }
 
+    /// The witness let a primary whose data was older than its peer's (the peer took over,
+    /// wrote, then restarted as secondary) fence the peer and write on alone.
+    @Test(arguments: SimRegressions.olderPrimaryFenced)
+    func anOlderPrimaryIsNotFenced(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
+
+    /// A Consistent secondary was declared UpToDate at a connect that had blocks to copy from the
+    /// primary, which died before the copy: the witness let it take over without them.
+    @Test(arguments: SimRegressions.upToDateBeforeMarksCopied)
+    func aConnectWithMarksWaitsForTheirResync(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true)))
+    }
+
     /// A restarted witness (which knows nothing) recorded a second primary writing without its
     /// peer: two nodes fenced each other and both started generations.
     @Test(arguments: SimRegressions.restartedWitnessTwoPrimaries)
     func aRestartedWitnessLetsOnlyOnePrimaryWriteAlone(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true)))
+    }
+
+    /// A primary wrote without its peer, then demoted while cut off; seeing it secondary, the
+    /// witness promoted the peer that lacked those writes.
+    @Test(arguments: SimRegressions.demotedAheadOfPeer)
+    func aNewerGenerationBlocksThePromotion(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(switchover: true, witness: true)))
     }
 
     /// A detached primary answered writes and flushes the link lost before the peer confirmed
@@ -226,4 +247,7 @@ enum SimRegressions {
     static let resyncSourceNotDurable: [UInt64] = [1009]
     static let restartedSecondaryTookOver: [UInt64] = [6, 51, 87]
     static let restartedWitnessTwoPrimaries: [UInt64] = [347, 600]
+    static let demotedAheadOfPeer: [UInt64] = [61]
+    static let upToDateBeforeMarksCopied: [UInt64] = [2261]
+    static let olderPrimaryFenced: [UInt64] = [632, 1451, 2461, 2778]
 }
