@@ -26,6 +26,7 @@ public struct FixedQueue<Element> {
     }
 
     @inlinable public var first: Element? { stored == 0 ? nil : storage[head] }
+    @inlinable public var last: Element? { stored == 0 ? nil : storage[(head + stored - 1) % storage.count] }
 
     /// The element `i` places after the head.
     @inlinable
@@ -40,6 +41,17 @@ public struct FixedQueue<Element> {
         let element = storage[head]
         storage[head] = nil
         head = (head + 1) % storage.count
+        stored -= 1
+        return element
+    }
+
+    /// Takes the newest element off (so it can be extended in place and pushed back).
+    @inlinable
+    public mutating func popLast() -> Element? {
+        guard stored > 0 else { return nil }
+        let at = (head + stored - 1) % storage.count
+        let element = storage[at]
+        storage[at] = nil
         stored -= 1
         return element
     }

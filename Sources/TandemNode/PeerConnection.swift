@@ -136,7 +136,7 @@ final class PeerConnection: IOHandler {
     func send(_ message: PeerMessage, lazy: Bool = false) {
         guard !closing else { return }
         let bytes = message.frameBytes
-        guard bytes <= Self.headerSlotBytes, let slot = freeHeaderSlots.popLast() else { return sendEncoded(message.encoded()) }
+        guard bytes <= Self.headerSlotBytes, let slot = freeHeaderSlots.popLast() else { return sendControl(message) }
         message.encode(into: UnsafeMutableRawBufferPointer(start: headerSlots + slot * Self.headerSlotBytes, count: Self.headerSlotBytes))
         queue.push(.block(header: slot, headerLength: bytes, payload: nil, length: 0, token: nil))
         if lazy && queue.count < Self.lazyQueuedMax { return }
@@ -151,12 +151,31 @@ final class PeerConnection: IOHandler {
     /// Past this many queued items a lazy message sends at once.
     static let lazyQueuedMax = 64
 
-    /// Queues bytes that are already one or more encoded frames.
+    /// Queues bytes that are already one or more encoded frames (tests inject raw frames here).
     func sendEncoded(_ bytes: [UInt8]) {
         guard !closing else { return }
         queue.push(.control(bytes))
         loop.callAtBatchEnd(id)
     }
+
+    /// Queues a large control message. Messages queued back to back share one item up to
+    /// `controlItemBytesMax`, so a burst of any length (a bitmap is thousands of chunks; a 1 TiB
+    /// one is 32 MiB) fits the bounded queue: once the queue overflowed with one item per chunk.
+    private func sendControl(_ message: PeerMessage) {
+        guard !closing else { return }
+        var bytes: [UInt8] = []
+        if case .control(let last)? = queue.last, last.count + message.frameBytes <= Self.controlItemBytesMax {
+            // A control item goes to TLS whole, never half, so the newest one may still grow.
+            // Taken off the queue first, so the array is uniquely referenced and grows in place.
+            guard case .control(let taken)? = queue.popLast() else { preconditionFailure() }
+            bytes = taken
+        }
+        message.encode(appendingTo: &bytes)
+        queue.push(.control(bytes))
+        loop.callAtBatchEnd(id)
+    }
+
+    static let controlItemBytesMax = 1 << 20
 
     /// Queues a block frame whose payload stays in the owner's buffer until
     /// `releasedPayload(token)`.

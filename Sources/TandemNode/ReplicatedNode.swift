@@ -1175,17 +1175,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                         lazyAckQueued = true
                         loop.callAtBatchEnd(id)
                     }
-                } else if case .bitmapChunk = message {
-                    // A bitmap can be thousands of chunks: they go as a few large items, so
-                    // the link's bounded queue holds them (a full 1 TiB bitmap is 32 MiB).
-                    message.encode(appendingTo: &bitmapBatch)
-                    if bitmapBatch.count >= Self.bitmapBatchBytes { sendBitmapBatch() }
                 } else {
-                    sendBitmapBatch()
                     link?.send(message)
                 }
             case .sendWrite(let write, let kind, let buffer):
-                sendBitmapBatch()
                 let type: PeerMessageType
                 switch kind {
                 case .write: type = .data
@@ -1195,7 +1188,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 link?.sendBlock(type: type, flags: write.flags, sequence: write.id, block: PeerBlock(offset: write.offset, epoch: write.epoch, length: write.length),
                                 payload: buffer.map { UnsafeRawPointer(pointer(for: $0)) }, token: write.id)
             case .sendResync(let data, let buffer):
-                sendBitmapBatch()
                 guard case .resync(let slot) = buffer, let read = resyncBuffers[-slot - 1] else { preconditionFailure("resync data from \(buffer)") }
                 guard let link else {
                     resyncBuffers[-slot - 1] = nil
@@ -1269,18 +1261,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 if witness != nil { announceToWitness() }
             }
         }
-        sendBitmapBatch()
         actions.removeAll(keepingCapacity: true)
-    }
-
-    /// Bitmap chunks encoded and not yet queued on the link (in order before anything else).
-    private var bitmapBatch: [UInt8] = []
-    private static let bitmapBatchBytes = 1 << 20
-
-    private func sendBitmapBatch() {
-        guard !bitmapBatch.isEmpty else { return }
-        link?.sendEncoded(bitmapBatch)
-        bitmapBatch = []
     }
 
     /// Runs the handlers and sends the events for what changed since the last state reported.

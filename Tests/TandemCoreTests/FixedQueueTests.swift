@@ -27,6 +27,15 @@ import TandemCore
         #expect(q.first == "b")
     }
 
+    @Test func theNewestComesOffTheBackAcrossWrapAround() {
+        var q = FixedQueue<Int>(capacity: 3)
+        q.push(1); q.push(2); q.pop(); q.push(3); q.push(4)  // storage wraps: [4, 2→gone, 3]
+        #expect(q.last == 4 && q.first == 2)
+        #expect(q.popLast() == 4 && q.last == 3 && q.count == 2)
+        q.push(5)
+        #expect(q.pop() == 2 && q.pop() == 3 && q.popLast() == 5 && q.popLast() == nil && q.last == nil)
+    }
+
     @Test func limitsRelationsHold() {
         Limits.checkRelations()
         #expect(Limits.diskQueueDepthMax >= Limits.nbdRequestsInFlightMax * Limits.nbdConnectionsMax)
