@@ -17,6 +17,9 @@ public final class TLSContext: @unchecked Sendable {
     }
 
     deinit { ctandem_tls_ctx_free(context) }
+
+    /// Replaces the TLS 1.3 suites ("TLS_AES_256_GCM_SHA384:..."); false when none is known.
+    public func setCipherSuites(_ suites: String) -> Bool { ctandem_tls_ctx_set_suites(context, suites) == 0 }
 }
 
 public struct TLSError: Error, CustomStringConvertible, Sendable {
@@ -33,11 +36,23 @@ public final class TLSSession {
     private let session: OpaquePointer
     private let context: TLSContext
 
-    public init(context: TLSContext, expectedPeerName: String? = nil) {
+    /// - Parameter recordOffload: once the handshake is done, seal and open TLS 1.3 records here
+    ///   instead of in OpenSSL, straight between the caller's buffers (`ctandem_tls_set_record_offload`).
+    public init(context: TLSContext, expectedPeerName: String? = nil, recordOffload: Bool = false) {
         self.context = context
         guard let s = ctandem_tls_new(context.context, expectedPeerName) else { fatalError("out of memory creating a TLS session") }
         session = s
+        if recordOffload { ctandem_tls_set_record_offload(s, 1) }
     }
+
+    /// The record layer runs here, not in OpenSSL (after a handshake that allowed it).
+    public var recordsOffloaded: Bool { ctandem_tls_record_offloaded(session) != 0 }
+
+    /// Sends a KeyUpdate now (`requestPeer`: and asks the peer to update its own key).
+    public func keyUpdate(requestPeer: Bool) -> Bool { ctandem_tls_key_update(session, requestPeer ? 1 : 0) == 0 }
+
+    /// Send a KeyUpdate after this many records under one key.
+    public func setKeyUpdateRecords(_ records: UInt64) { ctandem_tls_set_key_update_records(session, records) }
 
     deinit { ctandem_tls_free(session) }
 
@@ -103,4 +118,5 @@ public final class TLSSession {
     public var lastError: String { String(cString: ctandem_tls_error(session)) }
     public var peerName: String { String(cString: ctandem_tls_peer_name(session)) }
     public var version: String { String(cString: ctandem_tls_version(session)) }
+    public var cipher: String { String(cString: ctandem_tls_cipher(session)) }
 }

@@ -95,7 +95,7 @@ final class PeerConnection: IOHandler {
         self.fd = fd
         self.peerName = expectedPeerName
         self.delegate = delegate
-        tls = TLSSession(context: context, expectedPeerName: expectedPeerName)
+        tls = TLSSession(context: context, expectedPeerName: expectedPeerName, recordOffload: true)
         cipherIn = allocateAligned(cipherBytes)
         cipherOut = allocateAligned(cipherBytes)
         recordStage = allocateAligned(Limits.tlsRecordPlaintextMax)
@@ -120,6 +120,8 @@ final class PeerConnection: IOHandler {
 
     /// The name in the peer's verified certificate (a witness accepts either data node).
     var certificateName: String { tls.peerName }
+    /// "TLS_AES_128_GCM_SHA256, records sealed in Tandem" (for the log).
+    var tlsDescription: String { "\(tls.version) \(tls.cipher)\(tls.recordsOffloaded ? ", records sealed and opened in Tandem" : "")" }
 
     /// Starts the TLS handshake (the client side speaks first; both sides just pump).
     func start() {

@@ -913,7 +913,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     func peerConnectionUp(_ connection: PeerConnection) {
         lastHeardNanos = monotonicNanos()
         pingSentNanos = 0
-        logger.info("replication: TLS link to \(peer.name) up")
+        logger.info("replication: TLS link to \(peer.name) up (\(connection.tlsDescription))")
         var flags: UInt16 = 0
         if core.localFlags.contains(.newZeroed) { flags |= PeerFlags.Hello.newZeroed }
         if core.localFlags.contains(.crashedPrimary) { flags |= PeerFlags.Hello.crashedPrimary }

@@ -23,7 +23,7 @@ struct Tandem: ParsableCommand {
             """,
         subcommands: [Serve.self, Certs.self, Config.self, Init.self, Up.self, Status.self, Check.self, WaitSync.self, Events.self, Verify.self,
                       Primary.self, Secondary.self, Connect.self, Disconnect.self, Barrier.self, Diff.self, Apply.self, Rollback.self,
-                      DumpMetadata.self, Bench.self, Sim.self])
+                      DumpMetadata.self, Bench.self, Sim.self, LinkProbe.self])
 
     /// Every failure, from argument parsing or from running, ends as one `error: ...` line on
     /// stderr and a non-zero exit; `--help` prints help and exits 0.

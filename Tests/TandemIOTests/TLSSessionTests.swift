@@ -137,3 +137,181 @@ func handshake(_ client: TLSSession, _ server: TLSSession) -> (TLSSession.Status
         #expect(s == .failed)
     }
 }
+
+/// The record layer run in Tandem (`recordOffload`) against itself and against OpenSSL's: the
+/// records on the wire are TLS 1.3 records either way.
+@Suite(.serialized) struct TLSRecordOffloadTests {
+    /// A connected pair; `offload` chooses which sides run the record layer themselves.
+    static func pair(_ pki: PKI, clientOffload: Bool, serverOffload: Bool) throws -> (TLSSession, TLSSession) {
+        try pki.makeCA("good")
+        try pki.makeCert("alpha", ca: "good")
+        try pki.makeCert("beta", ca: "good")
+        let client = TLSSession(context: try pki.context(server: false, cert: "alpha", ca: "good"), expectedPeerName: "beta", recordOffload: clientOffload)
+        let server = TLSSession(context: try pki.context(server: true, cert: "beta", ca: "good"), expectedPeerName: "alpha", recordOffload: serverOffload)
+        let (c, s) = handshake(client, server)
+        #expect(c == .ok && s == .ok)
+        #expect(client.recordsOffloaded == clientOffload && server.recordsOffloaded == serverOffload)
+        #expect(client.cipher == "TLS_AES_128_GCM_SHA256" && server.cipher == "TLS_AES_128_GCM_SHA256")
+        return (client, server)
+    }
+
+    static func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
+        var x = seed | 1
+        return (0..<count).map { _ in
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            return UInt8(truncatingIfNeeded: x)
+        }
+    }
+
+    /// Moves everything `from` has sealed to `to`, in pieces of `chunk` bytes fed in place (the
+    /// receive buffer reused after each), reading plaintext `readSize` bytes at a time.
+    static func carry(from: TLSSession, to: TLSSession, chunk: Int, readSize: Int) -> (bytes: [UInt8], status: TLSSession.Status) {
+        var cipher: [UInt8] = []
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 1 << 16, alignment: 8)
+        defer { buffer.deallocate() }
+        while true {
+            let n = from.takeOutput(into: buffer, count: 1 << 16)
+            if n == 0 { break }
+            cipher += UnsafeRawBufferPointer(start: buffer, count: n)
+        }
+        let landing = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 8)
+        let plain = UnsafeMutableRawPointer.allocate(byteCount: readSize, alignment: 8)
+        defer { landing.deallocate(); plain.deallocate() }
+        var out: [UInt8] = []
+        var status = TLSSession.Status.wantMore
+        var at = 0
+        while at < cipher.count {
+            let n = min(chunk, cipher.count - at)
+            cipher.withUnsafeBytes { landing.copyMemory(from: $0.baseAddress! + at, byteCount: n) }
+            at += n
+            guard to.feedInPlace(landing, n) else { return (out, .failed) }
+            while true {
+                let (got, s) = to.read(into: plain, count: readSize)
+                if got > 0 { out += UnsafeRawBufferPointer(start: plain, count: got); continue }
+                status = s
+                break
+            }
+            if status == .failed || status == .closed { return (out, status) }
+            guard to.releaseInput() else { return (out, .failed) }
+            landing.initializeMemory(as: UInt8.self, repeating: 0xEE, count: chunk) // reused
+        }
+        return (out, status)
+    }
+
+    static func send(_ bytes: [UInt8], _ session: TLSSession, pieces: Int = 1) -> Bool {
+        bytes.withUnsafeBytes { raw in
+            var at = 0
+            let step = max(1, bytes.count / pieces)
+            while at < bytes.count {
+                let n = min(step, bytes.count - at)
+                guard session.write(raw.baseAddress! + at, count: n) else { return false }
+                at += n
+            }
+            return true
+        }
+    }
+
+    @Test(arguments: [(true, true), (true, false), (false, true)])
+    func dataCrossesBothWaysWhicheverSideOffloads(clientOffload: Bool, serverOffload: Bool) throws {
+        let pki = try PKI()
+        defer { pki.remove() }
+        let (client, server) = try Self.pair(pki, clientOffload: clientOffload, serverOffload: serverOffload)
+        // Records of every size, fed in odd pieces so records straddle receive buffers, read into
+        // buffers smaller and larger than a record.
+        for (size, chunk, readSize) in [(3 << 20, 65_537, 1 << 20), (100_000, 7, 1000), (16_384, 16_405, 16_384), (1, 1, 1)] {
+            let message = Self.pattern(size, seed: UInt64(size))
+            #expect(Self.send(message, client, pieces: 5))
+            let (got, s1) = Self.carry(from: client, to: server, chunk: chunk, readSize: readSize)
+            #expect(s1 == .wantMore)
+            #expect(got == message, "client to server, \(size) bytes")
+            #expect(Self.send(message, server, pieces: 3))
+            let (back, s2) = Self.carry(from: server, to: client, chunk: chunk, readSize: readSize)
+            #expect(s2 == .wantMore)
+            #expect(back == message, "server to client, \(size) bytes")
+        }
+    }
+
+    @Test(arguments: [(true, false), (false, true), (true, true)])
+    func keyUpdatesAreSentAndFollowed(senderOffloads: Bool, receiverOffloads: Bool) throws {
+        let pki = try PKI()
+        defer { pki.remove() }
+        let (client, server) = try Self.pair(pki, clientOffload: senderOffloads, serverOffload: receiverOffloads)
+        // A key per 3 records: 40 records need 13 updates, each followed by the receiver.
+        client.setKeyUpdateRecords(3)
+        let message = Self.pattern(40 * 16_384, seed: 7)
+        #expect(Self.send(message, client))
+        let (got, _) = Self.carry(from: client, to: server, chunk: 50_000, readSize: 1 << 20)
+        #expect(got == message)
+        // An update the receiver asks for: the sender updates too, and both keep talking.
+        #expect(server.keyUpdate(requestPeer: true))
+        let ping = Self.pattern(1000, seed: 9)
+        #expect(Self.send(ping, server))
+        let (p1, _) = Self.carry(from: server, to: client, chunk: 4096, readSize: 4096)
+        #expect(p1 == ping)
+        #expect(Self.send(message, client))
+        let (p2, _) = Self.carry(from: client, to: server, chunk: 65_536, readSize: 65_536)
+        #expect(p2 == message)
+    }
+
+    @Test(arguments: ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"])
+    func everySuiteIsOffloadedAndInteroperates(suite: String) throws {
+        let pki = try PKI()
+        defer { pki.remove() }
+        try pki.makeCA("good")
+        try pki.makeCert("alpha", ca: "good")
+        try pki.makeCert("beta", ca: "good")
+        let clientContext = try pki.context(server: false, cert: "alpha", ca: "good")
+        let serverContext = try pki.context(server: true, cert: "beta", ca: "good")
+        #expect(clientContext.setCipherSuites(suite) && serverContext.setCipherSuites(suite))
+        for (clientOffload, serverOffload) in [(true, true), (true, false), (false, true)] {
+            let client = TLSSession(context: clientContext, recordOffload: clientOffload)
+            let server = TLSSession(context: serverContext, recordOffload: serverOffload)
+            let (c, s) = handshake(client, server)
+            #expect(c == .ok && s == .ok && client.cipher == suite)
+            #expect(client.recordsOffloaded == clientOffload && server.recordsOffloaded == serverOffload)
+            let message = Self.pattern(200_000, seed: 5)
+            #expect(Self.send(message, client))
+            #expect(Self.carry(from: client, to: server, chunk: 30_000, readSize: 70_000).bytes == message)
+            #expect(Self.send(message, server))
+            #expect(Self.carry(from: server, to: client, chunk: 30_000, readSize: 70_000).bytes == message)
+        }
+    }
+
+    @Test func aTamperedRecordIsRefused() throws {
+        let pki = try PKI()
+        defer { pki.remove() }
+        let (client, server) = try Self.pair(pki, clientOffload: true, serverOffload: true)
+        #expect(Self.send(Self.pattern(5000, seed: 3), client))
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 65536, alignment: 8)
+        defer { buffer.deallocate() }
+        let n = client.takeOutput(into: buffer, count: 65536)
+        #expect(n == 5 + 5000 + 1 + 16)
+        buffer.storeBytes(of: buffer.load(fromByteOffset: 100, as: UInt8.self) ^ 1, toByteOffset: 100, as: UInt8.self)
+        #expect(server.feed(buffer, n))
+        let (got, status) = server.read(into: buffer + n, count: 8192)
+        #expect(got == 0 && status == .failed)
+        #expect(server.lastError.contains("bad record MAC"), "reason: \(server.lastError)")
+        // A record longer than TLS allows is refused before any decryption.
+        let pki2 = try PKI()
+        defer { pki2.remove() }
+        let (_, s2) = try Self.pair(pki2, clientOffload: true, serverOffload: true)
+        var huge: [UInt8] = [23, 3, 3, 0x48, 0x00] + [UInt8](repeating: 0, count: 64)
+        #expect(huge.withUnsafeMutableBytes { s2.feed($0.baseAddress!, $0.count) })
+        let (g2, st2) = s2.read(into: buffer, count: 8192)
+        #expect(g2 == 0 && st2 == .failed)
+        #expect(s2.lastError.contains("out of bounds"), "reason: \(s2.lastError)")
+    }
+
+    @Test(arguments: [(true, false), (false, true)])
+    func closeNotifyEndsTheStream(closerOffloads: Bool, readerOffloads: Bool) throws {
+        let pki = try PKI()
+        defer { pki.remove() }
+        let (client, server) = try Self.pair(pki, clientOffload: closerOffloads, serverOffload: readerOffloads)
+        let tail = Self.pattern(3000, seed: 11)
+        #expect(Self.send(tail, client))
+        client.shutdown()
+        let (got, status) = Self.carry(from: client, to: server, chunk: 1 << 16, readSize: 1 << 16)
+        #expect(got == tail, "data before close_notify is delivered")
+        #expect(status == .closed)
+    }
+}

@@ -100,6 +100,9 @@ int ctandem_aio_reap(ctandem_aio *aio, ctandem_cqe *out, unsigned max);
 typedef struct ctandem_tls_ctx ctandem_tls_ctx;
 typedef struct ctandem_tls ctandem_tls;
 
+/// The TLS 1.3 suites of TLS 1.3-only contexts (the replication link), most preferred first.
+#define CTANDEM_TLS13_SUITES "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
 /// A context for servers (`is_server` = 1) or clients. `ca` may be NULL (no peer verification).
 /// With a CA, `require_peer_cert` makes a server demand a client certificate. `min_tls13` forbids
 /// TLS 1.2. On failure returns NULL and writes a message to `err`.
@@ -107,11 +110,26 @@ ctandem_tls_ctx *ctandem_tls_ctx_new(int is_server, const char *cert_file, const
                                      const char *ca_file, int require_peer_cert, int min_tls13,
                                      char *err, size_t err_len);
 void ctandem_tls_ctx_free(ctandem_tls_ctx *ctx);
+/// Replaces the TLS 1.3 suites (OpenSSL's list syntax). 0 or -1.
+int ctandem_tls_ctx_set_suites(ctandem_tls_ctx *ctx, const char *suites);
 
 /// A session. `expected_peer_name` (NULL: any name the CA signed) is checked against the peer
 /// certificate's subject alternative names / common name during the handshake.
 ctandem_tls *ctandem_tls_new(ctandem_tls_ctx *ctx, const char *expected_peer_name);
 void ctandem_tls_free(ctandem_tls *tls);
+
+/// Before the handshake: once it is done, run the TLS 1.3 record layer here instead of in OpenSSL
+/// (records sealed straight into the output window and opened straight into the reader's buffer;
+/// the same records on the wire). Falls back to OpenSSL's when it cannot (TLS 1.2, other suites).
+void ctandem_tls_set_record_offload(ctandem_tls *tls, int on);
+/// Whether the record layer runs here (after the handshake).
+int ctandem_tls_record_offloaded(ctandem_tls *tls);
+/// Send a KeyUpdate after this many records under one key (tests use small numbers).
+void ctandem_tls_set_key_update_records(ctandem_tls *tls, uint64_t records);
+
+/// Sends a KeyUpdate now and moves to the next sending key (`request_peer`: the peer updates
+/// its key too). 0 or -1.
+int ctandem_tls_key_update(ctandem_tls *tls, int request_peer);
 
 /// Result codes of the calls below.
 enum { CTANDEM_TLS_OK = 1, CTANDEM_TLS_WANT = 0, CTANDEM_TLS_ERROR = -1, CTANDEM_TLS_CLOSED = -2 };
@@ -144,6 +162,8 @@ const char *ctandem_tls_error(ctandem_tls *tls);
 /// The peer certificate's common name, or "" when there is none. Valid until the session is freed.
 const char *ctandem_tls_peer_name(ctandem_tls *tls);
 const char *ctandem_tls_version(ctandem_tls *tls);
+/// The negotiated cipher suite ("TLS_AES_128_GCM_SHA256"), or "" before the handshake.
+const char *ctandem_tls_cipher(ctandem_tls *tls);
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers for what Swift cannot import (variadic ioctl, macros).
