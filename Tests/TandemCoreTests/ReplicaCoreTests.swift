@@ -354,6 +354,17 @@ struct Pair {
         #expect(actions.isEmpty)
     }
 
+    /// Found by the simulator (`--witness --switchover --primary-disk-errors`, seeds 241, 530,
+    /// 1593): the core kept the `wasPrimary` it was built with, so the node's clearing it at a
+    /// demotion came back at the next persist; a crash as secondary then marked stale hot extents
+    /// and made that node the sync source over the peer's newer data.
+    @Test func theCoreDoesNotKeepWasPrimary() {
+        let core = ReplicaCore(configuration: .init(nodeID: 0, deviceBytes: 1 << 20), role: .primary, disk: .upToDate,
+                               uuids: GenerationUUIDs(current: 0x1000, bitmap: 0, history0: 0, history1: 0),
+                               bitmap: DirtyBitmap(deviceBytes: 1 << 20, granularityBytes: 4096), flags: [.consistent, .wasPrimary, .crashedPrimary])
+        #expect(core.localFlags == [.consistent, .crashedPrimary])
+    }
+
     /// Found by the simulator (`--primary-disk-errors`, seeds 105, 215, 884): a detached primary
     /// answered a write the link lost before the peer confirmed it.
     @Test func aDetachedPrimaryAnswersOnlyWhatThePeerConfirmed() {

@@ -225,6 +225,14 @@ import TandemSim
     func aDetachedPrimaryAnswersOnlyWhatThePeerHas(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true)))
     }
+
+    /// The core kept the `wasPrimary` it was built with, so the flag the node cleared at a
+    /// demotion came back at the next persist: a crash as secondary then marked stale hot
+    /// extents and made that node the sync source over its peer's newer data.
+    @Test(arguments: SimRegressions.wasPrimaryKeptByTheCore)
+    func aDemotionClearsWasPrimaryForGood(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
+    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -250,4 +258,5 @@ enum SimRegressions {
     static let demotedAheadOfPeer: [UInt64] = [61]
     static let upToDateBeforeMarksCopied: [UInt64] = [2261]
     static let olderPrimaryFenced: [UInt64] = [632, 1451, 2461, 2778]
+    static let wasPrimaryKeptByTheCore: [UInt64] = [241, 530, 1593]
 }
