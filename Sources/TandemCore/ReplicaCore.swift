@@ -364,7 +364,10 @@ public struct ReplicaCore {
             result = 0
             bitmap.setRange(offset: write.offset, length: UInt64(write.length))
             detachLocalDisk(into: &actions)
-        } else if result < 0 {
+        } else if result < 0 || disk == .failed {
+            // Failed, or done on a disk detached meanwhile: a detached disk is never flushed
+            // again, so what landed there may not survive a power loss. Resynced into it once
+            // it is attached again.
             bitmap.setRange(offset: write.offset, length: UInt64(write.length))
         }
         epochClosePending = true

@@ -233,6 +233,14 @@ import TandemSim
     func aDemotionClearsWasPrimaryForGood(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
     }
+
+    /// A write in flight when the primary's disk detached succeeded on it afterwards and was not
+    /// marked; the detached disk is never flushed again, so a power loss took the write and the
+    /// resync after the restart left that block differing.
+    @Test(arguments: SimRegressions.doneOnADetachedDisk)
+    func aWriteDoneOnADetachedDiskIsResynced(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
+    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -259,4 +267,5 @@ enum SimRegressions {
     static let upToDateBeforeMarksCopied: [UInt64] = [2261]
     static let olderPrimaryFenced: [UInt64] = [632, 1451, 2461, 2778]
     static let wasPrimaryKeptByTheCore: [UInt64] = [241, 530, 1593]
+    static let doneOnADetachedDisk: [UInt64] = [1100]
 }
