@@ -241,6 +241,15 @@ import TandemSim
     func aWriteDoneOnADetachedDiskIsResynced(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
     }
+
+    /// A primary killed with acknowledged writes in its volatile cache restarted (the machine
+    /// kept the cache) and then lost power before it connected: as a crashed primary it was the
+    /// source of its hot extents, and copied the older blocks over the peer's (now the node syncs
+    /// the device at attach).
+    @Test(arguments: SimRegressions.unsyncedAtAttach)
+    func theDeviceIsSyncedAtAttach(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -268,4 +277,5 @@ enum SimRegressions {
     static let olderPrimaryFenced: [UInt64] = [632, 1451, 2461, 2778]
     static let wasPrimaryKeptByTheCore: [UInt64] = [241, 530, 1593]
     static let doneOnADetachedDisk: [UInt64] = [1100]
+    static let unsyncedAtAttach: [UInt64] = [996]
 }
