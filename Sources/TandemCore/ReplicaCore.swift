@@ -94,7 +94,8 @@ public struct ReplicaCore {
     public private(set) var sync: SyncState = .established
     public private(set) var uuids: GenerationUUIDs
     public private(set) var bitmap: DirtyBitmap
-    /// This node's superblock flags that the sync decision needs (the node keeps them current).
+    /// This node's superblock flags that the sync decision needs (the node keeps them current;
+    /// never `wasPrimary`, which the node keeps).
     public var localFlags: Superblock.Flags
     /// What the last connect decided, and by which rule (for status and the log).
     public private(set) var lastDecision: (decision: GenerationUUIDs.SyncDecision, rule: GenerationUUIDs.SyncRule)?
@@ -202,7 +203,11 @@ public struct ReplicaCore {
     public init(configuration: Configuration, role: PeerRole, disk: PeerDiskState, uuids: GenerationUUIDs, bitmap: DirtyBitmap, flags: Superblock.Flags = [.consistent]) {
         precondition(bitmap.deviceBytes == configuration.deviceBytes, "bitmap of another size")
         self.configuration = configuration
-        self.localFlags = flags
+        // `wasPrimary` is the node's own bookkeeping: it sets it while primary and clears it at a
+        // demotion or a clean stop, and persists the core's flags with its own. Kept here, a flag
+        // the node cleared would come back at the next persist, and a later crash as secondary
+        // would mark stale hot extents and make this node the sync source over newer data.
+        self.localFlags = flags.subtracting(.wasPrimary)
         self.role = role
         self.disk = disk
         self.uuids = uuids
@@ -359,7 +364,10 @@ public struct ReplicaCore {
             result = 0
             bitmap.setRange(offset: write.offset, length: UInt64(write.length))
             detachLocalDisk(into: &actions)
-        } else if result < 0 {
+        } else if result < 0 || disk == .failed {
+            // Failed, or done on a disk detached meanwhile: a detached disk is never flushed
+            // again, so what landed there may not survive a power loss. Resynced into it once
+            // it is attached again.
             bitmap.setRange(offset: write.offset, length: UInt64(write.length))
         }
         epochClosePending = true

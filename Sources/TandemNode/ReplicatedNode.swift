@@ -261,6 +261,16 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         guard superblock.resourceName == config.name, Int(superblock.nodeID) == me.id else {
             throw ServeError("\(metadataPath) belongs to resource \(superblock.resourceName) node \(superblock.nodeID), not \(config.name) node \(me.id)")
         }
+        if fdatasync(device.fd) != 0 {
+            // A killed process leaves its completed writes in the device's volatile cache, and
+            // this node's data is what the connect compares (a crashed primary is the source of
+            // its hot extents): they must be durable before, or a power loss after the restart
+            // takes them and the resync copies the older blocks over the peer's.
+            guard superblock.flags.contains(.resyncTarget) else {
+                throw ServeError("cannot sync \(device.path) before attaching it: \(SystemError.text(errno))")
+            }
+            logger.warning("cannot sync \(device.path) (\(SystemError.text(errno))); it waits for a resync from \(peer.name) anyway")
+        }
         var bitmap = loaded.bitmap
         if superblock.flags.contains(.wasPrimary) || superblock.flags.contains(.crashedPrimary) {
             // A crash as primary: writes may have reached this disk and not the peer (or the

@@ -371,6 +371,9 @@ final class World {
         // restarted comes back secondary and is promoted again by the operator.
         var role: PeerRole = i == primaryNode && (nodes[i].lastRole ?? .primary) == .primary ? .primary : .secondary
         var node = nodes[i]
+        // As the node at attach: what a killed process left in the volatile cache is made
+        // durable first (a crashed primary is the source of its hot extents).
+        node.disk.flushNow()
         let recovery = node.meta.recover()
         var flags = node.meta.flags
         var bitmap = node.meta.bitmap

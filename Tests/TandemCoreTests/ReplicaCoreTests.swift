@@ -354,6 +354,35 @@ struct Pair {
         #expect(actions.isEmpty)
     }
 
+    /// Found by the simulator (`--witness --switchover --primary-disk-errors`, seed 1100): a write
+    /// in flight when the disk detached succeeded on it afterwards and was not marked; the
+    /// detached disk is never flushed again, so a power loss took it and no resync repaired it.
+    @Test func aWriteDoneOnADetachedDiskIsMarkedOutOfSync() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.write(2, at: 8192)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1), -5)
+        #expect(pair.primary.disk == .failed)
+        pair.completePrimary(.client(2))
+        #expect(pair.completed[2] == 0)
+        #expect(pair.primary.bitmap.isDirty(offset: 8192, length: 4096), "landed on a detached disk: resynced into it later")
+    }
+
+    /// Found by the simulator (`--witness --switchover --primary-disk-errors`, seeds 241, 530,
+    /// 1593): the core kept the `wasPrimary` it was built with, so the node's clearing it at a
+    /// demotion came back at the next persist; a crash as secondary then marked stale hot extents
+    /// and made that node the sync source over the peer's newer data.
+    @Test func theCoreDoesNotKeepWasPrimary() {
+        let core = ReplicaCore(configuration: .init(nodeID: 0, deviceBytes: 1 << 20), role: .primary, disk: .upToDate,
+                               uuids: GenerationUUIDs(current: 0x1000, bitmap: 0, history0: 0, history1: 0),
+                               bitmap: DirtyBitmap(deviceBytes: 1 << 20, granularityBytes: 4096), flags: [.consistent, .wasPrimary, .crashedPrimary])
+        #expect(core.localFlags == [.consistent, .crashedPrimary])
+    }
+
     /// Found by the simulator (`--primary-disk-errors`, seeds 105, 215, 884): a detached primary
     /// answered a write the link lost before the peer confirmed it.
     @Test func aDetachedPrimaryAnswersOnlyWhatThePeerConfirmed() {

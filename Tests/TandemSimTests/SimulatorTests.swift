@@ -225,6 +225,31 @@ import TandemSim
     func aDetachedPrimaryAnswersOnlyWhatThePeerHas(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true)))
     }
+
+    /// The core kept the `wasPrimary` it was built with, so the flag the node cleared at a
+    /// demotion came back at the next persist: a crash as secondary then marked stale hot
+    /// extents and made that node the sync source over its peer's newer data.
+    @Test(arguments: SimRegressions.wasPrimaryKeptByTheCore)
+    func aDemotionClearsWasPrimaryForGood(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
+    }
+
+    /// A write in flight when the primary's disk detached succeeded on it afterwards and was not
+    /// marked; the detached disk is never flushed again, so a power loss took the write and the
+    /// resync after the restart left that block differing.
+    @Test(arguments: SimRegressions.doneOnADetachedDisk)
+    func aWriteDoneOnADetachedDiskIsResynced(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
+    }
+
+    /// A primary killed with acknowledged writes in its volatile cache restarted (the machine
+    /// kept the cache) and then lost power before it connected: as a crashed primary it was the
+    /// source of its hot extents, and copied the older blocks over the peer's (now the node syncs
+    /// the device at attach).
+    @Test(arguments: SimRegressions.unsyncedAtAttach)
+    func theDeviceIsSyncedAtAttach(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -250,4 +275,7 @@ enum SimRegressions {
     static let demotedAheadOfPeer: [UInt64] = [61]
     static let upToDateBeforeMarksCopied: [UInt64] = [2261]
     static let olderPrimaryFenced: [UInt64] = [632, 1451, 2461, 2778]
+    static let wasPrimaryKeptByTheCore: [UInt64] = [241, 530, 1593]
+    static let doneOnADetachedDisk: [UInt64] = [1100]
+    static let unsyncedAtAttach: [UInt64] = [996]
 }
