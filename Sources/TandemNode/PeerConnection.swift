@@ -72,7 +72,8 @@ final class PeerConnection: IOHandler {
     /// Set by `closeAfterSending`: close with this reason once the queue is sent.
     private var closeWhenSent: String?
     /// A frame whose payload is being decrypted into the owner's buffer.
-    private var sink: (header: PeerHeader, destination: UnsafeMutableRawPointer, filled: Int)?
+    /// Its checksum runs as the plaintext lands, while the bytes are still in the cache.
+    private var sink: (header: PeerHeader, destination: UnsafeMutableRawPointer, filled: Int, crc: CRC32C)?
     /// Payloads at least this big go to a sink (smaller ones are cheaper to copy).
     static let sinkBytesMin = 64 * 1024
 
@@ -264,11 +265,13 @@ final class PeerConnection: IOHandler {
                 switch status {
                 case .ok:
                     progressed = true
+                    sink!.crc.update(UnsafeRawBufferPointer(start: current.destination + current.filled, count: n))
                     sink!.filled += n
                     if sink!.filled == current.header.payloadLength {
+                        let crc = sink!.crc.value
                         sink = nil
                         let payload = UnsafeRawBufferPointer(start: current.destination, count: current.header.payloadLength)
-                        guard current.header.verifyPayload(payload) else { return close(reason: "protocol error: payload checksum mismatch in \(current.header.type)") }
+                        guard crc == current.header.payloadCRC else { return close(reason: "protocol error: payload checksum mismatch in \(current.header.type)") }
                         delegate?.peerConnection(self, received: current.header, payload: payload)
                     }
                     continue
@@ -310,7 +313,9 @@ final class PeerConnection: IOHandler {
                         let have = available.count - header.headerBytes
                         destination.copyMemory(from: available.baseAddress! + header.headerBytes, byteCount: have)
                         inStart = inEnd
-                        sink = (header, destination, have)
+                        var crc = CRC32C()
+                        crc.update(UnsafeRawBufferPointer(start: destination, count: have))
+                        sink = (header, destination, have, crc)
                         break
                     }
                     guard available.count >= header.frameBytes else { break }

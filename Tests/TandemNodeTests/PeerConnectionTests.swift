@@ -12,6 +12,9 @@ final class LinkRecorder: PeerConnectionDelegate {
     var down: String?
     var frames: [(PeerHeader, [UInt8])] = []
     var released: [UInt64] = []
+    /// When set, large payloads are decrypted straight into it (as the node's replicated writes).
+    var sink: UnsafeMutableRawBufferPointer?
+    var sunk = 0
 
     func peerConnectionUp(_ connection: PeerConnection) { up = true }
     func peerConnection(_ connection: PeerConnection, received header: PeerHeader, payload: UnsafeRawBufferPointer) {
@@ -19,6 +22,11 @@ final class LinkRecorder: PeerConnectionDelegate {
     }
     func peerConnection(_ connection: PeerConnection, releasedPayload token: UInt64) { released.append(token) }
     func peerConnectionDown(_ connection: PeerConnection, reason: String) { down = reason }
+    func peerConnection(_ connection: PeerConnection, sinkFor header: PeerHeader) -> UnsafeMutableRawPointer? {
+        guard let sink, header.payloadLength <= sink.count else { return nil }
+        sunk += 1
+        return sink.baseAddress
+    }
 }
 
 /// Two ends of a link on one loop, over a socketpair, with certificates from a fresh CA.
@@ -86,6 +94,33 @@ struct LinkPair {
         pair.a.close(reason: "test over")
         pair.run { pair.rb.down != nil }
         #expect(pair.rb.down != nil)
+    }
+
+    /// A large payload decrypted into the receiver's own buffer, its checksum taken as it lands:
+    /// intact data passes, a flipped bit anywhere in it (here in its last record) drops the link.
+    @Test(arguments: [false, true])
+    func aSunkPayloadIsChecked(corrupt: Bool) throws {
+        let pair = try LinkPair(engine: .uring)
+        defer { pair.cleanup() }
+        let sink = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { sink.deallocate() }
+        pair.rb.sink = sink
+        pair.run { pair.ra.up && pair.rb.up }
+        let payload = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ 3) }
+        var frame = PeerMessage.data(PeerWrite(id: 1, offset: 0, length: UInt32(payload.count), epoch: 1), payload: payload).encoded()
+        if corrupt { frame[frame.count - 5] ^= 0x10 }
+        pair.a.sendEncoded(frame)
+        pair.a.send(.ping(id: 2))
+        pair.run { pair.rb.down != nil || pair.rb.frames.count == 2 }
+        #expect(pair.rb.sunk == 1)
+        if corrupt {
+            #expect(pair.rb.down?.contains("checksum") == true, "reason: \(pair.rb.down ?? "none")")
+            #expect(pair.rb.frames.isEmpty)
+        } else {
+            #expect(pair.rb.down == nil)
+            #expect(pair.rb.frames.map(\.0.type) == [.data, .ping])
+            #expect(pair.rb.frames.first?.1 == payload)
+        }
     }
 
     @Test func aPeerWithTheWrongNameIsRefused() throws {
