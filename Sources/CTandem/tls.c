@@ -457,7 +457,8 @@ static int control_record(ctandem_tls *t, unsigned char type, const unsigned cha
     return CTANDEM_TLS_OK;
 }
 
-// Fills `buf` with as many records' plaintext as have arrived and fit.
+// Reads the plaintext of one record (as SSL_read does), so a reader that looks at what it got
+// before reading on can direct the next bytes elsewhere (a frame's payload to its own buffer).
 static long offload_read(ctandem_tls *t, unsigned char *buf, size_t len) {
     record_layer *r = &t->rec;
     size_t got = 0;
@@ -468,7 +469,7 @@ static long offload_read(ctandem_tls *t, unsigned char *buf, size_t len) {
             memcpy(buf + got, r->plain + r->plain_start, n);
             r->plain_start += n;
             got += n;
-            continue;
+            break;
         }
         if (r->closed) break;
         size_t rec_len = 0;
@@ -492,10 +493,11 @@ static long offload_read(ctandem_tls *t, unsigned char *buf, size_t len) {
             if (dst == r->plain) {
                 r->plain_start = 0;
                 r->plain_end = content;
-            } else {
-                got += content;
+                continue; // copied out above
             }
-            continue;
+            got += content;
+            if (got) break;
+            continue; // an empty record
         }
         int rc = control_record(t, type, dst, content);
         if (rc == CTANDEM_TLS_CLOSED) break;
