@@ -25,9 +25,10 @@ public struct ReplicaCore {
         /// Resync reads in flight at once, and the largest range one covers.
         public var resyncInFlightMax: Int
         public var resyncRunBytesMax: Int
-        /// Resync pace (bytes per second of `tick` time); the node adapts it between the
-        /// resource file's bounds.
+        /// Resync pace (bytes per second of `tick` time) while nothing else uses the disk, and
+        /// while application I/O competes with it (as DRBD's c-max-rate and c-min-rate).
         public var resyncBytesPerSecond: UInt64
+        public var resyncBytesPerSecondMin: UInt64
         /// What a connect that finds a split brain does (`after-split-brain`).
         public var splitBrainPolicy: SplitBrainPolicy
         /// A witness fences the peer: after a link loss the node holds client answers until the
@@ -37,7 +38,7 @@ public struct ReplicaCore {
 
         public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192,
                     resyncInFlightMax: Int = 8, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
-                    splitBrainPolicy: SplitBrainPolicy = .disconnect, fencing: Bool = false) {
+                    resyncBytesPerSecondMin: UInt64 = 10 << 20, splitBrainPolicy: SplitBrainPolicy = .disconnect, fencing: Bool = false) {
             self.splitBrainPolicy = splitBrainPolicy
             self.fencing = fencing
             precondition(transferLogEntriesMax > 0)
@@ -45,6 +46,7 @@ public struct ReplicaCore {
             self.resyncInFlightMax = resyncInFlightMax
             self.resyncRunBytesMax = resyncRunBytesMax
             self.resyncBytesPerSecond = resyncBytesPerSecond
+            self.resyncBytesPerSecondMin = min(resyncBytesPerSecondMin, resyncBytesPerSecond)
             self.nodeID = nodeID
             self.deviceBytes = deviceBytes
             self.granularityBytes = granularityBytes
@@ -128,6 +130,8 @@ public struct ReplicaCore {
     private static let resyncSlotMask: UInt64 = 0xFFFF
     private var resyncCursor = 0
     private var resyncBudget: Int64 = 0
+    /// Application I/O since the last tick: the resync keeps to its competing pace.
+    private var applicationIOSinceTick = false
     private var lastTickNanos: UInt64?
     /// Bytes the current resync has copied (for status and the note in the log).
     public private(set) var resyncedBytes: UInt64 = 0
@@ -234,6 +238,7 @@ public struct ReplicaCore {
     /// A client write (WRITE, TRIM or WRITE_ZEROES) whose payload the node holds as
     /// `.client(id)`. `id` must be unique among writes and flushes in flight.
     public mutating func clientWrite(id: UInt64, offset: UInt64, length: UInt32, kind: WriteKind, fua: Bool, into actions: inout [Action]) {
+        applicationIOSinceTick = true
         precondition(role == .primary, "client write on a secondary")
         precondition(writes[id] == nil, "duplicate client write id \(id)")
         var write = ClientWrite(offset: offset, length: length)
@@ -1049,13 +1054,19 @@ public struct ReplicaCore {
 
     // MARK: Resync
 
-    /// Time passes: the resync budget grows at the configured rate (bounded to one second's
-    /// worth, so a pause does not turn into a burst).
+    /// Application I/O the core does not see otherwise (reads served from the local disk): the
+    /// resync keeps to `resyncBytesPerSecondMin` until a tick passes without any.
+    public mutating func applicationIO() { applicationIOSinceTick = true }
+
+    /// Time passes: the resync budget grows at the full rate, or at the competing rate when
+    /// application I/O came since the last tick; it holds at most one second's worth of the
+    /// current rate, so neither a pause nor a change of pace turns into a burst.
     public mutating func tick(nowNanos: UInt64, into actions: inout [Action]) {
-        defer { lastTickNanos = nowNanos }
+        defer { lastTickNanos = nowNanos; applicationIOSinceTick = false }
         guard sync == .syncSource, let last = lastTickNanos, nowNanos > last else { return }
-        let earned = Int64(min(UInt64(Int64.max), (nowNanos - last) * configuration.resyncBytesPerSecond / 1_000_000_000))
-        resyncBudget = min(resyncBudget + earned, Int64(configuration.resyncBytesPerSecond))
+        let rate = applicationIOSinceTick ? configuration.resyncBytesPerSecondMin : configuration.resyncBytesPerSecond
+        let earned = Int64(min(UInt64(Int64.max) / max(rate, 1), nowNanos - last) * rate / 1_000_000_000)
+        resyncBudget = min(resyncBudget + earned, Int64(rate))
         pumpResync(into: &actions)
     }
 

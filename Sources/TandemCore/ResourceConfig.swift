@@ -153,7 +153,7 @@ public struct ResourceConfig: Sendable {
         public var activityLogExtentBytes = Limits.activityLogExtentBytesDefault
         /// Resync never slows below this while application I/O competes with it.
         public var resyncBytesPerSecondMin = 10 << 20
-        public var resyncBytesPerSecondMax = 1 << 30
+        public var resyncBytesPerSecondMax = 4 << 30
         public var pingIntervalMillis = 1000
         /// A peer silent for this long is disconnected; longer than the ping interval.
         public var peerTimeoutMillis = 6000

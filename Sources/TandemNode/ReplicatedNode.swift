@@ -57,6 +57,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     var onStopped: (() -> Void)?
     /// The NBD export: writable through replication while primary, read-only while secondary.
     private weak var nbdServer: NBDServer?
+    private var readRequestsAtTick: UInt64 = 0
     private let handlers: HandlerRunner
     /// Where `tandem events` lines go (the control server's subscribers).
     var onEvent: ((String) -> Void)?
@@ -313,6 +314,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         core = ReplicaCore(
             configuration: .init(nodeID: UInt8(me.id), deviceBytes: device.size, granularityBytes: superblock.layout.granularityBytes,
                                  resyncBytesPerSecond: UInt64(config.tuning.resyncBytesPerSecondMax),
+                                 resyncBytesPerSecondMin: UInt64(config.tuning.resyncBytesPerSecondMin),
                                  splitBrainPolicy: config.failover.afterSplitBrain, fencing: config.witness != nil),
             role: primary ? .primary : .secondary, disk: disk, uuids: superblock.uuids, bitmap: bitmap, flags: superblock.flags)
         core.spareUUID = Self.freshUUID()
@@ -852,6 +854,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             diffSynced(result)
         case Self.tagTick:
             beginActions()
+            // Reads served from the local disk compete with a resync too (writes the core sees).
+            if let reads = nbdServer?.readRequests, reads != readRequestsAtTick {
+                readRequestsAtTick = reads
+                core.applicationIO()
+            }
             core.tick(nowNanos: monotonicNanos(), into: &actions)
             perform()
             ticks &+= 1

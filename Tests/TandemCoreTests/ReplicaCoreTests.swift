@@ -700,4 +700,39 @@ struct Pair {
         }
         #expect(read > 0 && read <= (256 << 20) / 100 + (1 << 20), "read \(read) bytes in 10 ms")
     }
+
+    /// While client writes or local reads compete, the resync keeps to the lower rate; a tick
+    /// with neither gives it the full rate again.
+    @Test(arguments: [false, true])
+    func resyncSlowsWhileApplicationIOCompetes(byRead: Bool) {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 0, 8 << 20)
+        pair.completePrimary(.client(1))
+        pair.reconnect()
+        func resyncReads(_ actions: [ReplicaCore.Action]) -> Int {
+            actions.reduce(0) { sum, action in
+                if case .submitLocal(let io) = action, case .resyncRead = io.tag { return sum + Int(io.length) }
+                return sum
+            }
+        }
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
+        #expect(resyncReads(actions) == 0, "no budget before time passes")
+        if byRead {
+            pair.primary.applicationIO()
+        } else {
+            pair.write(2, at: 32 << 20, 4096) // outside what the resync copies
+        }
+        actions.removeAll()
+        // 100 ms at the competing 10 MiB/s earns 1 MiB: one run (of at most 1 MiB) starts.
+        pair.primary.tick(nowNanos: 1_100_000_000, into: &actions)
+        let competing = resyncReads(actions)
+        #expect(competing > 0 && competing <= (10 << 20) / 10, "read \(competing) bytes in 100 ms while competing")
+        actions.removeAll()
+        // 100 ms with nothing competing earns 25.6 MiB: every free resync slot starts.
+        pair.primary.tick(nowNanos: 1_200_000_000, into: &actions)
+        let free = resyncReads(actions)
+        #expect(free >= 4 << 20, "read \(free) bytes in 100 ms with nothing competing")
+    }
 }

@@ -17,7 +17,7 @@ import TandemCore
         "activity-log-extents = 1237",                     // 9
         "activity-log-extent-size = \"4MiB\"",             // 10
         "resync-rate-min = \"10MiB\"",                     // 11
-        "resync-rate-max = \"1GiB\"",                      // 12
+        "resync-rate-max = \"4GiB\"",                      // 12
         "ping-interval-ms = 1000",                         // 13
         "peer-timeout-ms = 6000",                          // 14
         "connect-retry-ms = 500",                          // 15
@@ -185,7 +185,7 @@ import TandemCore
         #expect(ResourceConfig.Tuning.bitmapGranularityBytesRange == 4096...(1 << 20))
         #expect(ResourceConfig.Tuning.activityLogExtentBytesRange == (4 << 20)...(1 << 30))
         #expect(t.resyncBytesPerSecondMin == 10 << 20)
-        #expect(t.resyncBytesPerSecondMax == 1 << 30)
+        #expect(t.resyncBytesPerSecondMax == 4 << 30)
         #expect(t.pingIntervalMillis == 1000)
         #expect(t.peerTimeoutMillis == 6000)
         #expect(t.connectRetryMillis == 500)
@@ -521,8 +521,8 @@ import TandemCore
         // With peer-timeout left at its default, the error points at the ping interval.
         expectOne(Self.example([13: "ping-interval-ms = 7000", 14: ""]), line: 13,
                   "'peer-timeout-ms' (6000) must be greater than 'ping-interval-ms' (7000)")
-        expectOne(Self.example([11: "resync-rate-min = \"2GiB\""]), line: 11,
-                  "'resync-rate-min' (2GiB) is more than 'resync-rate-max' (1GiB)", fix: "\"1GiB\" or less")
+        expectOne(Self.example([11: "resync-rate-min = \"8GiB\""]), line: 11,
+                  "'resync-rate-min' (8GiB) is more than 'resync-rate-max' (4GiB)", fix: "\"4GiB\" or less")
         // An invalid value is reported once, not again through a relation.
         expectOne(Self.example([13: "ping-interval-ms = \"1s\"", 14: "peer-timeout-ms = 500"]), line: 13,
                   "'ping-interval-ms' must be an integer")
