@@ -3,7 +3,7 @@ import TandemCore
 /// Faults, one case each: to add one, add a case (last, so that the seeds of the other modes
 /// keep their picks), a weight (0 unless its option is on) and its effect in `inject`.
 enum Fault: CaseIterable {
-    case linkReset, partition, crash, restart, diskErrors, corrupt, verify, none, switchover, isolate, witnessRestart
+    case linkReset, partition, crash, restart, diskErrors, corrupt, verify, none, switchover, isolate, witnessRestart, rollback
 
     func weight(_ options: SimOptions) -> Int {
         switch self {
@@ -18,6 +18,7 @@ enum Fault: CaseIterable {
         case .switchover: options.switchover ? 40 : 0
         case .isolate: options.witness ? 16 : 0
         case .witnessRestart: options.witness ? 4 : 0
+        case .rollback: options.barriers ? 30 : 0
         }
     }
 }
@@ -70,7 +71,7 @@ extension World {
             // Only where a verify from the primary finds it: with failover, switchover or a
             // detached primary the rotten copy may serve or become the resync source, and
             // nothing can tell.
-            guard !options.failover, !options.primaryDiskErrors, !options.switchover, !options.witness, nodes[s].up else { return }
+            guard !options.failover, !options.primaryDiskErrors, !options.switchover, !options.witness, !options.barriers, nodes[s].up else { return }
             let b = rng.below(SimLayout.blocks)
             record(.fault("n\(s) block \(b) rots"))
             count("fault corruption")
@@ -88,6 +89,8 @@ extension World {
             isolate(i, for: rng.chance(400) ? rng.between(100, 1000) * SimTime.ms : rng.between(1500, 6000) * SimTime.ms)
         case .witnessRestart:
             restartWitness(after: rng.between(50, 3000) * SimTime.ms)
+        case .rollback:
+            startRollback()
         }
     }
 
@@ -152,6 +155,7 @@ extension World {
             }
         }
         if powerLoss { nodes[i].disk.powerLoss(rng: &rng) } else { nodes[i].disk.processCrash() }
+        if powerLoss && options.barriers { nodes[i].undo.powerLoss(rng: &rng) }
         if let w = nodes[i].witnessConn {
             killWitnessLink(w, nodeDelay: 0, witnessDelay: powerLoss ? SimTime.peerTimeout + rng.between(0, 200) * SimTime.ms : rng.between(10, 1000) * SimTime.us)
         }
