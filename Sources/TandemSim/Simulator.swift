@@ -113,6 +113,8 @@ final class World {
         primaryNode = rng.below(2)
         opsTotal = 60 + rng.below(340)
         inFlightMax = 1 + rng.below(8)
+        // Barriers: longer runs, so that barriers are kept and rolled back to, several times.
+        if options.barriers { opsTotal += 400 }
     }
 
     // MARK: Running

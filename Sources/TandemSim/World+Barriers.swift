@@ -46,9 +46,13 @@ struct SimUndoStore {
     }
 
     func values(of restore: RollbackPlan.Restore) -> [UInt64] {
-        let segment = segments.first { $0.info.id == restore.barrierID }!
-        let record = segment.records[Int(restore.record.dataOffset)]
-        precondition(record.chunk == restore.chunk, "sim: undo record out of place")
+        values(of: restore.record, in: restore.barrierID)
+    }
+
+    func values(of location: UndoRecordLocation, in barrierID: UInt64) -> [UInt64] {
+        let segment = segments.first { $0.info.id == barrierID }!
+        let record = segment.records[Int(location.dataOffset)]
+        precondition(record.chunk == location.chunk, "sim: undo record out of place")
         return record.values
     }
 
@@ -209,6 +213,34 @@ extension World {
         var actions: [CopyOnWriteQueue.Action] = []
         nodes[i].cow.syncDone(through: through, into: &actions)
         performCopyOnWrite(i, actions)
+    }
+
+    // MARK: The invariant at every fault
+
+    /// Every barrier a node keeps reads back (`UndoIndex.readPlan`'s rule: the record with the
+    /// smallest tag at or after it, else the device) as exactly its image, at any moment: a
+    /// chunk is saved, durably, before it is overwritten, and what was on the device at the
+    /// barrier was durable there. Not while a rollback rewrites the device.
+    func checkBarrierImages() {
+        for n in 0..<2 where nodes[n].up && nodes[n].undo.pendingRollback == nil && nodes[n].rollbackRun == nil {
+            let index = nodes[n].undoIndex
+            let per = SimUndoStore.blocksPerChunk
+            for id in nodes[n].undo.ids {
+                guard let image = barrierImages[id] else { continue }
+                for chunk in 0..<SimUndoStore.geometry.chunkCount {
+                    let first = Int(chunk) * per
+                    let values: [UInt64]
+                    if let (barrierID, record) = index.location(chunk: chunk, at: id) {
+                        values = nodes[n].undo.values(of: record, in: barrierID)
+                    } else {
+                        values = Array(nodes[n].disk.cache[first..<first + per])
+                    }
+                    for k in 0..<per where values[k] != image[first + k] {
+                        return fail("n\(n) keeps barrier \(id), whose image has \(image[first + k]) at block \(first + k), but it reads \(values[k]) there")
+                    }
+                }
+            }
+        }
     }
 
     // MARK: Rollback (the operator: demote the primary, `tandem rollback ID` on the secondary)

@@ -18,7 +18,7 @@ enum Fault: CaseIterable {
         case .switchover: options.switchover ? 40 : 0
         case .isolate: options.witness ? 16 : 0
         case .witnessRestart: options.witness ? 4 : 0
-        case .rollback: options.barriers ? 30 : 0
+        case .rollback: options.barriers ? 40 : 0
         }
     }
 }
@@ -298,6 +298,10 @@ extension World {
     }
 
     func finalChecks() {
+        if options.barriers {
+            checkBarrierImages()
+            if done { return }
+        }
         let p = primaryNode, s = other(p)
         let corrupt = nodes[s].disk.corrupt
         for b in 0..<SimLayout.blocks where !corrupt[b] && nodes[p].disk.cache[b] != nodes[s].disk.cache[b] {
