@@ -198,6 +198,10 @@ public struct ReplicaCore {
     /// each (`before`) finish first, those after it wait in `held` until it is recorded.
     private var snapshots: [(info: BarrierInfo, before: UInt64, held: [LocalIO], recording: Bool)] = []
     private var peerEpochWrites: UInt32 = 0
+    /// A replicated write failed on this disk since the link came up: the block stays wrong
+    /// until the resync of the next connect, so no barrier is recorded meanwhile (a resync that
+    /// ends meanwhile may have cleared this side's mark; the primary learns it only at the ack).
+    private var peerWriteFailedOnLink = false
 
     public init(configuration: Configuration, role: PeerRole, disk: PeerDiskState, uuids: GenerationUUIDs, bitmap: DirtyBitmap, flags: Superblock.Flags = [.consistent]) {
         precondition(bitmap.deviceBytes == configuration.deviceBytes, "bitmap of another size")
@@ -329,6 +333,7 @@ public struct ReplicaCore {
         case .peerWrite(let id):
             guard peerWritesInFlight.removeValue(forKey: id) != nil else { preconditionFailure("completion of unknown peer write \(id)") }
             actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+            if result < 0 { peerWriteFailedOnLink = true }
             if result < 0, let failed = appliedInFlight.first(where: { $0.tag == tag }) {
                 // This copy lacks the write from now on, whatever the primary remembers.
                 bitmap.setRange(offset: failed.offset, length: UInt64(failed.length))
@@ -587,17 +592,25 @@ public struct ReplicaCore {
     }
 
     /// Asks the node to record the oldest barrier once every write that arrived before it is done.
+    /// Only an UpToDate disk that failed no replicated write on this link holds the barrier's
+    /// image then; otherwise the barrier is not kept here (its image would lack those writes,
+    /// and a rollback to it would not be the point in time it names).
     private mutating func recordSnapshotsIfReady(into actions: inout [Action]) {
         guard let first = snapshots.first, !first.recording else { return }
         guard !peerWritesInFlight.values.contains(where: { $0 <= first.before }) else { return }
         snapshots[0].recording = true
+        guard disk == .upToDate, !peerWriteFailedOnLink else { return barrierDone(into: &actions) }
         actions.append(.recordBarrier(first.info))
     }
 
     /// The node recorded the oldest barrier: the writes after it go to the disk now.
     public mutating func barrierRecorded(into actions: inout [Action]) {
         guard let first = snapshots.first, first.recording else { preconditionFailure("barrierRecorded without recordBarrier") }
-        snapshots.removeFirst()
+        barrierDone(into: &actions)
+    }
+
+    private mutating func barrierDone(into actions: inout [Action]) {
+        let first = snapshots.removeFirst()
         // The writes between this barrier and the next go now; later ones wait for the next.
         for io in first.held { apply(io, into: &actions) }
         recordSnapshotsIfReady(into: &actions)
@@ -605,9 +618,10 @@ public struct ReplicaCore {
 
     /// Primary: a point-in-time barrier, placed in the replication stream after every write
     /// sent so far (so after every write already answered). False when the peer is not an
-    /// UpToDate, connected secondary that could keep it.
+    /// UpToDate, connected secondary in sync that could keep it (blocks out of sync would be
+    /// missing from its image; the secondary also declines one after a write failed there).
     public mutating func createBarrier(_ info: BarrierInfo, into actions: inout [Action]) -> Bool {
-        guard role == .primary, link == .connected, sync == .established, peerDisk == .upToDate else { return false }
+        guard role == .primary, link == .connected, sync == .established, peerDisk == .upToDate, bitmap.setBitCount == 0 else { return false }
         actions.append(.send(.snapshot(info)))
         return true
     }
@@ -644,6 +658,7 @@ public struct ReplicaCore {
         linkSequence = 0
         epoch = 1
         epochClosePending = false
+        peerWriteFailedOnLink = false
         resyncIDBase = freshUUID & 0x3FFF_FFFF_FFFF_0000  // fits an Int: the node keys buffers by id
         peerDisk = hello.diskState
         peerRole = hello.role

@@ -456,7 +456,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         beginActions()
         let sent = core.createBarrier(info, into: &actions)
         perform()
-        guard sent else { return Self.error("the secondary is not connected and UpToDate: it could not keep the barrier") }
+        guard sent else { return Self.error("the secondary is not connected, UpToDate and in sync: it could not keep the barrier") }
         createdBarriers.append(info)
         if changes.barrierIDs.isEmpty {
             logger.info("changed-block tracking: \(changes.granuleCount) granules of \(changes.granuleBytes) bytes, \(changes.granuleCount * 2) bytes of memory")
