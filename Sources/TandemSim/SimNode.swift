@@ -92,6 +92,9 @@ struct SimNode {
     var nextTicket: UInt64 = 1
     /// Records of the newest segment the sync in flight covers.
     var cowSyncRecords = 0
+    /// Copy-on-write reads and the sync in flight (a clean stop finishes them).
+    var cowReads: [UInt32: (firstChunk: UInt64, chunkCount: Int)] = [:]
+    var cowSync: UInt64?
     /// The barrier the core asked to record, waiting for copy-on-write to be idle.
     var barrierToRecord: BarrierInfo?
     var rollbackRun: (id: UInt64, plan: RollbackPlan, next: Int)?
@@ -178,6 +181,8 @@ struct SimNode {
         cowWrites = [:]
         nextTicket = 1
         cowSyncRecords = 0
+        cowReads = [:]
+        cowSync = nil
         barrierToRecord = nil
         rollbackRun = nil
     }

@@ -169,9 +169,11 @@ extension World {
                 submitNow(i, nodes[i].cowWrites.removeValue(forKey: ticket)!)
             case .read(let id, let firstChunk, let chunkCount):
                 let latency = rng.chance(30) ? rng.between(5, 60) * SimTime.ms : rng.between(20, 1500) * SimTime.us
+                nodes[i].cowReads[id] = (firstChunk, chunkCount)
                 queue.push(now + latency, .cowRead(node: i, life: nodes[i].life, id: id, firstChunk: firstChunk, chunkCount: chunkCount))
             case .sync(let through):
                 nodes[i].cowSyncRecords = nodes[i].undo.segments.last?.records.count ?? 0
+                nodes[i].cowSync = through
                 queue.push(now + rng.between(100, 3000) * SimTime.us, .cowSync(node: i, life: nodes[i].life, through: through))
             }
         }
@@ -181,6 +183,7 @@ extension World {
     /// A read of chunks to save is done: append a record for each chunk the store still needs.
     /// A failed read fails the undo store: every barrier is dropped and writes go on unprotected.
     func cowReadDone(_ i: Int, id: UInt32, firstChunk: UInt64, chunkCount: Int) {
+        guard nodes[i].cowReads.removeValue(forKey: id) != nil else { return }
         var appended = false
         if nodes[i].disk.errorPermille > 0 && rng.below(1000) < nodes[i].disk.errorPermille {
             record(.note("n\(i) copy-on-write read fails: every barrier dropped"))
@@ -206,6 +209,8 @@ extension World {
 
     /// The sync of the newest segment is done: the records appended before it started are durable.
     func cowSyncDone(_ i: Int, through: UInt64) {
+        guard nodes[i].cowSync == through else { return }
+        nodes[i].cowSync = nil
         if let last = nodes[i].undo.segments.indices.last {
             let covered = min(nodes[i].cowSyncRecords, nodes[i].undo.segments[last].records.count)
             for k in 0..<covered { nodes[i].undo.segments[last].records[k].durable = true }
@@ -213,6 +218,20 @@ extension World {
         var actions: [CopyOnWriteQueue.Action] = []
         nodes[i].cow.syncDone(through: through, into: &actions)
         performCopyOnWrite(i, actions)
+    }
+
+    /// A clean stop drains the clients first (`NBDServer.beginShutdown`), so the writes
+    /// copy-on-write holds are saved and reach the device before the node stops.
+    func drainCopyOnWrite(_ i: Int) {
+        while nodes[i].up && !nodes[i].cow.isIdle {
+            if let (id, read) = nodes[i].cowReads.min(by: { $0.key < $1.key }) {
+                cowReadDone(i, id: id, firstChunk: read.firstChunk, chunkCount: read.chunkCount)
+            } else if let through = nodes[i].cowSync {
+                cowSyncDone(i, through: through)
+            } else {
+                preconditionFailure("sim: copy-on-write busy with nothing in flight")
+            }
+        }
     }
 
     // MARK: The invariant at every fault

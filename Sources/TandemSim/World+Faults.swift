@@ -184,6 +184,7 @@ extension World {
     /// land) and the device is synced when the loop ends.
     func stop(_ i: Int) {
         abortSwitchoverBeforeAFault()
+        if options.barriers { drainCopyOnWrite(i) }
         let c = nodes[i].connection
         if let c { linkNotice(i, c) }
         persistMetadata(i)
