@@ -1177,8 +1177,16 @@ public struct ReplicaCore {
         let isZero = data.flags & PeerFlags.ResyncData.zero != 0
         // FUA: the source clears its bit on the ack, so the ack must mean durable. From a volatile
         // cache, a power loss here would lose the block with neither bitmap remembering it.
-        apply(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
-                      offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id))), into: &actions)
+        let io = LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
+                         offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id)))
+        if snapshots.isEmpty {
+            apply(io, into: &actions)
+        } else {
+            // A barrier from before a link loss is still to be recorded: this write is after its
+            // cut (as replicated writes after it are), so it waits until the barrier exists and
+            // is saved under it, never lands in its image.
+            snapshots[snapshots.count - 1].held.append(io)
+        }
     }
 
     private mutating func resyncWriteCompleted(_ id: Int, result: Int32, into actions: inout [Action]) {
