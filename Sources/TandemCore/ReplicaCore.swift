@@ -255,7 +255,7 @@ public struct ReplicaCore {
         } else {
             // Overlapping writes reach the local disk in the order they reach the peer's (which
             // applies in arrival order), or the two copies could end with different data.
-            apply(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload), into: &actions)
+            applyAfterBarriers(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload), into: &actions)
         }
         if sync == .syncSource { markResyncStale(offset: offset, length: length) }
         if replicating {
@@ -1177,14 +1177,18 @@ public struct ReplicaCore {
         let isZero = data.flags & PeerFlags.ResyncData.zero != 0
         // FUA: the source clears its bit on the ack, so the ack must mean durable. From a volatile
         // cache, a power loss here would lose the block with neither bitmap remembering it.
-        let io = LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
-                         offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id)))
+        applyAfterBarriers(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
+                                   offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id))), into: &actions)
+    }
+
+    /// A local write that did not come in the replication stream (a resync write, or a client
+    /// write on a node promoted meanwhile) while a barrier is still to be recorded: it is after
+    /// the barrier's cut, as replicated writes after it are, so it waits with them until the
+    /// barrier exists and is saved under it, and never lands in its image.
+    private mutating func applyAfterBarriers(_ io: LocalIO, into actions: inout [Action]) {
         if snapshots.isEmpty {
             apply(io, into: &actions)
         } else {
-            // A barrier from before a link loss is still to be recorded: this write is after its
-            // cut (as replicated writes after it are), so it waits until the barrier exists and
-            // is saved under it, never lands in its image.
             snapshots[snapshots.count - 1].held.append(io)
         }
     }
