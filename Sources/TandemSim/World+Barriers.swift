@@ -281,6 +281,14 @@ extension World {
         queue.push(now + SimTime.ms, .switchoverStep)
     }
 
+    /// A rollback is between the demotion and the promotion of the rolled-back node.
+    var rollingBack: Bool {
+        switch switchover {
+        case .rollingBack, .restoring, .afterRollback: true
+        default: rollbackBarrier != nil
+        }
+    }
+
     /// The step of a rollback after the demotion (`switchoverStep`).
     func rollbackStep(_ step: Switchover) {
         switch step {

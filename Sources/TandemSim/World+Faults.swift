@@ -18,7 +18,9 @@ enum Fault: CaseIterable {
         case .switchover: options.switchover ? 40 : 0
         case .isolate: options.witness ? 16 : 0
         case .witnessRestart: options.witness ? 4 : 0
-        case .rollback: options.barriers ? 40 : 0
+        // Not with a witness: the demoted node asks it for the automatic failover as soon as the
+        // rolling-back secondary disconnects (an operator would have to stop the witness first).
+        case .rollback: options.barriers && !options.witness ? 40 : 0
         }
     }
 }
@@ -118,7 +120,8 @@ extension World {
         checkContinuously()
         guard !done else { return }
         let s = other(i)
-        let failingOver = options.failover && i == primaryNode && nodes[s].up
+        // Not during a rollback: the operator running it promotes the rolled-back node.
+        let failingOver = options.failover && i == primaryNode && nodes[s].up && !rollingBack
         let redundant = isRedundant()
         // The primary's disk is detached, or the peer (a failover's target) is not UpToDate: this
         // node holds the only consistent copy.
