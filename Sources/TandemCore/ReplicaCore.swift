@@ -190,6 +190,10 @@ public struct ReplicaCore {
     /// Peer writes being written locally: write id -> arrival number.
     private var peerWritesInFlight: [UInt64: UInt64] = [:]
     private var peerArrivals: UInt64 = 0
+    /// Arrivals before the current link came up: writes of an earlier link (still on the disk,
+    /// or held behind a barrier) are not acknowledged on this one, whose primary never sent them
+    /// (after a restart it may reuse their ids).
+    private var peerArrivalsBeforeLink: UInt64 = 0
     /// Peer flushes waiting for earlier writes: (flush id, arrivals before it).
     private var peerFlushesWaiting: [(id: UInt64, before: UInt64)] = []
     /// Barriers waiting for earlier writes: (epoch, arrivals before it, writes in the epoch).
@@ -331,8 +335,8 @@ public struct ReplicaCore {
             flushes[id] = flush
             finishFlushIfDone(id, into: &actions)
         case .peerWrite(let id):
-            guard peerWritesInFlight.removeValue(forKey: id) != nil else { preconditionFailure("completion of unknown peer write \(id)") }
-            actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+            guard let arrival = peerWritesInFlight.removeValue(forKey: id) else { preconditionFailure("completion of unknown peer write \(id)") }
+            if arrival > peerArrivalsBeforeLink { actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0))))) }
             if result < 0 { peerWriteFailedOnLink = true }
             if result < 0, let failed = appliedInFlight.first(where: { $0.tag == tag }) {
                 // This copy lacks the write from now on, whatever the primary remembers.
@@ -659,6 +663,7 @@ public struct ReplicaCore {
         epoch = 1
         epochClosePending = false
         peerWriteFailedOnLink = false
+        peerArrivalsBeforeLink = peerArrivals
         resyncIDBase = freshUUID & 0x3FFF_FFFF_FFFF_0000  // fits an Int: the node keys buffers by id
         peerDisk = hello.diskState
         peerRole = hello.role
