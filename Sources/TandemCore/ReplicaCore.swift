@@ -195,6 +195,10 @@ public struct ReplicaCore {
     /// Peer writes being written locally: write id -> arrival number.
     private var peerWritesInFlight: [UInt64: UInt64] = [:]
     private var peerArrivals: UInt64 = 0
+    /// Arrivals before the current link came up: writes of an earlier link (still on the disk,
+    /// or held behind a barrier) are not acknowledged on this one, whose primary never sent them
+    /// (after a restart it may reuse their ids).
+    private var peerArrivalsBeforeLink: UInt64 = 0
     /// Peer flushes waiting for earlier writes: (flush id, arrivals before it).
     private var peerFlushesWaiting: [(id: UInt64, before: UInt64)] = []
     /// Barriers waiting for earlier writes: (epoch, arrivals before it, writes in the epoch).
@@ -203,6 +207,10 @@ public struct ReplicaCore {
     /// each (`before`) finish first, those after it wait in `held` until it is recorded.
     private var snapshots: [(info: BarrierInfo, before: UInt64, held: [LocalIO], recording: Bool)] = []
     private var peerEpochWrites: UInt32 = 0
+    /// A replicated write failed on this disk since the link came up: the block stays wrong
+    /// until the resync of the next connect, so no barrier is recorded meanwhile (a resync that
+    /// ends meanwhile may have cleared this side's mark; the primary learns it only at the ack).
+    private var peerWriteFailedOnLink = false
 
     public init(configuration: Configuration, role: PeerRole, disk: PeerDiskState, uuids: GenerationUUIDs, bitmap: DirtyBitmap, flags: Superblock.Flags = [.consistent]) {
         precondition(bitmap.deviceBytes == configuration.deviceBytes, "bitmap of another size")
@@ -261,7 +269,7 @@ public struct ReplicaCore {
         } else {
             // Overlapping writes reach the local disk in the order they reach the peer's (which
             // applies in arrival order), or the two copies could end with different data.
-            apply(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload), into: &actions)
+            applyAfterBarriers(LocalIO(tag: .client(id), operation: .write(kind: kind, fua: fua), offset: offset, length: length, buffer: payload), into: &actions)
         }
         if sync == .syncSource { markResyncStale(offset: offset, length: length) }
         if replicating {
@@ -337,8 +345,9 @@ public struct ReplicaCore {
             flushes[id] = flush
             finishFlushIfDone(id, into: &actions)
         case .peerWrite(let id):
-            guard peerWritesInFlight.removeValue(forKey: id) != nil else { preconditionFailure("completion of unknown peer write \(id)") }
-            actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
+            guard let arrival = peerWritesInFlight.removeValue(forKey: id) else { preconditionFailure("completion of unknown peer write \(id)") }
+            if arrival > peerArrivalsBeforeLink { actions.append(.send(.writeAck(id: id, result: UInt32(bitPattern: -min(result, 0))))) }
+            if result < 0 { peerWriteFailedOnLink = true }
             if result < 0, let failed = appliedInFlight.first(where: { $0.tag == tag }) {
                 // This copy lacks the write from now on, whatever the primary remembers.
                 bitmap.setRange(offset: failed.offset, length: UInt64(failed.length))
@@ -600,17 +609,25 @@ public struct ReplicaCore {
     }
 
     /// Asks the node to record the oldest barrier once every write that arrived before it is done.
+    /// Only an UpToDate disk that failed no replicated write on this link holds the barrier's
+    /// image then; otherwise the barrier is not kept here (its image would lack those writes,
+    /// and a rollback to it would not be the point in time it names).
     private mutating func recordSnapshotsIfReady(into actions: inout [Action]) {
         guard let first = snapshots.first, !first.recording else { return }
         guard !peerWritesInFlight.values.contains(where: { $0 <= first.before }) else { return }
         snapshots[0].recording = true
+        guard disk == .upToDate, !peerWriteFailedOnLink else { return barrierDone(into: &actions) }
         actions.append(.recordBarrier(first.info))
     }
 
     /// The node recorded the oldest barrier: the writes after it go to the disk now.
     public mutating func barrierRecorded(into actions: inout [Action]) {
         guard let first = snapshots.first, first.recording else { preconditionFailure("barrierRecorded without recordBarrier") }
-        snapshots.removeFirst()
+        barrierDone(into: &actions)
+    }
+
+    private mutating func barrierDone(into actions: inout [Action]) {
+        let first = snapshots.removeFirst()
         // The writes between this barrier and the next go now; later ones wait for the next.
         for io in first.held { apply(io, into: &actions) }
         recordSnapshotsIfReady(into: &actions)
@@ -618,9 +635,10 @@ public struct ReplicaCore {
 
     /// Primary: a point-in-time barrier, placed in the replication stream after every write
     /// sent so far (so after every write already answered). False when the peer is not an
-    /// UpToDate, connected secondary that could keep it.
+    /// UpToDate, connected secondary in sync that could keep it (blocks out of sync would be
+    /// missing from its image; the secondary also declines one after a write failed there).
     public mutating func createBarrier(_ info: BarrierInfo, into actions: inout [Action]) -> Bool {
-        guard role == .primary, link == .connected, sync == .established, peerDisk == .upToDate else { return false }
+        guard role == .primary, link == .connected, sync == .established, peerDisk == .upToDate, bitmap.setBitCount == 0 else { return false }
         actions.append(.send(.snapshot(info)))
         return true
     }
@@ -657,6 +675,8 @@ public struct ReplicaCore {
         linkSequence = 0
         epoch = 1
         epochClosePending = false
+        peerWriteFailedOnLink = false
+        peerArrivalsBeforeLink = peerArrivals
         resyncIDBase = freshUUID & 0x3FFF_FFFF_FFFF_0000  // fits an Int: the node keys buffers by id
         peerDisk = hello.diskState
         peerRole = hello.role
@@ -1181,8 +1201,20 @@ public struct ReplicaCore {
         let isZero = data.flags & PeerFlags.ResyncData.zero != 0
         // FUA: the source clears its bit on the ack, so the ack must mean durable. From a volatile
         // cache, a power loss here would lose the block with neither bitmap remembering it.
-        apply(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
-                      offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id))), into: &actions)
+        applyAfterBarriers(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
+                                   offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id))), into: &actions)
+    }
+
+    /// A local write that did not come in the replication stream (a resync write, or a client
+    /// write on a node promoted meanwhile) while a barrier is still to be recorded: it is after
+    /// the barrier's cut, as replicated writes after it are, so it waits with them until the
+    /// barrier exists and is saved under it, and never lands in its image.
+    private mutating func applyAfterBarriers(_ io: LocalIO, into actions: inout [Action]) {
+        if snapshots.isEmpty {
+            apply(io, into: &actions)
+        } else {
+            snapshots[snapshots.count - 1].held.append(io)
+        }
     }
 
     private mutating func resyncWriteCompleted(_ id: Int, result: Int32, into actions: inout [Action]) {

@@ -89,6 +89,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let rollbackChunksPerTick = 256
     /// The last rollback failed part way (it finishes when the node starts again).
     private var rollbackFailed = false
+    /// A rollback a crash interrupted, redone at attach: its marks and generation are persisted
+    /// in `start`, and only then is it finished in the undo store.
+    private var rollbackToFinish: UInt64?
     /// `tandem diff` on this node: the stream being written a step at a time between the loop's
     /// other work (replication goes on), and the last one's outcome, for status.
     private var diffRun: DiffMaker?
@@ -327,14 +330,27 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                                                 bytesMax: b.keepBytes > 0 ? UInt64(b.keepBytes) : nil))
                 for line in store.recoveryLog { logger.warning("undo store: \(line)") }
                 if let pending = store.pendingRollback {
+                    // Restored again from the start, then as `stepRollback` ends: the restored
+                    // chunks out of sync and a new generation, persisted (in `start`) before the
+                    // store forgets the rollback, so the peer resyncs them from here. (Without
+                    // the marks the pair would connect as equals and the replicas differ.)
                     logger.warning("undo store: finishing the rollback to barrier \(pending) a crash interrupted")
-                    let fd = device.fd
-                    _ = try store.rollback(
-                        to: pending,
-                        writeDevice: { offset, bytes in
-                            try BlockFile.write(device, bytes, at: offset)
-                        },
-                        syncDevice: { guard fdatasync(fd) == 0 else { throw UndoStoreError("cannot sync the device: \(SystemError.text(errno))") } })
+                    let plan = try store.beginRollback(to: pending)
+                    var buffer = [UInt8](repeating: 0, count: store.geometry.chunkBytes)
+                    for restore in plan.restores {
+                        try buffer.withUnsafeMutableBytes { raw in
+                            let data = UnsafeMutableRawBufferPointer(rebasing: raw[0..<restore.record.dataBytes])
+                            try store.readRecord(restore.record, of: restore.barrierID, into: data)
+                            try BlockFile.write(device, UnsafeRawBufferPointer(data), at: store.geometry.offset(ofChunk: restore.chunk))
+                        }
+                    }
+                    try BlockFile.dataSync(device.fd, device.path)
+                    var ignored: [ReplicaCore.Action] = []
+                    for restore in plan.restores {
+                        core.markOutOfSync(offset: store.geometry.offset(ofChunk: restore.chunk), length: UInt64(store.geometry.length(ofChunk: restore.chunk)))
+                    }
+                    core.startGenerationAfterRollback(freshUUID: Self.freshUUID(), into: &ignored)
+                    rollbackToFinish = pending
                 }
                 undo = store
                 logger.info("undo store \(undoPath): \(store.barriers.count) barriers")
@@ -383,6 +399,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     func start() throws(ServeError) {
         id = loop.register(self)
         copyOnWrite?.release = { [unowned self] io in submitNow(io) }
+        if let id = rollbackToFinish, let undo {
+            persistMetadata()
+            do { try undo.finishRollback(to: id) } catch { throw ServeError("undo store: finishing the rollback to barrier \(id): \(error)") }
+            rollbackToFinish = nil
+            logger.notice("rolled back to barrier \(id); \(peer.name) resyncs the restored chunks from here")
+        }
         if superblock.flags.contains(.wasPrimary) || core.role == .primary {
             superblock.flags.insert(.wasPrimary)
             persistMetadata()
@@ -422,6 +444,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             return logger.warning("barrier \(info.id) '\(info.label)' arrived but this node has no undo directory: not kept")
         }
         do {
+            // The writes before the barrier are on the device, maybe only in its volatile cache:
+            // durable first, or a power loss could take them and a resync would later save the
+            // older content as the barrier's image (Protocol/barriers.md, write ordering 1).
+            try BlockFile.dataSync(device.fd, device.path)
             let dropped = try undo.createBarrier(info, nowUnixSeconds: Self.unixSeconds())
             logger.info("barrier \(info.id) '\(info.label)' recorded")
             emit("barrier-recorded", "\"id\":\(info.id),\"label\":\(jsonString(info.label))")
@@ -442,7 +468,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         beginActions()
         let sent = core.createBarrier(info, into: &actions)
         perform()
-        guard sent else { return Self.error("the secondary is not connected and UpToDate: it could not keep the barrier") }
+        guard sent else { return Self.error("the secondary is not connected, UpToDate and in sync: it could not keep the barrier") }
         createdBarriers.append(info)
         if changes.barrierIDs.isEmpty {
             logger.info("changed-block tracking: \(changes.granuleCount) granules of \(changes.granuleBytes) bytes, \(changes.granuleCount * 2) bytes of memory")
@@ -566,6 +592,16 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 return
             }
             guard fdatasync(device.fd) == 0 else { throw UndoStoreError("cannot sync \(device.path): \(SystemError.text(errno))") }
+            // The restored chunks out of sync and a new generation, durable before the store
+            // forgets the rollback: a crash in between redoes the rollback at the next start
+            // (which marks them again), never leaves a device the peer takes for its equal.
+            beginActions()
+            for restore in run.plan.restores {
+                core.markOutOfSync(offset: geometry.offset(ofChunk: restore.chunk), length: UInt64(geometry.length(ofChunk: restore.chunk)))
+            }
+            core.startGenerationAfterRollback(freshUUID: Self.freshUUID(), into: &actions)
+            perform()
+            persistMetadata()
             try undo.finishRollback(to: run.id)
         } catch {
             rollbackRun = nil
@@ -576,10 +612,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
         rollbackRun = nil
         beginActions()
-        for restore in run.plan.restores {
-            core.markOutOfSync(offset: geometry.offset(ofChunk: restore.chunk), length: UInt64(geometry.length(ofChunk: restore.chunk)))
-        }
-        core.startGenerationAfterRollback(freshUUID: Self.freshUUID(), into: &actions)
         core.connect(discardMyData: false, into: &actions)
         perform()
         persistMetadata()

@@ -109,6 +109,11 @@ struct SimDisk {
         }
     }
 
+    /// A synchronous buffered write (a rollback's restore, `pwrite`): into the cache.
+    mutating func writeNow(_ block: Int, _ value: UInt64) {
+        put(block, value, durably: false)
+    }
+
     /// A synchronous `fdatasync` (the node's resync checkpoint): every completed write.
     mutating func flushNow() {
         for b in 0..<blocks where dirty[b] { durable[b] = cache[b]; dirty[b] = false }

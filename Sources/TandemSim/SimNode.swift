@@ -14,6 +14,11 @@ enum SimLayout {
     static let alRingSlots = ActivityLog.ringSlotsMin(capacity: alCapacity) + 2
     static let resourceName = "sim"
     static let transferLogEntriesMax = 16
+    /// Undo chunks of 4 blocks (a write saves its neighbours too), 4 barriers kept per node.
+    static let chunkBytes = 4 * blockBytes
+    static let barriersKept = 4
+    /// Chunks a rollback restores per step (the node: 256 per tick), so crashes fall mid-way.
+    static let rollbackChunksPerStep = 16
 
     /// `fencing` as the node sets it: with a witness.
     static func configuration(nodeID: UInt8, fencing: Bool) -> ReplicaCore.Configuration {
@@ -77,6 +82,22 @@ struct SimNode {
     var superblockFlags: Superblock.Flags = []
     var activityLog = SimLayout.activityLog(nextSequence: 1)
     var connection: Int?
+    /// The undo store's files (they survive crashes; see `SimUndoStore`).
+    var undo = SimUndoStore()
+
+    // Barriers, as ReplicatedNode and CopyOnWrite keep them in memory (`--barriers`).
+    var undoIndex = UndoIndex(geometry: SimUndoStore.geometry)
+    var cow = CopyOnWriteQueue(readChunksMax: 4)
+    var cowWrites: [UInt64: SimDisk.Op] = [:]
+    var nextTicket: UInt64 = 1
+    /// Records of the newest segment the sync in flight covers.
+    var cowSyncRecords = 0
+    /// Copy-on-write reads and the sync in flight (a clean stop finishes them).
+    var cowReads: [UInt32: (firstChunk: UInt64, chunkCount: Int)] = [:]
+    var cowSync: UInt64?
+    /// The barrier the core asked to record, waiting for copy-on-write to be idle.
+    var barrierToRecord: BarrierInfo?
+    var rollbackRun: (id: UInt64, plan: RollbackPlan, next: Int)?
 
     // Client side (primary), as ReplicatedNode: ids per process life, from 1.
     var nextClientID: UInt64 = 1
@@ -156,5 +177,13 @@ struct SimNode {
         actions = []
         performing = false
         ticks = 0
+        cow = CopyOnWriteQueue(readChunksMax: 4)
+        cowWrites = [:]
+        nextTicket = 1
+        cowSyncRecords = 0
+        cowReads = [:]
+        cowSync = nil
+        barrierToRecord = nil
+        rollbackRun = nil
     }
 }

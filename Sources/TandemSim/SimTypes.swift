@@ -22,6 +22,11 @@ public struct SimOptions: Sendable {
     /// client follows the new primary), deposing; faults cut a node off from its peer and the
     /// witness, and restart the witness (it forgets what it recorded).
     public var witness = false
+    /// Point-in-time barriers and rollback: the primary creates barriers under load, each node
+    /// keeps an undo store and saves chunks before overwriting them, and an operator rolls the
+    /// secondary back to a barrier (the primary demoted first); a rollback must yield exactly the
+    /// barrier's image, on both nodes after the resync that follows.
+    public var barriers = false
     /// Print every event as it happens (for replaying one seed).
     public var verbose = false
     /// Events kept for the trace printed on failure.
@@ -30,8 +35,9 @@ public struct SimOptions: Sendable {
     public var slot = 0
 
     public init(failover: Bool = false, overlappingClientWrites: Bool = false, primaryDiskErrors: Bool = false, doubleFaults: Bool = false,
-                switchover: Bool = false, witness: Bool = false, verbose: Bool = false, traceEvents: Int = 48, slot: Int = 0) {
+                switchover: Bool = false, witness: Bool = false, barriers: Bool = false, verbose: Bool = false, traceEvents: Int = 48, slot: Int = 0) {
         self.slot = slot
+        self.barriers = barriers
         self.witness = witness
         self.switchover = switchover
         self.primaryDiskErrors = primaryDiskErrors
@@ -125,6 +131,15 @@ enum Event {
     case witnessStart(life: Int)
     /// The next step of a node's own demotion (`Demotion`).
     case demotionStep(node: Int, life: Int)
+    /// Barriers (`World+Barriers.swift`): the secondary records one; copy-on-write's read of
+    /// chunks to save and sync of the undo store; a rollback's next restores and its end.
+    case barrierRecord(node: Int, life: Int)
+    case cowRead(node: Int, life: Int, id: UInt32, firstChunk: UInt64, chunkCount: Int)
+    case cowSync(node: Int, life: Int, through: UInt64)
+    case rollbackStep(node: Int, life: Int)
+    case rollbackDone(node: Int, life: Int)
+    /// A crash aimed at a rollback in progress (the windows are short for the random faults).
+    case rollbackCrash(node: Int, life: Int)
 }
 
 /// A min-heap of events by time, ties in scheduling order (so a run is a function of the seed).

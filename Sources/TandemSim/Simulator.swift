@@ -69,6 +69,12 @@ final class World {
     /// The secondary failed a replicated write, or the transfer log overflowed: the primary then
     /// keeps blocks out of sync on an established link until the next connect.
     var peerWriteFailed = false
+    // Barriers (`--barriers`).
+    var nextBarrierID: UInt64 = 1
+    /// Each barrier's image: the value of every block in the stream cut where it was created.
+    var barrierImages: [UInt64: [UInt64]] = [:]
+    /// The barrier a switchover in progress rolls the secondary back to, instead of promoting it.
+    var rollbackBarrier: UInt64?
 
     // The model of what the device must return (see `Checker` below).
     var floor: [UInt64]
@@ -107,6 +113,8 @@ final class World {
         primaryNode = rng.below(2)
         opsTotal = 60 + rng.below(340)
         inFlightMax = 1 + rng.below(8)
+        // Barriers: longer runs, so that barriers are kept and rolled back to, several times.
+        if options.barriers { opsTotal += 400 }
     }
 
     // MARK: Running
@@ -174,6 +182,10 @@ final class World {
             restart(i)
         case .promote(let i, let life, let tries):
             guard nodes[i].up, nodes[i].life == life, nodes[i].core.role == .secondary, i == primaryNode else { return }
+            switch switchover {
+            case .rollingBack, .restoring, .afterRollback: return  // the rollback promotes when it is done
+            default: break
+            }
             if options.witness && nodes[i].core.link != .connected && nodes[i].core.link != .handshaking {
                 // `tandem primary` with a witness and no peer: the witness must agree first.
                 if !nodes[i].promotionRequested {
@@ -232,6 +244,25 @@ final class World {
         case .demotionStep(let i, let life):
             guard nodes[i].up, nodes[i].life == life else { return }
             demotionStep(i)
+        case .barrierRecord(let i, let life):
+            guard nodes[i].up, nodes[i].life == life else { return }
+            recordBarrier(i)
+        case .cowRead(let i, let life, let id, let firstChunk, let chunkCount):
+            guard nodes[i].up, nodes[i].life == life else { return }
+            cowReadDone(i, id: id, firstChunk: firstChunk, chunkCount: chunkCount)
+        case .cowSync(let i, let life, let through):
+            guard nodes[i].up, nodes[i].life == life else { return }
+            cowSyncDone(i, through: through)
+        case .rollbackStep(let i, let life):
+            guard nodes[i].up, nodes[i].life == life else { return }
+            stepRollback(i)
+        case .rollbackDone(let i, let life):
+            guard nodes[i].up, nodes[i].life == life else { return }
+            rollbackDone(i)
+        case .rollbackCrash(let i, let life):
+            guard nodes[i].up, nodes[i].life == life, nodes[other(i)].up || options.doubleFaults else { return }
+            lastCrash = now
+            crash(i, powerLoss: rng.below(2) == 0)
         }
     }
 
@@ -323,9 +354,12 @@ final class World {
                 delays[other(i)] = rng.between(10, 500) * SimTime.us
                 kill(c, noticeDelay: delays)
             }
-        case .recordBarrier:
-            // Barriers are not simulated yet (one Fault case to come): recorded at once.
-            call(i) { core, a in core.barrierRecorded(into: &a) }
+        case .recordBarrier(let info):
+            guard options.barriers else {
+                // Without `--barriers` no barrier is created; were one, it would count at once.
+                return call(i) { core, a in core.barrierRecorded(into: &a) }
+            }
+            recordBarrierRequested(i, info)
         case .stateChanged(let status):
             record(.state(node: i, status))
             persistMetadata(i)
@@ -412,7 +446,9 @@ final class World {
                                 uuids: node.meta.uuids, bitmap: bitmap, flags: flags)
         node.core.spareUUID = freshUUID()
         node.up = true
+        node.undoIndex = node.undo.index()
         nodes[i] = node
+        if options.barriers { finishPendingRollback(i) }
         record(.note("n\(i) starts as \(role), disk \(disk), \(bitmap.setBitCount) blocks out of sync, flags \(flags.rawValue)"))
         if flags.contains(.wasPrimary) || role == .primary {
             nodes[i].superblockFlags.insert(.wasPrimary)
@@ -474,7 +510,15 @@ final class World {
             }
             kind = .write(payload, fua: fua)
         }
-        let number = nodes[i].disk.submit(SimDisk.Op(tag: io.tag, kind: kind, first: first, count: count))
+        let op = SimDisk.Op(tag: io.tag, kind: kind, first: first, count: count)
+        // Copy-on-write: the chunks the barriers need are saved and durable before a write
+        // reaches the device (ReplicatedNode.submit).
+        if options.barriers, case .write = kind { return copyOnWrite(i, op) }
+        submitNow(i, op)
+    }
+
+    func submitNow(_ i: Int, _ op: SimDisk.Op) {
+        let number = nodes[i].disk.submit(op)
         // Latencies are drawn per operation, so completions come back out of order.
         let latency = rng.chance(30) ? rng.between(5, 60) * SimTime.ms : rng.between(20, 1500) * SimTime.us
         queue.push(now + latency, .diskDone(node: i, life: nodes[i].life, op: number))
@@ -604,6 +648,8 @@ final class World {
     func connect() {
         guard nodes[0].up, nodes[1].up else { return }
         guard nodes[0].connection == nil, nodes[1].connection == nil else { return }
+        // A node rolling back stands alone (it neither dials nor accepts) until it is done.
+        guard nodes[0].rollbackRun == nil, nodes[1].rollbackRun == nil else { return scheduleConnect() }
         guard partitionUntil <= now, isolatedUntil[0] <= now, isolatedUntil[1] <= now else { return scheduleConnect() }
         let c = conns.count
         conns.append(Connection())

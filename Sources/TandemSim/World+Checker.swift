@@ -44,6 +44,7 @@ extension World {
     ///   and in sync, each block its bitmap calls in sync holds, on the peer, what the client
     ///   was acknowledged.
     func checkContinuously() {
+        if options.barriers { checkBarrierImages() }
         let p = primaryNode, s = other(p)
         guard nodes[p].up, nodes[p].core.role == .primary else { return }
         let busy = busyBlocks()

@@ -3,7 +3,7 @@ import TandemCore
 /// Faults, one case each: to add one, add a case (last, so that the seeds of the other modes
 /// keep their picks), a weight (0 unless its option is on) and its effect in `inject`.
 enum Fault: CaseIterable {
-    case linkReset, partition, crash, restart, diskErrors, corrupt, verify, none, switchover, isolate, witnessRestart
+    case linkReset, partition, crash, restart, diskErrors, corrupt, verify, none, switchover, isolate, witnessRestart, rollback
 
     func weight(_ options: SimOptions) -> Int {
         switch self {
@@ -18,6 +18,9 @@ enum Fault: CaseIterable {
         case .switchover: options.switchover ? 40 : 0
         case .isolate: options.witness ? 16 : 0
         case .witnessRestart: options.witness ? 4 : 0
+        // Not with a witness: the demoted node asks it for the automatic failover as soon as the
+        // rolling-back secondary disconnects (an operator would have to stop the witness first).
+        case .rollback: options.barriers && !options.witness ? 40 : 0
         }
     }
 }
@@ -70,7 +73,7 @@ extension World {
             // Only where a verify from the primary finds it: with failover, switchover or a
             // detached primary the rotten copy may serve or become the resync source, and
             // nothing can tell.
-            guard !options.failover, !options.primaryDiskErrors, !options.switchover, !options.witness, nodes[s].up else { return }
+            guard !options.failover, !options.primaryDiskErrors, !options.switchover, !options.witness, !options.barriers, nodes[s].up else { return }
             let b = rng.below(SimLayout.blocks)
             record(.fault("n\(s) block \(b) rots"))
             count("fault corruption")
@@ -88,6 +91,8 @@ extension World {
             isolate(i, for: rng.chance(400) ? rng.between(100, 1000) * SimTime.ms : rng.between(1500, 6000) * SimTime.ms)
         case .witnessRestart:
             restartWitness(after: rng.between(50, 3000) * SimTime.ms)
+        case .rollback:
+            startRollback()
         }
     }
 
@@ -115,7 +120,8 @@ extension World {
         checkContinuously()
         guard !done else { return }
         let s = other(i)
-        let failingOver = options.failover && i == primaryNode && nodes[s].up
+        // Not during a rollback: the operator running it promotes the rolled-back node.
+        let failingOver = options.failover && i == primaryNode && nodes[s].up && !rollingBack
         let redundant = isRedundant()
         // The primary's disk is detached, or the peer (a failover's target) is not UpToDate: this
         // node holds the only consistent copy.
@@ -152,6 +158,7 @@ extension World {
             }
         }
         if powerLoss { nodes[i].disk.powerLoss(rng: &rng) } else { nodes[i].disk.processCrash() }
+        if powerLoss && options.barriers { nodes[i].undo.powerLoss(rng: &rng) }
         if let w = nodes[i].witnessConn {
             killWitnessLink(w, nodeDelay: 0, witnessDelay: powerLoss ? SimTime.peerTimeout + rng.between(0, 200) * SimTime.ms : rng.between(10, 1000) * SimTime.us)
         }
@@ -180,6 +187,7 @@ extension World {
     /// land) and the device is synced when the loop ends.
     func stop(_ i: Int) {
         abortSwitchoverBeforeAFault()
+        if options.barriers { drainCopyOnWrite(i) }
         let c = nodes[i].connection
         if let c { linkNotice(i, c) }
         persistMetadata(i)
@@ -294,6 +302,10 @@ extension World {
     }
 
     func finalChecks() {
+        if options.barriers {
+            checkBarrierImages()
+            if done { return }
+        }
         let p = primaryNode, s = other(p)
         let corrupt = nodes[s].disk.corrupt
         for b in 0..<SimLayout.blocks where !corrupt[b] && nodes[p].disk.cache[b] != nodes[s].disk.cache[b] {

@@ -9,6 +9,11 @@ enum Switchover {
     case draining(from: Int, life: Int)
     case flushing(from: Int, life: Int)
     case promoting(to: Int, tries: Int)
+    /// A rollback instead of the promotion (`--barriers`, `World+Barriers.swift`): the secondary
+    /// waits to see the demoted peer, restores, then the pair resyncs from it.
+    case rollingBack(to: Int, barrier: UInt64, tries: Int)
+    case restoring(node: Int, barrier: UInt64)
+    case afterRollback(node: Int, barrier: UInt64, tries: Int)
 }
 
 extension World {
@@ -42,6 +47,8 @@ extension World {
             }
         case .flushing(let p, let life):
             guard nodes[p].up, nodes[p].life == life else { return abortSwitchover("n\(p) is gone") }
+        case .rollingBack, .restoring, .afterRollback:
+            return rollbackStep(step)
         case .promoting(let s, let tries):
             if nodes[s].up, nodes[s].core.role == .primary {
                 // Promoted meanwhile another way (the witness's automatic failover).
@@ -83,12 +90,18 @@ extension World {
         persistMetadata(p)
         record(.fault("switchover: n\(p) demoted (flush \(result))"))
         primaryNode = other(p)
+        if let id = rollbackBarrier {
+            rollbackBarrier = nil
+            switchover = .rollingBack(to: other(p), barrier: id, tries: 0)
+            return
+        }
         switchover = .promoting(to: other(p), tries: 0)
     }
 
     func abortSwitchover(_ why: String) {
         guard let step = switchover else { return }
         switchover = nil
+        rollbackBarrier = nil
         record(.note("switchover abandoned: \(why)"))
         count("switchover abandoned")
         if case .promoting(let s, _) = step, !(nodes[s].up && nodes[s].core.role == .primary) {

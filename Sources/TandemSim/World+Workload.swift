@@ -8,6 +8,8 @@ extension World {
         if opsIssued < opsTotal {
             let p = primaryNode
             if nodes[p].up && nodes[p].core.role == .primary && pending.count < inFlightMax && switchover == nil { issue(on: p) }
+            // The operator (or `[barriers] interval-minutes`) creates barriers under load.
+            if options.barriers && switchover == nil && rng.chance(40) { createBarrier() }
             // A client refused for lack of quorum retries slowly.
             let backoff = options.witness && nodes[p].up && !hasQuorum(p) ? 20 * SimTime.ms : 0
             // With a witness, a slower client: the run lasts long enough for an isolation to

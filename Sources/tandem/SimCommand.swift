@@ -16,6 +16,7 @@ struct Sim: ParsableCommand {
               tandem sim --seeds 1000 --failover     # also fail over (crash the primary, promote the peer)
               tandem sim --seeds 1000 --switchover   # also demote the primary and promote the secondary under load
               tandem sim --seeds 1000 --witness      # a witness: no two nodes may acknowledge writes apart
+              tandem sim --seeds 1000 --barriers     # barriers under load, rollbacks: exactly the barrier's image
             """)
 
     @Option(help: "Run this one seed.")
@@ -48,6 +49,9 @@ struct Sim: ParsableCommand {
     @Flag(help: "Add a witness: quorum, fencing, automatic failover; nodes are cut off, the witness restarts.")
     var witness = false
 
+    @Flag(help: "Create point-in-time barriers under load (undo stores, copy-on-write) and roll the secondary back to them.")
+    var barriers = false
+
     @Option(help: "Stop after this many failing seeds (0: never).")
     var maxFailures: Int = 10
 
@@ -61,7 +65,7 @@ struct Sim: ParsableCommand {
     func run() throws {
         SimCrashReporter.install()
         let options = SimOptions(failover: failover, overlappingClientWrites: overlappingWrites, primaryDiskErrors: primaryDiskErrors, doubleFaults: doubleFaults,
-                                 switchover: switchover, witness: witness, verbose: verbose)
+                                 switchover: switchover, witness: witness, barriers: barriers, verbose: verbose)
         if let seed {
             print("seed \(seed)")
             let report = Simulator.run(seed: seed, options: options)

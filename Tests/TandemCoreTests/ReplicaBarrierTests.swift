@@ -40,4 +40,36 @@ import Testing
         other.primary.peerMessage(.snapshot(BarrierInfo(id: 2, createdUnixSeconds: 1)), into: &actions)
         #expect(actions.contains { if case .dropLink(.protocolError) = $0 { true } else { false } })
     }
+
+    /// A secondary whose disk failed a replicated write lacks it: a barrier after it would not be
+    /// the image it names, so the secondary keeps none (found by `tandem sim --barriers`).
+    @Test func aSecondaryThatFailedAWriteKeepsNoBarrier() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1), -5)
+        var actions: [ReplicaCore.Action] = []
+        let info = BarrierInfo(id: 3, createdUnixSeconds: 1)
+        pair.secondary.peerMessage(.snapshot(info), into: &actions)
+        #expect(!actions.contains(.recordBarrier(info)))
+        // A write after it is not held for a barrier that will never be recorded.
+        pair.applySecondary(actions)
+        pair.write(2, at: 1 << 20)
+        pair.deliverToSecondary()
+        #expect(pair.secondaryDisk.contains { $0.tag == .peerWrite(2) })
+    }
+
+    /// A write of an earlier link that completes after the next link is up is not acknowledged
+    /// on it: its primary never sent it there (and after a restart may reuse the id).
+    @Test func writesOfAnEarlierLinkAreNotAcknowledgedOnTheNext() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.dropLink()
+        pair.reconnect()
+        pair.toPrimary.removeAll()
+        pair.completeSecondary(.peerWrite(1))
+        #expect(!pair.toPrimary.contains { if case .writeAck = $0 { true } else { false } })
+        #expect(pair.dropped.allSatisfy { if case .protocolError = $0 { false } else { true } })
+    }
 }

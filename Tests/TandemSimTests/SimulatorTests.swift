@@ -26,12 +26,13 @@ import TandemSim
     /// The modes the default run leaves out, 100 seeds each, in parallel with the chunks above;
     /// each covers what it adds.
     enum Mode: String, CaseIterable, CustomStringConvertible {
-        case switchover, witness
+        case switchover, witness, barriers
 
         var options: SimOptions {
             switch self {
             case .switchover: SimOptions(switchover: true, slot: SimulatorTests.chunks)
             case .witness: SimOptions(witness: true, slot: SimulatorTests.chunks + 1)
+            case .barriers: SimOptions(barriers: true, slot: SimulatorTests.chunks + 2)
             }
         }
 
@@ -39,6 +40,7 @@ import TandemSim
             switch self {
             case .switchover: ["switchover", "switchover done"]
             case .witness: ["fault isolation", "fault witness restart", "witness fenced the peer", "witness promotion", "quorum lost"]
+            case .barriers: ["barrier recorded", "undo records saved", "rollback done", "rollback finished at start", "rollback resynced"]
             }
         }
 
@@ -250,6 +252,36 @@ import TandemSim
     func theDeviceIsSyncedAtAttach(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
     }
+
+    /// A secondary recorded a barrier while the writes before it were only in its disk's volatile
+    /// cache; a power loss took them and the resync that repaired them saved the older content as
+    /// the barrier's image.
+    @Test(arguments: SimRegressions.barrierOnUnsyncedWrites)
+    func aBarrierIsRecordedOnDurableWrites(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(barriers: true)))
+    }
+
+    /// A rollback finished at start (after a crash part way), or one that crashed before its
+    /// metadata write, left the restored chunks unmarked and no new generation: the pair connected
+    /// as equals and the replicas differed.
+    @Test(arguments: SimRegressions.rollbackMarksLost)
+    func aRollbackMarksItsChunksBeforeTheStoreForgetsIt(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(barriers: true)))
+    }
+
+    /// A detached secondary, or a resync target whose failed write the end of the resync forgot,
+    /// recorded barriers whose images lacked the write it failed.
+    @Test(arguments: SimRegressions.barrierAfterFailedWrite)
+    func aSecondaryThatFailedAWriteKeepsNoBarrier(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(barriers: true)))
+    }
+
+    /// Resync writes after a link loss, and the first client writes of a node promoted meanwhile,
+    /// landed in the image of a barrier still to be recorded.
+    @Test(arguments: SimRegressions.writesIntoPendingBarrier)
+    func writesWaitBehindAPendingBarrier(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(switchover: true, barriers: true)))
+    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -278,4 +310,8 @@ enum SimRegressions {
     static let wasPrimaryKeptByTheCore: [UInt64] = [241, 530, 1593]
     static let doneOnADetachedDisk: [UInt64] = [1100]
     static let unsyncedAtAttach: [UInt64] = [996]
+    static let barrierOnUnsyncedWrites: [UInt64] = [65, 188, 216]
+    static let rollbackMarksLost: [UInt64] = [6, 10, 21]
+    static let barrierAfterFailedWrite: [UInt64] = [1, 31, 35, 252, 1643]
+    static let writesIntoPendingBarrier: [UInt64] = [135, 169]
 }
