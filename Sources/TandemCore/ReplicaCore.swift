@@ -852,14 +852,20 @@ public struct ReplicaCore {
 
     /// Makes this node primary (`tandem primary`). Refused while the peer is primary, while a
     /// resync writes into this node, or (without `force`) unless the local disk is UpToDate.
-    /// Without the peer, this node's writes start a new generation (`freshUUID`); with `force`
-    /// an Outdated or Inconsistent disk is declared UpToDate (the operator takes the risk).
+    /// Without the peer, this node's first write starts a new generation (`freshUUID` is kept
+    /// for it), not the promotion: a node promoted alone that writes nothing (it crashes first,
+    /// or demotes) still holds the peer's generation, and causes no split brain with a peer
+    /// promoted and written later (DRBD 9 likewise sets `NEW_CUR_UUID` at promotion and starts
+    /// the generation at the first write). With `force` an Outdated, Consistent or Inconsistent
+    /// disk is declared UpToDate (the operator takes the risk) and, as in DRBD, the new
+    /// generation starts at once: this data is declared the newest, whatever the peer holds.
     public mutating func promote(force: Bool, freshUUID: UInt64, nowMillis: UInt64, into actions: inout [Action]) -> RoleChangeRefusal? {
         guard role != .primary else { return nil }
         if link == .connected || link == .handshaking {
             if peerRole == .primary { return .peerIsPrimary }
             if sync == .syncTarget || pendingSync == .syncTarget { return .resyncTarget }
         }
+        var forced = false
         switch disk {
         case .upToDate:
             break
@@ -867,6 +873,7 @@ public struct ReplicaCore {
             guard replicating && peerDisk == .upToDate else { return .noUsableData }
         case .inconsistent, .outdated, .consistent:
             guard force else { return .diskNotUpToDate(disk) }
+            forced = true
             disk = .upToDate
             localFlags.remove(.outdated)
             localFlags.remove(.resyncTarget)
@@ -874,9 +881,14 @@ public struct ReplicaCore {
         }
         role = .primary
         primarySinceMillis = nowMillis
-        if !replicating && uuids.bitmap == 0 && !(link == .handshaking) {
-            // Writes from here on belong to a generation the peer does not have.
-            uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
+        if !replicating && uuids.bitmap == 0 && link != .handshaking {
+            if forced {
+                uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
+            } else if spareUUID == nil {
+                // The first write without the peer starts the generation (`clientWrite`; with
+                // fencing, `startGenerationWithoutPeer` once the witness fenced the peer).
+                spareUUID = freshUUID
+            }
         }
         announceState(into: &actions)
         return nil

@@ -250,6 +250,15 @@ import TandemSim
     func theDeviceIsSyncedAtAttach(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
     }
+
+    /// The survivor of a failover started a generation at its promotion and lost power before
+    /// its first write; the old primary, promoted alone later, started one too: equal bitmap
+    /// UUIDs, a split brain though only one node wrote (now a generation starts at the first
+    /// write without the peer, as in DRBD 9).
+    @Test(arguments: SimRegressions.generationAtPromotion)
+    func aPromotionWithoutAWriteStartsNoGeneration(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
+    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -278,4 +287,5 @@ enum SimRegressions {
     static let wasPrimaryKeptByTheCore: [UInt64] = [241, 530, 1593]
     static let doneOnADetachedDisk: [UInt64] = [1100]
     static let unsyncedAtAttach: [UInt64] = [996]
+    static let generationAtPromotion: [UInt64] = [883]
 }
