@@ -826,7 +826,8 @@ public struct ReplicaCore {
     /// The peer ended the link over a split brain: this side stays StandAlone too.
     private var peerDisconnectedForSplitBrain = false
     /// A fresh UUID for the first write without the peer (a new generation). The node keeps one
-    /// here at all times (the core has no random numbers); the link loss supplies one too.
+    /// here at all times (the core has no random numbers); the link loss and a promotion supply
+    /// one too.
     public var spareUUID: UInt64?
 
     /// The witness fenced the peer: writes answered from now on (and those held) belong to a
