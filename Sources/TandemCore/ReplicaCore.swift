@@ -108,6 +108,9 @@ public struct ReplicaCore {
     private var awaitingSkippedSyncUUID = false
     /// The peer's current UUID as of the connect: what a resync target adopts at the end.
     private var peerCurrentUUID: UInt64 = 0
+    /// A replicated write or flush failed on this disk while it was not detached for it (a
+    /// resync target): the resync's end leaves it without that write.
+    private var replicationFailedDuringResync = false
 
     // MARK: Resync state (source)
 
@@ -402,7 +405,14 @@ public struct ReplicaCore {
     /// the write): detach. A resync target is Inconsistent already; the source copies the range
     /// again.
     private mutating func detachAfterReplicationError(into actions: inout [Action]) {
-        guard role == .secondary, sync == .established, disk != .inconsistent else { return }
+        guard role == .secondary, disk != .failed else { return }
+        guard sync == .established, disk != .inconsistent else {
+            // The source may end the resync before the failed write's ack reaches it (it marks
+            // the range then, too late for this link): `resyncDone` must not make this copy
+            // UpToDate without it.
+            replicationFailedDuringResync = true
+            return
+        }
         detachLocalDisk(into: &actions)
     }
 
@@ -659,6 +669,8 @@ public struct ReplicaCore {
         pendingSync = nil
         awaitingSkippedSyncUUID = false
         peerCurrentUUID = hello.uuids.current
+        // What failed on an earlier link is marked in the bitmap this connect exchanges.
+        replicationFailedDuringResync = false
         if disk == .failed || hello.diskState == .failed || hello.diskState == .diskless {
             return connectWithDetachedDisk(peer: hello, into: &actions)
         }
@@ -1201,10 +1213,20 @@ public struct ReplicaCore {
         localFlags.remove(.crashedPrimary)
         localFlags.remove(.outdated)
         localFlags.insert(.consistent)
-        bitmap.clearAll()
-        disk = .upToDate
         peerDisk = .upToDate
         sync = .established
+        if replicationFailedDuringResync {
+            // A replicated write or flush failed here during the resync, and the source ended it
+            // before it heard: this copy lacks an acknowledged write (the source marked it, but a
+            // failover would promote this side without it). Detached, as for a secondary's failed
+            // write; the marks stay for the resync after the next attach.
+            replicationFailedDuringResync = false
+            disk = .inconsistent
+            detachLocalDisk(into: &actions)
+            return
+        }
+        bitmap.clearAll()
+        disk = .upToDate
         actions.append(.stateChanged(status))
     }
 
