@@ -255,6 +255,20 @@ import TandemSim
     /// its first write; the old primary, promoted alone later, started one too: equal bitmap
     /// UUIDs, a split brain though only one node wrote (now a generation starts at the first
     /// write without the peer, as in DRBD 9).
+    /// A replicated write failed on the resync target just before the source ended the resync
+    /// (its ack still on the way): the target became UpToDate without it and was promoted.
+    @Test(arguments: SimRegressions.failedWriteBeforeResyncDone)
+    func aTargetThatFailedAWriteIsNotUpToDateAtTheResyncsEnd(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
+
+    /// The checker's failover onto a stale peer took the peer's cache as what it keeps; the
+    /// peer (an old primary cut off) lost its own unflushed write in a power loss.
+    @Test(arguments: SimRegressions.checkerFailoverOntoUnflushedPeer)
+    func aFailoverPeerKeepsOnlyWhatItsDiskMadeDurable(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
+
     @Test(arguments: SimRegressions.generationAtPromotion)
     func aPromotionWithoutAWriteStartsNoGeneration(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
@@ -288,4 +302,6 @@ enum SimRegressions {
     static let doneOnADetachedDisk: [UInt64] = [1100]
     static let unsyncedAtAttach: [UInt64] = [996]
     static let generationAtPromotion: [UInt64] = [883]
+    static let failedWriteBeforeResyncDone: [UInt64] = [1302]
+    static let checkerFailoverOntoUnflushedPeer: [UInt64] = [1785]
 }
