@@ -110,6 +110,9 @@ public struct ReplicaCore {
     private var awaitingSkippedSyncUUID = false
     /// The peer's current UUID as of the connect: what a resync target adopts at the end.
     private var peerCurrentUUID: UInt64 = 0
+    /// A replicated write or flush failed on this disk while it was not detached for it (a
+    /// resync target): the resync's end leaves it without that write.
+    private var replicationFailedDuringResync = false
 
     // MARK: Resync state (source)
 
@@ -416,7 +419,14 @@ public struct ReplicaCore {
     /// the write): detach. A resync target is Inconsistent already; the source copies the range
     /// again.
     private mutating func detachAfterReplicationError(into actions: inout [Action]) {
-        guard role == .secondary, sync == .established, disk != .inconsistent else { return }
+        guard role == .secondary, disk != .failed else { return }
+        guard sync == .established, disk != .inconsistent else {
+            // The source may end the resync before the failed write's ack reaches it (it marks
+            // the range then, too late for this link): `resyncDone` must not make this copy
+            // UpToDate without it.
+            replicationFailedDuringResync = true
+            return
+        }
         detachLocalDisk(into: &actions)
     }
 
@@ -684,6 +694,8 @@ public struct ReplicaCore {
         pendingSync = nil
         awaitingSkippedSyncUUID = false
         peerCurrentUUID = hello.uuids.current
+        // What failed on an earlier link is marked in the bitmap this connect exchanges.
+        replicationFailedDuringResync = false
         if disk == .failed || hello.diskState == .failed || hello.diskState == .diskless {
             return connectWithDetachedDisk(peer: hello, into: &actions)
         }
@@ -851,7 +863,8 @@ public struct ReplicaCore {
     /// The peer ended the link over a split brain: this side stays StandAlone too.
     private var peerDisconnectedForSplitBrain = false
     /// A fresh UUID for the first write without the peer (a new generation). The node keeps one
-    /// here at all times (the core has no random numbers); the link loss supplies one too.
+    /// here at all times (the core has no random numbers); the link loss and a promotion supply
+    /// one too.
     public var spareUUID: UInt64?
 
     /// The witness fenced the peer: writes answered from now on (and those held) belong to a
@@ -877,14 +890,20 @@ public struct ReplicaCore {
 
     /// Makes this node primary (`tandem primary`). Refused while the peer is primary, while a
     /// resync writes into this node, or (without `force`) unless the local disk is UpToDate.
-    /// Without the peer, this node's writes start a new generation (`freshUUID`); with `force`
-    /// an Outdated or Inconsistent disk is declared UpToDate (the operator takes the risk).
+    /// Without the peer, this node's first write starts a new generation (`freshUUID` is kept
+    /// for it), not the promotion: a node promoted alone that writes nothing (it crashes first,
+    /// or demotes) still holds the peer's generation, and causes no split brain with a peer
+    /// promoted and written later (DRBD 9 likewise sets `NEW_CUR_UUID` at promotion and starts
+    /// the generation at the first write). With `force` an Outdated, Consistent or Inconsistent
+    /// disk is declared UpToDate (the operator takes the risk) and, as in DRBD, the new
+    /// generation starts at once: this data is declared the newest, whatever the peer holds.
     public mutating func promote(force: Bool, freshUUID: UInt64, nowMillis: UInt64, into actions: inout [Action]) -> RoleChangeRefusal? {
         guard role != .primary else { return nil }
         if link == .connected || link == .handshaking {
             if peerRole == .primary { return .peerIsPrimary }
             if sync == .syncTarget || pendingSync == .syncTarget { return .resyncTarget }
         }
+        var forced = false
         switch disk {
         case .upToDate:
             break
@@ -892,6 +911,7 @@ public struct ReplicaCore {
             guard replicating && peerDisk == .upToDate else { return .noUsableData }
         case .inconsistent, .outdated, .consistent:
             guard force else { return .diskNotUpToDate(disk) }
+            forced = true
             disk = .upToDate
             localFlags.remove(.outdated)
             localFlags.remove(.resyncTarget)
@@ -899,9 +919,14 @@ public struct ReplicaCore {
         }
         role = .primary
         primarySinceMillis = nowMillis
-        if !replicating && uuids.bitmap == 0 && !(link == .handshaking) {
-            // Writes from here on belong to a generation the peer does not have.
-            uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
+        if !replicating && uuids.bitmap == 0 && link != .handshaking {
+            if forced {
+                uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: freshUUID)
+            } else if spareUUID == nil {
+                // The first write without the peer starts the generation (`clientWrite`; with
+                // fencing, `startGenerationWithoutPeer` once the witness fenced the peer).
+                spareUUID = freshUUID
+            }
         }
         announceState(into: &actions)
         return nil
@@ -1231,10 +1256,20 @@ public struct ReplicaCore {
         localFlags.remove(.crashedPrimary)
         localFlags.remove(.outdated)
         localFlags.insert(.consistent)
-        bitmap.clearAll()
-        disk = .upToDate
         peerDisk = .upToDate
         sync = .established
+        if replicationFailedDuringResync {
+            // A replicated write or flush failed here during the resync, and the source ended it
+            // before it heard: this copy lacks an acknowledged write (the source marked it, but a
+            // failover would promote this side without it). Detached, as for a secondary's failed
+            // write; the marks stay for the resync after the next attach.
+            replicationFailedDuringResync = false
+            disk = .inconsistent
+            detachLocalDisk(into: &actions)
+            return
+        }
+        bitmap.clearAll()
+        disk = .upToDate
         actions.append(.stateChanged(status))
     }
 

@@ -143,7 +143,9 @@ extension World {
                 record(.note("failover onto a peer that was not up to date: its writes or the old primary's"))
                 for b in 0..<SimLayout.blocks where nodes[s].disk.cache[b] != floor[b] {
                     floor[b] = min(floor[b], nodes[s].disk.cache[b])
-                    stable[b] = min(stable[b], floor[b])
+                    // What the peer's cache holds there may be its own unflushed write (a primary
+                    // cut off, or not yet demoted): its power loss keeps only its durable value.
+                    stable[b] = min(stable[b], floor[b], nodes[s].disk.durable[b])
                     uncertain(b, upTo: maxSeq[b])
                 }
             }

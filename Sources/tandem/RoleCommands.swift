@@ -10,8 +10,9 @@ struct Primary: ParsableCommand {
             local disk is UpToDate. --force promotes an Outdated or Inconsistent disk anyway: the
             node's data becomes the truth, and writes the peer had that this node lacks are lost
             (or, if the peer also writes, end in a split brain that must be resolved by hand).
-            Without the peer connected, the node starts a new data generation, so the peer
-            resyncs from it later.
+            Without the peer connected, the node's first write starts a new data generation, so
+            the peer resyncs from it later (a node promoted alone that writes nothing keeps the
+            peer's generation); --force on a disk that is not UpToDate starts one at once.
 
             Examples:
               tandem primary r0.toml --node beta

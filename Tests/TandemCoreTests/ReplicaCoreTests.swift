@@ -604,6 +604,41 @@ struct Pair {
         #expect(pair.primary.sync == .established && pair.toSecondary.contains(.send(.resyncDone)))
     }
 
+    /// Found by the simulator (`--witness --failover --double-faults --overlapping-writes`, seed
+    /// 1302): a replicated write failed on the resync target just before the source, which had
+    /// not heard yet, ended the resync; `resyncDone` made the target UpToDate without the write,
+    /// and a failover promoted it.
+    @Test func aWriteThatFailedOnTheTargetKeepsItFromBecomingUpToDate() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 0, 65536)
+        pair.completePrimary(.client(1))
+        pair.reconnect()
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
+        pair.primary.tick(nowNanos: 1_100_000_000, into: &actions)
+        pair.applyPrimary(actions)
+        for io in pair.primaryDisk { if case .resyncRead = io.tag { pair.completePrimary(io.tag) } }
+        pair.write(2, at: 1 << 20)  // replicated to the target during the resync
+        pair.completePrimary(.client(2))
+        pair.deliverToSecondary()
+        for io in pair.secondaryDisk { if case .resyncWrite = io.tag { pair.completeSecondary(io.tag) } }
+        pair.deliverToPrimary()
+        pair.completePrimary(.resyncFlush)
+        #expect(pair.primary.sync == .established && pair.toSecondary.contains(.send(.resyncDone)), "the source ended the resync")
+        pair.completeSecondary(.peerWrite(2), -5)
+        #expect(pair.secondary.disk == .inconsistent, "a resync target does not detach at once: the source copies the range again")
+        pair.deliverToSecondary()
+        #expect(pair.secondary.disk == .failed && pair.secondary.localFlags.contains(.resyncTarget),
+                "the resync ended without the failed write: detached, not UpToDate")
+        #expect(pair.secondary.bitmap.isDirty(offset: 1 << 20, length: 4096), "marked for the resync after the next attach")
+        #expect(pair.secondary.uuids.current == pair.primary.uuids.current, "the source's generation, with that block marked")
+        pair.deliverToPrimary()
+        #expect(pair.completed[2] == 0 && pair.primary.peerDisk == .failed && pair.primary.bitmap.isDirty(offset: 1 << 20, length: 4096))
+        pair.dropLink()
+        #expect(pair.secondary.promote(force: false, freshUUID: 0x9000, nowMillis: 1, into: &actions) == .noUsableData)
+    }
+
     /// Found by the simulator (`--switchover`, seed 2722): a client write during a verify's
     /// handshake started a generation the target never adopted (it took the hello's at the end);
     /// after a switchover, the next link loss looked like a split brain.

@@ -53,17 +53,23 @@ import Testing
         #expect(pair.primary.role == .primary && pair.primary.link == .handshaking, "the resync of those blocks started")
     }
 
-    @Test func promotingAlonStartsANewGenerationAndTheReturningPeerResyncsFromIt() {
+    @Test func aSurvivorPromotedAloneStartsANewGenerationAtItsFirstWriteAndTheReturningPeerResyncsFromIt() {
         var pair = Pair()
         // The primary crashes (it never sees the link go); the survivor (UpToDate) is promoted
         // and writes alone.
         var old = pair.primary
         pair.dropLink()
         var actions: [ReplicaCore.Action] = []
+        let before = pair.secondary.uuids
         #expect(pair.secondary.promote(force: false, freshUUID: 0xB000, nowMillis: 5, into: &actions) == nil)
-        #expect(pair.secondary.uuids.current == 0xB000 && pair.secondary.uuids.bitmap == 0x1000)
+        #expect(pair.secondary.uuids == before, "no write yet: still the peer's generation")
         actions.removeAll()
         pair.secondary.clientWrite(id: 1, offset: 1 << 20, length: 4096, kind: .write, fua: false, into: &actions)
+        #expect(pair.secondary.uuids.current == 0xB000 && pair.secondary.uuids.bitmap == 0x1000)
+        let rotatedFirst = actions.firstIndex { if case .stateChanged = $0 { true } else { false } }
+        let submitted = actions.firstIndex { if case .submitLocal = $0 { true } else { false } }
+        #expect(rotatedFirst != nil && submitted != nil && rotatedFirst! < submitted!,
+                "the node persists the new generation (on the state change) before the write reaches the disk")
         pair.secondary.localCompleted(.client(1), result: 0, into: &actions)
         #expect(pair.secondary.bitmap.isDirty(offset: 1 << 20, length: 4096))
         // The old primary returns as secondary (after its crash) and becomes the target.
@@ -92,6 +98,60 @@ import Testing
         #expect(pair.secondary.role == .secondary)
         #expect(pair.secondary.promote(force: true, freshUUID: 0xC002, nowMillis: 1, into: &actions) == nil)
         #expect(pair.secondary.role == .primary && pair.secondary.disk == .upToDate && !pair.secondary.localFlags.contains(.outdated))
+        #expect(pair.secondary.uuids.current == 0xC002 && pair.secondary.uuids.bitmap == 0x1000,
+                "forced: this data is declared the newest, a new generation at once (as DRBD)")
+    }
+
+    /// A failover, then the survivor crashes too, and the old primary is promoted alone and
+    /// writes; the survivor returns. Returns both sides' decisions on the reconnect.
+    private static func failoverTwice(survivorWrites: Bool) -> (ReplicaCore, ReplicaCore) {
+        var pair = Pair()
+        var n0 = pair.primary
+        pair.dropLink()
+        var actions: [ReplicaCore.Action] = []
+        // n0 (primary) loses power; n1 is promoted alone, then loses power too.
+        var n1 = pair.secondary
+        #expect(n1.promote(force: false, freshUUID: 0xB000, nowMillis: 5, into: &actions) == nil)
+        if survivorWrites {
+            n1.clientWrite(id: 1, offset: 1 << 20, length: 4096, kind: .write, fua: false, into: &actions)
+            n1.localCompleted(.client(1), result: 0, into: &actions)
+            #expect(n1.uuids.current == 0xB000 && n1.uuids.bitmap == 0x1000)
+        } else {
+            #expect(n1.uuids == pair.secondary.uuids, "promoted, never wrote: no new generation")
+        }
+        n1 = ReplicaCore(configuration: n1.configuration, role: .secondary, disk: .upToDate, uuids: n1.uuids, bitmap: n1.bitmap,
+                         flags: [.consistent, .crashedPrimary])
+        // n0 comes back (secondary, after its crash), is promoted alone and writes.
+        n0 = ReplicaCore(configuration: n0.configuration, role: .secondary, disk: .upToDate, uuids: n0.uuids, bitmap: n0.bitmap,
+                         flags: [.consistent, .crashedPrimary])
+        n0.spareUUID = 0xE000  // as the node keeps one
+        #expect(n0.promote(force: false, freshUUID: 0xE001, nowMillis: 9, into: &actions) == nil)
+        n0.clientWrite(id: 2, offset: 2 << 20, length: 4096, kind: .write, fua: false, into: &actions)
+        n0.localCompleted(.client(2), result: 0, into: &actions)
+        #expect(n0.uuids.current == 0xE000 && n0.uuids.bitmap == 0x1000)
+        let hello0 = Self.hello(of: n0), hello1 = Self.hello(of: n1)
+        n0.linkUp(peer: hello1, freshUUID: 0xF000, into: &actions)
+        n1.linkUp(peer: hello0, freshUUID: 0xF001, into: &actions)
+        return (n0, n1)
+    }
+
+    /// Found by the simulator (`--failover --double-faults --overlapping-writes`, seed 883): the
+    /// survivor of a failover started a generation at its promotion and lost power before it
+    /// wrote; the old primary, promoted alone later, started one too at its own, and the two
+    /// generations looked like writes on both sides (equal bitmap UUIDs): a split brain though
+    /// only one node wrote.
+    @Test func aNodePromotedAloneThatNeverWroteCausesNoSplitBrain() {
+        let (n0, n1) = Self.failoverTwice(survivorWrites: false)
+        #expect(!n0.splitBrain && !n1.splitBrain)
+        #expect(n0.lastDecision?.decision == .becomeSource && n1.lastDecision?.decision == .becomeTarget)
+        #expect(n1.lastDecision?.rule == .peerBitmapIsLocalCurrent, "n0 wrote since n1's generation")
+    }
+
+    @Test func twoNodesThatBothWroteApartAreStillASplitBrain() {
+        let (n0, n1) = Self.failoverTwice(survivorWrites: true)
+        #expect(n0.splitBrain && n1.splitBrain)
+        #expect(n0.lastDecision?.decision == .splitBrain && n1.lastDecision?.decision == .splitBrain)
+        #expect(n0.lastDecision?.rule == .equalBitmaps && n0.link == .standalone && n1.link == .standalone)
     }
 
     @Test func anOutdatedSecondaryIsUpToDateAgainAfterCatchingUp() {

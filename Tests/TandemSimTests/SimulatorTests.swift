@@ -282,6 +282,29 @@ import TandemSim
     func writesWaitBehindAPendingBarrier(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(switchover: true, barriers: true)))
     }
+
+    /// A replicated write failed on the resync target just before the source ended the resync
+    /// (its ack still on the way): the target became UpToDate without it and was promoted.
+    @Test(arguments: SimRegressions.failedWriteBeforeResyncDone)
+    func aTargetThatFailedAWriteIsNotUpToDateAtTheResyncsEnd(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
+
+    /// The checker's failover onto a stale peer took the peer's cache as what it keeps; the
+    /// peer (an old primary cut off) lost its own unflushed write in a power loss.
+    @Test(arguments: SimRegressions.checkerFailoverOntoUnflushedPeer)
+    func aFailoverPeerKeepsOnlyWhatItsDiskMadeDurable(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
+
+    /// The survivor of a failover started a generation at its promotion and lost power before
+    /// its first write; the old primary, promoted alone later, started one too: equal bitmap
+    /// UUIDs, a split brain though only one node wrote (now a generation starts at the first
+    /// write without the peer, as in DRBD 9).
+    @Test(arguments: SimRegressions.generationAtPromotion)
+    func aPromotionWithoutAWriteStartsNoGeneration(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
+    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -314,4 +337,7 @@ enum SimRegressions {
     static let rollbackMarksLost: [UInt64] = [6, 10, 21]
     static let barrierAfterFailedWrite: [UInt64] = [1, 31, 35, 252, 1643]
     static let writesIntoPendingBarrier: [UInt64] = [135, 169]
+    static let generationAtPromotion: [UInt64] = [883]
+    static let failedWriteBeforeResyncDone: [UInt64] = [1302]
+    static let checkerFailoverOntoUnflushedPeer: [UInt64] = [1785]
 }
