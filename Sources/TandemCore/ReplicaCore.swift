@@ -37,7 +37,7 @@ public struct ReplicaCore {
         public var fencing = false
 
         public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192,
-                    resyncInFlightMax: Int = 8, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
+                    resyncInFlightMax: Int = 16, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
                     resyncBytesPerSecondMin: UInt64 = 10 << 20, splitBrainPolicy: SplitBrainPolicy = .disconnect, fencing: Bool = false) {
             self.splitBrainPolicy = splitBrainPolicy
             self.fencing = fencing
