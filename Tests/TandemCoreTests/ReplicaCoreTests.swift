@@ -138,6 +138,15 @@ struct Pair {
         applySecondary(actions)
     }
 
+    /// The primary writes `bytes` at 0 while the link is down, then the link comes back: it is
+    /// the resync source of those blocks (no budget yet: the resync starts on ticks).
+    mutating func resyncAfterWriteAlone(_ bytes: UInt32) {
+        dropLink()
+        write(1, at: 0, bytes)
+        completePrimary(.client(1))
+        reconnect()
+    }
+
     mutating func dropLink() {
         var actions: [ReplicaCore.Action] = []
         primary.linkDown(.peerClosed, freshUUID: 0x2000, into: &actions)
@@ -586,10 +595,7 @@ struct Pair {
     /// volatile cache, lost them in a power loss, and the replicas differed with no bit set.
     @Test func theSourceFlushesBeforeItEndsAResync() {
         var pair = Pair()
-        pair.dropLink()
-        pair.write(1, at: 0, 65536)
-        pair.completePrimary(.client(1))
-        pair.reconnect()
+        pair.resyncAfterWriteAlone(65536)
         var actions: [ReplicaCore.Action] = []
         pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
         pair.primary.tick(nowNanos: 1_100_000_000, into: &actions)
@@ -610,10 +616,7 @@ struct Pair {
     /// and a failover promoted it.
     @Test func aWriteThatFailedOnTheTargetKeepsItFromBecomingUpToDate() {
         var pair = Pair()
-        pair.dropLink()
-        pair.write(1, at: 0, 65536)
-        pair.completePrimary(.client(1))
-        pair.reconnect()
+        pair.resyncAfterWriteAlone(65536)
         var actions: [ReplicaCore.Action] = []
         pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
         pair.primary.tick(nowNanos: 1_100_000_000, into: &actions)
@@ -665,10 +668,7 @@ struct Pair {
 
     @Test func aClientWriteDuringAResyncReadMakesItsDataStale() {
         var pair = Pair()
-        pair.dropLink()
-        pair.write(1, at: 0, 4096)
-        pair.completePrimary(.client(1))
-        pair.reconnect()
+        pair.resyncAfterWriteAlone(4096)
         var actions: [ReplicaCore.Action] = []
         // The first tick starts the clock; budget accrues from the second.
         pair.primary.tick(nowNanos: 1, into: &actions)
@@ -721,10 +721,7 @@ struct Pair {
 
     @Test func resyncKeepsToItsRate() {
         var pair = Pair()
-        pair.dropLink()
-        pair.write(1, at: 0, 8 << 20)
-        pair.completePrimary(.client(1))
-        pair.reconnect()
+        pair.resyncAfterWriteAlone(8 << 20)
         var actions: [ReplicaCore.Action] = []
         // 256 MiB/s for 10 ms earns 2.6 MiB: no more than that (plus one run of debt) is read.
         pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
@@ -741,10 +738,7 @@ struct Pair {
     @Test(arguments: [false, true])
     func resyncSlowsWhileApplicationIOCompetes(byRead: Bool) {
         var pair = Pair()
-        pair.dropLink()
-        pair.write(1, at: 0, 8 << 20)
-        pair.completePrimary(.client(1))
-        pair.reconnect()
+        pair.resyncAfterWriteAlone(8 << 20)
         func resyncReads(_ actions: [ReplicaCore.Action]) -> Int {
             actions.reduce(0) { sum, action in
                 if case .submitLocal(let io) = action, case .resyncRead = io.tag { return sum + Int(io.length) }
