@@ -405,8 +405,16 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             rollbackToFinish = nil
             logger.notice("rolled back to barrier \(id); \(peer.name) resyncs the restored chunks from here")
         }
-        if superblock.flags.contains(.wasPrimary) || core.role == .primary {
+        if core.role == .primary {
             superblock.flags.insert(.wasPrimary)
+            persistMetadata()
+        } else if superblock.flags.contains(.wasPrimary) || superblock.flags.contains(.crashedPrimary) {
+            // Secondary after a crash as primary: the attach turned `wasPrimary` into
+            // `crashedPrimary` (with the hot extents marked), which the core keeps, and persists,
+            // until a resync copies them. `wasPrimary` goes now: kept, it would outlive that
+            // resync, and a later crash as secondary (the peer primary since) would make this
+            // node a crashed primary again, the source of its stale blocks over the peer's writes.
+            superblock.flags.remove(.wasPrimary)
             persistMetadata()
         }
         if me.id < peer.id {

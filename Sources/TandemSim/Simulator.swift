@@ -450,8 +450,13 @@ final class World {
         nodes[i] = node
         if options.barriers { finishPendingRollback(i) }
         record(.note("n\(i) starts as \(role), disk \(disk), \(bitmap.setBitCount) blocks out of sync, flags \(flags.rawValue)"))
-        if flags.contains(.wasPrimary) || role == .primary {
+        if role == .primary {
             nodes[i].superblockFlags.insert(.wasPrimary)
+            persistMetadata(i)
+        } else if flags.contains(.wasPrimary) || flags.contains(.crashedPrimary) {
+            // As the node: a secondary keeps `crashedPrimary` (the core clears it when a resync
+            // copied the hot extents), never `wasPrimary` (seeds 1393, 3952).
+            nodes[i].superblockFlags.remove(.wasPrimary)
             persistMetadata(i)
         }
         queue.push(now + rng.between(0, 100) * SimTime.ms, .tick(node: i, life: nodes[i].life))
