@@ -184,15 +184,19 @@ public struct GenerationUUIDs: Equatable, Sendable, CustomStringConvertible {
     /// `.wasPrimary` is also safe: it only makes the primary the source of a bitmap resync),
     /// `.consistent` separates usable data from Inconsistent, `.newZeroed` allows skipping the
     /// initial sync.
-    /// `localWinsTie` breaks the one symmetric case (both crashed as primary with the same
-    /// generation: DRBD's `DISCARD_CONCURRENT`); the two nodes must pass opposite values, e.g.
-    /// `localNodeID < peerNodeID`.
+    /// Both crashed as primary with the same generation: `localMarked` and `peerMarked` say
+    /// whether each side's bitmap holds marks (the hello's out-of-sync count); a side with marks
+    /// is the source over one without. `localWinsTie` breaks the one symmetric case left (both
+    /// marked, or neither: DRBD's `DISCARD_CONCURRENT`); the two nodes must pass opposite values,
+    /// e.g. `localNodeID < peerNodeID`.
     public static func decide(
         local: GenerationUUIDs, peer: GenerationUUIDs,
         localFlags: Superblock.Flags, peerFlags: Superblock.Flags,
+        localMarked: Bool = false, peerMarked: Bool = false,
         localWinsTie: Bool
     ) -> SyncDecision {
-        decideWithRule(local: local, peer: peer, localFlags: localFlags, peerFlags: peerFlags, localWinsTie: localWinsTie).decision
+        decideWithRule(local: local, peer: peer, localFlags: localFlags, peerFlags: peerFlags,
+                       localMarked: localMarked, peerMarked: peerMarked, localWinsTie: localWinsTie).decision
     }
 
     /// `decide`, with the UUID rule that matched. When exactly one side is consistent, the
@@ -202,13 +206,16 @@ public struct GenerationUUIDs: Equatable, Sendable, CustomStringConvertible {
     public static func decideWithRule(
         local: GenerationUUIDs, peer: GenerationUUIDs,
         localFlags: Superblock.Flags, peerFlags: Superblock.Flags,
+        localMarked: Bool = false, peerMarked: Bool = false,
         localWinsTie: Bool
     ) -> (decision: SyncDecision, rule: SyncRule) {
-        var (byUUIDs, rule) = compare(local: local, peer: peer, localFlags: localFlags, peerFlags: peerFlags, localWinsTie: localWinsTie)
+        var (byUUIDs, rule) = compare(local: local, peer: peer, localFlags: localFlags, peerFlags: peerFlags,
+                                      localMarked: localMarked, peerMarked: peerMarked, localWinsTie: localWinsTie)
         // The peer runs the same rules from its side. Generations made in time order always give
         // mirror images; when they do not (reused or damaged UUIDs: each side's say the other is
         // older), both could become target or both source, so stop as for a split brain.
-        let (theirs, _) = compare(local: peer, peer: local, localFlags: peerFlags, peerFlags: localFlags, localWinsTie: !localWinsTie)
+        let (theirs, _) = compare(local: peer, peer: local, localFlags: peerFlags, peerFlags: localFlags,
+                                  localMarked: peerMarked, peerMarked: localMarked, localWinsTie: !localWinsTie)
         if theirs != mirrored(byUUIDs) {
             (byUUIDs, rule) = (.splitBrain, .contradictory)
         }
@@ -250,6 +257,7 @@ public struct GenerationUUIDs: Equatable, Sendable, CustomStringConvertible {
     private static func compare(
         local: GenerationUUIDs, peer: GenerationUUIDs,
         localFlags: Superblock.Flags, peerFlags: Superblock.Flags,
+        localMarked: Bool, peerMarked: Bool,
         localWinsTie: Bool
     ) -> (SyncDecision, SyncRule) {
         let initial = GenerationUUIDs.initialCurrent
@@ -285,7 +293,16 @@ public struct GenerationUUIDs: Equatable, Sendable, CustomStringConvertible {
             case (false, false): return (.noSync, .equalCurrents)
             case (true, false): return (.becomeSource, .equalCurrents)
             case (false, true): return (.becomeTarget, .equalCurrents)
-            case (true, true): return (localWinsTie ? .becomeSource : .becomeTarget, .equalCurrents)
+            case (true, true):
+                // Both crashed as primary of this generation (one took over and crashed before
+                // its first write without the peer, which would have started a generation). A
+                // side whose bitmap is empty had every write it answered covered by a peer flush:
+                // the peer holds them. The side with marks may hold writes the other lacks
+                // (its hot extents), so it is the source; copying the other way could put older
+                // blocks over acknowledged writes. Only marks on both sides (or none) leave the
+                // tie to the node ids.
+                if localMarked != peerMarked { return (localMarked ? .becomeSource : .becomeTarget, .equalCurrents) }
+                return (localWinsTie ? .becomeSource : .becomeTarget, .equalCurrents)
             }
         }
 

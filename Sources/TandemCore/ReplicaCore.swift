@@ -704,6 +704,7 @@ public struct ReplicaCore {
         // the two sides' decisions differ (both sync source).
         var result = GenerationUUIDs.decideWithRule(
             local: uuids, peer: Self.uuids(of: hello), localFlags: localFlags.subtracting(.wasPrimary), peerFlags: Self.flags(of: hello),
+            localMarked: bitmap.setBitCount > 0, peerMarked: hello.outOfSyncBits > 0,
             localWinsTie: configuration.nodeID < hello.nodeID)
         if result.decision == .splitBrain, let resolved = resolveSplitBrain(rule: result.rule, peer: hello) {
             result.decision = resolved

@@ -59,6 +59,17 @@ import TandemCore
         #expect(both(same, same, ok, crashed) == .becomeTarget)
         #expect(both(same, same, crashed, crashed, localWinsTie: true) == .becomeSource)
         #expect(both(same, same, crashed, crashed, localWinsTie: false) == .becomeTarget)
+        // Both crashed as primary: the side whose bitmap holds marks (writes the other may lack)
+        // is the source whatever the node ids say; marks on both sides (or none) are a tie.
+        #expect(G.decide(local: same, peer: same, localFlags: crashed, peerFlags: crashed,
+                         localMarked: false, peerMarked: true, localWinsTie: true) == .becomeTarget)
+        #expect(G.decide(local: same, peer: same, localFlags: crashed, peerFlags: crashed,
+                         localMarked: true, peerMarked: false, localWinsTie: false) == .becomeSource)
+        #expect(G.decide(local: same, peer: same, localFlags: crashed, peerFlags: crashed,
+                         localMarked: true, peerMarked: true, localWinsTie: false) == .becomeTarget)
+        // Only both crashed: one crashed primary is the source even with no marks.
+        #expect(G.decide(local: same, peer: same, localFlags: crashed, peerFlags: ok,
+                         localMarked: false, peerMarked: true, localWinsTie: false) == .becomeSource)
         // Restarted, then demoted cleanly before reconnecting: wasPrimary is gone, crashedPrimary
         // still says the hot extents need resyncing.
         #expect(both(same, same, [.consistent, .crashedPrimary], ok) == .becomeSource)

@@ -147,6 +147,32 @@ import Testing
         #expect(n1.lastDecision?.rule == .peerBitmapIsLocalCurrent, "n0 wrote since n1's generation")
     }
 
+    /// Seeds 1393 and 3952 (`--witness --failover --double-faults --overlapping-writes`) reached
+    /// two crashed primaries of one generation with a node's stale `wasPrimary`; a real pair of
+    /// them (one took over and crashed before its first write alone) is decided by the marks: the
+    /// node whose bitmap holds marks is the source even when its id is the higher one, as its hot
+    /// extents may hold acknowledged writes the other lacks.
+    @Test func ofTwoCrashedPrimariesTheOneWithMarksIsTheSource() {
+        var pair = Pair()
+        pair.dropLink()
+        var actions: [ReplicaCore.Action] = []
+        var marked = pair.secondary.bitmap
+        marked.setRange(offset: 1 << 20, length: 4096)
+        var n0 = ReplicaCore(configuration: pair.primary.configuration, role: .secondary, disk: .upToDate, uuids: pair.primary.uuids,
+                             bitmap: DirtyBitmap(deviceBytes: pair.primary.bitmap.deviceBytes, granularityBytes: pair.primary.bitmap.granularityBytes),
+                             flags: [.consistent, .crashedPrimary])
+        var n1 = ReplicaCore(configuration: pair.secondary.configuration, role: .secondary, disk: .upToDate, uuids: pair.secondary.uuids,
+                             bitmap: marked, flags: [.consistent, .crashedPrimary])
+        #expect(n0.configuration.nodeID < n1.configuration.nodeID && n0.uuids == n1.uuids)
+        var hello0 = Pair.hello(of: n0, flags: PeerFlags.Hello.crashedPrimary), hello1 = Pair.hello(of: n1, flags: PeerFlags.Hello.crashedPrimary)
+        hello0.outOfSyncBits = UInt64(n0.bitmap.setBitCount)
+        hello1.outOfSyncBits = UInt64(n1.bitmap.setBitCount)
+        n0.linkUp(peer: hello1, freshUUID: 0xF000, into: &actions)
+        n1.linkUp(peer: hello0, freshUUID: 0xF001, into: &actions)
+        #expect(n1.lastDecision?.decision == .becomeSource && n0.lastDecision?.decision == .becomeTarget)
+        #expect(n0.lastDecision?.rule == .equalCurrents)
+    }
+
     @Test func twoNodesThatBothWroteApartAreStillASplitBrain() {
         let (n0, n1) = Self.failoverTwice(survivorWrites: true)
         #expect(n0.splitBrain && n1.splitBrain)

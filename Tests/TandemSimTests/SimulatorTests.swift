@@ -305,6 +305,17 @@ import TandemSim
     func aPromotionWithoutAWriteStartsNoGeneration(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
     }
+
+    /// A node that crashed as primary restarted secondary and kept `wasPrimary` after the resync
+    /// of its hot extents; the peer became primary, this node lost power as secondary (with the
+    /// peer's acknowledged writes in its cache) and came back a crashed primary again. The peer,
+    /// killed as primary, was one too, of the same generation: the lower id won the tie and
+    /// copied its older blocks over the peer's acknowledged writes (now a secondary drops
+    /// `wasPrimary` at start, and of two crashed primaries the one with marks is the source).
+    @Test(arguments: SimRegressions.staleWasPrimaryWonTheTie)
+    func aSecondaryIsNoCrashedPrimaryAfterItsResync(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -340,4 +351,5 @@ enum SimRegressions {
     static let generationAtPromotion: [UInt64] = [883]
     static let failedWriteBeforeResyncDone: [UInt64] = [1302]
     static let checkerFailoverOntoUnflushedPeer: [UInt64] = [1785]
+    static let staleWasPrimaryWonTheTie: [UInt64] = [1393, 3952]
 }
