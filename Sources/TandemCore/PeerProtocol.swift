@@ -283,6 +283,10 @@ public struct PeerDisconnectReason: RawRepresentable, Hashable, Sendable {
     public static let diskFailure = PeerDisconnectReason(rawValue: 9)
     /// Neither side may become sync source (both outdated or inconsistent).
     public static let noUpToDateData = PeerDisconnectReason(rawValue: 10)
+    /// The sender rolls its device back to a barrier (`tandem rollback`): its image becomes the
+    /// newest generation, so the receiver's data is outdated until it resyncs from the sender,
+    /// and it must not be promoted (by the witness either) meanwhile. The link comes back.
+    public static let rollback = PeerDisconnectReason(rawValue: 11)
 }
 
 // MARK: Message values

@@ -572,6 +572,18 @@ public struct ReplicaCore {
                 localFlags.insert(.outdated)
                 actions.append(.stateChanged(status))
             }
+            if reason == .rollback && role == .secondary {
+                // The peer rolls back to a barrier: its image is declared the newest and ours is
+                // about to be older. Outdated (persisted), this node neither asks the witness to
+                // take over nor is promoted without force while the peer restores; it resyncs
+                // from the peer when the link returns (barriers.md "Rollback and the witness").
+                peerLeftForRollback = true
+                if disk == .upToDate || disk == .consistent {
+                    disk = .outdated
+                    localFlags.insert(.outdated)
+                }
+                actions.append(.stateChanged(status))
+            }
         case .pingAck, .hello, .resyncRequest, .verifyRequest, .verifyDigest:
             // Link management, resync and verify are handled by the node until they move here.
             break
@@ -682,6 +694,7 @@ public struct ReplicaCore {
             actions.append(.stateChanged(status))
             return
         }
+        peerLeftForRollback = false
         linkSequence = 0
         epoch = 1
         epochClosePending = false
@@ -863,6 +876,9 @@ public struct ReplicaCore {
     public var primarySinceMillis: UInt64 = 0
     /// The peer ended the link over a split brain: this side stays StandAlone too.
     private var peerDisconnectedForSplitBrain = false
+    /// The peer left to roll back to a barrier (`disconnect(rollback)`) and has not connected
+    /// since: why this node is Outdated, for the operator.
+    public private(set) var peerLeftForRollback = false
     /// A fresh UUID for the first write without the peer (a new generation). The node keeps one
     /// here at all times (the core has no random numbers); the link loss and a promotion supply
     /// one too.
@@ -975,12 +991,19 @@ public struct ReplicaCore {
     }
 
     /// Disconnects on purpose (`tandem disconnect`, or the node stopping): the peer is told, so a
-    /// secondary left behind by a primary marks itself Outdated; then the link stays down.
-    public mutating func disconnect(freshUUID: UInt64, into actions: inout [Action]) {
+    /// secondary left behind by a primary marks itself Outdated; then the link stays down. With
+    /// `forRollback` (a secondary about to roll back, `tandem rollback`) the peer is told so and
+    /// marks itself Outdated whatever its role was.
+    public mutating func disconnect(freshUUID: UInt64, forRollback: Bool = false, into actions: inout [Action]) {
+        precondition(!forRollback || role == .secondary, "only a secondary rolls back")
         guard link != .standalone else { return }
         let wasUp = link == .connected || link == .handshaking
         if wasUp {
-            actions.append(.send(.disconnect(reason: .shutdown, text: role == .primary ? "primary disconnecting: outdate your data" : "disconnecting")))
+            if forRollback {
+                actions.append(.send(.disconnect(reason: .rollback, text: "rolling back to a barrier: outdate your data and resync from me")))
+            } else {
+                actions.append(.send(.disconnect(reason: .shutdown, text: role == .primary ? "primary disconnecting: outdate your data" : "disconnecting")))
+            }
             if role == .primary && peerDisk == .upToDate { peerDisk = .outdated }
             actions.append(.dropLink(.administrative))
             linkDown(.administrative, freshUUID: freshUUID, into: &actions)

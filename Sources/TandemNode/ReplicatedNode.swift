@@ -558,8 +558,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         guard copyOnWrite?.isIdle ?? true else { return Self.error("writes are still being saved for the barriers; try again in a moment") }
         guard diffRun == nil else { return Self.error("a diff is running (tandem status shows its progress); roll back after it") }
         guard core.peerRole != .primary else { return Self.error("\(peer.name) is primary: demote it first (tandem secondary), so nothing writes during the rollback") }
+        // The peer is told why (`disconnect(rollback)`): it marks itself Outdated, so neither the
+        // witness nor an operator without --force promotes it while this device goes back.
         beginActions()
-        core.disconnect(freshUUID: Self.freshUUID(), into: &actions)
+        core.disconnect(freshUUID: Self.freshUUID(), forRollback: true, into: &actions)
         perform()
         let plan: RollbackPlan
         do {
@@ -1718,7 +1720,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// `tandem primary [--force]`. With a witness and no peer, the witness must agree first
     /// (`--force` skips it: the operator answers for what the other node does).
     private func promote(force: Bool, reply: @escaping (String) -> Void) {
-        guard let witness, !force, core.role == .secondary, core.link != .connected, core.link != .handshaking else {
+        // A disk that is not UpToDate is refused here, with the reason, before the witness is asked
+        // (it would refuse too, with the reason in its log only).
+        guard let witness, !force, core.role == .secondary, core.link != .connected, core.link != .handshaking, core.disk == .upToDate else {
             return reply(promoteLocally(force: force))
         }
         guard witness.up else {
@@ -1748,6 +1752,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if let refusal {
             superblock.flags.remove(.wasPrimary)
             logger.warning("promotion refused: \(refusal)")
+            if case .diskNotUpToDate(.outdated) = refusal, core.peerLeftForRollback {
+                return Self.error("cannot promote: \(peer.name) is rolling back to a barrier and its image will be the newest; \(me.name) is Outdated until it resyncs from \(peer.name) (--force promotes anyway and makes a split brain with the rollback)")
+            }
             return Self.error("cannot promote: \(refusal)")
         }
         if force { logger.warning("promoted with --force: this node's data is declared UpToDate; if the peer holds newer writes they will be lost or split") }

@@ -112,6 +112,9 @@ enum Event {
     case deliver(conn: Int, to: Int)
     /// A node learns its connection is gone (reset, close, or its ping timeout).
     case linkNotice(node: Int, conn: Int)
+    /// A connection one side closed after sending (`closeAfterSending`): its messages are all
+    /// delivered, now it goes down for the other side too.
+    case closedAfterSending(conn: Int)
     case connect
     case tick(node: Int, life: Int)
     case restart(node: Int, life: Int)

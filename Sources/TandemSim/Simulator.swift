@@ -170,6 +170,8 @@ final class World {
             deliver(c, to: to)
         case .linkNotice(let i, let c):
             linkNotice(i, c)
+        case .closedAfterSending(let c):
+            kill(c, noticeDelay: [0, 0])
         case .connect:
             connectScheduled = false
             connect()
@@ -349,7 +351,14 @@ final class World {
         case .dropLink(let reason):
             record(.dropLink(node: i, reason))
             count("core drops link")
-            if let c = nodes[i].connection, conns[c].alive {
+            if reason == .administrative, let c = nodes[i].connection, conns[c].alive {
+                // `closeAfterSending`, as the node: the disconnect message (what makes the peer
+                // outdate itself) reaches the peer, then the close. This side reads nothing more.
+                let to = other(i)
+                nodes[i].connection = nil
+                record(.linkDown(node: i, conn: c))
+                queue.push(max(now, conns[c].lastDelivery[to]) + rng.between(10, 500) * SimTime.us, .closedAfterSending(conn: c))
+            } else if let c = nodes[i].connection, conns[c].alive {
                 var delays = [UInt64(0), UInt64(0)]
                 delays[other(i)] = rng.between(10, 500) * SimTime.us
                 kill(c, noticeDelay: delays)

@@ -352,7 +352,7 @@ extension World {
     /// `ReplicatedNode.rollback`: disconnect, the marker durable (`beginRollback`), the plan.
     /// From here the outcome is the barrier's image: the model forgets every later write.
     func beginRollback(_ s: Int, _ id: UInt64) {
-        call(s) { core, a in core.disconnect(freshUUID: freshUUID(), into: &a) }
+        call(s) { core, a in core.disconnect(freshUUID: freshUUID(), forRollback: true, into: &a) }
         nodes[s].undo.sync()
         nodes[s].undo.pendingRollback = id
         let plan = try! nodes[s].undoIndex.rollbackPlan(to: id)

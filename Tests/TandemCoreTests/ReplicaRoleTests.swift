@@ -102,6 +102,50 @@ import Testing
                 "forced: this data is declared the newest, a new generation at once (as DRBD)")
     }
 
+    /// `tandem rollback` on the secondary after the primary demoted: the peer is told why the
+    /// link goes down and marks itself Outdated (so the witness never lets it take over, nor an
+    /// operator without --force), then resyncs from the rolled-back node.
+    @Test func aRollbackOutdatesThePeerWhichResyncsFromTheRolledBackNode() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.primary.demote(into: &actions) == nil)
+        pair.applyPrimary(actions)
+        pair.deliverToSecondary()
+        #expect(pair.secondary.peerRole == .secondary)
+        actions.removeAll()
+        pair.secondary.disconnect(freshUUID: 0xC000, forRollback: true, into: &actions)
+        #expect(actions.contains(.send(.disconnect(reason: .rollback, text: "rolling back to a barrier: outdate your data and resync from me"))))
+        #expect(actions.contains(.dropLink(.administrative)))
+        #expect(pair.secondary.link == .standalone)
+        actions.removeAll()
+        // The demoted node (`primary` in the harness) receives it, then the close.
+        pair.primary.peerMessage(.disconnect(reason: .rollback, text: "x"), into: &actions)
+        #expect(pair.primary.disk == .outdated && pair.primary.localFlags.contains(.outdated), "persisted with the state change")
+        #expect(pair.primary.peerLeftForRollback)
+        pair.primary.linkDown(.peerClosed, freshUUID: 0xC001, into: &actions)
+        #expect(pair.primary.link == .connecting, "it reconnects when the rollback ends")
+        #expect(pair.primary.promote(force: false, freshUUID: 0xC002, nowMillis: 1, into: &actions) == .diskNotUpToDate(.outdated))
+        #expect(pair.primary.role == .secondary)
+        // The rollback ends: restored chunks out of sync, a new generation, connect.
+        pair.secondary.markOutOfSync(offset: 1 << 20, length: 4096)
+        pair.secondary.startGenerationAfterRollback(freshUUID: 0xC003, into: &actions)
+        pair.secondary.connect(discardMyData: false, into: &actions)
+        let before = pair.secondary.uuids
+        pair.reconnect()
+        #expect(pair.secondary.lastDecision?.decision == .becomeSource && pair.primary.lastDecision?.decision == .becomeTarget)
+        #expect(!pair.primary.peerLeftForRollback)
+        #expect(pair.secondary.uuids == before)
+    }
+
+    /// A primary never takes a rollback notice for itself (the rollback is refused while the
+    /// peer is primary; a late message finds it promoted): it keeps its disk.
+    @Test func aPrimaryIgnoresARollbackNotice() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.peerMessage(.disconnect(reason: .rollback, text: "x"), into: &actions)
+        #expect(pair.primary.disk == .upToDate && !pair.primary.localFlags.contains(.outdated))
+    }
+
     /// A failover, then the survivor crashes too, and the old primary is promoted alone and
     /// writes; the survivor returns. Returns both sides' decisions on the reconnect.
     private static func failoverTwice(survivorWrites: Bool) -> (ReplicaCore, ReplicaCore) {

@@ -376,3 +376,73 @@ def test_a_partition_between_the_data_nodes_leaves_exactly_one_writer(make_clust
     c.tandem("secondary", "--node", "alpha")
     assert c.stop("alpha") == 0 and c.stop("beta") == 0
     assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_a_rollback_with_a_witness_is_not_raced_by_a_failover(make_cluster, tmp_path):
+    """`tandem rollback` on the secondary while a witness runs: the rolling-back node tells its
+    peer why it leaves (`disconnect(rollback)`), so the demoted node marks itself Outdated and
+    never asks the witness to take over, and `tandem primary` refuses it while the rollback
+    lasts. The pair ends with the barrier's image on both nodes."""
+    c = make_cluster(witness=True)
+    text = c.resource.read_text()
+    for name in ("alpha", "beta"):
+        meta = f'metadata = "{tmp_path}/{name}.meta"\n'
+        text = text.replace(meta, meta + f'undo = "{tmp_path}/{name}.undo"\n')
+    c.resource.write_text(text)
+    run([TANDEM_BIN, "config", "check", str(c.resource)])
+    c.up("witness")
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    c.wait_for("alpha", "witness: link to witness up")
+    c.wait_for("beta", "witness: link to witness up")
+    writers = start_writers(c.uri("alpha"), [(0, 24 * MiB)], tag=3000, passes=1)
+    writers[0].join(timeout=120)
+    assert writers[0].error is None
+    since = c.mark("beta")
+    out = run([TANDEM_BIN, "barrier", "create", str(c.resource), "--node", "alpha", "--label", "good"]).stdout_text
+    good = int(re.search(r"barrier (\d+)", out).group(1))
+    c.wait_for("beta", rf"barrier {good} 'good' recorded", since=since)
+    image = read_device(c.uri("alpha"), 64 * MiB)
+    # Damage after the barrier: what the rollback undoes.
+    later = start_writers(c.uri("alpha"), [(8 * MiB, 56 * MiB)], tag=3100, passes=1)
+    later[0].join(timeout=120)
+    assert later[0].error is None
+    c.wait_connected()
+    c.tandem("secondary", "--node", "alpha")
+    since = (c.mark("alpha"), c.mark("beta"), c.mark("witness"))
+    # beta rolls back; alpha is cut off from beta as soon as it was told (so the rollback's end
+    # does not reconnect them at once): the window in which the witness used to promote alpha.
+    rollback = subprocess.Popen([TANDEM_BIN, "rollback", str(c.resource), "--node", "beta", str(good), "--yes-destroy-newer-data"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    c.wait_for("alpha", r"role secondary, disk outdated", timeout=30, since=since[0])
+    c.partition("alpha", "beta")
+    cp = c.tandem("primary", "--node", "alpha", check=False)
+    assert cp.returncode != 0 and "rolling back" in cp.stderr_text, cp.stderr_text
+    out, err = rollback.communicate(timeout=120)
+    assert rollback.returncode == 0, err
+    c.wait_for("beta", "rolled back to barrier", since=since[1])
+    # Longer than the peer timeout and many failover ticks: alpha stays secondary.
+    time.sleep(4)
+    assert c.status("alpha")["role"] == "Secondary"
+    assert "automatic failover" not in c.log("alpha")[since[0]:]
+    assert "alpha may become primary" not in c.log("witness")[since[2]:]
+    c.heal("alpha", "beta")
+    c.wait_for("alpha", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[0])
+    c.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[1])
+    assert c.status("alpha")["role"] == "Secondary"
+    # beta holds the newest data: the witness may have let it take over meanwhile (safe); demote it.
+    c.tandem("secondary", "--node", "beta")
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    a, b = (tmp_path / "alpha.img").read_bytes(), (tmp_path / "beta.img").read_bytes()
+    assert a == image and b == image, "both devices hold the barrier's image"
+
+
+def read_device(uri, size):
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        return b"".join(h.pread(4 * MiB, off) for off in range(0, size, 4 * MiB))
+    finally:
+        h.shutdown()
