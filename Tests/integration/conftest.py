@@ -123,6 +123,17 @@ def pattern(seed, n):
     return bytes(out[:n])
 
 
+def read_export(uri, size):
+    """The whole export at `uri` (libnbd), read 4 MiB at a time."""
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        return b"".join(h.pread(min(4 * MiB, size - off), off) for off in range(0, size, 4 * MiB))
+    finally:
+        h.shutdown()
+
+
 def nbdinfo_json(uri, *extra, timeout=30):
     cp = run(["nbdinfo", "--json", *extra, uri], timeout=timeout)
     try:

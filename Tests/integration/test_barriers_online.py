@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import MiB, TANDEM_BIN, free_port, run, _die_with_parent
+from conftest import MiB, TANDEM_BIN, free_port, read_export, run, _die_with_parent
 from test_filesystem import Cleanup, _have_fs_support, _mounted, check_files, write_files
 from test_replication import make_pair, qemu_io  # noqa: F401 (fixture)
 
@@ -44,16 +44,6 @@ def create_barrier(p, label):
     barrier = int(re.search(r"barrier (\d+)", out).group(1))
     p.wait_for("beta", rf"barrier {barrier} '{label}' recorded", since=since)
     return barrier
-
-
-def read_all(uri, size):
-    import nbd
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        return b"".join(h.pread(4 * MiB, off) for off in range(0, size, 4 * MiB))
-    finally:
-        h.shutdown()
 
 
 class FuseDisk:
@@ -130,9 +120,9 @@ def test_rollback_undoes_a_wrecked_filesystem_on_both_nodes(make_pair, tmp_path)
     port = free_port()
     tandem(p, "barrier", "export", "--node", "beta", str(good), "--listen", f"127.0.0.1:{port}")
     uri = f"nbd://127.0.0.1:{port}/r0@{good}"
-    assert read_all(uri, size) == image
+    assert read_export(uri, size) == image
     qemu_io(p.uri, "write -P 0xad 10M 5M", "flush")
-    assert read_all(uri, size) == image, "the export changed while the primary wrote"
+    assert read_export(uri, size) == image, "the export changed while the primary wrote"
     listing = json.loads(tandem(p, "barrier", "list", "--node", "beta", "--json").stdout_text)
     assert [b["id"] for b in listing["barriers"]] == [good] and listing["barriers"][0]["bytes_held"] > 3 * MiB
     assert listing["barriers"][0]["exported"] == f"127.0.0.1:{port}"
@@ -217,7 +207,7 @@ def test_a_killed_secondary_keeps_every_barrier_restorable(make_pair, tmp_path):
     for b, image in images.items():
         port = free_port()
         tandem(p, "barrier", "export", "--node", "beta", str(b), "--listen", f"127.0.0.1:{port}")
-        assert read_all(f"nbd://127.0.0.1:{port}/r0@{b}", size) == image, f"barrier {b} does not restore exactly"
+        assert read_export(f"nbd://127.0.0.1:{port}/r0@{b}", size) == image, f"barrier {b} does not restore exactly"
         tandem(p, "barrier", "unexport", "--node", "beta", str(b))
 
 
@@ -260,7 +250,7 @@ def test_diff_on_a_running_secondary_round_trips_while_it_replicates(make_pair, 
     run([TANDEM_BIN, "apply", incremental, "--to", target])
     port = free_port()
     tandem(p, "barrier", "export", "--node", "beta", str(second), "--listen", f"127.0.0.1:{port}")
-    assert target.read_bytes() == read_all(f"nbd://127.0.0.1:{port}/r0@{second}", size)
+    assert target.read_bytes() == read_export(f"nbd://127.0.0.1:{port}/r0@{second}", size)
     # The primary keeps no barriers (its undo store is empty): nothing to diff there.
     cp = tandem(p, "diff", "--node", "alpha", str(first), str(second), "--output", tmp_path / "x.tds", check=False)
     assert cp.returncode != 0 and f"no barrier {first} is retained" in cp.stderr_text, cp.stderr_text

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import netns
-from conftest import MiB, TANDEM_BIN, run, _die_with_parent
+from conftest import MiB, TANDEM_BIN, run, read_export, _die_with_parent
 
 pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
 
@@ -403,7 +403,7 @@ def test_a_rollback_with_a_witness_is_not_raced_by_a_failover(make_cluster, tmp_
     out = run([TANDEM_BIN, "barrier", "create", str(c.resource), "--node", "alpha", "--label", "good"]).stdout_text
     good = int(re.search(r"barrier (\d+)", out).group(1))
     c.wait_for("beta", rf"barrier {good} 'good' recorded", since=since)
-    image = read_device(c.uri("alpha"), 64 * MiB)
+    image = read_export(c.uri("alpha"), 64 * MiB)
     # Damage after the barrier: what the rollback undoes.
     later = start_writers(c.uri("alpha"), [(8 * MiB, 56 * MiB)], tag=3100, passes=1)
     later[0].join(timeout=120)
@@ -436,13 +436,3 @@ def test_a_rollback_with_a_witness_is_not_raced_by_a_failover(make_cluster, tmp_
     assert c.stop("alpha") == 0 and c.stop("beta") == 0
     a, b = (tmp_path / "alpha.img").read_bytes(), (tmp_path / "beta.img").read_bytes()
     assert a == image and b == image, "both devices hold the barrier's image"
-
-
-def read_device(uri, size):
-    import nbd
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        return b"".join(h.pread(4 * MiB, off) for off in range(0, size, 4 * MiB))
-    finally:
-        h.shutdown()
