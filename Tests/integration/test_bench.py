@@ -2,9 +2,11 @@
 it runs as, and leave a table, JSON and a chart. Speed is never asserted."""
 
 import json
+import subprocess
+import time
 import xml.etree.ElementTree as ET
 
-from conftest import TANDEM_BIN, run
+from conftest import TANDEM_BIN, free_port, run
 
 CASES = ["seq-read-1M/1c", "seq-read-1M/4c", "write-4k-qd1/1c", "write-4k-qd1/4c"]
 
@@ -51,3 +53,45 @@ def test_bad_option_is_one_error_line(tmp_path):
     assert cp.returncode != 0
     lines = cp.stderr_text.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bogus" in lines[0], cp.stderr_text
+
+
+def test_link_probe_moves_every_byte_through_either_record_layer(tmp_path):
+    """`tandem link-probe` (the TLS link limit's second method): one TLS 1.3 stream between two
+    processes with the pair's certificates, through Tandem's record layer or OpenSSL's."""
+    pki = tmp_path / "pki"
+    run([TANDEM_BIN, "certs", "--dir", pki, "--node", "alpha", "--node", "beta"], timeout=60)
+    total = 64 << 20
+    for extra, in_tandem in (([], True), (["--openssl-records"], False)):
+        port = free_port()
+        args = ["--port", str(port), "--pki", str(pki), "--bytes", str(total)] + extra
+        sender = subprocess.Popen([TANDEM_BIN, "link-probe", "--role", "send"] + args,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            got = None
+            for _ in range(100):  # the receiver dials once the sender listens
+                cp = run([TANDEM_BIN, "link-probe", "--role", "recv"] + args, check=False, timeout=60)
+                if cp.returncode == 0:
+                    got = json.loads(cp.stdout_text)
+                    break
+                time.sleep(0.05)
+            out, err = sender.communicate(timeout=60)
+        finally:
+            sender.kill()
+        assert got is not None, f"receiver never connected: {cp.stderr_text}"
+        sent = json.loads(out)
+        assert sent["bytes"] == total and got["bytes"] == total, (sent, got)
+        assert sent["version"] == "TLSv1.3" and sent["cipher"] == "TLS_AES_128_GCM_SHA256", sent
+        assert sent["records_in_tandem"] is in_tandem and got["records_in_tandem"] is in_tandem
+
+
+def test_the_tls_link_limit_is_the_faster_of_two_streams(tmp_path):
+    out = tmp_path / "run.json"
+    run([TANDEM_BIN, "bench", "--quick", "--size", "16M", "--runtime", "1", "--ramp-time", "0",
+         "--jobs", "write-4k-qd1", "--connections", "1", "--servers", "tandem-replicated",
+         "--no-resync", "--dir", tmp_path, "--json", out], timeout=240)
+    link = json.loads(out.read_text())["tls_link"]
+    methods = link["methods"]
+    assert set(methods) == {"openssl", "tandem"}, link
+    assert all(m["mib_s"] > 0 for m in methods.values()), link
+    assert link["mib_s"] == max(m["mib_s"] for m in methods.values())
+    assert link["cipher"] == "TLS_AES_128_GCM_SHA256", "the probe uses the link's suites"
