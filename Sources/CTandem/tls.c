@@ -65,10 +65,11 @@ typedef struct {
     // a window it took back, or bytes fed by copy.
     unsigned char *carry;
     size_t carry_start, carry_end, carry_cap;
-    // Plaintext of an opened record the caller had no room for.
-    unsigned char plain[REC_PLAIN_MAX + 256];
+    // Plaintext of an opened record the caller had no room for, and a record sealed for the
+    // overflow queue: allocated when the record layer is installed (NBD sessions never are).
+    unsigned char *plain; // REC_PLAIN_MAX + 256
     size_t plain_start, plain_end;
-    unsigned char sealed[REC_HEADER + REC_PLAIN_MAX + 1 + REC_TAG]; // a record for the overflow
+    unsigned char *sealed; // REC_HEADER + REC_PLAIN_MAX + 1 + REC_TAG
     uint64_t key_update_records; // send a KeyUpdate after this many records under one key
     int update_requested;       // the peer asked for our KeyUpdate: sent before the next record
     int closed;                 // close_notify received
@@ -461,25 +462,23 @@ static int control_record(ctandem_tls *t, unsigned char type, const unsigned cha
 // before reading on can direct the next bytes elsewhere (a frame's payload to its own buffer).
 static long offload_read(ctandem_tls *t, unsigned char *buf, size_t len) {
     record_layer *r = &t->rec;
-    size_t got = 0;
-    while (got < len) {
-        if (r->plain_start < r->plain_end) {
+    while (len > 0) {
+        if (r->plain_start < r->plain_end) { // what the last call had no room for
             size_t n = r->plain_end - r->plain_start;
-            if (n > len - got) n = len - got;
-            memcpy(buf + got, r->plain + r->plain_start, n);
+            if (n > len) n = len;
+            memcpy(buf, r->plain + r->plain_start, n);
             r->plain_start += n;
-            got += n;
-            break;
+            return (long)n;
         }
         if (r->closed) break;
         size_t rec_len = 0;
         int bad = 0;
         const unsigned char *rec = next_record(t, &rec_len, &bad);
         if (bad) return CTANDEM_TLS_ERROR;
-        if (!rec) break;
+        if (!rec) return CTANDEM_TLS_WANT;
         size_t inner = rec_len - REC_HEADER - REC_TAG;
         // Straight into the caller's buffer when the whole record fits.
-        unsigned char *dst = len - got >= inner ? buf + got : r->plain;
+        unsigned char *dst = len >= inner ? buf : r->plain;
         if (!open_record(r, rec, rec_len, dst)) {
             record_error(t, "TLS read failed: a record failed authentication (bad record MAC)");
             return CTANDEM_TLS_ERROR;
@@ -492,20 +491,17 @@ static long offload_read(ctandem_tls *t, unsigned char *buf, size_t len) {
         if (type == 23) {
             if (dst == r->plain) {
                 r->plain_start = 0;
-                r->plain_end = content;
-                continue; // copied out above
+                r->plain_end = content; // copied out at the top of the loop
+            } else if (content > 0) {
+                return (long)content;
             }
-            got += content;
-            if (got) break;
-            continue; // an empty record
+            continue; // an empty record, or plaintext parked in `plain`
         }
         int rc = control_record(t, type, dst, content);
         if (rc == CTANDEM_TLS_CLOSED) break;
         if (rc != CTANDEM_TLS_OK) return rc;
     }
-    if (got > 0) return (long)got;
-    if (r->closed) return CTANDEM_TLS_CLOSED;
-    return CTANDEM_TLS_WANT;
+    return r->closed ? CTANDEM_TLS_CLOSED : CTANDEM_TLS_WANT;
 }
 
 // Keylog lines carry the application traffic secrets (the only way OpenSSL 3.0 hands them out).
@@ -548,6 +544,9 @@ static void install_offload(ctandem_tls *t) {
     r->secret_len = (size_t)EVP_MD_get_size(r->md);
     if ((size_t)r->got_client_secret != r->secret_len || (size_t)r->got_server_secret != r->secret_len) return;
     if (SSL_has_pending(t->ssl)) return;
+    if (!r->plain) r->plain = malloc(REC_PLAIN_MAX + 256);
+    if (!r->sealed) r->sealed = malloc(REC_HEADER + REC_PLAIN_MAX + 1 + REC_TAG);
+    if (!r->plain || !r->sealed) return;
     int server = SSL_is_server(t->ssl);
     // Input OpenSSL has not read moves to the carry (the window, if set, stays where it is).
     window_bio *w = &t->in_window;
@@ -719,6 +718,9 @@ void ctandem_tls_free(ctandem_tls *t) {
     BIO_free(t->out_window.overflow);
     EVP_CIPHER_CTX_free(t->rec.rx.ctx);
     EVP_CIPHER_CTX_free(t->rec.tx.ctx);
+    if (t->rec.plain) OPENSSL_cleanse(t->rec.plain, REC_PLAIN_MAX + 256);
+    free(t->rec.plain);
+    free(t->rec.sealed);
     free(t->rec.carry);
     OPENSSL_cleanse(t, sizeof(*t));
     free(t);

@@ -82,7 +82,6 @@ struct LinkProbe: ParsableCommand {
                 }
                 guard tls.releaseInput() else { throw ValidationError("TLS: \(tls.lastError)") }
             }
-            try sendAll(fd, cipher, 0)
             _ = "done".withCString { Glibc.send(fd, $0, 4, 0) }
         }
         var end = timespec()

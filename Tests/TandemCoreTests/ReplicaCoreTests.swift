@@ -147,6 +147,16 @@ struct Pair {
         reconnect()
     }
 
+    /// 100 ms of resync budget: the source reads its first runs, and the reads complete (their
+    /// data goes to the peer).
+    mutating func readResyncRuns() {
+        var actions: [ReplicaCore.Action] = []
+        primary.tick(nowNanos: 1_000_000_000, into: &actions)
+        primary.tick(nowNanos: 1_100_000_000, into: &actions)
+        applyPrimary(actions)
+        for io in primaryDisk { if case .resyncRead = io.tag { completePrimary(io.tag) } }
+    }
+
     mutating func dropLink() {
         var actions: [ReplicaCore.Action] = []
         primary.linkDown(.peerClosed, freshUUID: 0x2000, into: &actions)
@@ -596,11 +606,7 @@ struct Pair {
     @Test func theSourceFlushesBeforeItEndsAResync() {
         var pair = Pair()
         pair.resyncAfterWriteAlone(65536)
-        var actions: [ReplicaCore.Action] = []
-        pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
-        pair.primary.tick(nowNanos: 1_100_000_000, into: &actions)
-        pair.applyPrimary(actions)
-        for io in pair.primaryDisk { if case .resyncRead = io.tag { pair.completePrimary(io.tag) } }
+        pair.readResyncRuns()
         pair.deliverToSecondary()
         for io in pair.secondaryDisk { if case .resyncWrite = io.tag { pair.completeSecondary(io.tag) } }
         pair.deliverToPrimary()
@@ -617,11 +623,7 @@ struct Pair {
     @Test func aWriteThatFailedOnTheTargetKeepsItFromBecomingUpToDate() {
         var pair = Pair()
         pair.resyncAfterWriteAlone(65536)
-        var actions: [ReplicaCore.Action] = []
-        pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
-        pair.primary.tick(nowNanos: 1_100_000_000, into: &actions)
-        pair.applyPrimary(actions)
-        for io in pair.primaryDisk { if case .resyncRead = io.tag { pair.completePrimary(io.tag) } }
+        pair.readResyncRuns()
         pair.write(2, at: 1 << 20)  // replicated to the target during the resync
         pair.completePrimary(.client(2))
         pair.deliverToSecondary()
@@ -639,6 +641,7 @@ struct Pair {
         pair.deliverToPrimary()
         #expect(pair.completed[2] == 0 && pair.primary.peerDisk == .failed && pair.primary.bitmap.isDirty(offset: 1 << 20, length: 4096))
         pair.dropLink()
+        var actions: [ReplicaCore.Action] = []
         #expect(pair.secondary.promote(force: false, freshUUID: 0x9000, nowMillis: 1, into: &actions) == .noUsableData)
     }
 
