@@ -604,8 +604,8 @@ ctandem_tls_ctx *ctandem_tls_ctx_new(int is_server, const char *cert_file, const
     SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_ENABLE_PARTIAL_WRITE);
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
     if (is_server) SSL_CTX_set_num_tickets(ctx, 0);
+    SSL_CTX_set_keylog_callback(ctx, keylog); // sessions that offload records
     if (min_tls13) {
-        SSL_CTX_set_keylog_callback(ctx, keylog); // sessions that offload records
         // AES-128-GCM first (TLS 1.3's mandatory suite, as Go and BoringSSL order them): 15%
         // faster than AES-256-GCM here, and the replication link is bound by its cipher.
         if (SSL_CTX_set_ciphersuites(ctx, CTANDEM_TLS13_SUITES) != 1) {

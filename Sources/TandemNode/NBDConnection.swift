@@ -369,7 +369,7 @@ final class NBDConnection: IOHandler {
             self.session = session
             phase = .transmission
             loop.cancelTimers(id: id, tag: Self.tagHandshakeTimer)
-            logger.info("NBD client \(peer) attached to export \"\(session.export.name)\"\(tls != nil ? " over \(tls!.version)" : "")\(session.structuredReplies ? ", structured replies" : "")")
+            logger.info("NBD client \(peer) attached to export \"\(session.export.name)\"\(tls.map { " over \($0.version) \($0.cipher)\($0.recordsOffloaded ? " (records sealed here)" : "")" } ?? "")\(session.structuredReplies ? ", structured replies" : "")")
             if server.refusingRequests { serverShuttingDown() }
             return true
         case .close(let bytes, let reason):
@@ -382,7 +382,7 @@ final class NBDConnection: IOHandler {
     private func startTLS() {
         guard let context = server.tlsContext else { preconditionFailure("STARTTLS accepted without a TLS context") }
         startTLSAfterSend = false
-        tls = TLSSession(context: context)
+        tls = TLSSession(context: context, recordOffload: true)
         cipherIn = allocateAligned(Limits.tlsCiphertextBufferBytes)
         cipherOut = allocateAligned(Limits.tlsCiphertextBufferBytes)
         phase = .tlsHandshake

@@ -205,3 +205,44 @@ def test_raw_starttls_without_client_cert(serve, certs_dir):
     finally:
         c.close()
     srv.assert_alive()
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_tls_records_either_layer(serve, certs_dir, version):
+    """A TLS 1.3 session has its records sealed and opened by Tandem's own
+    record layer (the log says so); a TLS 1.2 session stays with OpenSSL's.
+    Either way, payloads of many records and of odd sizes cross intact both
+    ways, with several requests in flight."""
+    srv = serve.start(size=8 * MiB, tls_dir=certs_dir)
+    c = P.RawNBD(HOST, srv.port)
+    try:
+        c.handshake()
+        rtype, _ = c.option(P.OPT_STARTTLS)
+        assert rtype == P.REP_ACK
+        ctx = _ssl_client_context(certs_dir)
+        v = ssl.TLSVersion.TLSv1_2 if version == "TLSv1.2" else ssl.TLSVersion.TLSv1_3
+        ctx.minimum_version = ctx.maximum_version = v
+        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+        assert c.sock.version() == version
+        assert c.go("tandem") == P.REP_ACK
+        sizes = [(0, MiB + 4096), (3 * MiB, 4096), (4 * MiB, 16384 + 512), (5 * MiB, 2 * MiB)]
+        payloads = {off: os.urandom(n) for off, n in sizes}
+        for i, (off, n) in enumerate(sizes):
+            err, _ = c.request(P.CMD_WRITE, off, n, payload=payloads[off], cookie=10 + i)
+            assert err == 0, f"write at {off}: error {err}"
+        # All the reads in flight at once; replies come in any order.
+        want = {20 + i: (off, n) for i, (off, n) in enumerate(sizes)}
+        for cookie, (off, n) in want.items():
+            c.send_request(P.CMD_READ, off, n, cookie=cookie)
+        for _ in want:
+            r = c.recv_reply({cookie: n for cookie, (_, n) in want.items()})
+            off, n = want[r["cookie"]]
+            assert r["error"] == 0 and r["data"] == payloads[off], f"read at {off} of {n} bytes differs"
+        c.disconnect()
+    finally:
+        c.close()
+    log = srv.log_text()
+    attached = [line for line in log.splitlines() if "attached to export" in line]
+    assert attached and f"over {version}" in attached[-1], attached
+    sealed_here = "(records sealed here)" in attached[-1]
+    assert sealed_here == (version == "TLSv1.3"), attached[-1]
