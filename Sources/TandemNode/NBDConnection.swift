@@ -182,7 +182,8 @@ final class NBDConnection: IOHandler {
         if wasDirect {
             slots[Int(payloadSlot)].done += Int(result)
         } else if let tls {
-            guard tls.feed(cipherIn!, Int(result)) else { return close(reason: "TLS: cannot buffer ciphertext") }
+            // TLS reads the ciphertext where it landed; `postRecv` takes back what it left.
+            guard tls.feedInPlace(cipherIn!, Int(result)) else { return close(reason: "TLS: cannot buffer ciphertext") }
             tlsWantsCiphertext = false
             if phase == .tlsHandshake { return driveTLSHandshake() }
         } else {
@@ -271,10 +272,20 @@ final class NBDConnection: IOHandler {
             inStart = 0
         }
         guard inEnd < inputCapacity else { return false }
-        let (n, status) = tls.read(into: input + inEnd, count: inputCapacity - inEnd)
+        // A WRITE's payload, with nothing of it parsed yet in `input`, is decrypted straight into
+        // its buffer (as a plain connection receives it there).
+        let direct = payloadSlot >= 0 && inStart == inEnd
+        let (n, status) = direct
+            ? tls.read(into: slots[Int(payloadSlot)].buffer!.pointer + slots[Int(payloadSlot)].done,
+                       count: Int(slots[Int(payloadSlot)].request.length) - slots[Int(payloadSlot)].done)
+            : tls.read(into: input + inEnd, count: inputCapacity - inEnd)
         switch status {
         case .ok:
-            inEnd += n
+            if direct {
+                slots[Int(payloadSlot)].done += n
+            } else {
+                inEnd += n
+            }
             return true
         case .wantMore:
             tlsWantsCiphertext = true
@@ -318,6 +329,7 @@ final class NBDConnection: IOHandler {
         if tls != nil {
             // Only ask for ciphertext once OpenSSL has consumed what it has (bounds its buffer).
             guard tlsWantsCiphertext || phase == .tlsHandshake else { return }
+            guard tls!.releaseInput() else { return close(reason: "TLS: cannot buffer ciphertext") }
             recvPosted = true
             opsInFlight += 1
             loop.engine.recv(fd: fd, buffer: cipherIn!, length: Limits.tlsCiphertextBufferBytes, waitAll: false, userData: IOLoop.userData(id, Self.tagRecv))
