@@ -867,6 +867,11 @@ final class NBDConnection: IOHandler {
         let budget = Limits.tlsCiphertextBufferBytes / 2
         var failed = false
         if phase != .tlsHandshake {
+            // Records are sealed straight into the send buffer (one that does not fit waits in
+            // TLS's queue, taken first next time); the budget leaves room for the last to overshoot.
+            cipherOutLength = tls.takeOutput(into: cipherOut, count: Limits.tlsCiphertextBufferBytes)
+            tls.setOutputWindow(cipherOut + cipherOutLength, capacity: Limits.tlsCiphertextBufferBytes - cipherOutLength)
+            defer { cipherOutLength += tls.closeOutputWindow() }
             var encrypted = 0
             if controlSent < control.count {
                 let n = control.count - controlSent
@@ -900,7 +905,7 @@ final class NBDConnection: IOHandler {
             }
         }
         if failed { return close(reason: "TLS: \(tls.lastError)") }
-        cipherOutLength = tls.takeOutput(into: cipherOut, count: Limits.tlsCiphertextBufferBytes)
+        if cipherOutLength == 0 { cipherOutLength = tls.takeOutput(into: cipherOut, count: Limits.tlsCiphertextBufferBytes) }
         if cipherOutLength > 0 {
             iov[0] = iovec(iov_base: cipherOut, iov_len: cipherOutLength)
             iovCount = 1
