@@ -22,7 +22,9 @@ public struct ReplicaCore {
         /// Writes acknowledged by the peer but not yet covered by a peer flush. When full, the
         /// primary sends a flush of its own to make room (bounded memory, bounded exposure).
         public var transferLogEntriesMax: Int
-        /// Resync reads in flight at once, and the largest range one covers.
+        /// Resync reads in flight at once (and runs sent but not yet acknowledged; at most
+        /// `Limits.resyncRunsUnacknowledgedMax`, what a target accepts), and the largest range
+        /// one covers.
         public var resyncInFlightMax: Int
         public var resyncRunBytesMax: Int
         /// Resync pace (bytes per second of `tick` time) while nothing else uses the disk, and
@@ -37,12 +39,13 @@ public struct ReplicaCore {
         public var fencing = false
 
         public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192,
-                    resyncInFlightMax: Int = 16, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
+                    resyncInFlightMax: Int = Limits.resyncRunsUnacknowledgedMax, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
                     resyncBytesPerSecondMin: UInt64 = 10 << 20, splitBrainPolicy: SplitBrainPolicy = .disconnect, fencing: Bool = false) {
             self.splitBrainPolicy = splitBrainPolicy
             self.fencing = fencing
             precondition(transferLogEntriesMax > 0)
-            precondition(resyncInFlightMax > 0 && resyncRunBytesMax >= granularityBytes && resyncRunBytesMax <= Limits.nbdRequestBytesMax)
+            precondition(resyncInFlightMax > 0 && resyncInFlightMax <= Limits.resyncRunsUnacknowledgedMax)
+            precondition(resyncRunBytesMax >= granularityBytes && resyncRunBytesMax <= Limits.nbdRequestBytesMax)
             self.resyncInFlightMax = resyncInFlightMax
             self.resyncRunBytesMax = resyncRunBytesMax
             self.resyncBytesPerSecond = resyncBytesPerSecond
@@ -142,6 +145,30 @@ public struct ReplicaCore {
     /// base (a flush of an earlier link covers nothing read since).
     private var resyncFlushLink: UInt64?
 
+    // MARK: Resync state (target)
+
+    /// A resync run written here whose ack waits for a flush: the ack tells the source the run
+    /// is durable (it clears its bits on it), and a completed write may still be in the cache.
+    private struct HeldResyncAck {
+        var id: UInt64
+        var offset: UInt64
+        var length: UInt32
+    }
+
+    /// Resync writes of the current link on the disk or queued, not yet completed: id -> 0, or
+    /// the errno their ack must carry whatever the write's result (a flush failed meanwhile).
+    /// Their acks are owed on this link; a write of an earlier link is acknowledged on none (its
+    /// source kept the bits and copies the run again).
+    private var resyncWritesOwed: [Int: UInt32] = [:]
+    /// Acks of resync writes completed since the last target flush was submitted: the next one
+    /// covers them.
+    private var resyncAcksHeld: [HeldResyncAck] = []
+    /// The acks the target flush in flight covers (what was held when it was submitted). Emptied
+    /// when the link or the resync ends (the acks are dropped with the link), while the flush
+    /// itself may still be on the disk: it then completes with nothing to send.
+    private var resyncAcksFlushing: [HeldResyncAck] = []
+    private var resyncTargetFlushInFlight = false
+
     // MARK: Ordering on the receiving side
 
     /// Writes on the local disk now (client writes on a primary; replicated and resync writes on
@@ -229,6 +256,9 @@ public struct ReplicaCore {
         self.bitmap = bitmap
         transferLog = FixedQueue(capacity: configuration.transferLogEntriesMax)
         resyncSlots = Array(repeating: nil, count: configuration.resyncInFlightMax)
+        resyncWritesOwed.reserveCapacity(Limits.resyncRunsUnacknowledgedMax)
+        resyncAcksHeld.reserveCapacity(Limits.resyncRunsUnacknowledgedMax)
+        resyncAcksFlushing.reserveCapacity(Limits.resyncRunsUnacknowledgedMax)
         writes.reserveCapacity(Limits.nbdRequestsInFlightMax * 4)
         peerWritesInFlight.reserveCapacity(Limits.nbdRequestsInFlightMax * 4)
     }
@@ -354,6 +384,7 @@ public struct ReplicaCore {
             if result < 0, let failed = appliedInFlight.first(where: { $0.tag == tag }) {
                 // This copy lacks the write from now on, whatever the primary remembers.
                 bitmap.setRange(offset: failed.offset, length: UInt64(failed.length))
+                failWrittenResyncRuns(overlapping: failed.offset, failed.length, into: &actions)
                 detachAfterReplicationError(into: &actions)
             }
             applied(tag, into: &actions)
@@ -361,13 +392,18 @@ public struct ReplicaCore {
             recordSnapshotsIfReady(into: &actions)
         case .peerFlush(let id):
             actions.append(.send(.flushAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
-            if result < 0 { detachAfterReplicationError(into: &actions) }
+            if result < 0 {
+                failUnacknowledgedResyncRuns(code: UInt32(bitPattern: -result), into: &actions)
+                detachAfterReplicationError(into: &actions)
+            }
         case .resyncRead(let slot):
             resyncReadCompleted(slot, result: result, into: &actions)
         case .resyncWrite(let id):
             resyncWriteCompleted(id, result: result, into: &actions)
         case .resyncFlush:
             resyncFlushCompleted(result: result, into: &actions)
+        case .resyncTargetFlush:
+            resyncTargetFlushCompleted(result: result, into: &actions)
         }
     }
 
@@ -688,6 +724,8 @@ public struct ReplicaCore {
     /// or refuse (split brain, unrelated data, another size). `freshUUID` is a random value the
     /// node supplies in case this side must start a generation.
     public mutating func linkUp(peer hello: PeerHello, freshUUID: UInt64, into actions: inout [Action]) {
+        // Acks owed on an earlier link are not owed on this one (its source starts afresh).
+        dropResyncAcks()
         guard hello.deviceSizeBytes == configuration.deviceBytes else {
             link = .standalone
             actions.append(.dropLink(.sizeMismatch))
@@ -1207,8 +1245,9 @@ public struct ReplicaCore {
     }
 
     /// Every block is copied, but the source read them from its volatile cache: until they are
-    /// durable here too, a power loss would lose them on this side only (the target wrote them
-    /// with FUA), and no bitmap would remember. A flush first, then the end.
+    /// durable here too, a power loss would lose them on this side only (the target acknowledged
+    /// each run only once a flush there covered it), and no bitmap would remember. A flush
+    /// first, then the end.
     private mutating func flushBeforeFinishingResync(into actions: inout [Action]) {
         guard resyncFlushLink == nil else { return }
         resyncFlushLink = resyncIDBase
@@ -1247,11 +1286,27 @@ public struct ReplicaCore {
     private mutating func resyncDataArrived(_ data: PeerResyncData, into actions: inout [Action]) {
         guard sync == .syncTarget else { return protocolError("resync data outside a resync", into: &actions) }
         guard data.result == 0 else { return }  // the source could not read it: stays out of sync
+        let id = Int(data.id)
+        guard resyncWritesOwed[id] == nil, !resyncAcksHeld.contains(where: { $0.id == data.id }), !resyncAcksFlushing.contains(where: { $0.id == data.id }) else {
+            return protocolError("resync data \(data.id) again before its ack", into: &actions)
+        }
+        // Every run is owed an ack until the source has it, and a source keeps at most this many
+        // unacknowledged: more is its error, not a queue for this side to grow.
+        guard resyncRunsUnacknowledged < Limits.resyncRunsUnacknowledgedMax else {
+            return protocolError("more than \(Limits.resyncRunsUnacknowledgedMax) resync runs unacknowledged", into: &actions)
+        }
+        resyncWritesOwed[id] = 0
         let isZero = data.flags & PeerFlags.ResyncData.zero != 0
-        // FUA: the source clears its bit on the ack, so the ack must mean durable. From a volatile
-        // cache, a power loss here would lose the block with neither bitmap remembering it.
-        applyAfterBarriers(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
-                                   offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id))), into: &actions)
+        // No FUA: the source clears its bits on the ack, so the ack waits for a flush that covers
+        // the write (from a volatile cache, a power loss here would lose the block with neither
+        // bitmap remembering it). One flush covers every write completed before it.
+        applyAfterBarriers(LocalIO(tag: .resyncWrite(id), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: false),
+                                   offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(id)), into: &actions)
+    }
+
+    /// Runs of this link whose ack the source still waits for (writing, or held for a flush).
+    private var resyncRunsUnacknowledged: Int {
+        resyncWritesOwed.count + resyncAcksHeld.count + resyncAcksFlushing.count
     }
 
     /// A local write that did not come in the replication stream (a resync write, or a client
@@ -1268,13 +1323,97 @@ public struct ReplicaCore {
 
     private mutating func resyncWriteCompleted(_ id: Int, result: Int32, into actions: inout [Action]) {
         guard let done = appliedInFlight.first(where: { $0.tag == .resyncWrite(id) }) else { preconditionFailure("unknown resync write \(id)") }
-        if result == 0 { _ = bitmap.clearRange(offset: done.offset, length: UInt64(done.length)) }
-        actions.append(.send(.resyncAck(id: UInt64(id), offset: done.offset, length: done.length, result: UInt32(bitPattern: -min(result, 0)))))
-        applied(.resyncWrite(id), into: &actions)
+        defer { applied(.resyncWrite(id), into: &actions) }
+        // Of an earlier link, or of a resync that ended: no ack on this one (the bits stay).
+        guard let owed = resyncWritesOwed.removeValue(forKey: id) else { return }
+        let code = result < 0 ? UInt32(bitPattern: -result) : owed
+        guard code == 0 else {
+            // Acknowledged with its error at once, not after the flush: an error claims nothing
+            // durable, so no flush needs to cover it, and the source frees its slot sooner. The
+            // source keeps its bits and copies the run again; so do ours.
+            actions.append(.send(.resyncAck(id: UInt64(id), offset: done.offset, length: done.length, result: code)))
+            return
+        }
+        resyncAcksHeld.append(HeldResyncAck(id: UInt64(id), offset: done.offset, length: done.length))
+        startResyncTargetFlush(into: &actions)
+    }
+
+    /// Submits a flush for the held acks unless one is on the disk already (its completion
+    /// submits the next): one flush covers every resync write completed before it was submitted,
+    /// and resync writes go on while it runs (group commit).
+    private mutating func startResyncTargetFlush(into actions: inout [Action]) {
+        guard !resyncTargetFlushInFlight, !resyncAcksHeld.isEmpty else { return }
+        precondition(resyncAcksFlushing.isEmpty, "acks of a completed resync target flush left over")
+        swap(&resyncAcksHeld, &resyncAcksFlushing)
+        resyncTargetFlushInFlight = true
+        actions.append(.submitLocal(LocalIO(tag: .resyncTargetFlush, operation: .flush, offset: 0, length: 0, buffer: nil)))
+    }
+
+    private mutating func resyncTargetFlushCompleted(result: Int32, into actions: inout [Action]) {
+        precondition(resyncTargetFlushInFlight, "resync target flush completed but none was submitted")
+        resyncTargetFlushInFlight = false
+        if result < 0 {
+            // As a failed write of every run it covers, and of those written since (see
+            // `failUnacknowledgedResyncRuns`); and as a failed replicated flush: it may have lost
+            // replicated writes too, so the resync's end must not make this copy UpToDate.
+            failUnacknowledgedResyncRuns(code: UInt32(bitPattern: -result), into: &actions)
+            detachAfterReplicationError(into: &actions)
+            return
+        }
+        // Durable now: the acks go (the source clears its bits), then this side's bits go too
+        // (the node persists the bitmap only after an fdatasync, so a clear bit on disk always
+        // stands for durable data).
+        for ack in resyncAcksFlushing {
+            actions.append(.send(.resyncAck(id: ack.id, offset: ack.offset, length: ack.length, result: 0)))
+        }
+        for ack in resyncAcksFlushing { _ = bitmap.clearRange(offset: ack.offset, length: UInt64(ack.length)) }
+        resyncAcksFlushing.removeAll(keepingCapacity: true)
+        startResyncTargetFlush(into: &actions)
+    }
+
+    /// A flush failed on this disk (the target's own, or a replicated one): every resync run of
+    /// this link not yet acknowledged is acknowledged with its error, as a failed write would
+    /// be: those written now, and those still writing when they complete. Not only the runs the
+    /// flush covered: Linux reports a writeback error to one fsync on a file descriptor, so the
+    /// next flush could succeed without a block whose writeback failed before this one returned.
+    private mutating func failUnacknowledgedResyncRuns(code: UInt32, into actions: inout [Action]) {
+        for ack in resyncAcksFlushing + resyncAcksHeld {
+            actions.append(.send(.resyncAck(id: ack.id, offset: ack.offset, length: ack.length, result: code)))
+        }
+        resyncAcksFlushing.removeAll(keepingCapacity: true)
+        resyncAcksHeld.removeAll(keepingCapacity: true)
+        for id in resyncWritesOwed.keys where resyncWritesOwed[id] == 0 { resyncWritesOwed[id] = code }
+    }
+
+    /// A replicated write failed over resync runs already written (it arrived after them): the
+    /// source marks the range when it hears, and a successful ack arriving after that would
+    /// clear the mark. Their acks carry the error instead (runs still writing cannot overlap it:
+    /// overlapping writes are applied one after the other, in arrival order).
+    private mutating func failWrittenResyncRuns(overlapping offset: UInt64, _ length: UInt32, into actions: inout [Action]) {
+        let end = offset + UInt64(length)
+        let overlaps = { (ack: HeldResyncAck) in ack.offset < end && offset < ack.offset + UInt64(ack.length) }
+        for ack in resyncAcksFlushing + resyncAcksHeld where overlaps(ack) {
+            actions.append(.send(.resyncAck(id: ack.id, offset: ack.offset, length: ack.length, result: 5)))  // EIO
+        }
+        resyncAcksFlushing.removeAll(where: overlaps)
+        resyncAcksHeld.removeAll(where: overlaps)
+    }
+
+    /// The link or the resync ends: acks still owed are dropped with it (the source keeps its
+    /// bits and copies those runs again). A target flush still on the disk completes with
+    /// nothing to send, so a late one never acknowledges on a newer link.
+    private mutating func dropResyncAcks() {
+        resyncWritesOwed.removeAll(keepingCapacity: true)
+        resyncAcksHeld.removeAll(keepingCapacity: true)
+        resyncAcksFlushing.removeAll(keepingCapacity: true)
     }
 
     private mutating func resyncDone(into actions: inout [Action]) {
         guard sync == .syncTarget else { return protocolError("resyncDone outside a resync", into: &actions) }
+        // The source ends only once every run is acknowledged: none can be owed here.
+        guard resyncRunsUnacknowledged == 0 else {
+            return protocolError("resyncDone with \(resyncRunsUnacknowledged) resync runs unacknowledged", into: &actions)
+        }
         uuids = uuids.adoptedAfterResyncAsTarget(sourceCurrent: peerCurrentUUID)
         localFlags.remove(.resyncTarget)
         localFlags.remove(.crashedPrimary)
@@ -1364,6 +1503,7 @@ public struct ReplicaCore {
             // never be acknowledged on this link: its slot is free now (the bits stay set).
             if resyncSlots[i]!.sent { resyncSlots[i] = nil } else { resyncSlots[i]!.stale = true }
         }
+        dropResyncAcks()
         lastTickNanos = nil
         link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch
                 || peerDisconnectedForSplitBrain) ? .standalone : .connecting
