@@ -126,6 +126,10 @@ public struct ReplicaCore {
         var sent = false
         /// A client write touched the range before the data was sent: the data is stale.
         var stale = false
+        /// The range was marked out of sync after the data was sent (a client write that failed
+        /// here, a transfer-log entry given up): the mark is newer than the data, so the ack
+        /// must not clear it, and the run is copied again.
+        var remarked = false
     }
 
     private var resyncSlots: [ResyncSlot?]
@@ -298,7 +302,7 @@ public struct ReplicaCore {
             // lacks the range: resynced into it once it is attached again.
             write.localDone = true
             write.localResult = -5
-            bitmap.setRange(offset: offset, length: UInt64(length))
+            markOutOfSync(offset: offset, length: UInt64(length))
         } else {
             // Overlapping writes reach the local disk in the order they reach the peer's (which
             // applies in arrival order), or the two copies could end with different data.
@@ -319,7 +323,7 @@ public struct ReplicaCore {
             actions.append(.sendWrite(PeerWrite(id: id, offset: offset, length: length, epoch: epoch, flags: flags), kind: kind, buffer: payload))
         } else {
             // The peer will need this range: it is out of sync from now on.
-            bitmap.setRange(offset: offset, length: UInt64(length))
+            markOutOfSync(offset: offset, length: UInt64(length))
         }
         writes[id] = write
         if write.localDone && !write.peerPending { finishWriteIfDone(id, into: &actions) }
@@ -383,7 +387,7 @@ public struct ReplicaCore {
             if result < 0 { peerWriteFailedOnLink = true }
             if result < 0, let failed = appliedInFlight.first(where: { $0.tag == tag }) {
                 // This copy lacks the write from now on, whatever the primary remembers.
-                bitmap.setRange(offset: failed.offset, length: UInt64(failed.length))
+                markOutOfSync(offset: failed.offset, length: UInt64(failed.length))
                 failWrittenResyncRuns(overlapping: failed.offset, failed.length, into: &actions)
                 detachAfterReplicationError(into: &actions)
             }
@@ -415,13 +419,13 @@ public struct ReplicaCore {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
             result = 0
-            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+            markOutOfSync(offset: write.offset, length: UInt64(write.length))
             detachLocalDisk(into: &actions)
         } else if result < 0 || disk == .failed {
             // Failed, or done on a disk detached meanwhile: a detached disk is never flushed
             // again, so what landed there may not survive a power loss. Resynced into it once
             // it is attached again.
-            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+            markOutOfSync(offset: write.offset, length: UInt64(write.length))
         }
         epochClosePending = true
         actions.append(.completeClient(id: id, result: result))
@@ -528,7 +532,7 @@ public struct ReplicaCore {
                 recordInTransferLog(TransferLogEntry(offset: write.offset, length: write.length, linkSequence: write.linkSequence, id: id), into: &actions)
             } else {
                 // The peer could not write it: out of sync until a resync repairs it.
-                bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+                markOutOfSync(offset: write.offset, length: UInt64(write.length))
             }
             finishWriteIfDone(id, into: &actions)
         case .flush(let id):
@@ -646,7 +650,7 @@ public struct ReplicaCore {
     /// A transfer-log entry leaves the log: durable on the peer (a flush covered it) or marked out
     /// of sync. Its write settles now, or when it completes if it is still in flight.
     private mutating func settle(_ entry: TransferLogEntry, outOfSync: Bool, into actions: inout [Action]) {
-        if outOfSync { bitmap.setRange(offset: entry.offset, length: UInt64(entry.length)) }
+        if outOfSync { markOutOfSync(offset: entry.offset, length: UInt64(entry.length)) }
         if writes[entry.id]?.linkSequence == entry.linkSequence {
             writes[entry.id]!.awaitingPeerFlush = false
         } else {
@@ -1139,9 +1143,16 @@ public struct ReplicaCore {
         if next == .syncSource { pumpResync(into: &actions) }
     }
 
-    /// Marks a range out of sync (online verify found it differs on the peer).
+    /// Marks a range out of sync (online verify found it differs on the peer; every other mark
+    /// comes through here too). A resync run of the range already sent keeps the mark when it is
+    /// acknowledged: its ack may come after the mark (the target acknowledges once a flush covers
+    /// the run, and by then a client write over it may have failed here).
     public mutating func markOutOfSync(offset: UInt64, length: UInt64) {
         bitmap.setRange(offset: offset, length: length)
+        for i in resyncSlots.indices {
+            guard let slot = resyncSlots[i], slot.sent, slot.offset < offset + length, offset < slot.offset + UInt64(slot.length) else { continue }
+            resyncSlots[i]!.remarked = true
+        }
     }
 
     /// Starts a resync of the blocks marked out of sync while connected (after a verify): this
@@ -1237,7 +1248,7 @@ public struct ReplicaCore {
               entry.offset == offset, entry.length == length
         else { return protocolError("ack of unknown resync data \(id)", into: &actions) }
         resyncSlots[slot] = nil
-        if code == 0 {
+        if code == 0 && !entry.remarked {
             _ = bitmap.clearRange(offset: offset, length: UInt64(length))
             resyncedBytes += UInt64(length)
         }
@@ -1472,7 +1483,7 @@ public struct ReplicaCore {
             write.peerPending = false
             write.peerResult = -5  // EIO: the peer never confirmed it
             writes[id] = write
-            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+            markOutOfSync(offset: write.offset, length: UInt64(write.length))
         }
         for (id, var flush) in flushes where flush.peerPending {
             flush.peerPending = false

@@ -143,6 +143,31 @@ extension Pair {
         #expect(pair.secondary.bitmap.isDirty(offset: runs[0].offset + 8192, length: 4096))
     }
 
+    /// Found by the simulator (`--primary-disk-errors --switchover --witness`, seed 912, with
+    /// acks held for the flush): a client write over a run already sent failed on the source's
+    /// disk and succeeded on the target; the source marked it, and the run's ack, which now
+    /// comes after the write's (the target applies the write after the run, but acknowledges
+    /// the run only after its flush), cleared the mark. The replicas differed with no bit set.
+    @Test func aMarkSetAfterARunWasSentSurvivesTheRunsAck() {
+        var pair = Pair()
+        let runs = pair.resyncRunsOnTheTarget(1)
+        pair.write(2, at: runs[0].offset + 8192, 4096)
+        pair.deliverToSecondary()
+        pair.completeSecondary(runs[0].tag)
+        pair.completeSecondary(.peerWrite(2))
+        pair.completePrimary(.client(2), -5)
+        pair.deliverToPrimary()
+        #expect(pair.completed[2] == -5, "the peer is no full copy yet: the client gets the local error")
+        #expect(pair.primary.bitmap.isDirty(offset: runs[0].offset + 8192, length: 4096))
+        pair.completeSecondary(.resyncTargetFlush)
+        #expect(pair.resyncAcksOnTheWire == [Self.id(runs[0]): 0], "the run is durable on the target")
+        pair.deliverToPrimary()
+        #expect(pair.primary.bitmap.isDirty(offset: runs[0].offset + 8192, length: 4096), "the newer mark stays")
+        #expect(pair.primary.resyncedBytes == 0)
+        ReplicaCoreTests.driveResync(&pair)
+        #expect(pair.primary.sync == .established && pair.primary.bitmap.setBitCount == 0, "copied again")
+    }
+
     /// A source keeps at most `Limits.resyncRunsUnacknowledgedMax` runs unacknowledged; the
     /// target holds no more acks than that.
     @Test func moreResyncRunsUnacknowledgedThanTheLimitIsAProtocolError() {
