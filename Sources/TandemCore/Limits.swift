@@ -59,6 +59,14 @@ public enum Limits {
     /// Timers the event loop tracks at once.
     public static let timersMax = 4096
 
+    // MARK: Resync
+
+    /// Resync runs a source has sent and not yet had acknowledged, at most (its resync slots,
+    /// `ReplicaCore.Configuration.resyncInFlightMax`). A target holds the acks of written runs
+    /// until a flush covers them, so it keeps at most this many: a source that sends more breaks
+    /// the protocol (peer.md "Resync").
+    public static let resyncRunsUnacknowledgedMax = 16
+
     /// Checks how the limits relate; a node calls it once at start.
     public static func checkRelations() {
         precondition(nbdRequestBytesMax >= 32 * 1024 * 1024, "spec: SHOULD allow >= 32 MiB")
@@ -66,6 +74,8 @@ public enum Limits {
         precondition(nbdReceiveBufferBytes >= 28 * nbdRequestsInFlightMax)
         precondition(diskQueueDepthMax >= nbdRequestsInFlightMax)
         precondition(completionBatchMax <= ringEntries)
+        // Every resync run in flight is one disk write on the target, then one held ack.
+        precondition(resyncRunsUnacknowledgedMax > 0 && resyncRunsUnacknowledgedMax <= diskQueueDepthMax)
         precondition(tlsCiphertextBufferBytes >= 2 * (tlsRecordPlaintextMax + 256))
         checkMetadataRelations()
         checkBarrierRelations()

@@ -22,7 +22,9 @@ public struct ReplicaCore {
         /// Writes acknowledged by the peer but not yet covered by a peer flush. When full, the
         /// primary sends a flush of its own to make room (bounded memory, bounded exposure).
         public var transferLogEntriesMax: Int
-        /// Resync reads in flight at once, and the largest range one covers.
+        /// Resync reads in flight at once (and runs sent but not yet acknowledged; at most
+        /// `Limits.resyncRunsUnacknowledgedMax`, what a target accepts), and the largest range
+        /// one covers.
         public var resyncInFlightMax: Int
         public var resyncRunBytesMax: Int
         /// Resync pace (bytes per second of `tick` time) while nothing else uses the disk, and
@@ -37,12 +39,13 @@ public struct ReplicaCore {
         public var fencing = false
 
         public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192,
-                    resyncInFlightMax: Int = 16, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
+                    resyncInFlightMax: Int = Limits.resyncRunsUnacknowledgedMax, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
                     resyncBytesPerSecondMin: UInt64 = 10 << 20, splitBrainPolicy: SplitBrainPolicy = .disconnect, fencing: Bool = false) {
             self.splitBrainPolicy = splitBrainPolicy
             self.fencing = fencing
             precondition(transferLogEntriesMax > 0)
-            precondition(resyncInFlightMax > 0 && resyncRunBytesMax >= granularityBytes && resyncRunBytesMax <= Limits.nbdRequestBytesMax)
+            precondition(resyncInFlightMax > 0 && resyncInFlightMax <= Limits.resyncRunsUnacknowledgedMax)
+            precondition(resyncRunBytesMax >= granularityBytes && resyncRunBytesMax <= Limits.nbdRequestBytesMax)
             self.resyncInFlightMax = resyncInFlightMax
             self.resyncRunBytesMax = resyncRunBytesMax
             self.resyncBytesPerSecond = resyncBytesPerSecond
@@ -123,6 +126,10 @@ public struct ReplicaCore {
         var sent = false
         /// A client write touched the range before the data was sent: the data is stale.
         var stale = false
+        /// The range was marked out of sync after the data was sent (a client write that failed
+        /// here, a transfer-log entry given up): the mark is newer than the data, so the ack
+        /// must not clear it, and the run is copied again.
+        var remarked = false
     }
 
     private var resyncSlots: [ResyncSlot?]
@@ -141,6 +148,30 @@ public struct ReplicaCore {
     /// The source's final flush is on the disk, submitted during the link with this resync id
     /// base (a flush of an earlier link covers nothing read since).
     private var resyncFlushLink: UInt64?
+
+    // MARK: Resync state (target)
+
+    /// A resync run written here whose ack waits for a flush: the ack tells the source the run
+    /// is durable (it clears its bits on it), and a completed write may still be in the cache.
+    private struct HeldResyncAck {
+        var id: UInt64
+        var offset: UInt64
+        var length: UInt32
+    }
+
+    /// Resync writes of the current link on the disk or queued, not yet completed: id -> 0, or
+    /// the errno their ack must carry whatever the write's result (a flush failed meanwhile).
+    /// Their acks are owed on this link; a write of an earlier link is acknowledged on none (its
+    /// source kept the bits and copies the run again).
+    private var resyncWritesOwed: [Int: UInt32] = [:]
+    /// Acks of resync writes completed since the last target flush was submitted: the next one
+    /// covers them.
+    private var resyncAcksHeld: [HeldResyncAck] = []
+    /// The acks the target flush in flight covers (what was held when it was submitted). Emptied
+    /// when the link or the resync ends (the acks are dropped with the link), while the flush
+    /// itself may still be on the disk: it then completes with nothing to send.
+    private var resyncAcksFlushing: [HeldResyncAck] = []
+    private var resyncTargetFlushInFlight = false
 
     // MARK: Ordering on the receiving side
 
@@ -229,6 +260,9 @@ public struct ReplicaCore {
         self.bitmap = bitmap
         transferLog = FixedQueue(capacity: configuration.transferLogEntriesMax)
         resyncSlots = Array(repeating: nil, count: configuration.resyncInFlightMax)
+        resyncWritesOwed.reserveCapacity(Limits.resyncRunsUnacknowledgedMax)
+        resyncAcksHeld.reserveCapacity(Limits.resyncRunsUnacknowledgedMax)
+        resyncAcksFlushing.reserveCapacity(Limits.resyncRunsUnacknowledgedMax)
         writes.reserveCapacity(Limits.nbdRequestsInFlightMax * 4)
         peerWritesInFlight.reserveCapacity(Limits.nbdRequestsInFlightMax * 4)
     }
@@ -268,7 +302,7 @@ public struct ReplicaCore {
             // lacks the range: resynced into it once it is attached again.
             write.localDone = true
             write.localResult = -5
-            bitmap.setRange(offset: offset, length: UInt64(length))
+            markOutOfSync(offset: offset, length: UInt64(length))
         } else {
             // Overlapping writes reach the local disk in the order they reach the peer's (which
             // applies in arrival order), or the two copies could end with different data.
@@ -289,7 +323,7 @@ public struct ReplicaCore {
             actions.append(.sendWrite(PeerWrite(id: id, offset: offset, length: length, epoch: epoch, flags: flags), kind: kind, buffer: payload))
         } else {
             // The peer will need this range: it is out of sync from now on.
-            bitmap.setRange(offset: offset, length: UInt64(length))
+            markOutOfSync(offset: offset, length: UInt64(length))
         }
         writes[id] = write
         if write.localDone && !write.peerPending { finishWriteIfDone(id, into: &actions) }
@@ -353,7 +387,8 @@ public struct ReplicaCore {
             if result < 0 { peerWriteFailedOnLink = true }
             if result < 0, let failed = appliedInFlight.first(where: { $0.tag == tag }) {
                 // This copy lacks the write from now on, whatever the primary remembers.
-                bitmap.setRange(offset: failed.offset, length: UInt64(failed.length))
+                markOutOfSync(offset: failed.offset, length: UInt64(failed.length))
+                failWrittenResyncRuns(overlapping: failed.offset, failed.length, into: &actions)
                 detachAfterReplicationError(into: &actions)
             }
             applied(tag, into: &actions)
@@ -361,13 +396,18 @@ public struct ReplicaCore {
             recordSnapshotsIfReady(into: &actions)
         case .peerFlush(let id):
             actions.append(.send(.flushAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
-            if result < 0 { detachAfterReplicationError(into: &actions) }
+            if result < 0 {
+                failUnacknowledgedResyncRuns(code: UInt32(bitPattern: -result), into: &actions)
+                detachAfterReplicationError(into: &actions)
+            }
         case .resyncRead(let slot):
             resyncReadCompleted(slot, result: result, into: &actions)
         case .resyncWrite(let id):
             resyncWriteCompleted(id, result: result, into: &actions)
         case .resyncFlush:
             resyncFlushCompleted(result: result, into: &actions)
+        case .resyncTargetFlush:
+            resyncTargetFlushCompleted(result: result, into: &actions)
         }
     }
 
@@ -379,13 +419,13 @@ public struct ReplicaCore {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
             result = 0
-            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+            markOutOfSync(offset: write.offset, length: UInt64(write.length))
             detachLocalDisk(into: &actions)
         } else if result < 0 || disk == .failed {
             // Failed, or done on a disk detached meanwhile: a detached disk is never flushed
             // again, so what landed there may not survive a power loss. Resynced into it once
             // it is attached again.
-            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+            markOutOfSync(offset: write.offset, length: UInt64(write.length))
         }
         epochClosePending = true
         actions.append(.completeClient(id: id, result: result))
@@ -492,7 +532,7 @@ public struct ReplicaCore {
                 recordInTransferLog(TransferLogEntry(offset: write.offset, length: write.length, linkSequence: write.linkSequence, id: id), into: &actions)
             } else {
                 // The peer could not write it: out of sync until a resync repairs it.
-                bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+                markOutOfSync(offset: write.offset, length: UInt64(write.length))
             }
             finishWriteIfDone(id, into: &actions)
         case .flush(let id):
@@ -610,7 +650,7 @@ public struct ReplicaCore {
     /// A transfer-log entry leaves the log: durable on the peer (a flush covered it) or marked out
     /// of sync. Its write settles now, or when it completes if it is still in flight.
     private mutating func settle(_ entry: TransferLogEntry, outOfSync: Bool, into actions: inout [Action]) {
-        if outOfSync { bitmap.setRange(offset: entry.offset, length: UInt64(entry.length)) }
+        if outOfSync { markOutOfSync(offset: entry.offset, length: UInt64(entry.length)) }
         if writes[entry.id]?.linkSequence == entry.linkSequence {
             writes[entry.id]!.awaitingPeerFlush = false
         } else {
@@ -688,6 +728,8 @@ public struct ReplicaCore {
     /// or refuse (split brain, unrelated data, another size). `freshUUID` is a random value the
     /// node supplies in case this side must start a generation.
     public mutating func linkUp(peer hello: PeerHello, freshUUID: UInt64, into actions: inout [Action]) {
+        // Acks owed on an earlier link are not owed on this one (its source starts afresh).
+        dropResyncAcks()
         guard hello.deviceSizeBytes == configuration.deviceBytes else {
             link = .standalone
             actions.append(.dropLink(.sizeMismatch))
@@ -1101,9 +1143,16 @@ public struct ReplicaCore {
         if next == .syncSource { pumpResync(into: &actions) }
     }
 
-    /// Marks a range out of sync (online verify found it differs on the peer).
+    /// Marks a range out of sync (online verify found it differs on the peer; every other mark
+    /// comes through here too). A resync run of the range already sent keeps the mark when it is
+    /// acknowledged: its ack may come after the mark (the target acknowledges once a flush covers
+    /// the run, and by then a client write over it may have failed here).
     public mutating func markOutOfSync(offset: UInt64, length: UInt64) {
         bitmap.setRange(offset: offset, length: length)
+        for i in resyncSlots.indices {
+            guard let slot = resyncSlots[i], slot.sent, slot.offset < offset + length, offset < slot.offset + UInt64(slot.length) else { continue }
+            resyncSlots[i]!.remarked = true
+        }
     }
 
     /// Starts a resync of the blocks marked out of sync while connected (after a verify): this
@@ -1199,7 +1248,7 @@ public struct ReplicaCore {
               entry.offset == offset, entry.length == length
         else { return protocolError("ack of unknown resync data \(id)", into: &actions) }
         resyncSlots[slot] = nil
-        if code == 0 {
+        if code == 0 && !entry.remarked {
             _ = bitmap.clearRange(offset: offset, length: UInt64(length))
             resyncedBytes += UInt64(length)
         }
@@ -1207,8 +1256,9 @@ public struct ReplicaCore {
     }
 
     /// Every block is copied, but the source read them from its volatile cache: until they are
-    /// durable here too, a power loss would lose them on this side only (the target wrote them
-    /// with FUA), and no bitmap would remember. A flush first, then the end.
+    /// durable here too, a power loss would lose them on this side only (the target acknowledged
+    /// each run only once a flush there covered it), and no bitmap would remember. A flush
+    /// first, then the end.
     private mutating func flushBeforeFinishingResync(into actions: inout [Action]) {
         guard resyncFlushLink == nil else { return }
         resyncFlushLink = resyncIDBase
@@ -1247,11 +1297,27 @@ public struct ReplicaCore {
     private mutating func resyncDataArrived(_ data: PeerResyncData, into actions: inout [Action]) {
         guard sync == .syncTarget else { return protocolError("resync data outside a resync", into: &actions) }
         guard data.result == 0 else { return }  // the source could not read it: stays out of sync
+        let id = Int(data.id)
+        guard resyncWritesOwed[id] == nil, !resyncAcksHeld.contains(where: { $0.id == data.id }), !resyncAcksFlushing.contains(where: { $0.id == data.id }) else {
+            return protocolError("resync data \(data.id) again before its ack", into: &actions)
+        }
+        // Every run is owed an ack until the source has it, and a source keeps at most this many
+        // unacknowledged: more is its error, not a queue for this side to grow.
+        guard resyncRunsUnacknowledged < Limits.resyncRunsUnacknowledgedMax else {
+            return protocolError("more than \(Limits.resyncRunsUnacknowledgedMax) resync runs unacknowledged", into: &actions)
+        }
+        resyncWritesOwed[id] = 0
         let isZero = data.flags & PeerFlags.ResyncData.zero != 0
-        // FUA: the source clears its bit on the ack, so the ack must mean durable. From a volatile
-        // cache, a power loss here would lose the block with neither bitmap remembering it.
-        applyAfterBarriers(LocalIO(tag: .resyncWrite(Int(data.id)), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: true),
-                                   offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(Int(data.id))), into: &actions)
+        // No FUA: the source clears its bits on the ack, so the ack waits for a flush that covers
+        // the write (from a volatile cache, a power loss here would lose the block with neither
+        // bitmap remembering it). One flush covers every write completed before it.
+        applyAfterBarriers(LocalIO(tag: .resyncWrite(id), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: false),
+                                   offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(id)), into: &actions)
+    }
+
+    /// Runs of this link whose ack the source still waits for (writing, or held for a flush).
+    private var resyncRunsUnacknowledged: Int {
+        resyncWritesOwed.count + resyncAcksHeld.count + resyncAcksFlushing.count
     }
 
     /// A local write that did not come in the replication stream (a resync write, or a client
@@ -1268,13 +1334,97 @@ public struct ReplicaCore {
 
     private mutating func resyncWriteCompleted(_ id: Int, result: Int32, into actions: inout [Action]) {
         guard let done = appliedInFlight.first(where: { $0.tag == .resyncWrite(id) }) else { preconditionFailure("unknown resync write \(id)") }
-        if result == 0 { _ = bitmap.clearRange(offset: done.offset, length: UInt64(done.length)) }
-        actions.append(.send(.resyncAck(id: UInt64(id), offset: done.offset, length: done.length, result: UInt32(bitPattern: -min(result, 0)))))
-        applied(.resyncWrite(id), into: &actions)
+        defer { applied(.resyncWrite(id), into: &actions) }
+        // Of an earlier link, or of a resync that ended: no ack on this one (the bits stay).
+        guard let owed = resyncWritesOwed.removeValue(forKey: id) else { return }
+        let code = result < 0 ? UInt32(bitPattern: -result) : owed
+        guard code == 0 else {
+            // Acknowledged with its error at once, not after the flush: an error claims nothing
+            // durable, so no flush needs to cover it, and the source frees its slot sooner. The
+            // source keeps its bits and copies the run again; so do ours.
+            actions.append(.send(.resyncAck(id: UInt64(id), offset: done.offset, length: done.length, result: code)))
+            return
+        }
+        resyncAcksHeld.append(HeldResyncAck(id: UInt64(id), offset: done.offset, length: done.length))
+        startResyncTargetFlush(into: &actions)
+    }
+
+    /// Submits a flush for the held acks unless one is on the disk already (its completion
+    /// submits the next): one flush covers every resync write completed before it was submitted,
+    /// and resync writes go on while it runs (group commit).
+    private mutating func startResyncTargetFlush(into actions: inout [Action]) {
+        guard !resyncTargetFlushInFlight, !resyncAcksHeld.isEmpty else { return }
+        precondition(resyncAcksFlushing.isEmpty, "acks of a completed resync target flush left over")
+        swap(&resyncAcksHeld, &resyncAcksFlushing)
+        resyncTargetFlushInFlight = true
+        actions.append(.submitLocal(LocalIO(tag: .resyncTargetFlush, operation: .flush, offset: 0, length: 0, buffer: nil)))
+    }
+
+    private mutating func resyncTargetFlushCompleted(result: Int32, into actions: inout [Action]) {
+        precondition(resyncTargetFlushInFlight, "resync target flush completed but none was submitted")
+        resyncTargetFlushInFlight = false
+        if result < 0 {
+            // As a failed write of every run it covers, and of those written since (see
+            // `failUnacknowledgedResyncRuns`); and as a failed replicated flush: it may have lost
+            // replicated writes too, so the resync's end must not make this copy UpToDate.
+            failUnacknowledgedResyncRuns(code: UInt32(bitPattern: -result), into: &actions)
+            detachAfterReplicationError(into: &actions)
+            return
+        }
+        // Durable now: the acks go (the source clears its bits), then this side's bits go too
+        // (the node persists the bitmap only after an fdatasync, so a clear bit on disk always
+        // stands for durable data).
+        for ack in resyncAcksFlushing {
+            actions.append(.send(.resyncAck(id: ack.id, offset: ack.offset, length: ack.length, result: 0)))
+        }
+        for ack in resyncAcksFlushing { _ = bitmap.clearRange(offset: ack.offset, length: UInt64(ack.length)) }
+        resyncAcksFlushing.removeAll(keepingCapacity: true)
+        startResyncTargetFlush(into: &actions)
+    }
+
+    /// A flush failed on this disk (the target's own, or a replicated one): every resync run of
+    /// this link not yet acknowledged is acknowledged with its error, as a failed write would
+    /// be: those written now, and those still writing when they complete. Not only the runs the
+    /// flush covered: Linux reports a writeback error to one fsync on a file descriptor, so the
+    /// next flush could succeed without a block whose writeback failed before this one returned.
+    private mutating func failUnacknowledgedResyncRuns(code: UInt32, into actions: inout [Action]) {
+        for ack in resyncAcksFlushing + resyncAcksHeld {
+            actions.append(.send(.resyncAck(id: ack.id, offset: ack.offset, length: ack.length, result: code)))
+        }
+        resyncAcksFlushing.removeAll(keepingCapacity: true)
+        resyncAcksHeld.removeAll(keepingCapacity: true)
+        for id in resyncWritesOwed.keys where resyncWritesOwed[id] == 0 { resyncWritesOwed[id] = code }
+    }
+
+    /// A replicated write failed over resync runs already written (it arrived after them): the
+    /// source marks the range when it hears, and a successful ack arriving after that would
+    /// clear the mark. Their acks carry the error instead (runs still writing cannot overlap it:
+    /// overlapping writes are applied one after the other, in arrival order).
+    private mutating func failWrittenResyncRuns(overlapping offset: UInt64, _ length: UInt32, into actions: inout [Action]) {
+        let end = offset + UInt64(length)
+        let overlaps = { (ack: HeldResyncAck) in ack.offset < end && offset < ack.offset + UInt64(ack.length) }
+        for ack in resyncAcksFlushing + resyncAcksHeld where overlaps(ack) {
+            actions.append(.send(.resyncAck(id: ack.id, offset: ack.offset, length: ack.length, result: 5)))  // EIO
+        }
+        resyncAcksFlushing.removeAll(where: overlaps)
+        resyncAcksHeld.removeAll(where: overlaps)
+    }
+
+    /// The link or the resync ends: acks still owed are dropped with it (the source keeps its
+    /// bits and copies those runs again). A target flush still on the disk completes with
+    /// nothing to send, so a late one never acknowledges on a newer link.
+    private mutating func dropResyncAcks() {
+        resyncWritesOwed.removeAll(keepingCapacity: true)
+        resyncAcksHeld.removeAll(keepingCapacity: true)
+        resyncAcksFlushing.removeAll(keepingCapacity: true)
     }
 
     private mutating func resyncDone(into actions: inout [Action]) {
         guard sync == .syncTarget else { return protocolError("resyncDone outside a resync", into: &actions) }
+        // The source ends only once every run is acknowledged: none can be owed here.
+        guard resyncRunsUnacknowledged == 0 else {
+            return protocolError("resyncDone with \(resyncRunsUnacknowledged) resync runs unacknowledged", into: &actions)
+        }
         uuids = uuids.adoptedAfterResyncAsTarget(sourceCurrent: peerCurrentUUID)
         localFlags.remove(.resyncTarget)
         localFlags.remove(.crashedPrimary)
@@ -1333,7 +1483,7 @@ public struct ReplicaCore {
             write.peerPending = false
             write.peerResult = -5  // EIO: the peer never confirmed it
             writes[id] = write
-            bitmap.setRange(offset: write.offset, length: UInt64(write.length))
+            markOutOfSync(offset: write.offset, length: UInt64(write.length))
         }
         for (id, var flush) in flushes where flush.peerPending {
             flush.peerPending = false
@@ -1364,6 +1514,7 @@ public struct ReplicaCore {
             // never be acknowledged on this link: its slot is free now (the bits stay set).
             if resyncSlots[i]!.sent { resyncSlots[i] = nil } else { resyncSlots[i]!.stale = true }
         }
+        dropResyncAcks()
         lastTickNanos = nil
         link = (reason == .splitBrain || reason == .unrelatedData || reason == .administrative || reason == .sizeMismatch
                 || peerDisconnectedForSplitBrain) ? .standalone : .connecting

@@ -118,6 +118,8 @@ public struct LocalIO: Sendable, Equatable {
         case resyncWrite(Int)
         /// The source's flush before it ends a resync (see `ReplicaCore`, resync).
         case resyncFlush
+        /// The target's flush that makes written resync runs durable before it acknowledges them.
+        case resyncTargetFlush
     }
 
     public var tag: Tag

@@ -1469,7 +1469,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             if let buffer = resyncBuffers.removeValue(forKey: key) { loop.pool.release(buffer) }
         case .resyncRead(let slot):
             if result < 0, let buffer = resyncBuffers.removeValue(forKey: -slot - 1) { loop.pool.release(buffer) }
-        case .client, .clientFlush, .peerFlush, .resyncFlush:
+        case .client, .clientFlush, .peerFlush, .resyncFlush, .resyncTargetFlush:
             break
         }
         beginActions()

@@ -151,6 +151,14 @@ extension World {
                     stable[b] = min(stable[b], floor[b], nodes[s].disk.durable[b])
                     uncertain(b, upTo: maxSeq[b])
                 }
+                for b in 0..<SimLayout.blocks where nodes[s].disk.cache[b] == floor[b] {
+                    // The peer holds the acknowledged write, maybe only in its cache: a FLUSH the
+                    // old primary answered after the link dropped covered it there alone (its
+                    // transfer log marked it out of sync), so the peer's power loss keeps only
+                    // its durable value here too (`--failover --primary-disk-errors
+                    // --double-faults --switchover`, seed 122).
+                    stable[b] = min(stable[b], nodes[s].disk.durable[b])
+                }
             }
             if powerLoss {
                 // It comes back as primary with what its disk kept: flushed data at least.

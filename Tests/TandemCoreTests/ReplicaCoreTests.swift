@@ -40,14 +40,16 @@ struct Pair {
                   resourceName: "r0", deviceSizeBytes: size, bitmapGranularityBytes: 4096, uuids: ReplicaCore.wire(core.uuids))
     }
 
-    /// Reconnects: both hellos, then every message exchanged until both sides are quiet.
-    mutating func reconnect() {
+    /// Reconnects: both hellos, then every message exchanged until both sides are quiet. The
+    /// fresh UUIDs seed the link's resync ids too (from bit 16 up: the default keeps the ids of
+    /// the first link).
+    mutating func reconnect(freshUUIDs: (primary: UInt64, secondary: UInt64) = (0x7000, 0x8000)) {
         let helloP = Pair.hello(of: primary), helloS = Pair.hello(of: secondary)
         var actions: [ReplicaCore.Action] = []
-        primary.linkUp(peer: helloS, freshUUID: 0x7000, into: &actions)
+        primary.linkUp(peer: helloS, freshUUID: freshUUIDs.primary, into: &actions)
         applyPrimary(actions)
         actions.removeAll()
-        secondary.linkUp(peer: helloP, freshUUID: 0x8000, into: &actions)
+        secondary.linkUp(peer: helloP, freshUUID: freshUUIDs.secondary, into: &actions)
         applySecondary(actions)
         for _ in 0..<4 {
             deliverToSecondary()
@@ -155,6 +157,12 @@ struct Pair {
         primary.tick(nowNanos: 1_100_000_000, into: &actions)
         applyPrimary(actions)
         for io in primaryDisk { if case .resyncRead = io.tag { completePrimary(io.tag) } }
+    }
+
+    /// The target completes its resync writes, then the flushes their acks wait for.
+    mutating func completeResyncWritesAndFlush() {
+        for io in secondaryDisk { if case .resyncWrite = io.tag { completeSecondary(io.tag) } }
+        while secondaryDisk.contains(where: { $0.tag == .resyncTargetFlush }) { completeSecondary(.resyncTargetFlush) }
     }
 
     mutating func dropLink() {
@@ -574,7 +582,7 @@ struct Pair {
                 }
             }
             pair.deliverToSecondary()
-            for io in pair.secondaryDisk { if case .resyncWrite = io.tag { pair.completeSecondary(io.tag) } }
+            pair.completeResyncWritesAndFlush()
             pair.deliverToPrimary()
             if pair.primary.sync == .established && pair.secondary.sync == .established { return }
         }
@@ -608,7 +616,7 @@ struct Pair {
         pair.resyncAfterWriteAlone(65536)
         pair.readResyncRuns()
         pair.deliverToSecondary()
-        for io in pair.secondaryDisk { if case .resyncWrite = io.tag { pair.completeSecondary(io.tag) } }
+        pair.completeResyncWritesAndFlush()
         pair.deliverToPrimary()
         #expect(pair.primary.bitmap.setBitCount == 0 && pair.primaryDisk.map(\.tag) == [.resyncFlush])
         #expect(pair.primary.sync == .syncSource, "not done before the flush")
@@ -627,7 +635,7 @@ struct Pair {
         pair.write(2, at: 1 << 20)  // replicated to the target during the resync
         pair.completePrimary(.client(2))
         pair.deliverToSecondary()
-        for io in pair.secondaryDisk { if case .resyncWrite = io.tag { pair.completeSecondary(io.tag) } }
+        pair.completeResyncWritesAndFlush()
         pair.deliverToPrimary()
         pair.completePrimary(.resyncFlush)
         #expect(pair.primary.sync == .established && pair.toSecondary.contains(.send(.resyncDone)), "the source ended the resync")

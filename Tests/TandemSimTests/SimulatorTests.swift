@@ -119,6 +119,34 @@ import TandemSim
         Self.check(Simulator.run(seed: seed))
     }
 
+    /// Not a bug found, a bug planted to see the simulator find it: a resync target that writes
+    /// without FUA and acknowledges each run when its write completes, before a flush covers it
+    /// (group commit done wrong). A power loss of the target took acknowledged runs from its
+    /// cache; the source had cleared their bits. The first failing seed of each mode.
+    @Test(arguments: SimRegressions.resyncAckBeforeTargetFlush)
+    func resyncAcksWaitForTheTargetsFlush(seed: UInt64, mode: String) {
+        let options: SimOptions = switch mode {
+        case "witness": SimOptions(witness: true)
+        case "failover": SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)
+        default: SimOptions()
+        }
+        Self.check(Simulator.run(seed: seed, options: options))
+    }
+
+    /// With the target's resync acks held for its flush: a client write over a run already sent
+    /// failed on the source's disk; the run's ack, later than the write's, cleared the mark.
+    @Test(arguments: SimRegressions.markClearedByLateResyncAck)
+    func aMarkSetAfterAResyncRunWasSentSurvivesItsAck(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
+    }
+
+    /// A checker error: a failover onto a peer not up to date kept the stable value of blocks the
+    /// peer held only in its cache (a FLUSH answered by the old primary alone after a link loss).
+    @Test(arguments: SimRegressions.checkerFailoverOntoCachedCopy)
+    func aFailoverKeepsOnlyThePeersDurableCopy(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, switchover: true)))
+    }
+
     /// The node evicted activity-log extents whose writes were still in the volatile cache: after
     /// a primary power loss they were neither on its disk nor resynced.
     @Test(arguments: SimRegressions.alEvictionWithoutDataSync)
@@ -325,6 +353,9 @@ enum SimRegressions {
     static let noSyncIgnoredBitmap: [UInt64] = [3]
     static let sentResyncSlotsLeaked: [UInt64] = [13]
     static let resyncWriteNotDurable: [UInt64] = [30]
+    static let resyncAckBeforeTargetFlush: [(UInt64, String)] = [(620, "default"), (2, "witness"), (2, "failover")]
+    static let markClearedByLateResyncAck: [UInt64] = [912]
+    static let checkerFailoverOntoCachedCopy: [UInt64] = [122]
     static let alEvictionWithoutDataSync: [UInt64] = [993]
     static let resyncIDsRepeated: [UInt64] = [2996]
     static let failoverDecisions: [UInt64] = [28, 524]
