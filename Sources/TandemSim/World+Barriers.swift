@@ -284,7 +284,7 @@ extension World {
     /// A rollback is between the demotion and the promotion of the rolled-back node.
     var rollingBack: Bool {
         switch switchover {
-        case .rollingBack, .restoring, .afterRollback: true
+        case .rollingBack, .askingRollback, .restoring, .afterRollback: true
         default: rollbackBarrier != nil
         }
     }
@@ -299,11 +299,20 @@ extension World {
                core.sync == .established, core.disk == .upToDate, core.peerDisk == .upToDate, core.peerRole == .secondary,
                core.bitmap.setBitCount == 0, nodes[o].core.bitmap.setBitCount == 0, nodes[s].cow.isIdle, nodes[s].barrierToRecord == nil {
                 guard nodes[s].undoIndex.contains(id) else { return abandonRollback(s, "barrier \(id) is no longer kept") }
+                if options.witness { return askToRollBack(s, id) }
                 beginRollback(s, id)
                 break
             }
             guard tries < 100 else { return abandonRollback(s, "n\(s) did not get connected and in sync with the demoted n\(o)") }
             switchover = .rollingBack(to: s, barrier: id, tries: tries + 1)
+        case .askingRollback(let s, let id, let life, let tries):
+            // The answer moves it on (`rollbackRecorded`, `rollbackNotRecorded`).
+            guard nodes[s].up, nodes[s].life == life else { return abandonRollback(s, "n\(s) stopped before its rollback was recorded") }
+            guard tries < 1000 else {
+                rollbackNotRecorded(s, "no answer in 20 s")
+                return
+            }
+            switchover = .askingRollback(node: s, barrier: id, life: life, tries: tries + 1)
         case .restoring:
             // The node restores a step at a time, or finishes after a crash when it starts.
             break
@@ -340,6 +349,86 @@ extension World {
         queue.push(now + 20 * SimTime.ms, .switchoverStep)
     }
 
+    // MARK: The rollback's record (with a witness)
+
+    /// `ReplicatedNode.rollback` with a witness: before anything is restored, the witness must
+    /// record the rollback (it promotes the peer no more), or else the peer acknowledge the
+    /// notice over the link (it outdated itself); neither, the rollback is refused.
+    func askToRollBack(_ s: Int, _ id: UInt64) {
+        nodes[s].rollbackAsking = (id, false, nil)
+        nodes[s].rollbackRecord = true
+        switchover = .askingRollback(node: s, barrier: id, life: nodes[s].life, tries: 0)
+        queue.push(now + 20 * SimTime.ms, .switchoverStep)
+        if witnessRequest(s, witnessState(s), .rollback(id)) {
+            record(.note("rollback: n\(s) asks the witness to record its rollback to barrier \(id)"))
+        } else {
+            askPeerForRollback(s, why: "the witness is unreachable")
+        }
+    }
+
+    func rollbackWitnessAnswered(_ s: Int, _ id: UInt64, _ answer: SimWitnessAnswer) {
+        guard let asking = nodes[s].rollbackAsking, asking.id == id, !asking.viaPeer else { return }
+        switch answer {
+        case .recorded:
+            record(.note("rollback: the witness recorded n\(s)'s rollback"))
+            count("rollback recorded by the witness")
+            rollbackRecorded(s)
+        case .refused:
+            rollbackNotRecorded(s, "the witness refused to record it")
+        case .unreachable:
+            askPeerForRollback(s, why: "the witness link went down before it answered")
+        }
+    }
+
+    /// `ReplicatedNode.askPeerForRollback`.
+    func askPeerForRollback(_ s: Int, why: String) {
+        guard nodes[s].rollbackAsking != nil else { return }
+        var sent = false
+        call(s) { core, a in sent = core.role == .secondary && core.noticeRollback(into: &a) }
+        guard sent else { return rollbackNotRecorded(s, "\(why), and the peer is not connected") }
+        nodes[s].rollbackAsking!.viaPeer = true
+        record(.note("rollback: n\(s): \(why); asks its peer over the link"))
+    }
+
+    /// `ReplicatedNode.rollbackNoticeAnswered`, after the batch the answer came in.
+    func rollbackNoticeAnswered(_ s: Int) {
+        guard let asking = nodes[s].rollbackAsking, asking.viaPeer, let accepted = asking.peerAnswer else { return }
+        if accepted {
+            record(.note("rollback: n\(s)'s peer outdated itself"))
+            count("rollback recorded by the peer")
+            return rollbackRecorded(s)
+        }
+        rollbackNotRecorded(s, "the witness is unreachable and the peer did not acknowledge")
+    }
+
+    /// `ReplicatedNode.rollbackRecorded`: the checks again (things moved while it asked), then
+    /// the rollback.
+    func rollbackRecorded(_ s: Int) {
+        guard let asking = nodes[s].rollbackAsking else { return }
+        nodes[s].rollbackAsking = nil
+        let core = nodes[s].core!
+        guard case .askingRollback(s, asking.id, _, _) = switchover, core.role == .secondary, core.peerRole != .primary,
+              nodes[s].undoIndex.contains(asking.id), nodes[s].cow.isIdle, nodes[s].barrierToRecord == nil
+        else {
+            nodes[s].rollbackRecord = false
+            announceToWitness(s)
+            if case .askingRollback(s, _, _, _) = switchover { abandonRollback(s, "n\(s) can no longer roll back to barrier \(asking.id)") }
+            return
+        }
+        beginRollback(s, asking.id)
+    }
+
+    /// `ReplicatedNode.rollbackNotRecorded`: refused; a record the witness may hold (its answer
+    /// lost with the link) ends with the state announced.
+    func rollbackNotRecorded(_ s: Int, _ why: String) {
+        guard nodes[s].rollbackAsking != nil else { return }
+        nodes[s].rollbackAsking = nil
+        nodes[s].rollbackRecord = false
+        announceToWitness(s)
+        count("rollback refused: not recorded")
+        if case .askingRollback(s, _, _, _) = switchover { abandonRollback(s, "n\(s)'s rollback is not recorded: \(why)") }
+    }
+
     func abandonRollback(_ s: Int, _ why: String) {
         record(.note("rollback abandoned: \(why)"))
         count("rollback abandoned")
@@ -352,6 +441,7 @@ extension World {
     /// `ReplicatedNode.rollback`: disconnect, the marker durable (`beginRollback`), the plan.
     /// From here the outcome is the barrier's image: the model forgets every later write.
     func beginRollback(_ s: Int, _ id: UInt64) {
+        nodes[s].rollbackRecord = options.witness
         call(s) { core, a in core.disconnect(freshUUID: freshUUID(), forRollback: true, into: &a) }
         nodes[s].undo.sync()
         nodes[s].undo.pendingRollback = id
@@ -442,6 +532,8 @@ extension World {
         nodes[s].core.startGenerationAfterRollback(freshUUID: freshUUID(), into: &ignored)
         persistMetadata(s)
         finishRollbackInStore(s, id)
+        // As the node: with a witness, the record holds until the peer resynced from here.
+        nodes[s].rollbackRecord = options.witness
         rolledBack(s, id, restored: plan.restores.count)
     }
 

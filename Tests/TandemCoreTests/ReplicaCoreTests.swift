@@ -64,7 +64,7 @@ struct Pair {
             case .completeClientFlush(let id, let result): flushed[id] = result
             case .dropLink(let reason): dropped.append(reason)
             case .writeSettled(let offset, _): settled.append(offset)
-            case .stateChanged, .recordBarrier: break
+            case .stateChanged, .recordBarrier, .rollbackNoticeAnswered: break
             }
         }
     }
@@ -78,7 +78,7 @@ struct Pair {
             case .completeClient, .completeClientFlush: Issue.record("secondary answered a client")
             case .dropLink(let reason): dropped.append(reason)
             case .writeSettled: Issue.record("secondary settled a client write")
-            case .stateChanged, .recordBarrier: break
+            case .stateChanged, .recordBarrier, .rollbackNoticeAnswered: break
             }
         }
     }
