@@ -929,7 +929,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// A secondary that lost its primary asks the witness whether it may take over.
     private func considerAutomaticFailover(now: UInt64) {
         guard let witness, witness.up, config.failover.autoPromote, core.role == .secondary, core.disk == .upToDate,
-              core.link == .connecting, !promotionRequested, !demoting, now >= nextPromotionTry, !stopping
+              core.link == .connecting, !promotionRequested, !demoting, now >= nextPromotionTry, !stopping,
+              rollbackAsking == nil, rollbackRun == nil
         else { return }
         promotionRequested = true
         var state = witnessState()
@@ -1852,6 +1853,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// `tandem primary [--force]`. With a witness and no peer, the witness must agree first
     /// (`--force` skips it: the operator answers for what the other node does).
     private func promote(force: Bool, reply: @escaping (String) -> Void) {
+        // Not while a rollback asks for its record: the witness would grant it and then find
+        // the node secondary.
+        guard rollbackRun == nil, rollbackAsking == nil else { return reply(Self.error("a rollback is running")) }
         // A disk that is not UpToDate is refused here, with the reason, before the witness is asked
         // (it would refuse too, with the reason in its log only).
         guard let witness, !force, core.role == .secondary, core.link != .connected, core.link != .handshaking, core.disk == .upToDate else {

@@ -83,6 +83,21 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
         }
     }
 
+    /// Which data nodes the arbiter holds a rollback record for.
+    private func rollbackRecords() -> [UInt8: Bool] {
+        arbiter.nodes.mapValues { $0.rollingBackFrom != nil }
+    }
+
+    private func logRollbackRecords(since before: [UInt8: Bool]) {
+        for (node, had) in before.sorted(by: { $0.key < $1.key }) where arbiter.rollsBack(node) != had {
+            if had {
+                logger.notice("witness: \(name(node)) no longer rolls back (\(name(other(node))) resynced from it, it was promoted, or the rollback did not start)")
+            } else {
+                logger.notice("witness: \(name(node)) rolls back to a barrier: \(name(other(node))) is not promoted until it resynced from \(name(node))")
+            }
+        }
+    }
+
     private func other(_ node: UInt8) -> UInt8 {
         arbiter.nodes.keys.first { $0 != node }!
     }
@@ -118,11 +133,10 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             link.node = hello.nodeID
             links[key] = link
             let rollingBack = hello.flags & PeerFlags.Hello.rollingBack != 0
+            let records = rollbackRecords()
             let deposed = arbiter.connected(hello.nodeID, role: hello.role, disk: hello.diskState, uuids: hello.uuids, rollingBack: rollingBack)
             logger.info("witness: \(certificate) connected (\(hello.role), disk \(hello.diskState)\(rollingBack ? ", rolling back to a barrier" : ""))")
-            if rollingBack && arbiter.rollsBack(hello.nodeID) {
-                logger.notice("witness: \(certificate) rolls back to a barrier: \(name(other(hello.nodeID))) is not promoted until it resynced from \(certificate)")
-            }
+            logRollbackRecords(since: records)
             if let deposed {
                 logger.warning("witness: \(deposed)")
                 connection.send(.disconnect(reason: .roleConflict, text: deposed))
@@ -131,7 +145,9 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             guard let node = link.node else { return connection.close(reason: "protocol error: stateChange before hello") }
             if change.role == .primary && arbiter.nodes[node]?.role != .primary && change.id != 0 && change.flags & PeerFlags.State.peerOutdated == 0 {
                 // A promotion request.
+                let records = rollbackRecords()
                 let verdict = arbiter.requestPrimary(node, disk: change.diskState, uuids: change.uuids)
+                logRollbackRecords(since: records)
                 switch verdict {
                 case .granted:
                     logger.notice("witness: \(name(node)) may become primary")
@@ -145,14 +161,10 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             } else {
                 let otherDeposed = arbiter.nodes.first { $0.key != node }?.value.deposed ?? false
                 let rollingBack = change.flags & PeerFlags.State.rollingBack != 0
-                let recorded = arbiter.rollsBack(node)
+                let records = rollbackRecords()
                 let verdict = arbiter.announced(node, role: change.role, disk: change.diskState, writesWithoutPeer: change.flags & PeerFlags.State.peerOutdated != 0,
                                                 uuids: change.uuids, rollingBack: rollingBack)
-                if arbiter.rollsBack(node) && !recorded {
-                    logger.notice("witness: \(name(node)) rolls back to a barrier: \(name(other(node))) is not promoted until it resynced from \(name(node))")
-                } else if recorded && !arbiter.rollsBack(node) {
-                    logger.notice("witness: \(name(node)) no longer rolls back (\(name(other(node))) resynced, or the rollback did not start)")
-                }
+                logRollbackRecords(since: records)
                 if let (other, view) = arbiter.nodes.first(where: { $0.key != node }), view.deposed && !otherDeposed {
                     // This node holds the newer generation: the other, still primary, must demote now.
                     for link in links.values where link.node == other {

@@ -295,6 +295,10 @@ extension World {
         case .rollingBack(let s, let id, let tries):
             // `tandem rollback` once the secondary sees the demoted peer, in sync, nothing pending.
             let o = other(s)
+            if nodes[s].up, nodes[s].core.role == .primary {
+                // The witness let it take over while it waited (its link was down): it serves.
+                return abandonRollback(s, "n\(s) was promoted meanwhile")
+            }
             if nodes[s].up, nodes[o].up, let core = nodes[s].core, core.role == .secondary, core.link == .connected,
                core.sync == .established, core.disk == .upToDate, core.peerDisk == .upToDate, core.peerRole == .secondary,
                core.bitmap.setBitCount == 0, nodes[o].core.bitmap.setBitCount == 0, nodes[s].cow.isIdle, nodes[s].barrierToRecord == nil {
@@ -433,6 +437,11 @@ extension World {
         record(.note("rollback abandoned: \(why)"))
         count("rollback abandoned")
         switchover = nil
+        if nodes[s].up && nodes[s].core.role == .primary {
+            // The witness let it take over meanwhile (the client followed it): it goes on serving.
+            primaryNode = s
+            return
+        }
         let p = other(s)
         primaryNode = p
         if nodes[p].up { queue.push(now + 10 * SimTime.ms, .promote(node: p, life: nodes[p].life, tries: 0)) }

@@ -338,7 +338,8 @@ extension World {
     /// `ReplicatedNode.considerAutomaticFailover`, on the tick.
     func considerAutomaticFailover(_ i: Int) {
         guard options.witness, nodes[i].witnessUp, nodes[i].core.role == .secondary, nodes[i].core.disk == .upToDate,
-              nodes[i].core.link == .connecting, !nodes[i].promotionRequested, nodes[i].demotion == nil, now >= nodes[i].nextPromotionTry
+              nodes[i].core.link == .connecting, !nodes[i].promotionRequested, nodes[i].demotion == nil, now >= nodes[i].nextPromotionTry,
+              nodes[i].rollbackAsking == nil, nodes[i].rollbackRun == nil
         else { return }
         var state = witnessState(i)
         state.role = .primary
