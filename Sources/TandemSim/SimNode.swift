@@ -98,6 +98,8 @@ struct SimNode {
     /// The barrier the core asked to record, waiting for copy-on-write to be idle.
     var barrierToRecord: BarrierInfo?
     var rollbackRun: (id: UInt64, plan: RollbackPlan, next: Int)?
+    /// This rollback restores slowly (seconds in all).
+    var rollbackSlow = false
     /// With a witness, a rollback waiting for its record (`ReplicatedNode.rollbackAsking`): the
     /// barrier, whether the peer is asked (else the witness), and the peer's answer once it came.
     var rollbackAsking: (id: UInt64, viaPeer: Bool, peerAnswer: Bool?)?
@@ -191,6 +193,7 @@ struct SimNode {
         cowSync = nil
         barrierToRecord = nil
         rollbackRun = nil
+        rollbackSlow = false
         rollbackAsking = nil
         rollbackRecord = false
     }

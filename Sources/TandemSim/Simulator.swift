@@ -32,6 +32,9 @@ final class World {
     let seed: UInt64
     let options: SimOptions
     var rng: SplitMix64
+    /// Which rollbacks restore slowly (`--witness --barriers`): a stream of its own, so the choice
+    /// moves no other event of a seed.
+    var rollbackPace: SplitMix64
     var now: UInt64 = 0
     var queue = EventQueue()
     var nodes: [SimNode]
@@ -97,6 +100,7 @@ final class World {
         self.seed = seed
         self.options = options
         rng = SplitMix64(seed: seed)
+        rollbackPace = SplitMix64(seed: ~seed)
         report = SimReport(seed: seed)
         trace = Array(repeating: nil, count: max(1, options.traceEvents))
         let uuids = GenerationUUIDs(current: 0x5EED_0000 | (seed & 0xFFFF) << 1, bitmap: 0, history0: 0, history1: 0)
