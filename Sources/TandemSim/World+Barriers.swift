@@ -471,6 +471,7 @@ extension World {
         // With a witness, one rollback in three is slow (a large one on a slow disk): seconds, so
         // the peer notices the link is gone and may ask the witness to take over mid-restore.
         nodes[s].rollbackSlow = options.witness && rollbackPace.below(3) == 0
+        if nodes[s].rollbackSlow { count("rollback slow") }
         queue.push(now + rollbackStepNanos(s), .rollbackStep(node: s, life: nodes[s].life))
         // Half the rollbacks crash part way (between restores, before or after the sync).
         if rng.below(2) == 0 { queue.push(now + rng.between(1, 60) * SimTime.ms, .rollbackCrash(node: s, life: nodes[s].life)) }
