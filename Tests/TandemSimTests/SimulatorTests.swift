@@ -308,6 +308,14 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true, barriers: true)))
     }
 
+    /// With the witness's refusal to promote the peer of a recorded rollback taken out (the
+    /// record made, but not enforced): the link broke as a slow rollback started, or the
+    /// rolling-back node crashed mid-restore, and the witness promoted the peer.
+    @Test(arguments: SimRegressions.rollbackRecordNotEnforced)
+    func aRecordedRollbackKeepsThePeerFromBeingPromoted(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true, barriers: true)))
+    }
+
     /// The survivor of a failover started a generation at its promotion and lost power before
     /// its first write; the old primary, promoted alone later, started one too: equal bitmap
     /// UUIDs, a split brain though only one node wrote (now a generation starts at the first
@@ -364,4 +372,5 @@ enum SimRegressions {
     static let checkerFailoverOntoUnflushedPeer: [UInt64] = [1785]
     static let staleWasPrimaryWonTheTie: [UInt64] = [1393, 3952]
     static let rollbackNotRecorded: [UInt64] = [37, 232]
+    static let rollbackRecordNotEnforced: [UInt64] = [6, 19]
 }
