@@ -510,12 +510,12 @@ struct Rollback: ParsableCommand {
             barrier: --yes-destroy-newer-data is required.
             Crash-safe: a rollback that stops part way is finished by running it again.
 
-            With a witness, nothing is restored before the rollback is recorded: the witness
-            then promotes the other node no more (its data is about to be older), or, if the
-            witness is unreachable, the other node acknowledges over the link that it outdated
-            itself. If neither is reachable the rollback is refused; --force rolls back anyway
-            (the witness may then promote the other node meanwhile: a split brain with the
-            rollback, found when they reconnect).
+            With a witness, nothing is restored before the rollback is recorded: the
+            witness then promotes the other node no more (its data is about to be
+            older), or, if the witness is unreachable, the other node acknowledges over
+            the link that it outdated itself. If neither is reachable the rollback is
+            refused; --force rolls back anyway (the witness may then promote the other
+            node meanwhile: a split brain with the rollback, found at the reconnect).
 
             Examples:
               tandem rollback r0.toml --node beta 1764000000000 --yes-destroy-newer-data
