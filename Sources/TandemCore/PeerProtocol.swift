@@ -184,7 +184,10 @@ public enum PeerFlags {
         /// The administrator resolved a split brain in the peer's favour: this node becomes sync
         /// target and its own changes are overwritten.
         public static let discardMyData: UInt16 = 1 << 2
-        public static let all: UInt16 = newZeroed | crashedPrimary | discardMyData
+        /// To a witness, from a secondary: as `State.rollingBack`, in the hello, so that a
+        /// witness that restarted records the rollback before anything else (peer.md 11.1).
+        public static let rollingBack: UInt16 = 1 << 3
+        public static let all: UInt16 = newZeroed | crashedPrimary | discardMyData | rollingBack
     }
 
     /// `data`, `trim`, `zeroes`.
@@ -215,7 +218,13 @@ public enum PeerFlags {
         /// To a witness, from a primary: it writes without its peer, whose data is therefore
         /// outdated (the witness must not let the peer become primary).
         public static let peerOutdated: UInt16 = 1 << 4
-        public static let all: UInt16 = resyncPaused | ioSuspended | reply | refused | peerOutdated
+        /// From a secondary that rolls back to a barrier (or rolled back, and its peer has not
+        /// resynced from it yet): the peer's data is about to be older than this node's. As a
+        /// request (nonzero id), to the peer: outdate yourself, then reply; to a witness: record
+        /// it and promote the peer no more. In a witness's refusal of a promotion: refused
+        /// because the peer rolls back (Protocol/barriers.md "Rollback and the witness").
+        public static let rollingBack: UInt16 = 1 << 5
+        public static let all: UInt16 = resyncPaused | ioSuspended | reply | refused | peerOutdated | rollingBack
     }
 }
 

@@ -82,6 +82,9 @@ public struct ReplicaCore {
         /// primary must resync the write's extents, as the peer may still lose it from a
         /// volatile cache (DRBD keeps the extent until the barrier ack).
         case writeSettled(offset: UInt64, length: UInt32)
+        /// The peer answered `noticeRollback` (true: it outdated itself, persisted, before it
+        /// replied), or the link went down first (false), or it refused (false: it is primary).
+        case rollbackNoticeAnswered(accepted: Bool)
     }
 
     public let configuration: Configuration
@@ -593,6 +596,22 @@ public struct ReplicaCore {
                 // The node persists the adopted generation on this state change.
                 actions.append(.stateChanged(status))
             }
+            let rollingBack = change.flags & PeerFlags.State.rollingBack != 0
+            if change.flags & PeerFlags.State.reply != 0 {
+                if let pending = rollbackNoticeID, change.id == pending {
+                    rollbackNoticeID = nil
+                    actions.append(.rollbackNoticeAnswered(accepted: change.flags & PeerFlags.State.refused == 0))
+                }
+            } else if rollingBack && change.id != 0 {
+                // The peer is about to roll back to a barrier and asks first: outdated, persisted
+                // (the node writes the metadata on `stateChanged`, before it sends the reply
+                // queued after it), so neither the witness nor an operator without force
+                // promotes this node while the peer's image goes back. A primary refuses: the
+                // peer must not roll back under it.
+                var flags = PeerFlags.State.reply | PeerFlags.State.rollingBack
+                if role == .secondary { peerRollsBack(into: &actions) } else { flags |= PeerFlags.State.refused }
+                actions.append(.send(.stateChange(PeerStateChange(id: change.id, role: role, diskState: disk, flags: flags, uuids: Self.wire(uuids)))))
+            }
         case .resyncData(let data, _):
             resyncDataArrived(data, into: &actions)
         case .resyncAck(let id, let offset, let length, let code):
@@ -613,16 +632,7 @@ public struct ReplicaCore {
                 actions.append(.stateChanged(status))
             }
             if reason == .rollback && role == .secondary {
-                // The peer rolls back to a barrier: its image is declared the newest and ours is
-                // about to be older. Outdated (persisted), this node neither asks the witness to
-                // take over nor is promoted without force while the peer restores; it resyncs
-                // from the peer when the link returns (barriers.md "Rollback and the witness").
-                peerLeftForRollback = true
-                if disk == .upToDate || disk == .consistent {
-                    disk = .outdated
-                    localFlags.insert(.outdated)
-                }
-                actions.append(.stateChanged(status))
+                peerRollsBack(into: &actions)
             }
         case .pingAck, .hello, .resyncRequest, .verifyRequest, .verifyDigest:
             // Link management, resync and verify are handled by the node until they move here.
@@ -918,9 +928,41 @@ public struct ReplicaCore {
     public var primarySinceMillis: UInt64 = 0
     /// The peer ended the link over a split brain: this side stays StandAlone too.
     private var peerDisconnectedForSplitBrain = false
-    /// The peer left to roll back to a barrier (`disconnect(rollback)`) and has not connected
-    /// since: why this node is Outdated, for the operator.
+    /// The peer left to roll back to a barrier (`disconnect(rollback)`, its notice before it, or
+    /// the witness's word) and has not connected since: why this node is Outdated, for the operator.
     public private(set) var peerLeftForRollback = false
+    /// This node's rollback notice waits for the peer's answer (`noticeRollback`).
+    private var rollbackNoticeID: UInt64?
+    private var nextRollbackNoticeID: UInt64 = 1
+
+    /// The peer rolls back to a barrier (it said so on the link, or the witness refused this
+    /// node's promotion for it): its image is declared the newest and ours is about to be
+    /// older. Outdated (persisted), this node neither asks the witness to take over nor is
+    /// promoted without force while the peer restores; it resyncs from the peer when the link
+    /// returns (Protocol/barriers.md "Rollback and the witness"). Only a secondary.
+    public mutating func peerRollsBack(into actions: inout [Action]) {
+        guard role == .secondary else { return }
+        peerLeftForRollback = true
+        if disk == .upToDate || disk == .consistent {
+            disk = .outdated
+            localFlags.insert(.outdated)
+        }
+        actions.append(.stateChanged(status))
+    }
+
+    /// A secondary about to roll back asks its peer over the link to outdate itself first
+    /// (`stateChange` request with `rollingBack`): the answer is `rollbackNoticeAnswered`.
+    /// Returns false, sending nothing, unless the link is connected and the peer is not primary.
+    /// Then `disconnect(forRollback:)` as before.
+    public mutating func noticeRollback(into actions: inout [Action]) -> Bool {
+        precondition(role == .secondary, "only a secondary rolls back")
+        guard link == .connected, peerRole != .primary, rollbackNoticeID == nil else { return false }
+        let id = nextRollbackNoticeID
+        nextRollbackNoticeID += 1
+        rollbackNoticeID = id
+        actions.append(.send(.stateChange(PeerStateChange(id: id, role: role, diskState: disk, flags: PeerFlags.State.rollingBack, uuids: Self.wire(uuids)))))
+        return true
+    }
     /// A fresh UUID for the first write without the peer (a new generation). The node keeps one
     /// here at all times (the core has no random numbers); the link loss and a promotion supply
     /// one too.
@@ -1493,6 +1535,11 @@ public struct ReplicaCore {
         peerFlushCoverage.removeAll()
         peerFlushesWaiting.removeAll()
         barriersWaiting.removeAll()
+        if rollbackNoticeID != nil {
+            // The peer may or may not have outdated itself: not an acknowledgement.
+            rollbackNoticeID = nil
+            actions.append(.rollbackNoticeAnswered(accepted: false))
+        }
         if role == .primary {
             // The first write without the peer starts a generation the peer does not have: now,
             // if writes the peer never confirmed are answered below; else at the next write.

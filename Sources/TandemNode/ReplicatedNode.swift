@@ -18,6 +18,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let tagRetry: UInt32 = 0x1000_0003
     private static let tagDiffStep: UInt32 = 0x1000_0004
     private static let tagDiffSync: UInt32 = 0x1000_0005
+    private static let tagRollbackAnswer: UInt32 = 0x1000_0006
     /// Verify reads: this base plus the request's window slot (primary) or the peer's request
     /// slot (secondary).
     private static let tagVerifyLocal: UInt32 = 0x2000_0000
@@ -92,6 +93,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// A rollback a crash interrupted, redone at attach: its marks and generation are persisted
     /// in `start`, and only then is it finished in the undo store.
     private var rollbackToFinish: UInt64?
+    /// With a witness, a rollback waits for its record before it restores anything
+    /// (Protocol/barriers.md "Rollback and the witness"): the witness's, or else the peer's
+    /// acknowledgement over the link (`viaPeer`; its answer, once it came, in `peerAnswer`).
+    private var rollbackAsking: (id: UInt64, reply: (String) -> Void, viaPeer: Bool, peerAnswer: Bool?)?
+    /// With a witness: this node rolls back, or rolled back and its peer has not resynced from it
+    /// yet. Every state it reports to the witness says so (`rollingBack`), its hello too, so the
+    /// witness promotes the peer no more. In memory: after a restart, the generation the
+    /// rollback started (its bitmap UUID is the peer's current) keeps the peer from promotion.
+    private var rollbackRecord = false
     /// `tandem diff` on this node: the stream being written a step at a time between the loop's
     /// other work (replication goes on), and the last one's outcome, for status.
     private var diffRun: DiffMaker?
@@ -351,6 +361,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                     }
                     core.startGenerationAfterRollback(freshUUID: Self.freshUUID(), into: &ignored)
                     rollbackToFinish = pending
+                    rollbackRecord = config.witness != nil
                 }
                 undo = store
                 logger.info("undo store \(undoPath): \(store.barriers.count) barriers")
@@ -547,19 +558,108 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         return "{\"ok\":true}"
     }
 
-    /// `tandem rollback ID`: on the secondary (the primary demoted first). The device goes back
-    /// to the barrier's image; the chunks that changed since are marked out of sync and this
-    /// node starts a new generation, so on reconnect the peer resyncs exactly those from here.
-    private func rollback(to id: UInt64) -> String {
+    /// Why `tandem rollback ID` cannot start now, or nil.
+    private func rollbackRefusal(_ id: UInt64) -> String? {
         guard let undo, undo.index.contains(id) else { return Self.error("no barrier \(id) is kept on \(me.name)") }
-        guard rollbackRun == nil else { return Self.error("a rollback is already running") }
+        guard rollbackRun == nil, rollbackAsking == nil else { return Self.error("a rollback is already running") }
         guard core.role == .secondary else { return Self.error("roll back on the secondary that keeps the barrier; \(me.name) is primary") }
+        guard !demoting else { return Self.error("a demotion is in progress") }
         guard barrierExports.isEmpty else { return Self.error("unexport the barrier exports first") }
         guard copyOnWrite?.isIdle ?? true else { return Self.error("writes are still being saved for the barriers; try again in a moment") }
         guard diffRun == nil else { return Self.error("a diff is running (tandem status shows its progress); roll back after it") }
         guard core.peerRole != .primary else { return Self.error("\(peer.name) is primary: demote it first (tandem secondary), so nothing writes during the rollback") }
-        // The peer is told why (`disconnect(rollback)`): it marks itself Outdated, so neither the
-        // witness nor an operator without --force promotes it while this device goes back.
+        return nil
+    }
+
+    /// `tandem rollback ID [force]`: on the secondary (the primary demoted first). The device
+    /// goes back to the barrier's image; the chunks that changed since are marked out of sync and
+    /// this node starts a new generation, so on reconnect the peer resyncs exactly those from
+    /// here. With a witness, nothing is restored before the rollback is recorded: by the witness
+    /// (it promotes the peer no more), or else by the peer over the link (it outdated itself);
+    /// neither reachable, the rollback is refused unless `force`.
+    private func rollback(to id: UInt64, force: Bool, reply: @escaping (String) -> Void) {
+        if let refusal = rollbackRefusal(id) { return reply(refusal) }
+        guard let witness, !force else {
+            if witness != nil {
+                logger.warning("rollback to barrier \(id) with --force: nothing records it first; if \(peer.name) misses the notice the witness may promote it meanwhile, a split brain with the rollback (found at the reconnect)")
+            }
+            return reply(startRollback(to: id))
+        }
+        rollbackAsking = (id, reply, false, nil)
+        // From now on every state this node reports to the witness says it rolls back: a state
+        // without it, overtaking the request, would end the record.
+        rollbackRecord = true
+        guard witness.up else { return askPeerForRollback(why: "the witness is unreachable") }
+        witness.request(witnessState()) { [weak self] answer in
+            guard let self, let asking = self.rollbackAsking, asking.id == id, !asking.viaPeer else { return }
+            switch answer {
+            case .recorded:
+                self.logger.notice("the witness recorded the rollback to barrier \(id): it promotes \(self.peer.name) no more until \(self.peer.name) resynced from \(self.me.name)")
+                self.rollbackRecorded()
+            case .refused:
+                self.rollbackNotRecorded(
+                    "cannot roll back: the witness refused to record the rollback (see its log: \(self.peer.name) is primary, or the witness has not heard from \(self.peer.name) since it started); demote \(self.peer.name), or wait until the witness hears from it")
+            case .unreachable:
+                self.askPeerForRollback(why: "the witness link went down before the witness answered")
+            }
+        }
+    }
+
+    /// The witness cannot record the rollback: the peer may, over the link (it outdates itself,
+    /// persisted, then replies).
+    private func askPeerForRollback(why: String) {
+        guard let asking = rollbackAsking else { return }
+        beginActions()
+        let sent = core.role == .secondary && core.noticeRollback(into: &actions)
+        perform()
+        guard sent else {
+            return rollbackNotRecorded(
+                "cannot roll back: \(why) and \(peer.name) is not connected, so nothing can record that \(peer.name)'s data is about to be outdated: the witness could promote \(peer.name) during the rollback (a split brain with it). Reconnect the witness or \(peer.name), or add --force to roll back anyway")
+        }
+        rollbackAsking!.viaPeer = true
+        logger.notice("rollback to barrier \(asking.id): \(why); asking \(peer.name) over the link to outdate itself first")
+    }
+
+    /// The peer's answer to the rollback notice (`rollbackNoticeAnswered`), after the batch of
+    /// actions it came in.
+    private func rollbackNoticeAnswered() {
+        guard let asking = rollbackAsking, asking.viaPeer, let accepted = asking.peerAnswer else { return }
+        if accepted {
+            logger.notice("\(peer.name) outdated itself for the rollback to barrier \(asking.id)")
+            return rollbackRecorded()
+        }
+        rollbackNotRecorded(
+            "cannot roll back: the witness is unreachable and \(peer.name) did not acknowledge the rollback (it is primary, or the link went down first): nothing records that \(peer.name)'s data is about to be outdated. Reconnect the witness or \(peer.name), or add --force to roll back anyway")
+    }
+
+    private func rollbackRecorded() {
+        guard let asking = rollbackAsking else { return }
+        rollbackAsking = nil
+        if let refusal = rollbackRefusal(asking.id) {
+            // Something changed while it was asked (a promotion, a write to save): not now.
+            rollbackRecord = false
+            announceToWitness()
+            return asking.reply(refusal)
+        }
+        asking.reply(startRollback(to: asking.id))
+    }
+
+    private func rollbackNotRecorded(_ why: String) {
+        guard let asking = rollbackAsking else { return }
+        rollbackAsking = nil
+        rollbackRecord = false
+        // A record the witness may hold (its answer lost with the link) ends with this state.
+        announceToWitness()
+        logger.error("rollback to barrier \(asking.id) refused: \(why)")
+        asking.reply(Self.error(why))
+    }
+
+    /// The rollback starts: the peer is told why the link goes down (`disconnect(rollback)`: it
+    /// marks itself Outdated, so neither the witness nor an operator without --force promotes it
+    /// while this device goes back), the marker is written, then the restores run on the tick.
+    private func startRollback(to id: UInt64) -> String {
+        guard let undo else { return Self.error("no undo store") }
+        rollbackRecord = witness != nil
         beginActions()
         core.disconnect(freshUUID: Self.freshUUID(), forRollback: true, into: &actions)
         perform()
@@ -567,6 +667,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         do {
             plan = try undo.beginRollback(to: id)
         } catch {
+            rollbackRecord = false
+            announceToWitness()
             logger.error("rollback to barrier \(id) failed: \(error)")
             return Self.error("rollback failed: \(error); the node stays disconnected")
         }
@@ -638,7 +740,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private func startDiff(from: UInt64?, to: UInt64, output: String) -> String {
         guard let undo else { return Self.error("\(me.name) keeps no barriers (no undo directory)") }
         guard diffRun == nil else { return Self.error("a diff is already running (to \(diffRun!.output))") }
-        guard rollbackRun == nil else { return Self.error("a rollback is running") }
+        guard rollbackRun == nil, rollbackAsking == nil else { return Self.error("a rollback is running") }
         guard output.hasPrefix("/") else { return Self.error("the output path must be absolute") }
         let device = self.device
         let maker: DiffMaker
@@ -768,6 +870,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private func witnessState() -> PeerStateChange {
         var flags: UInt16 = 0
         if core.role == .primary && !core.replicating { flags |= PeerFlags.State.peerOutdated }
+        if rollbackRecord && core.role == .secondary { flags |= PeerFlags.State.rollingBack }
         return PeerStateChange(role: core.role, diskState: core.disk, flags: flags, uuids: ReplicaCore.wire(core.uuids))
     }
 
@@ -778,8 +881,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let state = witnessState()
         let fencing = state.flags & PeerFlags.State.peerOutdated != 0
         if fencing { fenceInFlight = true }
-        witness.request(state) { [weak self] recorded in
+        witness.request(state) { [weak self] answer in
             guard let self else { return }
+            let recorded = answer == .recorded
             if fencing { self.fenceInFlight = false }
             if fencing && recorded && self.core.role == .primary && !self.core.replicating {
                 self.fenced = true
@@ -825,21 +929,36 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// A secondary that lost its primary asks the witness whether it may take over.
     private func considerAutomaticFailover(now: UInt64) {
         guard let witness, witness.up, config.failover.autoPromote, core.role == .secondary, core.disk == .upToDate,
-              core.link == .connecting, !promotionRequested, !demoting, now >= nextPromotionTry, !stopping
+              core.link == .connecting, !promotionRequested, !demoting, now >= nextPromotionTry, !stopping,
+              rollbackAsking == nil, rollbackRun == nil
         else { return }
         promotionRequested = true
         var state = witnessState()
         state.role = .primary
-        witness.request(state) { [weak self] granted in
+        witness.request(state) { [weak self] answer in
             guard let self else { return }
             self.promotionRequested = false
-            guard granted, self.core.role == .secondary, self.core.link == .connecting else {
+            if case .refused(peerRollsBack: true) = answer { self.peerRollsBackSaysTheWitness() }
+            guard answer == .recorded, self.core.role == .secondary, self.core.link == .connecting else {
                 self.nextPromotionTry = monotonicNanos() + 500_000_000
                 return
             }
             self.logger.warning("automatic failover: \(self.peer.name) is gone and the witness agrees: promoting")
             _ = self.promoteLocally(force: false)
         }
+    }
+
+    /// The witness refused this node's promotion because it holds the peer's rollback: this
+    /// node's data is about to be older than the peer's. Outdated (persisted) until it resyncs
+    /// from the peer, as if the peer's notice had arrived.
+    private func peerRollsBackSaysTheWitness() {
+        guard core.role == .secondary, core.link != .connected, core.link != .handshaking else { return }
+        if !core.peerLeftForRollback {
+            logger.warning("the witness says \(peer.name) rolls back to a barrier: \(me.name) is Outdated until it resyncs from \(peer.name)")
+        }
+        beginActions()
+        core.peerRollsBack(into: &actions)
+        perform()
     }
 
     // MARK: Link establishment
@@ -894,6 +1013,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             stepDiff()
         case Self.tagDiffSync:
             diffSynced(result)
+        case Self.tagRollbackAnswer:
+            rollbackNoticeAnswered()
         case Self.tagTick:
             beginActions()
             // Reads served from the local disk compete with a resync too (writes the core sees).
@@ -1289,6 +1410,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 client.connection.replicatedCompleted(slot: client.slot, result: result)
             case .writeSettled(let offset, let length):
                 if activityLog.endWrite(offset: offset, length: UInt64(length)) { admitWaitingWrites() }
+            case .rollbackNoticeAnswered(let accepted):
+                // Acted on after this batch: starting the rollback drives the core again.
+                if rollbackAsking?.viaPeer == true {
+                    rollbackAsking!.peerAnswer = accepted
+                    loop.addTimer(id: id, tag: Self.tagRollbackAnswer, afterNanos: 0)
+                }
             case .dropLink(let reason):
                 logger.warning("replication: dropping the link: \(reason)")
                 switch reason {
@@ -1311,6 +1438,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 report(status)
                 if core.spareUUID == nil { core.spareUUID = Self.freshUUID() }
                 if core.replicating || core.role != .primary { fenced = false }
+                if rollbackRecord && rollbackRun == nil && rollbackAsking == nil
+                    && (core.role == .primary || (core.link == .connected && core.sync == .established && core.peerDisk == .upToDate && core.bitmap.setBitCount == 0)) {
+                    // The peer resynced from the rolled-back node (or it was promoted): the
+                    // witness's record ends with the announcement below.
+                    rollbackRecord = false
+                }
                 if !heldCompletions.isEmpty && core.role == .primary && peerHoldsHeldWrites {
                     // The witness never recorded the peer as outdated, but the peer is back: the
                     // resync that copies the held writes has started (the peer is Inconsistent
@@ -1672,9 +1805,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 return reply(Self.error("diff FROM TO PATH: FROM a barrier id or 0, TO a barrier id"))
             }
             reply(startDiff(from: from == 0 ? nil : from, to: to, output: String(parts[3])))
-        case "rollback" where words.count == 2:
+        case "rollback" where words.count == 2 || (words.count == 3 && words[2] == "force"):
             guard let id = UInt64(words[1]) else { return reply(Self.error("barrier id \(words[1])")) }
-            reply(rollback(to: id))
+            rollback(to: id, force: words.count == 3, reply: reply)
         default:
             reply(Self.error("unknown request '\(request.prefix(64))'; known: status, status text, verify, primary [force], secondary, connect [discard-my-data], disconnect, ping"))
         }
@@ -1720,6 +1853,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// `tandem primary [--force]`. With a witness and no peer, the witness must agree first
     /// (`--force` skips it: the operator answers for what the other node does).
     private func promote(force: Bool, reply: @escaping (String) -> Void) {
+        // Not while a rollback asks for its record: the witness would grant it and then find
+        // the node secondary.
+        guard rollbackRun == nil, rollbackAsking == nil else { return reply(Self.error("a rollback is running")) }
         // A disk that is not UpToDate is refused here, with the reason, before the witness is asked
         // (it would refuse too, with the reason in its log only).
         guard let witness, !force, core.role == .secondary, core.link != .connected, core.link != .handshaking, core.disk == .upToDate else {
@@ -1730,19 +1866,25 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
         var state = witnessState()
         state.role = .primary
-        witness.request(state) { [weak self] granted in
+        witness.request(state) { [weak self] answer in
             guard let self else { return }
-            if granted {
+            switch answer {
+            case .recorded:
                 reply(self.promoteLocally(force: false))
-            } else {
+            case .refused(peerRollsBack: true):
+                self.peerRollsBackSaysTheWitness()
+                reply(Self.error("cannot promote: \(self.peer.name) is rolling back to a barrier (the witness recorded it) and its image will be the newest; \(self.me.name) is Outdated until it resyncs from \(self.peer.name) (--force promotes anyway and makes a split brain with the rollback)"))
+            case .refused:
                 reply(Self.error("cannot promote: the witness refused (see its log: the peer may be primary and alive, or this node outdated)"))
+            case .unreachable:
+                reply(Self.error("cannot promote: the witness link went down before it answered"))
             }
         }
     }
 
     private func promoteLocally(force: Bool) -> String {
         guard !demoting else { return Self.error("a demotion is in progress") }
-        guard rollbackRun == nil else { return Self.error("a rollback is running") }
+        guard rollbackRun == nil, rollbackAsking == nil else { return Self.error("a rollback is running") }
         if core.role == .primary { return "{\"ok\":true,\"role\":\"Primary\",\"changed\":false}" }
         let started = monotonicNanos()
         // The flag goes to disk with the state change, before any client can write.

@@ -4,8 +4,19 @@ import Logging
 import TandemCore
 import TandemIO
 
+/// What the witness answered a request (`WitnessClient.request`).
+enum WitnessAnswer: Equatable {
+    /// Recorded (a state, fencing, a rollback) or granted (a promotion).
+    case recorded
+    /// Refused; `peerRollsBack`: the witness holds a rollback of the other data node (its
+    /// reply carries `rollingBack`), so this node's data is about to be older than its peer's.
+    case refused(peerRollsBack: Bool)
+    /// The link was down, or went down before the answer came.
+    case unreachable
+}
+
 /// A data node's link to the resource's witness: dials it, says hello, announces every state
-/// change, and sends requests (promotion, fencing) whose replies come back by id.
+/// change, and sends requests (promotion, fencing, rollback) whose replies come back by id.
 final class WitnessClient: IOHandler, PeerConnectionDelegate {
     private static let tagConnect: UInt32 = 1
     private static let tagRetry: UInt32 = 2
@@ -26,7 +37,7 @@ final class WitnessClient: IOHandler, PeerConnectionDelegate {
     /// Up: TLS verified and the witness's hello arrived.
     private(set) var up = false
     private var nextRequest: UInt64 = 1
-    private var pending: [UInt64: (Bool) -> Void] = [:]
+    private var pending: [UInt64: (WitnessAnswer) -> Void] = [:]
     /// What to say in the hello and after (re)connecting.
     var currentState: () -> PeerStateChange = { PeerStateChange(role: .secondary, diskState: .diskless, uuids: PeerGenerationUUIDs(current: 0, bitmap: 0, history: [0, 0, 0, 0])) }
     var onUp: (() -> Void)?
@@ -112,10 +123,10 @@ final class WitnessClient: IOHandler, PeerConnectionDelegate {
         }
     }
 
-    /// Tells the witness this node's state; `done(true)` once it has recorded it (false if the
-    /// link is down or goes down first).
-    func request(_ state: PeerStateChange, done: @escaping (Bool) -> Void) {
-        guard up, let link else { return done(false) }
+    /// Tells the witness this node's state; `done(.recorded)` once it has recorded it, or its
+    /// refusal, or `.unreachable` if the link is down or goes down first.
+    func request(_ state: PeerStateChange, done: @escaping (WitnessAnswer) -> Void) {
+        guard up, let link else { return done(.unreachable) }
         var request = state
         request.id = nextRequest
         nextRequest += 1
@@ -126,8 +137,11 @@ final class WitnessClient: IOHandler, PeerConnectionDelegate {
     func peerConnectionUp(_ connection: PeerConnection) {
         lastHeard = monotonicNanos()
         let state = currentState()
+        // A rollback in progress is in the hello, so that a witness that restarted records it
+        // before it handles anything else (a promotion request from the peer).
+        let flags = state.flags & PeerFlags.State.rollingBack != 0 ? PeerFlags.Hello.rollingBack : 0
         connection.send(.hello(PeerHello(
-            nodeID: nodeID, role: state.role, diskState: state.diskState, flags: 0, resourceName: resource, deviceSizeBytes: 0,
+            nodeID: nodeID, role: state.role, diskState: state.diskState, flags: flags, resourceName: resource, deviceSizeBytes: 0,
             bitmapGranularityBytes: granularity, uuids: state.uuids)))
     }
 
@@ -142,7 +156,8 @@ final class WitnessClient: IOHandler, PeerConnectionDelegate {
             logger.info("witness: link to \(witness.name) up")
             onUp?()
         case .message(.stateChange(let change)) where change.flags & PeerFlags.State.reply != 0:
-            if let done = pending.removeValue(forKey: change.id) { done(change.flags & PeerFlags.State.refused == 0) }
+            guard let done = pending.removeValue(forKey: change.id) else { return }
+            done(change.flags & PeerFlags.State.refused == 0 ? .recorded : .refused(peerRollsBack: change.flags & PeerFlags.State.rollingBack != 0))
         case .message(.disconnect(let reason, let text)):
             if reason == .roleConflict { onDeposed?(text) }
             connection.close(reason: "witness: \(text)")
@@ -163,7 +178,7 @@ final class WitnessClient: IOHandler, PeerConnectionDelegate {
         up = false
         let waiting = pending
         pending.removeAll()
-        for done in waiting.values { done(false) }
+        for done in waiting.values { done(.unreachable) }
         logger.warning("witness: link to \(witness.name) down: \(reason)")
         if wasUp { onDown?() }
         retry()

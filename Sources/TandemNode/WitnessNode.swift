@@ -83,6 +83,25 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
         }
     }
 
+    /// Which data nodes the arbiter holds a rollback record for.
+    private func rollbackRecords() -> [UInt8: Bool] {
+        arbiter.nodes.mapValues { $0.rollingBackFrom != nil }
+    }
+
+    private func logRollbackRecords(since before: [UInt8: Bool]) {
+        for (node, had) in before.sorted(by: { $0.key < $1.key }) where arbiter.rollsBack(node) != had {
+            if had {
+                logger.notice("witness: \(name(node)) no longer rolls back (\(name(other(node))) resynced from it, it was promoted, or the rollback did not start)")
+            } else {
+                logger.notice("witness: \(name(node)) rolls back to a barrier: \(name(other(node))) is not promoted until it resynced from \(name(node))")
+            }
+        }
+    }
+
+    private func other(_ node: UInt8) -> UInt8 {
+        arbiter.nodes.keys.first { $0 != node }!
+    }
+
     private func name(_ node: UInt8?) -> String {
         node.flatMap { n in config.dataNodes.first { $0.id == Int(n) }?.name } ?? "an unidentified node"
     }
@@ -113,8 +132,11 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             }
             link.node = hello.nodeID
             links[key] = link
-            let deposed = arbiter.connected(hello.nodeID, role: hello.role, disk: hello.diskState, uuids: hello.uuids)
-            logger.info("witness: \(certificate) connected (\(hello.role), disk \(hello.diskState))")
+            let rollingBack = hello.flags & PeerFlags.Hello.rollingBack != 0
+            let records = rollbackRecords()
+            let deposed = arbiter.connected(hello.nodeID, role: hello.role, disk: hello.diskState, uuids: hello.uuids, rollingBack: rollingBack)
+            logger.info("witness: \(certificate) connected (\(hello.role), disk \(hello.diskState)\(rollingBack ? ", rolling back to a barrier" : ""))")
+            logRollbackRecords(since: records)
             if let deposed {
                 logger.warning("witness: \(deposed)")
                 connection.send(.disconnect(reason: .roleConflict, text: deposed))
@@ -123,19 +145,26 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             guard let node = link.node else { return connection.close(reason: "protocol error: stateChange before hello") }
             if change.role == .primary && arbiter.nodes[node]?.role != .primary && change.id != 0 && change.flags & PeerFlags.State.peerOutdated == 0 {
                 // A promotion request.
+                let records = rollbackRecords()
                 let verdict = arbiter.requestPrimary(node, disk: change.diskState, uuids: change.uuids)
+                logRollbackRecords(since: records)
                 switch verdict {
                 case .granted:
                     logger.notice("witness: \(name(node)) may become primary")
                     reply(connection, to: change, refused: nil)
                 case .refused(let why):
                     logger.warning("witness: refused to let \(name(node)) become primary: \(why)")
-                    reply(connection, to: change, refused: why)
+                    // Refused while the other node rolls back: the reply says so, and the
+                    // requester marks itself Outdated until it resyncs from that node.
+                    reply(connection, to: change, refused: why, flags: arbiter.rollsBack(other(node)) ? PeerFlags.State.rollingBack : 0)
                 }
             } else {
                 let otherDeposed = arbiter.nodes.first { $0.key != node }?.value.deposed ?? false
+                let rollingBack = change.flags & PeerFlags.State.rollingBack != 0
+                let records = rollbackRecords()
                 let verdict = arbiter.announced(node, role: change.role, disk: change.diskState, writesWithoutPeer: change.flags & PeerFlags.State.peerOutdated != 0,
-                                                uuids: change.uuids)
+                                                uuids: change.uuids, rollingBack: rollingBack)
+                logRollbackRecords(since: records)
                 if let (other, view) = arbiter.nodes.first(where: { $0.key != node }), view.deposed && !otherDeposed {
                     // This node holds the newer generation: the other, still primary, must demote now.
                     for link in links.values where link.node == other {
@@ -149,7 +178,11 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
                     }
                     if change.id != 0 { reply(connection, to: change, refused: nil) }
                 case .refused(let why):
-                    logger.warning("witness: refused to record \(name(node)) writing without its peer: \(why)")
+                    if rollingBack && change.role == .secondary {
+                        logger.warning("witness: refused to record \(name(node))'s rollback: \(why)")
+                    } else {
+                        logger.warning("witness: refused to record \(name(node)) writing without its peer: \(why)")
+                    }
                     if change.id != 0 { reply(connection, to: change, refused: why) }
                     if arbiter.nodes[node]?.deposed == true { connection.send(.disconnect(reason: .roleConflict, text: why)) }
                 }
@@ -163,8 +196,8 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
 
     /// A reply carries the request's id and, for a refusal, the `refused` flag; the reason is in
     /// the witness's log (stateChange carries no text).
-    private func reply(_ connection: PeerConnection, to request: PeerStateChange, refused: String?) {
-        var flags = PeerFlags.State.reply
+    private func reply(_ connection: PeerConnection, to request: PeerStateChange, refused: String?, flags extra: UInt16 = 0) {
+        var flags = PeerFlags.State.reply | extra
         if refused != nil { flags |= PeerFlags.State.refused }
         connection.send(.stateChange(PeerStateChange(id: request.id, role: request.role, diskState: request.diskState, flags: flags, uuids: request.uuids)))
     }
@@ -188,7 +221,7 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
         case "status":
             let nodes = config.dataNodes.map { n -> String in
                 let v = arbiter.nodes[UInt8(n.id)]!
-                return "\"\(n.name)\":{\"connected\":\(v.connected),\"known\":\(v.known),\"role\":\"\(v.role)\",\"disk\":\"\(v.disk)\",\"writes_without_peer\":\(v.writesWithoutPeer)}"
+                return "\"\(n.name)\":{\"connected\":\(v.connected),\"known\":\(v.known),\"role\":\"\(v.role)\",\"disk\":\"\(v.disk)\",\"writes_without_peer\":\(v.writesWithoutPeer),\"rolling_back\":\(v.rollingBackFrom != nil)}"
             }
             reply("{\"resource\":\"\(config.name)\",\"node\":\"\(me.name)\",\"role\":\"Witness\",\"nodes\":{\(nodes.joined(separator: ","))}}")
         default:

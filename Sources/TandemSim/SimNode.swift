@@ -98,6 +98,14 @@ struct SimNode {
     /// The barrier the core asked to record, waiting for copy-on-write to be idle.
     var barrierToRecord: BarrierInfo?
     var rollbackRun: (id: UInt64, plan: RollbackPlan, next: Int)?
+    /// This rollback restores slowly (seconds in all).
+    var rollbackSlow = false
+    /// With a witness, a rollback waiting for its record (`ReplicatedNode.rollbackAsking`): the
+    /// barrier, whether the peer is asked (else the witness), and the peer's answer once it came.
+    var rollbackAsking: (id: UInt64, viaPeer: Bool, peerAnswer: Bool?)?
+    /// `ReplicatedNode.rollbackRecord`: it rolls back, or rolled back and its peer has not
+    /// resynced from it; every state it reports to the witness says so.
+    var rollbackRecord = false
 
     // Client side (primary), as ReplicatedNode: ids per process life, from 1.
     var nextClientID: UInt64 = 1
@@ -185,5 +193,8 @@ struct SimNode {
         cowSync = nil
         barrierToRecord = nil
         rollbackRun = nil
+        rollbackSlow = false
+        rollbackAsking = nil
+        rollbackRecord = false
     }
 }

@@ -143,6 +143,8 @@ enum Event {
     case rollbackDone(node: Int, life: Int)
     /// A crash aimed at a rollback in progress (the windows are short for the random faults).
     case rollbackCrash(node: Int, life: Int)
+    /// The peer answered a rollback's notice: acted on after the batch it came in, as the node.
+    case rollbackNoticeAnswered(node: Int, life: Int)
 }
 
 /// A min-heap of events by time, ties in scheduling order (so a run is a function of the seed).

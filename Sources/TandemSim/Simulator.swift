@@ -32,6 +32,9 @@ final class World {
     let seed: UInt64
     let options: SimOptions
     var rng: SplitMix64
+    /// Which rollbacks restore slowly (`--witness --barriers`): a stream of its own, so the choice
+    /// moves no other event of a seed.
+    var rollbackPace: SplitMix64
     var now: UInt64 = 0
     var queue = EventQueue()
     var nodes: [SimNode]
@@ -97,6 +100,7 @@ final class World {
         self.seed = seed
         self.options = options
         rng = SplitMix64(seed: seed)
+        rollbackPace = SplitMix64(seed: ~seed)
         report = SimReport(seed: seed)
         trace = Array(repeating: nil, count: max(1, options.traceEvents))
         let uuids = GenerationUUIDs(current: 0x5EED_0000 | (seed & 0xFFFF) << 1, bitmap: 0, history0: 0, history1: 0)
@@ -185,7 +189,7 @@ final class World {
         case .promote(let i, let life, let tries):
             guard nodes[i].up, nodes[i].life == life, nodes[i].core.role == .secondary, i == primaryNode else { return }
             switch switchover {
-            case .rollingBack, .restoring, .afterRollback: return  // the rollback promotes when it is done
+            case .rollingBack, .askingRollback, .restoring, .afterRollback: return  // the rollback promotes when it is done
             default: break
             }
             if options.witness && nodes[i].core.link != .connected && nodes[i].core.link != .handshaking {
@@ -261,6 +265,9 @@ final class World {
         case .rollbackDone(let i, let life):
             guard nodes[i].up, nodes[i].life == life else { return }
             rollbackDone(i)
+        case .rollbackNoticeAnswered(let i, let life):
+            guard nodes[i].up, nodes[i].life == life else { return }
+            rollbackNoticeAnswered(i)
         case .rollbackCrash(let i, let life):
             guard nodes[i].up, nodes[i].life == life, nodes[other(i)].up || options.doubleFaults else { return }
             lastCrash = now
@@ -348,6 +355,11 @@ final class World {
             clientCompleted(i, key: key, clientID: id, result: result)
         case .writeSettled(let offset, let length):
             if nodes[i].activityLog.endWrite(offset: offset, length: UInt64(length)) { admitWaitingWrites(i) }
+        case .rollbackNoticeAnswered(let accepted):
+            if nodes[i].rollbackAsking?.viaPeer == true {
+                nodes[i].rollbackAsking!.peerAnswer = accepted
+                queue.push(now, .rollbackNoticeAnswered(node: i, life: nodes[i].life))
+            }
         case .dropLink(let reason):
             record(.dropLink(node: i, reason))
             count("core drops link")
@@ -381,6 +393,13 @@ final class World {
             }
             if options.witness {
                 if core.replicating || core.role != .primary { nodes[i].fenced = false }
+                if nodes[i].rollbackRecord && nodes[i].rollbackRun == nil && nodes[i].rollbackAsking == nil
+                    && (core.role == .primary || (core.link == .connected && core.sync == .established && core.peerDisk == .upToDate
+                                                 && core.bitmap.setBitCount == 0)) {
+                    // As the node: the peer resynced from the rolled-back node (or it was
+                    // promoted); the witness's record ends with the announcement below.
+                    nodes[i].rollbackRecord = false
+                }
                 if !nodes[i].held.isEmpty && core.role == .primary && peerHoldsHeldWrites(i) { releaseHeld(i, error: nil) }
                 announceToWitness(i)
             }

@@ -18,12 +18,10 @@ enum Fault: CaseIterable {
         case .switchover: options.switchover ? 40 : 0
         case .isolate: options.witness ? 16 : 0
         case .witnessRestart: options.witness ? 4 : 0
-        // Not with a witness yet: the rolling-back secondary's `disconnect(rollback)` outdates the
-        // demoted node, but a rollback started while the secondary is cut off loses that message,
-        // and the witness, which lost the secondary, lets the demoted node take over (seeds 37
-        // and 232 of `--witness --barriers`: the rollback is lost). The restore would have to
-        // wait until the witness recorded the rollback's generation.
-        case .rollback: options.barriers && !options.witness ? 40 : 0
+        // With a witness too: the rollback waits for the witness's record (or the peer's), so a
+        // rollback begun while the secondary is cut off no longer loses its notice while the
+        // witness promotes the demoted node (seeds 37 and 232 of `--witness --barriers`).
+        case .rollback: options.barriers ? 40 : 0
         }
     }
 }

@@ -12,6 +12,8 @@ enum Switchover {
     /// A rollback instead of the promotion (`--barriers`, `World+Barriers.swift`): the secondary
     /// waits to see the demoted peer, restores, then the pair resyncs from it.
     case rollingBack(to: Int, barrier: UInt64, tries: Int)
+    /// With a witness: the rollback waits for its record (the witness's, or the peer's).
+    case askingRollback(node: Int, barrier: UInt64, life: Int, tries: Int)
     case restoring(node: Int, barrier: UInt64)
     case afterRollback(node: Int, barrier: UInt64, tries: Int)
 }
@@ -47,7 +49,7 @@ extension World {
             }
         case .flushing(let p, let life):
             guard nodes[p].up, nodes[p].life == life else { return abortSwitchover("n\(p) is gone") }
-        case .rollingBack, .restoring, .afterRollback:
+        case .rollingBack, .askingRollback, .restoring, .afterRollback:
             return rollbackStep(step)
         case .promoting(let s, let tries):
             if nodes[s].up, nodes[s].core.role == .primary {

@@ -37,6 +37,16 @@ struct WitnessConnection {
 enum WitnessRequest {
     case announce(fencing: Bool)
     case promotion
+    /// Record the rollback to this barrier before it restores anything.
+    case rollback(UInt64)
+}
+
+/// `WitnessAnswer`: recorded or granted, refused (because the other node rolls back, or not),
+/// or no answer (the link went down first).
+enum SimWitnessAnswer: Equatable {
+    case recorded
+    case refused(peerRollsBack: Bool)
+    case unreachable
 }
 
 extension World {
@@ -54,10 +64,11 @@ extension World {
         nodes[i].witnessConn = w
         record(.note("n\(i) witness link w\(w) established"))
         // Both sides say hello first: the node its state, the witness that it is there.
-        let core = nodes[i].core!
+        let state = witnessState(i)
         witnessSend(w, toWitness: true, .hello(PeerHello(
-            nodeID: UInt8(i), role: core.role, diskState: core.disk, flags: 0, resourceName: SimLayout.resourceName, deviceSizeBytes: 0,
-            bitmapGranularityBytes: UInt32(SimLayout.blockBytes), uuids: ReplicaCore.wire(core.uuids))))
+            nodeID: UInt8(i), role: state.role, diskState: state.diskState,
+            flags: state.flags & PeerFlags.State.rollingBack != 0 ? PeerFlags.Hello.rollingBack : 0, resourceName: SimLayout.resourceName,
+            deviceSizeBytes: 0, bitmapGranularityBytes: UInt32(SimLayout.blockBytes), uuids: state.uuids)))
         witnessSend(w, toWitness: false, .hello(PeerHello(
             nodeID: 2, role: .secondary, diskState: .diskless, flags: 0, resourceName: SimLayout.resourceName, deviceSizeBytes: 0,
             bitmapGranularityBytes: UInt32(SimLayout.blockBytes), uuids: PeerGenerationUUIDs(current: 0, bitmap: 0, history: [0, 0, 0, 0]))))
@@ -113,7 +124,7 @@ extension World {
         nodes[i].witnessUp = false
         record(.note("n\(i) witness link w\(w) down"))
         let waiting = nodes[i].witnessRequests.keys.sorted()
-        for id in waiting { witnessReplied(i, id: id, granted: false) }
+        for id in waiting { witnessReplied(i, id: id, .unreachable) }
         if wasUp { quorumMayHaveChanged(i) }
         queue.push(now + rng.between(100, 300) * SimTime.ms, .witnessDial(node: i, life: nodes[i].life))
     }
@@ -124,7 +135,8 @@ extension World {
         switch message {
         case .hello(let hello):
             witnessConns[w].identified = true
-            if let deposed = witness.arbiter.connected(UInt8(i), role: hello.role, disk: hello.diskState, uuids: hello.uuids) {
+            if let deposed = witness.arbiter.connected(UInt8(i), role: hello.role, disk: hello.diskState, uuids: hello.uuids,
+                                                       rollingBack: hello.flags & PeerFlags.Hello.rollingBack != 0) {
                 record(.note("witness: \(deposed)"))
                 witnessSend(w, toWitness: false, .disconnect(reason: .roleConflict, text: deposed))
             }
@@ -133,19 +145,24 @@ extension World {
             if change.role == .primary && witness.arbiter.nodes[node]?.role != .primary && change.id != 0 && change.flags & PeerFlags.State.peerOutdated == 0 {
                 let verdict = witness.arbiter.requestPrimary(node, disk: change.diskState, uuids: change.uuids)
                 if case .refused(let why) = verdict { record(.note("witness refuses n\(i) as primary: \(why)")) } else { record(.note("witness: n\(i) may become primary")) }
-                witnessReply(w, to: change, refused: verdict != .granted)
+                witnessReply(w, to: change, refused: verdict != .granted,
+                             flags: verdict != .granted && witness.arbiter.rollsBack(UInt8(other(i))) ? PeerFlags.State.rollingBack : 0)
             } else {
                 let o = UInt8(other(i))
                 let otherDeposed = witness.arbiter.nodes[o]?.deposed ?? false
+                let recorded = witness.arbiter.rollsBack(node)
                 let verdict = witness.arbiter.announced(node, role: change.role, disk: change.diskState, writesWithoutPeer: change.flags & PeerFlags.State.peerOutdated != 0,
-                                                        uuids: change.uuids)
+                                                        uuids: change.uuids, rollingBack: change.flags & PeerFlags.State.rollingBack != 0)
+                if witness.arbiter.rollsBack(node) != recorded {
+                    record(.note(recorded ? "witness: n\(i) no longer rolls back" : "witness: n\(i) rolls back: n\(o) is not promoted"))
+                }
                 if witness.arbiter.nodes[o]?.deposed == true && !otherDeposed {
                     // As WitnessNode: the other node, still primary with older data, must demote now.
                     for v in witnessConns.indices where witnessConns[v].alive && witnessConns[v].node == Int(o) && witnessConns[v].identified {
                         witnessSend(v, toWitness: false, .disconnect(reason: .roleConflict, text: "n\(i) holds newer data"))
                     }
                 }
-                if case .refused(let why) = verdict { record(.note("witness refuses n\(i)'s fencing: \(why)")) }
+                if case .refused(let why) = verdict { record(.note("witness refuses n\(i)'s fencing or rollback: \(why)")) }
                 if change.id != 0 { witnessReply(w, to: change, refused: verdict != .granted) }
                 if verdict != .granted && witness.arbiter.nodes[node]?.deposed == true {
                     witnessSend(w, toWitness: false, .disconnect(reason: .roleConflict, text: "deposed"))
@@ -156,8 +173,8 @@ extension World {
         }
     }
 
-    func witnessReply(_ w: Int, to request: PeerStateChange, refused: Bool) {
-        var flags = PeerFlags.State.reply
+    func witnessReply(_ w: Int, to request: PeerStateChange, refused: Bool, flags extra: UInt16 = 0) {
+        var flags = PeerFlags.State.reply | extra
         if refused { flags |= PeerFlags.State.refused }
         witnessSend(w, toWitness: false, .stateChange(PeerStateChange(id: request.id, role: request.role, diskState: request.diskState, flags: flags, uuids: request.uuids)))
     }
@@ -191,7 +208,8 @@ extension World {
             announceToWitness(i)
         case .stateChange(let change) where change.flags & PeerFlags.State.reply != 0:
             guard nodes[i].witnessRequests[change.id] != nil else { return }
-            witnessReplied(i, id: change.id, granted: change.flags & PeerFlags.State.refused == 0)
+            witnessReplied(i, id: change.id, change.flags & PeerFlags.State.refused == 0
+                ? .recorded : .refused(peerRollsBack: change.flags & PeerFlags.State.rollingBack != 0))
         case .disconnect(let reason, let text):
             if reason == .roleConflict { deposed(i, text) }
             if let w = nodes[i].witnessConn { killWitnessLink(w, nodeDelay: 0, witnessDelay: rng.between(10, 1000) * SimTime.us) }
@@ -216,6 +234,7 @@ extension World {
         let core = nodes[i].core!
         var flags: UInt16 = 0
         if core.role == .primary && !core.replicating { flags |= PeerFlags.State.peerOutdated }
+        if nodes[i].rollbackRecord && core.role == .secondary { flags |= PeerFlags.State.rollingBack }
         return PeerStateChange(role: core.role, diskState: core.disk, flags: flags, uuids: ReplicaCore.wire(core.uuids))
     }
 
@@ -241,9 +260,12 @@ extension World {
         }
     }
 
-    func witnessReplied(_ i: Int, id: UInt64, granted: Bool) {
+    func witnessReplied(_ i: Int, id: UInt64, _ answer: SimWitnessAnswer) {
         guard let kind = nodes[i].witnessRequests.removeValue(forKey: id) else { return }
+        let granted = answer == .recorded
         switch kind {
+        case .rollback(let barrier):
+            rollbackWitnessAnswered(i, barrier, answer)
         case .announce(let fencing):
             if fencing { nodes[i].fenceInFlight = false }
             if fencing && granted && nodes[i].core.role == .primary && !nodes[i].core.replicating {
@@ -256,6 +278,7 @@ extension World {
             quorumMayHaveChanged(i)
         case .promotion:
             nodes[i].promotionRequested = false
+            if answer == .refused(peerRollsBack: true) { peerRollsBackSaysTheWitness(i) }
             guard granted, nodes[i].core.role == .secondary, nodes[i].core.link != .connected, nodes[i].core.link != .handshaking else {
                 nodes[i].nextPromotionTry = now + 500 * SimTime.ms
                 return
@@ -264,6 +287,17 @@ extension World {
             count("witness promotion")
             promoteLocally(i)
         }
+    }
+
+    /// `ReplicatedNode.peerRollsBackSaysTheWitness`: refused because the witness holds the
+    /// peer's rollback, the node outdates itself until it resyncs from the peer.
+    func peerRollsBackSaysTheWitness(_ i: Int) {
+        guard nodes[i].core.role == .secondary, nodes[i].core.link != .connected, nodes[i].core.link != .handshaking else { return }
+        if !nodes[i].core.peerLeftForRollback {
+            record(.note("n\(i): the witness says its peer rolls back: Outdated"))
+            count("outdated by the witness for a rollback")
+        }
+        call(i) { core, a in core.peerRollsBack(into: &a) }
     }
 
     /// The peer is connected and gets (or has) what was written without it.
@@ -304,7 +338,8 @@ extension World {
     /// `ReplicatedNode.considerAutomaticFailover`, on the tick.
     func considerAutomaticFailover(_ i: Int) {
         guard options.witness, nodes[i].witnessUp, nodes[i].core.role == .secondary, nodes[i].core.disk == .upToDate,
-              nodes[i].core.link == .connecting, !nodes[i].promotionRequested, nodes[i].demotion == nil, now >= nodes[i].nextPromotionTry
+              nodes[i].core.link == .connecting, !nodes[i].promotionRequested, nodes[i].demotion == nil, now >= nodes[i].nextPromotionTry,
+              nodes[i].rollbackAsking == nil, nodes[i].rollbackRun == nil
         else { return }
         var state = witnessState(i)
         state.role = .primary

@@ -510,6 +510,13 @@ struct Rollback: ParsableCommand {
             barrier: --yes-destroy-newer-data is required.
             Crash-safe: a rollback that stops part way is finished by running it again.
 
+            With a witness, nothing is restored before the rollback is recorded: the
+            witness then promotes the other node no more (its data is about to be
+            older), or, if the witness is unreachable, the other node acknowledges over
+            the link that it outdated itself. If neither is reachable the rollback is
+            refused; --force rolls back anyway (the witness may then promote the other
+            node meanwhile: a split brain with the rollback, found at the reconnect).
+
             Examples:
               tandem rollback r0.toml --node beta 1764000000000 --yes-destroy-newer-data
               tandem rollback --undo-dir r0.undo --device disk.img 5 --yes-destroy-newer-data
@@ -529,6 +536,9 @@ struct Rollback: ParsableCommand {
     @Flag(name: .customLong("yes-destroy-newer-data"), help: "Confirm: every write after the barrier is lost.")
     var confirmed = false
 
+    @Flag(help: "With a witness: roll back even if neither the witness nor the other node can record it first (risks a split brain).")
+    var force = false
+
     @OptionGroup var progress: ProgressOptions
 
     /// `tandem rollback --undo-dir D --device F 5`: the only positional is the id.
@@ -538,11 +548,14 @@ struct Rollback: ParsableCommand {
     func run() throws {
         guard confirmed else { throw fail("a rollback destroys every write after the barrier; add --yes-destroy-newer-data to confirm") }
         guard id != 0 else { throw fail("give the barrier id (tandem barrier list)") }
+        if force && (file == nil || offlineID != nil) { throw fail("--force is for a running node (it skips the witness's record)") }
         if let file, offlineID == nil {
             var target = OptionalNode()
             target.file = file
             target.node = node
-            let total = try target.running.command("rollback \(id)")["chunks"] as? Int ?? 0
+            // With a witness the node first asks it (or the peer) to record the rollback: up to
+            // a link timeout each when they stop answering.
+            let total = try target.running.command("rollback \(id)\(force ? " force" : "")", timeoutSeconds: 120)["chunks"] as? Int ?? 0
             // The node restores a step per tick; its status says how far it is.
             let reporter = progress.reporter(label: "rollback")
             let statusTarget = try target.running

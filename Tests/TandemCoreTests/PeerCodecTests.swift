@@ -28,6 +28,9 @@ import TandemCore
             id: 9, role: .secondary, diskState: .outdated,
             flags: PeerFlags.State.reply | PeerFlags.State.refused | PeerFlags.State.resyncPaused,
             uuids: PeerGenerationUUIDs(current: 0x77, bitmap: 0x66, history: [0x55, 0x44, 0x33, 0x22]))),
+        .stateChange(PeerStateChange(
+            id: 10, role: .secondary, diskState: .upToDate, flags: PeerFlags.State.rollingBack | PeerFlags.State.reply | PeerFlags.State.refused,
+            uuids: hello.uuids)),
         .disconnect(reason: .splitBrain, text: "both sides wrote — déjà vu"),
         .disconnect(reason: PeerDisconnectReason(rawValue: 999), text: ""),
         .data(PeerWrite(id: 42, offset: 8192, length: 64, epoch: 3, flags: PeerFlags.Write.fua),
@@ -354,6 +357,9 @@ import TandemCore
         expectInvalid(RawFrame(type: t.stateChange.rawValue, flags: PeerFlags.State.refused, payload: uuidBytes + [0, 5]), "refused")
         expectInvalid(RawFrame(type: t.stateChange.rawValue, flags: PeerFlags.State.reply, payload: uuidBytes + [0, 5]), "reply without id")
         expectValid(RawFrame(type: t.stateChange.rawValue, flags: PeerFlags.State.reply, sequence: 2, payload: uuidBytes + [0, 5]))
+        // Rollback notices (State bit 5, Hello bit 3); the bits above them are still undefined.
+        expectValid(RawFrame(type: t.stateChange.rawValue, flags: PeerFlags.State.rollingBack, sequence: 3, payload: uuidBytes + [0, 5]))
+        expectInvalid(RawFrame(type: t.stateChange.rawValue, flags: 1 << 6, payload: uuidBytes + [0, 5]), "flags")
     }
 
     @Test func blockExtensionIsBounded() {
@@ -412,7 +418,7 @@ import TandemCore
         }
         check(.hello, hello(), nil)
         check(.hello, hello(), nil, flags: PeerFlags.Hello.discardMyData)
-        check(.hello, hello(), "flags", flags: 8)
+        check(.hello, hello(), "flags", flags: 16)
         check(.hello, hello(vmin: 2, vmax: 1), "version range")
         check(.hello, hello(vmin: 0, vmax: 1), "version range")
         check(.hello, hello(granularity: 6144), "granularity")

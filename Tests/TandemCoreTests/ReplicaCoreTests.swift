@@ -66,7 +66,7 @@ struct Pair {
             case .completeClientFlush(let id, let result): flushed[id] = result
             case .dropLink(let reason): dropped.append(reason)
             case .writeSettled(let offset, _): settled.append(offset)
-            case .stateChanged, .recordBarrier: break
+            case .stateChanged, .recordBarrier, .rollbackNoticeAnswered: break
             }
         }
     }
@@ -80,7 +80,7 @@ struct Pair {
             case .completeClient, .completeClientFlush: Issue.record("secondary answered a client")
             case .dropLink(let reason): dropped.append(reason)
             case .writeSettled: Issue.record("secondary settled a client write")
-            case .stateChanged, .recordBarrier: break
+            case .stateChanged, .recordBarrier, .rollbackNoticeAnswered: break
             }
         }
     }

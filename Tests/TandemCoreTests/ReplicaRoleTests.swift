@@ -146,6 +146,69 @@ import Testing
         #expect(pair.primary.disk == .upToDate && !pair.primary.localFlags.contains(.outdated))
     }
 
+    /// Before it rolls back with a witness, the secondary asks its peer over the link (or the
+    /// witness) to record it: the peer outdates itself, persisted, and only then replies
+    /// (Protocol/barriers.md "Rollback and the witness"). Then the `disconnect(rollback)`.
+    @Test func aRollbackNoticeIsAcknowledgedOnlyOnceThePeerIsOutdated() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        let underPrimary = pair.secondary.noticeRollback(into: &actions)
+        #expect(!underPrimary && actions.isEmpty, "never under a primary")
+        #expect(pair.primary.demote(into: &actions) == nil)
+        pair.applyPrimary(actions)
+        pair.deliverToSecondary()
+        actions.removeAll()
+        let sent = pair.secondary.noticeRollback(into: &actions)
+        #expect(sent)
+        guard case .send(.stateChange(let request))? = actions.first, request.id != 0,
+              request.flags == PeerFlags.State.rollingBack, request.role == .secondary
+        else {
+            Issue.record("no rollback notice request: \(actions)")
+            return
+        }
+        actions.removeAll()
+        pair.primary.peerMessage(.stateChange(request), into: &actions)
+        #expect(pair.primary.disk == .outdated && pair.primary.localFlags.contains(.outdated) && pair.primary.peerLeftForRollback)
+        // The state change (which the node persists) comes before the reply.
+        let persisted = actions.firstIndex { if case .stateChanged = $0 { true } else { false } }
+        let replied = actions.firstIndex { if case .send(.stateChange) = $0 { true } else { false } }
+        guard let persisted, let replied, persisted < replied, case .send(.stateChange(let reply)) = actions[replied] else {
+            Issue.record("the reply must follow the outdated state: \(actions)")
+            return
+        }
+        #expect(reply.id == request.id && reply.flags == PeerFlags.State.reply | PeerFlags.State.rollingBack && reply.diskState == .outdated)
+        actions.removeAll()
+        pair.secondary.peerMessage(.stateChange(reply), into: &actions)
+        #expect(actions.contains(.rollbackNoticeAnswered(accepted: true)))
+        #expect(pair.secondary.peerDisk == .outdated)
+        // A second reply with that id is no answer any more.
+        actions.removeAll()
+        pair.secondary.peerMessage(.stateChange(reply), into: &actions)
+        #expect(!actions.contains(.rollbackNoticeAnswered(accepted: true)))
+    }
+
+    /// A primary refuses the notice (the peer must not roll back under it) and keeps its disk;
+    /// a link lost before the answer is no acknowledgement.
+    @Test func aRollbackNoticeIsRefusedByAPrimaryAndLostWithTheLink() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        let request = PeerStateChange(id: 5, role: .secondary, diskState: .upToDate, flags: PeerFlags.State.rollingBack,
+                                      uuids: ReplicaCore.wire(pair.secondary.uuids))
+        pair.primary.peerMessage(.stateChange(request), into: &actions)
+        #expect(pair.primary.disk == .upToDate && !pair.primary.peerLeftForRollback)
+        #expect(actions.contains { if case .send(.stateChange(let r)) = $0 { r.id == 5 && r.flags & PeerFlags.State.refused != 0 } else { false } })
+
+        #expect(pair.primary.demote(into: &actions) == nil)
+        pair.applyPrimary(actions)
+        pair.deliverToSecondary()
+        actions.removeAll()
+        let asked = pair.secondary.noticeRollback(into: &actions)
+        #expect(asked)
+        actions.removeAll()
+        pair.secondary.linkDown(.timeout, freshUUID: 0xD000, into: &actions)
+        #expect(actions.contains(.rollbackNoticeAnswered(accepted: false)))
+    }
+
     /// A failover, then the survivor crashes too, and the old primary is promoted alone and
     /// writes; the survivor returns. Returns both sides' decisions on the reconnect.
     private static func failoverTwice(survivorWrites: Bool) -> (ReplicaCore, ReplicaCore) {

@@ -103,4 +103,100 @@ import TandemCore
         b.disconnected(0)
         #expect(b.requestPrimary(1, disk: .outdated) != .granted)
     }
+
+    // MARK: Rollback records (Protocol/barriers.md "Rollback and the witness")
+
+    /// alpha was primary and demoted; beta, its secondary, is about to roll back.
+    private func demoted() -> WitnessArbiter {
+        var a = arbiter()
+        a.announced(0, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100))
+        a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100))
+        return a
+    }
+
+    /// Found by the simulator (`--witness --barriers`, seeds 37, 232): a rollback begun while
+    /// the secondary was cut off from its peer lost its notice, and the witness promoted the peer.
+    @Test func aRecordedRollbackKeepsThePeerFromBeingPromoted() {
+        var a = demoted()
+        #expect(a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100), rollingBack: true) == .granted)
+        #expect(a.rollsBack(1) && !a.rollsBack(0))
+        // The rolling-back node is gone from the witness too: the peer is still not promoted.
+        a.disconnected(1)
+        if case .refused(let why) = a.requestPrimary(0, disk: .upToDate, uuids: u(0x100)) {
+            #expect(why.contains("beta rolls back to a barrier"), "\(why)")
+        } else {
+            Issue.record("the peer of a rolling-back node was promoted")
+        }
+        // Repeating it (every state the node reports while it rolls back) keeps the record.
+        #expect(a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100), rollingBack: true) == .granted)
+        #expect(a.rollsBack(1))
+    }
+
+    /// The race: the peer's promotion reached the witness first. The rollback is refused, and
+    /// not recorded; the announcement's state is.
+    @Test func aGrantToThePeerFirstRefusesTheRollback() {
+        var a = demoted()
+        a.disconnected(1)
+        #expect(a.requestPrimary(0, disk: .upToDate, uuids: u(0x100)) == .granted)
+        _ = a.connected(1, role: .secondary, disk: .upToDate, uuids: u(0x100))
+        if case .refused(let why) = a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100), rollingBack: true) {
+            #expect(why.contains("alpha is primary"), "\(why)")
+        } else {
+            Issue.record("a rollback was recorded under a primary")
+        }
+        #expect(!a.rollsBack(1) && a.nodes[0]?.role == .primary && a.nodes[1]?.role == .secondary)
+        // And the other order: the record first, then the peer's request is refused.
+        var b = demoted()
+        #expect(b.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100), rollingBack: true) == .granted)
+        b.disconnected(1)
+        #expect(b.requestPrimary(0, disk: .upToDate, uuids: u(0x100)) != .granted)
+        #expect(b.nodes[0]?.role == .secondary)
+    }
+
+    /// A restarted witness knows nothing: a rollback is not recorded before it heard from the
+    /// peer (it may be a primary the witness let take over before the restart); a rollback
+    /// already running comes back with the node's hello, before anything else.
+    @Test func aRestartedWitnessLearnsARunningRollbackFromTheHello() {
+        var a = WitnessArbiter(dataNodes: [(0, "alpha"), (1, "beta")])
+        _ = a.connected(1, role: .secondary, disk: .upToDate, uuids: u(0x100))
+        #expect(a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100), rollingBack: true) != .granted)
+        #expect(!a.rollsBack(1))
+        var b = WitnessArbiter(dataNodes: [(0, "alpha"), (1, "beta")])
+        #expect(b.connected(1, role: .secondary, disk: .upToDate, uuids: u(0x100), rollingBack: true) == nil)
+        #expect(b.rollsBack(1))
+        _ = b.connected(0, role: .secondary, disk: .upToDate, uuids: u(0x100))
+        b.disconnected(1)
+        #expect(b.requestPrimary(0, disk: .upToDate, uuids: u(0x100)) != .granted)
+    }
+
+    /// The record ends when the node reports a state without it (its peer resynced from it, or
+    /// the rollback did not start), when it becomes primary, or once the peer reports the
+    /// rolled-back generation as its own.
+    @Test func theRecordEndsOnceThePeerHasTheRolledBackData() {
+        var a = demoted()
+        a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100), rollingBack: true)
+        a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100))
+        #expect(!a.rollsBack(1))
+        a.disconnected(1)
+        #expect(a.requestPrimary(0, disk: .upToDate, uuids: u(0x100)) == .granted)
+
+        // The rolled-back node reported its new generation, then lost the witness; the peer
+        // resyncs from it and reports that generation: the record is superseded.
+        var b = demoted()
+        b.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100), rollingBack: true)
+        b.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x200, 0x100), rollingBack: true)
+        b.announced(0, role: .secondary, disk: .outdated, writesWithoutPeer: false, uuids: u(0x100))
+        #expect(b.rollsBack(1), "the peer still holds the old generation")
+        b.disconnected(1)
+        b.announced(0, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x200, 0, [0x100, 0, 0, 0]))
+        #expect(!b.rollsBack(1))
+        #expect(b.requestPrimary(0, disk: .upToDate, uuids: u(0x200, 0, [0x100, 0, 0, 0])) == .granted)
+
+        // The rolled-back node itself may be promoted; that ends the record too.
+        var c = demoted()
+        c.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100), rollingBack: true)
+        c.disconnected(0)
+        #expect(c.requestPrimary(1, disk: .upToDate, uuids: u(0x200, 0x100)) == .granted)
+        #expect(!c.rollsBack(1))
+    }
 }

@@ -26,13 +26,14 @@ import TandemSim
     /// The modes the default run leaves out, 100 seeds each, in parallel with the chunks above;
     /// each covers what it adds.
     enum Mode: String, CaseIterable, CustomStringConvertible {
-        case switchover, witness, barriers
+        case switchover, witness, barriers, witnessBarriers
 
         var options: SimOptions {
             switch self {
             case .switchover: SimOptions(switchover: true, slot: SimulatorTests.chunks)
             case .witness: SimOptions(witness: true, slot: SimulatorTests.chunks + 1)
             case .barriers: SimOptions(barriers: true, slot: SimulatorTests.chunks + 2)
+            case .witnessBarriers: SimOptions(witness: true, barriers: true, slot: SimulatorTests.chunks + 3)
             }
         }
 
@@ -41,10 +42,11 @@ import TandemSim
             case .switchover: ["switchover", "switchover done"]
             case .witness: ["fault isolation", "fault witness restart", "witness fenced the peer", "witness promotion", "quorum lost"]
             case .barriers: ["barrier recorded", "undo records saved", "rollback done", "rollback finished at start", "rollback resynced"]
+            case .witnessBarriers: ["rollback recorded by the witness", "rollback done", "rollback resynced"]
             }
         }
 
-        var description: String { rawValue }
+        var description: String { self == .witnessBarriers ? "witness barriers" : rawValue }
     }
 
     @Test(arguments: Mode.allCases)
@@ -325,6 +327,23 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
     }
 
+    /// A rollback begun while the secondary was cut off from its peer lost its
+    /// `disconnect(rollback)`; the witness, which had lost the secondary too, promoted the demoted
+    /// peer, and the two generations met as a split brain (now nothing is restored before the
+    /// witness, or else the peer over the link, has recorded the rollback).
+    @Test(arguments: SimRegressions.rollbackNotRecorded)
+    func aRollbackWaitsForItsRecord(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true, barriers: true)))
+    }
+
+    /// With the witness's refusal to promote the peer of a recorded rollback taken out (the
+    /// record made, but not enforced): the link broke as a slow rollback started, or the
+    /// rolling-back node crashed mid-restore, and the witness promoted the peer.
+    @Test(arguments: SimRegressions.rollbackRecordNotEnforced)
+    func aRecordedRollbackKeepsThePeerFromBeingPromoted(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true, barriers: true)))
+    }
+
     /// The survivor of a failover started a generation at its promotion and lost power before
     /// its first write; the old primary, promoted alone later, started one too: equal bitmap
     /// UUIDs, a split brain though only one node wrote (now a generation starts at the first
@@ -383,4 +402,6 @@ enum SimRegressions {
     static let failedWriteBeforeResyncDone: [UInt64] = [1302]
     static let checkerFailoverOntoUnflushedPeer: [UInt64] = [1785]
     static let staleWasPrimaryWonTheTie: [UInt64] = [1393, 3952]
+    static let rollbackNotRecorded: [UInt64] = [37, 232]
+    static let rollbackRecordNotEnforced: [UInt64] = [6, 19]
 }

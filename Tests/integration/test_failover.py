@@ -378,12 +378,11 @@ def test_a_partition_between_the_data_nodes_leaves_exactly_one_writer(make_clust
     assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
 
 
-def test_a_rollback_with_a_witness_is_not_raced_by_a_failover(make_cluster, tmp_path):
-    """`tandem rollback` on the secondary while a witness runs: the rolling-back node tells its
-    peer why it leaves (`disconnect(rollback)`), so the demoted node marks itself Outdated and
-    never asks the witness to take over, and `tandem primary` refuses it while the rollback
-    lasts. The pair ends with the barrier's image on both nodes."""
-    c = make_cluster(witness=True)
+def rollback_cluster(make_cluster, tmp_path, failover=""):
+    """A pair with undo stores and a witness; alpha wrote, beta keeps barrier 'good', alpha wrote
+    over it (the damage a rollback undoes), then demoted. Returns the cluster, the barrier id and
+    the device's image at the barrier."""
+    c = make_cluster(witness=True, failover=failover)
     text = c.resource.read_text()
     for name in ("alpha", "beta"):
         meta = f'metadata = "{tmp_path}/{name}.meta"\n'
@@ -410,6 +409,25 @@ def test_a_rollback_with_a_witness_is_not_raced_by_a_failover(make_cluster, tmp_
     assert later[0].error is None
     c.wait_connected()
     c.tandem("secondary", "--node", "alpha")
+    return c, good, image
+
+
+def run_rollback(c, good, *extra):
+    return run([TANDEM_BIN, "rollback", str(c.resource), "--node", "beta", str(good), "--yes-destroy-newer-data", *extra],
+               check=False, timeout=180)
+
+
+def witness_nodes(c):
+    import json
+    return json.loads(c.tandem("status", "--node", "witness", "--json").stdout_text)["nodes"]
+
+
+def test_a_rollback_with_a_witness_is_not_raced_by_a_failover(make_cluster, tmp_path):
+    """`tandem rollback` on the secondary while a witness runs: the rolling-back node tells its
+    peer why it leaves (`disconnect(rollback)`), so the demoted node marks itself Outdated and
+    never asks the witness to take over, and `tandem primary` refuses it while the rollback
+    lasts. The pair ends with the barrier's image on both nodes."""
+    c, good, image = rollback_cluster(make_cluster, tmp_path)
     since = (c.mark("alpha"), c.mark("beta"), c.mark("witness"))
     # beta rolls back; alpha is cut off from beta as soon as it was told (so the rollback's end
     # does not reconnect them at once): the window in which the witness used to promote alpha.
@@ -433,6 +451,110 @@ def test_a_rollback_with_a_witness_is_not_raced_by_a_failover(make_cluster, tmp_
     assert c.status("alpha")["role"] == "Secondary"
     # beta holds the newest data: the witness may have let it take over meanwhile (safe); demote it.
     c.tandem("secondary", "--node", "beta")
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    a, b = (tmp_path / "alpha.img").read_bytes(), (tmp_path / "beta.img").read_bytes()
+    assert a == image and b == image, "both devices hold the barrier's image"
+
+
+def test_a_rollback_cut_off_from_its_peer_waits_for_the_witness(make_cluster, tmp_path):
+    """beta is cut off from alpha (both still reach the witness) before it rolls back, so its
+    `disconnect(rollback)` cannot reach alpha. The witness records the rollback first; from then
+    on it refuses to promote alpha, whose data is about to be older, and its refusal tells alpha
+    it is Outdated. Once the link is back alpha resyncs from beta, and the record ends.
+    (auto-promote is off: otherwise alpha and beta, both secondaries alone, race to ask the
+    witness the moment the link goes, and the rollback is refused if alpha wins.)"""
+    c, good, image = rollback_cluster(make_cluster, tmp_path, failover="auto-promote = false")
+    since = (c.mark("alpha"), c.mark("beta"), c.mark("witness"))
+    c.partition("alpha", "beta")
+    c.wait_for("beta", "replication: link to alpha down", since=since[1])
+    c.wait_for("alpha", "replication: link to beta down", since=since[0])
+    cp = run_rollback(c, good)
+    assert cp.returncode == 0, cp.stderr_text
+    c.wait_for("beta", "the witness recorded the rollback to barrier", since=since[1])
+    c.wait_for("beta", "rolled back to barrier", since=since[1])
+    c.wait_for("witness", "beta rolls back to a barrier: alpha is not promoted", since=since[2])
+    assert witness_nodes(c)["beta"]["rolling_back"] is True
+    # alpha never got the notice and is UpToDate: the witness refuses it, naming the rollback,
+    # and alpha marks itself Outdated.
+    assert c.status("alpha")["disk"] == "UpToDate"
+    cp = c.tandem("primary", "--node", "alpha", check=False)
+    assert cp.returncode != 0 and "rolling back to a barrier (the witness recorded it)" in cp.stderr_text, cp.stderr_text
+    c.wait_for("witness", "refused to let alpha become primary: beta rolls back to a barrier", since=since[2])
+    c.wait_for("alpha", "the witness says beta rolls back to a barrier", since=since[0])
+    assert c.status("alpha")["disk"] == "Outdated" and c.status("alpha")["role"] == "Secondary"
+    assert "alpha may become primary" not in c.log("witness")[since[2]:]
+    # The link returns: alpha resyncs from beta, and beta withdraws the record.
+    c.heal("alpha", "beta")
+    c.wait_for("alpha", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[0])
+    c.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[1])
+    c.wait_for("witness", "beta no longer rolls back", timeout=30, since=since[2])
+    assert witness_nodes(c)["beta"]["rolling_back"] is False
+    assert c.status("alpha")["role"] == "Secondary" and c.status("beta")["role"] == "Secondary"
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    a, b = (tmp_path / "alpha.img").read_bytes(), (tmp_path / "beta.img").read_bytes()
+    assert a == image and b == image, "both devices hold the barrier's image"
+
+
+def test_a_rollback_as_the_link_breaks_is_not_raced_by_an_automatic_failover(make_cluster, tmp_path):
+    """The link between the data nodes breaks as beta starts its rollback, so its
+    `disconnect(rollback)` is lost (the case the simulator found: `--witness --barriers`, seeds
+    37 and 232). The witness recorded the rollback before beta restored anything, so alpha's
+    automatic failover is refused: for the rollback, or, once beta (holding the newest data)
+    took over itself when its short rollback ended, because beta is primary."""
+    c, good, image = rollback_cluster(make_cluster, tmp_path)
+    since = (c.mark("alpha"), c.mark("beta"), c.mark("witness"))
+    c.partition("alpha", "beta")
+    cp = run_rollback(c, good)
+    assert cp.returncode == 0, cp.stderr_text
+    c.wait_for("beta", "the witness recorded the rollback to barrier", since=since[1])
+    c.wait_for("witness", "beta rolls back to a barrier: alpha is not promoted", since=since[2])
+    c.wait_for("alpha", "replication: link to beta down", since=since[0])
+    c.wait_for("witness", "refused to let alpha become primary", timeout=30, since=since[2])
+    # Many failover ticks later alpha is still secondary.
+    time.sleep(3)
+    assert c.status("alpha")["role"] == "Secondary"
+    assert "automatic failover" not in c.log("alpha")[since[0]:]
+    assert "alpha may become primary" not in c.log("witness")[since[2]:]
+    c.heal("alpha", "beta")
+    c.wait_for("alpha", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[0])
+    c.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[1])
+    # beta holds the newest data: the witness may have let it take over meanwhile (safe); demote it.
+    c.tandem("secondary", "--node", "beta")
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    a, b = (tmp_path / "alpha.img").read_bytes(), (tmp_path / "beta.img").read_bytes()
+    assert a == image and b == image, "both devices hold the barrier's image"
+
+
+def test_a_rollback_cut_off_from_its_peer_and_the_witness_is_refused(make_cluster, tmp_path):
+    """beta is cut off from everyone before it rolls back: neither the witness nor alpha can
+    record that alpha's data is about to be outdated, so the rollback is refused, with the
+    reason, and nothing is restored. With the links back it rolls back."""
+    c, good, image = rollback_cluster(make_cluster, tmp_path, failover="auto-promote = false")
+    since = (c.mark("alpha"), c.mark("beta"), c.mark("witness"))
+    damaged = (tmp_path / "beta.img").read_bytes()
+    c.isolate("beta")
+    c.wait_for("beta", "replication: link to alpha down", since=since[1])
+    c.wait_for("beta", "witness: link to witness down", since=since[1])
+    cp = run_rollback(c, good)
+    assert cp.returncode != 0, cp.stdout_text
+    assert "cannot roll back: the witness is unreachable and alpha is not connected" in cp.stderr_text, cp.stderr_text
+    assert "--force" in cp.stderr_text
+    assert "rolling back to barrier" not in c.log("beta")[since[1]:]
+    status = c.status("beta")
+    assert status["rollback"]["running"] is False and status["role"] == "Secondary"
+    assert (tmp_path / "beta.img").read_bytes() == damaged, "nothing restored"
+    # Back in touch, the same rollback is recorded and runs.
+    since = (c.mark("alpha"), c.mark("beta"), c.mark("witness"))
+    c.reconnect("beta")
+    c.wait_for("beta", "witness: link to witness up", timeout=30, since=since[1])
+    c.wait_connected(timeout=60, since=since[:2])
+    since = (c.mark("alpha"), c.mark("beta"), c.mark("witness"))
+    cp = run_rollback(c, good)
+    assert cp.returncode == 0, cp.stderr_text
+    c.wait_for("beta", "the witness recorded the rollback to barrier", since=since[1])
+    c.wait_for("beta", "rolled back to barrier", since=since[1])
+    c.wait_for("alpha", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[0])
+    c.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[1])
     assert c.stop("alpha") == 0 and c.stop("beta") == 0
     a, b = (tmp_path / "alpha.img").read_bytes(), (tmp_path / "beta.img").read_bytes()
     assert a == image and b == image, "both devices hold the barrier's image"
