@@ -48,6 +48,32 @@ def test_quick_run_prints_a_table_and_writes_json_and_a_chart(tmp_path):
     assert "tandem-direct" in text and "write-4k-qd1/4c" in text and "<rect" in text
 
 
+def test_tls_exports_are_benchmarked_over_nbds(tmp_path):
+    """tandem-tls and nbdkit-tls run only when named, over nbds:// with a CA that fio and nbdinfo
+    find in their HOME; the detail table compares tandem-tls with nbdkit-tls."""
+    import shutil
+    out = tmp_path / "tls.json"
+    servers = ["tandem-tls"] + (["nbdkit-tls"] if shutil.which("nbdkit") else [])
+    cp = run([TANDEM_BIN, "bench", "--quick", "--size", "16M", "--runtime", "1", "--ramp-time", "0",
+              "--jobs", "seq-write-1M,rand-read-4k", "--connections", "1",
+              "--servers", ",".join(servers), "--dir", tmp_path, "--json", out], timeout=150)
+    report = json.loads(out.read_text())
+    for server in servers:
+        assert report["servers"][server]["status"] == "ok", report["servers"][server]
+        for case in ("seq-write-1M/1c", "rand-read-4k/1c"):
+            entry = report["results"][server][case]
+            assert entry["status"] == "ok", (server, case, entry.get("error"))
+            assert entry["summary"]["iops"] > 0
+            assert entry["fio_cmd"][3].startswith("--uri=nbds://127.0.0.1:"), entry["fio_cmd"]
+    log = (tmp_path / "tls-logs" / "tandem-tls.log").read_text()
+    assert "over TLSv1.3 TLS_AES_128_GCM_SHA256 (records sealed here)" in log, log[-2000:]
+    if "nbdkit-tls" in servers:
+        assert "vs nbdkit-tls" in cp.stdout_text, cp.stdout_text
+    # Not in the default matrix.
+    cp = run([TANDEM_BIN, "bench", "--help"], timeout=30)
+    assert "tandem-tls" in cp.stdout_text
+
+
 def test_bad_option_is_one_error_line(tmp_path):
     cp = run([TANDEM_BIN, "bench", "--jobs", "bogus"], check=False, timeout=30)
     assert cp.returncode != 0
