@@ -804,10 +804,19 @@ public struct ReplicaCore {
             // transfer log of a primary that lost its link and then demoted without writing.
             // Copy the union as a verify's marks are copied: from the primary (a primary is
             // never a target), or between secondaries from the side that marked them (the lower
-            // node id if both did). The other side answers with its own bitmap.
+            // node id if both did). The other side sends its own bitmap (below, or when the
+            // primary's comes).
             let mine = bitmap.setBitCount > 0, theirs = hello.outOfSyncBits > 0
             let source = role == .primary ? mine || theirs
                 : hello.role != .primary && mine && (!theirs || configuration.nodeID < hello.nodeID)
+            // The same rule from the peer's side, between secondaries: a side the peer's marks
+            // make the target is one from now on, not when the peer's bitmap arrives. Until then
+            // it would be connected, established and UpToDate without those blocks, and could
+            // be promoted (a switchover after the primary demoted with its transfer log marked:
+            // `--failover --primary-disk-errors --double-faults --switchover` 14514). A primary
+            // peer's bitmap is still answered when it comes (it may mark blocks after its hello).
+            let peerSource = role != .primary && hello.role != .primary && theirs && (!mine || hello.nodeID < configuration.nodeID)
+                && [.upToDate, .consistent, .outdated].contains(hello.diskState)
             if !mine && !theirs {
                 // Outdated only meant "the peer may have written since", Consistent "attached
                 // without the peer": it did not, and the peer holds this generation too. (With
@@ -820,6 +829,12 @@ public struct ReplicaCore {
             if source && (disk == .upToDate || disk == .consistent || disk == .outdated) {
                 link = .handshaking
                 pendingSync = .syncSource
+                sendBitmap(into: &actions)
+            } else if peerSource {
+                // As `becomeTarget`: this side's bitmap goes now, and it is not promoted until
+                // the resync of the union ends.
+                link = .handshaking
+                pendingSync = .syncTarget
                 sendBitmap(into: &actions)
             }
         case .skipInitialSync:

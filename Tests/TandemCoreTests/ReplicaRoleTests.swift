@@ -53,6 +53,40 @@ import Testing
         #expect(pair.primary.role == .primary && pair.primary.link == .handshaking, "the resync of those blocks started")
     }
 
+    /// Found by the simulator (`--failover --primary-disk-errors --double-faults --switchover`,
+    /// seed 14514): a primary lost its link with writes its peer had not flushed (its transfer
+    /// log marked them) and demoted. At the next connect (same generation: noSync, the demoted
+    /// node the source of its marks) the peer was connected and UpToDate at once, before the
+    /// demoted node's bitmap arrived, and a switchover promoted it without those blocks.
+    @Test func aSecondaryThePeersMarksMakeTheTargetIsNotPromotedBeforeTheirResync() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.primary.markOutOfSync(offset: 0, length: 4096)
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.primary.demote(into: &actions) == nil)
+        let helloDemoted = Self.hello(of: pair.primary), helloPeer = Self.hello(of: pair.secondary)
+        // The peer, without marks, hears first.
+        actions.removeAll()
+        pair.secondary.linkUp(peer: helloDemoted, freshUUID: 0x8000, into: &actions)
+        pair.applySecondary(actions)
+        #expect(pair.secondary.lastDecision?.decision == .noSync)
+        #expect(pair.secondary.link == .handshaking, "the target of the peer's marks from the connect on")
+        actions.removeAll()
+        #expect(pair.secondary.promote(force: false, freshUUID: 0x9000, nowMillis: 1, into: &actions) == .resyncTarget)
+        #expect(pair.secondary.role == .secondary)
+        actions.removeAll()
+        pair.primary.linkUp(peer: helloPeer, freshUUID: 0x7000, into: &actions)
+        pair.applyPrimary(actions)
+        for _ in 0..<4 {
+            pair.deliverToSecondary()
+            pair.deliverToPrimary()
+        }
+        #expect(pair.dropped.isEmpty, "no protocol error: each side sent its bitmap once")
+        #expect(pair.primary.sync == .syncSource)
+        #expect(pair.secondary.sync == .syncTarget && pair.secondary.disk == .inconsistent)
+        #expect(pair.secondary.bitmap.isDirty(offset: 0, length: 4096))
+    }
+
     @Test func aSurvivorPromotedAloneStartsANewGenerationAtItsFirstWriteAndTheReturningPeerResyncsFromIt() {
         var pair = Pair()
         // The primary crashes (it never sees the link go); the survivor (UpToDate) is promoted
