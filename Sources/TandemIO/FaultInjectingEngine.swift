@@ -5,7 +5,7 @@ import Glibc
 /// a failing disk (detach, serve through the peer), without a branch in the core.
 ///
 /// Text form (the `--inject-fault` option): `OP:ERRNO[:offset=START-END][:after=N]`, where OP is
-/// `read`, `write`, `flush`, `zero` or `any`; ERRNO is `EIO`, `ENOSPC`, `EROFS` or a number;
+/// `read`, `write`, `flush`, `zero` or `any`; ERRNO is `EIO`, `ENOSPC`, `EROFS` or a number (1-4095);
 /// `offset` limits it to operations touching bytes START..<END (suffixes K, M, G); `after` lets
 /// the first N matching operations succeed.
 public struct FaultRule: Sendable, Equatable, CustomStringConvertible {
@@ -27,7 +27,9 @@ public struct FaultRule: Sendable, Equatable, CustomStringConvertible {
         case "ENOSPC": errno = ENOSPC
         case "EROFS": errno = EROFS
         default:
-            guard let n = Int32(parts[1]), n > 0 else { throw SystemError("fault rule '\(text)': unknown errno '\(parts[1])'", errno: EINVAL) }
+            // A Linux errno is at most 4095 (MAX_ERRNO); a larger one would reach the peer in an
+            // ack, whose result field refuses it (PeerProtocol.resultMax).
+            guard let n = Int32(parts[1]), n > 0, n <= 4095 else { throw SystemError("fault rule '\(text)': unknown errno '\(parts[1])'", errno: EINVAL) }
             errno = n
         }
         range = nil
