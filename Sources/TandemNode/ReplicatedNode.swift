@@ -191,7 +191,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
         let readID = nextClientID
         nextClientID += 1
-        peerReads[readID] = (connection, slot, Int(request.offset - start), Int(request.length))
+        peerReads[readID] = (connection, slot, start, UInt32(end - start), Int(request.offset - start), Int(request.length))
         link.send(.resyncRequest(id: readID, offset: start, length: UInt32(end - start)))
     }
 
@@ -244,8 +244,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     // MARK: Reads through the peer
 
-    /// Primary: client reads the peer serves (the local disk is detached), by request id.
-    private var peerReads: [UInt64: (connection: NBDConnection, slot: Int, skip: Int, length: Int)] = [:]
+    /// Primary: client reads the peer serves (the local disk is detached), by request id: the
+    /// range asked for (`offset`, `requested`), and the client's part of it (`skip`, `length`).
+    private var peerReads: [UInt64: (connection: NBDConnection, slot: Int, offset: UInt64, requested: UInt32, skip: Int, length: Int)] = [:]
     /// Secondary: reads being served to the primary, by slot.
     private var servedReads: [Int: (id: UInt64, offset: UInt64, length: UInt32, buffer: PoolBuffer)] = [:]
 
@@ -759,6 +760,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         flushLatency.render("tandem_flush_latency_seconds", labels: l, into: &out)
         gauge("tandem_barriers", "Barriers kept in this node's undo store", "\(undo?.barriers.count ?? 0)")
         gauge("tandem_barrier_bytes", "Bytes the kept barriers hold", "\(undo?.barriers.reduce(UInt64(0)) { $0 + $1.bytesHeld } ?? 0)")
+        gauge("tandem_replication_buffers", "Pool buffers held for replicated writes, resync data and reads served to the peer",
+              "\(peerBuffers.count + resyncBuffers.count + servedReads.count + (sinkBuffer == nil ? 0 : 1))")
         gauge("tandem_tls_handshake_failures_total", "Peer links that failed in TLS (wrong CA, name, plaintext)", "\(tlsFailures)", type: "counter")
         return out
     }
@@ -997,11 +1000,22 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 taken.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
                 buffer = taken
             }
-            peerBuffers[header.sequence] = buffer
-            core.peerWrite(PeerWrite(id: header.sequence, offset: block.offset, length: block.length, epoch: block.epoch, flags: header.flags), kind: .write, into: &actions)
+            // The payload is handed over only once the core accepted the write: a refused one (a
+            // duplicate id above all) must not replace the buffer of a write still in flight.
+            let write = PeerWrite(id: header.sequence, offset: block.offset, length: block.length, epoch: block.epoch, flags: header.flags)
+            if core.peerWrite(write, kind: .write, into: &actions) {
+                precondition(peerBuffers[header.sequence] == nil, "the core accepted write \(header.sequence) while its buffer is in use")
+                peerBuffers[header.sequence] = buffer
+            } else {
+                loop.pool.release(buffer)
+            }
         case .resyncData where core.role == .primary:
-            // A primary is never a resync target: this answers one of its reads.
-            guard let read = peerReads.removeValue(forKey: header.sequence) else { return connection.close(reason: "protocol error: unexpected resyncData \(header.sequence)") }
+            // A primary is never a resync target: this answers one of its reads, and must be the
+            // range asked for (the client gets these bytes as its own).
+            guard let read = peerReads[header.sequence], header.block!.offset == read.offset, header.block!.length == read.requested else {
+                return connection.close(reason: "protocol error: unexpected resyncData \(header.sequence)")
+            }
+            peerReads[header.sequence] = nil
             let ok = header.block!.result == 0 && payload.count >= read.skip + read.length
             if ok, let p = read.connection.payload(slot: read.slot) {
                 p.copyMemory(from: payload.baseAddress! + read.skip, byteCount: read.length)
@@ -1009,14 +1023,23 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             read.connection.replicatedReadCompleted(slot: read.slot, result: ok ? 0 : -EIO)
         case .resyncData:
             let block = header.block!
+            var buffer: PoolBuffer?
             if let sunk = takeSink(payload) {
-                resyncBuffers[Int(header.sequence)] = sunk
+                buffer = sunk
             } else if payload.count > 0 {
-                guard let buffer = loop.pool.take(payload.count) else { return connection.close(reason: "out of buffers for resync") }
-                buffer.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
-                resyncBuffers[Int(header.sequence)] = buffer
+                guard let taken = loop.pool.take(payload.count) else { return connection.close(reason: "out of buffers for resync") }
+                taken.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
+                buffer = taken
             }
-            core.peerMessage(.resyncData(PeerResyncData(id: header.sequence, offset: block.offset, length: block.length, result: block.result, flags: header.flags), payload: []), into: &actions)
+            // Handed over only under the key the core accepted the data with (a refused or
+            // duplicate id never touches the buffer of a resync write in flight).
+            let data = PeerResyncData(id: header.sequence, offset: block.offset, length: block.length, result: block.result, flags: header.flags)
+            if case .resync(let key)? = core.peerResyncData(data, into: &actions), let buffer {
+                precondition(resyncBuffers[key] == nil, "the core accepted resync data \(key) while its buffer is in use")
+                resyncBuffers[key] = buffer
+            } else if let buffer {
+                loop.pool.release(buffer)
+            }
         default:
             switch PeerMessage.decode(header: header, payload: payload) {
             case .invalid(let why):
@@ -1568,10 +1591,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     private func verifyDigestArrived(_ digest: PeerVerifyDigest) {
-        let slot = Int(digest.id) - 1
-        guard var v = verify, slot >= 0, slot < Self.verifyWindow, var chunk = v.chunks[slot], chunk.offset == digest.offset else {
-            return link?.close(reason: "protocol error: unexpected verifyDigest") ?? ()
+        // The id is the peer's echo of ours (slot + 1): anything else, however large, is an error.
+        guard var v = verify, digest.id >= 1, digest.id <= UInt64(Self.verifyWindow), var chunk = v.chunks[Int(digest.id) - 1],
+              chunk.offset == digest.offset, chunk.length == digest.length else {
+            return link?.close(reason: "protocol error: unexpected verifyDigest \(digest.id)") ?? ()
         }
+        let slot = Int(digest.id) - 1
         chunk.peer = digest.result == 0 ? stride(from: 0, to: digest.digests.count, by: 4).map { i in
             digest.digests[i..<i + 4].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
         } : []
