@@ -383,7 +383,7 @@ public struct ReplicaCore {
         case .clientFlush(let id):
             guard var flush = flushes[id] else { preconditionFailure("completion of unknown flush \(id)") }
             flush.localDone = true
-            flush.localResult = result
+            flush.localResult = flushResult(result)
             flushes[id] = flush
             finishFlushIfDone(id, into: &actions)
         case .peerWrite(let id):
@@ -410,7 +410,7 @@ public struct ReplicaCore {
         case .resyncWrite(let id):
             resyncWriteCompleted(id, result: result, into: &actions)
         case .resyncFlush:
-            resyncFlushCompleted(result: result, into: &actions)
+            resyncFlushCompleted(result: flushResult(result), into: &actions)
         case .resyncTargetFlush:
             resyncTargetFlushCompleted(result: result, into: &actions)
         }
@@ -473,6 +473,46 @@ public struct ReplicaCore {
             return
         }
         detachLocalDisk(into: &actions)
+    }
+
+    /// A sync of the local disk that no request waits for failed (the node's resync checkpoint,
+    /// or the sync before an activity-log transaction evicts extents). Linux reports a writeback
+    /// error to one fsync per open file description: this one took the error that a replicated
+    /// flush, a resync target flush or a client flush would otherwise have reported, and a write
+    /// completed since the last good sync may not be on the disk. So it is handled as theirs
+    /// would have been:
+    /// - a secondary as a failed replicated flush: every resync run not yet acknowledged fails,
+    ///   and the disk detaches (a resync target at the resync's end);
+    /// - a primary whose peer is a full copy as a failed write: the disk detaches and the peer
+    ///   answers reads (DRBD's `on-io-error detach`);
+    /// - any other primary keeps its disk (detached, it would serve reads from a disk that no
+    ///   longer gets the writes, with no full copy to read instead), and its next local flush,
+    ///   a client's or the resync's last, reports the error, as the kernel would have.
+    /// Returns whether the disk was detached.
+    @discardableResult
+    public mutating func localSyncFailed(result: Int32, into actions: inout [Action]) -> Bool {
+        precondition(result < 0, "a failed sync carries an errno")
+        guard disk != .failed else { return true }
+        if role == .secondary {
+            failUnacknowledgedResyncRuns(code: UInt32(min(-Int64(result), Int64(PeerProtocol.resultMax))), into: &actions)
+            detachAfterReplicationError(into: &actions)
+        } else if link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount == 0 {
+            detachLocalDisk(into: &actions)
+        } else {
+            writebackErrorPending = result
+        }
+        return disk == .failed
+    }
+
+    /// A writeback error a sync of no request took (`localSyncFailed`), for the next local flush
+    /// of a primary to report: 0 or -errno.
+    private var writebackErrorPending: Int32 = 0
+
+    /// The result of a local flush of a primary, with a writeback error that an earlier sync took.
+    private mutating func flushResult(_ result: Int32) -> Int32 {
+        guard result >= 0, writebackErrorPending < 0 else { return result }
+        defer { writebackErrorPending = 0 }
+        return writebackErrorPending
     }
 
     // MARK: Peer messages

@@ -18,6 +18,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let tagRetry: UInt32 = 0x1000_0003
     private static let tagDiffStep: UInt32 = 0x1000_0004
     private static let tagDiffSync: UInt32 = 0x1000_0005
+    private static let tagCheckpointSync: UInt32 = 0x1000_0006
     /// Verify reads: this base plus the request's window slot (primary) or the peer's request
     /// slot (secondary).
     private static let tagVerifyLocal: UInt32 = 0x2000_0000
@@ -32,6 +33,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// Ticks between resync checkpoints (one second).
     private static let resyncCheckpointTicks = 10
     private var ticks = 0
+    /// The resync checkpoint's sync of the device is on the engine (a slow one is not doubled).
+    private var checkpointSyncInFlight = false
     /// When the peer was last heard from, and the ping sent since (0: none).
     private var lastHeardNanos: UInt64 = 0
     private var pingSentNanos: UInt64 = 0
@@ -897,6 +900,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             stepDiff()
         case Self.tagDiffSync:
             diffSynced(result)
+        case Self.tagCheckpointSync:
+            checkpointSynced(result)
         case Self.tagTick:
             beginActions()
             // Reads served from the local disk compete with a resync too (writes the core sees).
@@ -936,10 +941,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
             if core.sync != .established && ticks % Self.resyncCheckpointTicks == 0 {
                 emit("resync-progress", "\"done_bytes\":\(core.resyncedBytes),\"out_of_sync_bytes\":\(core.bitmap.outOfSyncBytes)")
-                // Resync progress survives a crash: resynced blocks are made durable first, then
-                // the bitmap that says they are in sync (Protocol/peer.md, resync).
-                _ = fdatasync(device.fd)
-                persistMetadata()
+                checkpointResync()
             }
             if !stopping { loop.addTimer(id: id, tag: Self.tagTick, afterNanos: Self.tickNanos) }
         default:
@@ -953,6 +955,40 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 localCompleted(Int(tag), result)
             }
         }
+    }
+
+    /// Resync progress survives a crash: the device is synced, then the bitmap persisted
+    /// (Protocol/peer.md, resync). The sync goes through the engine, off the loop, and its result
+    /// is the core's to handle: on Linux a writeback error is reported to one fsync per open file
+    /// description, and the device's descriptor is the one every replicated and resync flush
+    /// uses, so an error swallowed here would let the next of them succeed without the lost
+    /// block. A detached disk is never synced again (the peer's copy is the one that counts).
+    private func checkpointResync() {
+        guard !checkpointSyncInFlight else { return }
+        guard core.disk != .failed else { return persistMetadata() }
+        checkpointSyncInFlight = true
+        loop.engine.fsync(fd: device.fd, datasync: true, userData: IOLoop.userData(id, Self.tagCheckpointSync))
+    }
+
+    private func checkpointSynced(_ result: Int32) {
+        checkpointSyncInFlight = false
+        if result < 0 { localSyncFailed(result, during: "the resync checkpoint") }
+        // Bits clear only once a flush covered the data they stand for (the target's own, or
+        // the target's before its ack), so the bitmap may be persisted after a failed sync too:
+        // with the detached disk's flags.
+        if !stopping { persistMetadata() }
+    }
+
+    /// A sync of the data device that no request waits for failed: a disk failure, handled by
+    /// the core as the failed flush it may have hidden (`ReplicaCore.localSyncFailed`).
+    private func localSyncFailed(_ result: Int32, during what: String) {
+        beginActions()
+        let detached = core.localSyncFailed(result: result, into: &actions)
+        perform()
+        let outcome = detached ? "detached"
+            : core.role == .secondary ? "detached when the resync ends"
+            : "the next flush reports the error (\(peer.name) is no full copy to detach to)"
+        logger.error("local disk: \(what) failed to sync \(device.path): \(SystemError.text(-result)); a completed write may not be on the disk: \(outcome)")
     }
 
     // MARK: PeerConnectionDelegate
@@ -1175,7 +1211,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if tx.evictedCount > 0 {
             // Once evicted, a crash no longer resyncs the extent: its completed writes must not
             // sit in a volatile cache any more (DRBD gets this from the preflush of its AL write).
-            _ = fdatasync(device.fd)
+            // A failed sync means they may not be on the disk: it is detached (the peer has
+            // them), and the error is not left for a later flush that will not see it.
+            if core.disk != .failed && fdatasync(device.fd) != 0 {
+                localSyncFailed(-errno, during: "an activity-log eviction")
+            }
             persistMetadata()
         }
         activityLog.encode(tx, into: UnsafeMutableRawBufferPointer(start: transactionBuffer, count: ActivityLog.transactionBytes))

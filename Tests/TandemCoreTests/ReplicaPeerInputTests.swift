@@ -107,4 +107,69 @@ import Testing
                 "a failed read writes nothing")
         #expect(actions.count(where: Self.isProtocolError) == 1, "only the repeated id: \(actions)")
     }
+
+    /// A sync no request waits for (the node's resync checkpoint, an activity-log eviction) took
+    /// a writeback error from the flushes that come after it: handled as a failed flush.
+    @Test func aFailedSyncOnATargetFailsTheUnacknowledgedRunsAndTheResyncsEnd() {
+        var pair = Pair()
+        let runs = pair.resyncRunsOnTheTarget(2)
+        pair.completeSecondary(runs[0].tag)
+        #expect(pair.targetFlushes == 1)
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.localSyncFailed(result: -5, into: &actions)
+        pair.applySecondary(actions)
+        #expect(pair.resyncAcksOnTheWire == [ReplicaResyncTests.id(runs[0]): 5], "written before the sync: its ack carries the error")
+        pair.completeSecondary(.resyncTargetFlush)  // the flush after it succeeds: the error was taken
+        pair.completeSecondary(runs[1].tag)
+        #expect(pair.resyncAcksOnTheWire == [ReplicaResyncTests.id(runs[0]): 5, ReplicaResyncTests.id(runs[1]): 5], "still writing: fails too")
+        #expect(pair.targetFlushes == 0 && pair.secondary.bitmap.outOfSyncBytes == 2 << 20, "the target's bits stay")
+        pair.deliverToPrimary()
+        #expect(pair.dropped.isEmpty && pair.primary.bitmap.outOfSyncBytes == 2 << 20, "the source keeps its bits and copies again")
+        ReplicaCoreTests.driveResync(&pair)
+        #expect(pair.primary.sync == .established)
+        #expect(pair.secondary.disk == .failed, "not made UpToDate by the resync's end")
+    }
+
+    @Test func aFailedSyncDetachesAnUpToDateSecondaryAndAPrimary() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.localSyncFailed(result: -5, into: &actions)
+        pair.applySecondary(actions)
+        #expect(pair.secondary.disk == .failed && pair.secondary.localFlags.contains(.resyncTarget))
+        pair.deliverToPrimary()
+        #expect(pair.primary.peerDisk == .failed)
+
+        var other = Pair()
+        actions.removeAll()
+        other.primary.localSyncFailed(result: -5, into: &actions)
+        other.applyPrimary(actions)
+        #expect(other.primary.disk == .failed && other.primary.readsFromPeer)
+        // The client's next flush is the peer's answer: the local one cannot vouch for the data.
+        other.flush(3)
+        other.deliverToSecondary()
+        other.completeSecondary(.peerFlush(3))
+        other.deliverToPrimary()
+        #expect(other.flushed[3] == 0 && other.primaryDisk.isEmpty, "a detached disk is not flushed")
+    }
+
+    /// A resync source's peer is no full copy: detached, the primary would read a disk that no
+    /// longer gets the writes. It keeps the disk, and its next flush reports the error the sync
+    /// took (as the kernel would have), once.
+    @Test func aFailedSyncOnAPrimaryWhosePeerIsNoFullCopyFailsItsNextFlush() {
+        var pair = Pair()
+        pair.resyncAfterWriteAlone(4096)
+        #expect(pair.primary.sync == .syncSource)
+        var actions: [ReplicaCore.Action] = []
+        #expect(!pair.primary.localSyncFailed(result: -5, into: &actions))
+        pair.applyPrimary(actions)
+        #expect(pair.primary.disk == .upToDate && !pair.primary.readsFromPeer)
+        for id in [UInt64(10), 11] {
+            pair.flush(id)
+            pair.completePrimary(.clientFlush(id))  // the disk's own flush succeeds: the error was taken
+            pair.deliverToSecondary()
+            pair.completeSecondary(.peerFlush(id))
+            pair.deliverToPrimary()
+        }
+        #expect(pair.flushed == [10: -5, 11: 0], "the next flush reports it, the one after does not")
+    }
 }
