@@ -133,6 +133,7 @@ public enum PeerDecoder {
             if b.result != 0 { return "result must be 0" }
         case .resyncData:
             if b.epoch != 0 { return "epoch must be 0" }
+            if b.result > PeerProtocol.resultMax { return "result \(b.result) is not an errno" }
             if !PeerDecoder.isResyncAligned(offset: b.offset, length: b.length) { return "range not 4 KiB aligned" }
             if Int(b.length) > PeerProtocol.dataPayloadBytesMax { return "length \(b.length) over the maximum" }
             if b.result != 0 && flags != 0 { return "flags with a failed read" }
@@ -251,15 +252,21 @@ extension PeerMessage {
             }
 
         case .writeAck:
-            message = .writeAck(id: header.sequence, result: r.u32())
+            let result = r.u32()
+            guard result <= PeerProtocol.resultMax else { return .invalid("writeAck: result \(result) is not an errno") }
+            message = .writeAck(id: header.sequence, result: result)
         case .flush:
             message = .flush(id: header.sequence)
         case .flushAck:
-            message = .flushAck(id: header.sequence, result: r.u32())
+            let result = r.u32()
+            guard result <= PeerProtocol.resultMax else { return .invalid("flushAck: result \(result) is not an errno") }
+            message = .flushAck(id: header.sequence, result: result)
         case .barrier:
             message = .barrier(epoch: r.u64())
         case .barrierAck:
-            message = .barrierAck(epoch: r.u64(), writes: r.u32(), result: r.u32())
+            let epoch = r.u64(), writes = r.u32(), result = r.u32()
+            guard result <= PeerProtocol.resultMax else { return .invalid("barrierAck: result \(result) is not an errno") }
+            message = .barrierAck(epoch: epoch, writes: writes, result: result)
         case .snapshot:
             let id = r.u64(), created = Int64(bitPattern: r.u64())
             let labelLength = Int(r.u8())
@@ -311,6 +318,7 @@ extension PeerMessage {
         case .resyncAck:
             let offset = r.u64(), length = r.u32(), result = r.u32()
             if let problem = validateResyncRange(offset: offset, length: length) { return .invalid("resyncAck: \(problem)") }
+            guard result <= PeerProtocol.resultMax else { return .invalid("resyncAck: result \(result) is not an errno") }
             message = .resyncAck(id: header.sequence, offset: offset, length: length, result: result)
 
         case .resyncDone:
@@ -328,6 +336,7 @@ extension PeerMessage {
             let offset = r.u64(), length = r.u32(), result = r.u32()
             let rawAlgorithm = r.u8(), digestBytes = Int(r.u8())
             if let problem = validateVerifyRange(offset: offset, length: length) { return .invalid("verifyDigest: \(problem)") }
+            guard result <= PeerProtocol.resultMax else { return .invalid("verifyDigest: result \(result) is not an errno") }
             guard let algorithm = PeerDigestAlgorithm(rawValue: rawAlgorithm) else {
                 return .invalid("verifyDigest: unknown digest algorithm \(rawAlgorithm)")
             }
@@ -604,10 +613,12 @@ extension PeerMessage {
                 .payloadLength(type: .resyncData, flags: d.flags), "resyncData payload does not match its block")
             w.bytes(payload)
         case .writeAck(_, let result), .flushAck(_, let result):
+            precondition(result <= PeerProtocol.resultMax, "result \(result) is not an errno")
             w.u32(result)
         case .barrier(let epoch):
             w.u64(epoch)
         case .barrierAck(let epoch, let writes, let result):
+            precondition(result <= PeerProtocol.resultMax, "result \(result) is not an errno")
             w.u64(epoch)
             w.u32(writes)
             w.u32(result)
@@ -634,6 +645,7 @@ extension PeerMessage {
             w.u32(length)
         case .resyncAck(_, let offset, let length, let result):
             precondition(PeerMessage.validateResyncRange(offset: offset, length: length) == nil, "bad resync range")
+            precondition(result <= PeerProtocol.resultMax, "result \(result) is not an errno")
             w.u64(offset)
             w.u32(length)
             w.u32(result)
@@ -644,6 +656,7 @@ extension PeerMessage {
             w.u8(algorithm.rawValue)
         case .verifyDigest(let d):
             precondition(PeerMessage.validateVerifyRange(offset: d.offset, length: d.length) == nil, "bad verify range")
+            precondition(d.result <= PeerProtocol.resultMax, "result \(d.result) is not an errno")
             let expected = d.result == 0 ? Int(d.length) / PeerProtocol.digestBlockBytes * d.algorithm.digestBytes : 0
             precondition(d.digests.count == expected, "verifyDigest holds \(d.digests.count) digest bytes, not \(expected)")
             w.u64(d.offset)

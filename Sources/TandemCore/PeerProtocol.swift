@@ -56,6 +56,12 @@ public enum PeerProtocol {
     /// Bytes before the digests of a `verifyDigest`.
     public static let verifyDigestPrefixBytes = 18
 
+    /// Largest value of a result field (`writeAck`, `flushAck`, `barrierAck`, `resyncAck`, and
+    /// the result of `resyncData` and `verifyDigest`): 0 or a Linux errno, which is at most
+    /// MAX_ERRNO. Any larger value is a decoding error, so a receiver can negate it into an
+    /// `Int32` without a trap.
+    public static let resultMax: UInt32 = 4095
+
     /// Fixed part of the `hello` payload; the resource name follows it.
     public static let helloFixedBytes = 84
     /// The `stateChange` payload: generation UUIDs, role, disk state.
@@ -75,6 +81,7 @@ public enum PeerProtocol {
         precondition(bitmapGranularityBytesMin.nonzeroBitCount == 1 && bitmapGranularityBytesMax.nonzeroBitCount == 1)
         precondition(bitmapGranularityBytesMin % digestBlockBytes == 0)
         precondition(versionMin >= 1 && versionMin <= version && version <= versionMax)
+        precondition(resultMax < UInt32(Int32.max), "a result negates into an Int32")
     }
 
     /// The version both sides speak: the highest in both ranges, or nil (peer.md "Version

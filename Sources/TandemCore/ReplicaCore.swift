@@ -162,6 +162,10 @@ public struct ReplicaCore {
         var length: UInt32
     }
 
+    /// Resync writes on the disk or queued (behind an overlapping write or a barrier), of any
+    /// link: their ids key the node's payload buffers until they complete, so data arriving with
+    /// one of them again must not reach the node's buffers.
+    private var resyncWritesPending: Set<Int> = []
     /// Resync writes of the current link on the disk or queued, not yet completed: id -> 0, or
     /// the errno their ack must carry whatever the write's result (a flush failed meanwhile).
     /// Their acks are owed on this link; a write of an earlier link is acknowledged on none (its
@@ -264,6 +268,7 @@ public struct ReplicaCore {
         transferLog = FixedQueue(capacity: configuration.transferLogEntriesMax)
         resyncSlots = Array(repeating: nil, count: configuration.resyncInFlightMax)
         resyncWritesOwed.reserveCapacity(Limits.resyncRunsUnacknowledgedMax)
+        resyncWritesPending.reserveCapacity(Limits.resyncRunsUnacknowledgedMax * 2)
         resyncAcksHeld.reserveCapacity(Limits.resyncRunsUnacknowledgedMax)
         resyncAcksFlushing.reserveCapacity(Limits.resyncRunsUnacknowledgedMax)
         writes.reserveCapacity(Limits.nbdRequestsInFlightMax * 4)
@@ -381,7 +386,7 @@ public struct ReplicaCore {
         case .clientFlush(let id):
             guard var flush = flushes[id] else { preconditionFailure("completion of unknown flush \(id)") }
             flush.localDone = true
-            flush.localResult = result
+            flush.localResult = flushResult(result)
             flushes[id] = flush
             finishFlushIfDone(id, into: &actions)
         case .peerWrite(let id):
@@ -408,7 +413,7 @@ public struct ReplicaCore {
         case .resyncWrite(let id):
             resyncWriteCompleted(id, result: result, into: &actions)
         case .resyncFlush:
-            resyncFlushCompleted(result: result, into: &actions)
+            resyncFlushCompleted(result: flushResult(result), into: &actions)
         case .resyncTargetFlush:
             resyncTargetFlushCompleted(result: result, into: &actions)
         }
@@ -473,19 +478,74 @@ public struct ReplicaCore {
         detachLocalDisk(into: &actions)
     }
 
+    /// A sync of the local disk that no request waits for failed (the node's resync checkpoint,
+    /// or the sync before an activity-log transaction evicts extents). Linux reports a writeback
+    /// error to one fsync per open file description: this one took the error that a replicated
+    /// flush, a resync target flush or a client flush would otherwise have reported, and a write
+    /// completed since the last good sync may not be on the disk. So it is handled as theirs
+    /// would have been:
+    /// - a secondary as a failed replicated flush: every resync run not yet acknowledged fails,
+    ///   and the disk detaches (a resync target at the resync's end);
+    /// - a primary whose peer is a full copy as a failed write: the disk detaches and the peer
+    ///   answers reads (DRBD's `on-io-error detach`);
+    /// - any other primary keeps its disk (detached, it would serve reads from a disk that no
+    ///   longer gets the writes, with no full copy to read instead), and its next local flush,
+    ///   a client's or the resync's last, reports the error, as the kernel would have.
+    /// Returns whether the disk was detached.
+    @discardableResult
+    public mutating func localSyncFailed(result: Int32, into actions: inout [Action]) -> Bool {
+        precondition(result < 0, "a failed sync carries an errno")
+        guard disk != .failed else { return true }
+        if role == .secondary {
+            failUnacknowledgedResyncRuns(code: UInt32(min(-Int64(result), Int64(PeerProtocol.resultMax))), into: &actions)
+            detachAfterReplicationError(into: &actions)
+        } else if link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount == 0 {
+            detachLocalDisk(into: &actions)
+        } else {
+            writebackErrorPending = result
+        }
+        return disk == .failed
+    }
+
+    /// A writeback error a sync of no request took (`localSyncFailed`), for the next local flush
+    /// of a primary to report: 0 or -errno.
+    private var writebackErrorPending: Int32 = 0
+
+    /// The result of a local flush of a primary, with a writeback error that an earlier sync took.
+    private mutating func flushResult(_ result: Int32) -> Int32 {
+        guard result >= 0, writebackErrorPending < 0 else { return result }
+        defer { writebackErrorPending = 0 }
+        return writebackErrorPending
+    }
+
     // MARK: Peer messages
 
-    /// A replicated write arrived (its `data` payload is in the node's buffer `.peer(id)`).
-    public mutating func peerWrite(_ write: PeerWrite, kind: WriteKind, into actions: inout [Action]) {
-        guard role == .secondary else { return protocolError("a replicated write arrived while primary", into: &actions) }
-        guard peerWritesInFlight[write.id] == nil else { return protocolError("duplicate write id \(write.id)", into: &actions) }
+    /// A replicated write arrived. True when it is accepted: a `data` payload is then the node's
+    /// to keep as `.peer(id)` until the write completes (the node hands it over only now, so a
+    /// write refused here never touches the buffer of one in flight). False when it breaks the
+    /// protocol (a `dropLink` says why): the node releases its payload.
+    @discardableResult
+    public mutating func peerWrite(_ write: PeerWrite, kind: WriteKind, into actions: inout [Action]) -> Bool {
+        guard role == .secondary else {
+            protocolError("a replicated write arrived while primary", into: &actions)
+            return false
+        }
+        guard peerWritesInFlight[write.id] == nil else {
+            protocolError("duplicate write id \(write.id)", into: &actions)
+            return false
+        }
+        guard Self.fits(offset: write.offset, length: write.length, deviceBytes: configuration.deviceBytes) else {
+            protocolError("write \(write.id) at \(write.offset)+\(write.length) past the end of the device", into: &actions)
+            return false
+        }
         peerArrivals += 1
         peerWritesInFlight[write.id] = peerArrivals
         if write.epoch != epoch {
             epoch = write.epoch
             peerEpochWrites = 0
         }
-        peerEpochWrites += 1
+        // Only reported back in `barrierAck`: a peer that never closes its epoch wraps it, no more.
+        peerEpochWrites &+= 1
         let fua = write.flags & PeerFlags.Write.fua != 0
         let io = LocalIO(tag: .peerWrite(write.id), operation: .write(kind: kind, fua: fua), offset: write.offset, length: write.length, buffer: kind == .write ? .peer(write.id) : nil)
         if snapshots.isEmpty {
@@ -494,6 +554,14 @@ public struct ReplicaCore {
             // After a barrier that is not recorded yet: it must not reach the disk before.
             snapshots[snapshots.count - 1].held.append(io)
         }
+        return true
+    }
+
+    /// Whether a range a peer names lies within the device (the codec has checked that
+    /// `offset + length` does not overflow; checked again here, the core takes no such thing on
+    /// trust).
+    static func fits(offset: UInt64, length: UInt32, deviceBytes: UInt64) -> Bool {
+        offset <= deviceBytes && UInt64(length) <= deviceBytes - offset
     }
 
     /// Submits a local write, or queues it behind an overlapping earlier one.
@@ -527,6 +595,8 @@ public struct ReplicaCore {
             peerWrite(write, kind: .zeroes(noHole: write.flags & PeerFlags.Write.noHole != 0), into: &actions)
         case .writeAck(let id, let code):
             guard var write = writes[id], write.peerPending else { return protocolError("ack of unknown write \(id)", into: &actions) }
+            // Negated below: a result past any errno (the codec refuses it too) would trap.
+            guard code <= PeerProtocol.resultMax else { return protocolError("write \(id) acknowledged with result \(code)", into: &actions) }
             write.peerPending = false
             write.peerResult = -Int32(bitPattern: code)
             write.awaitingPeerFlush = code == 0
@@ -542,6 +612,7 @@ public struct ReplicaCore {
             peerFlushesWaiting.append((id, peerArrivals))
             startWaitingPeerFlushes(into: &actions)
         case .flushAck(let id, let code):
+            guard code <= PeerProtocol.resultMax else { return protocolError("flush \(id) acknowledged with result \(code)", into: &actions) }
             guard let covered = peerFlushCoverage.removeValue(forKey: id) else { return protocolError("ack of unknown flush \(id)", into: &actions) }
             // A failed flush leaves the writes it covers maybe not durable on the peer: out of
             // sync from now on, as a link loss would leave them.
@@ -613,7 +684,7 @@ public struct ReplicaCore {
                 actions.append(.send(.stateChange(PeerStateChange(id: change.id, role: role, diskState: disk, flags: flags, uuids: Self.wire(uuids)))))
             }
         case .resyncData(let data, _):
-            resyncDataArrived(data, into: &actions)
+            peerResyncData(data, into: &actions)
         case .resyncAck(let id, let offset, let length, let code):
             resyncAcked(id: id, offset: offset, length: length, code: code, into: &actions)
         case .resyncDone:
@@ -1351,25 +1422,51 @@ public struct ReplicaCore {
         actions.append(.stateChanged(status))
     }
 
-    private mutating func resyncDataArrived(_ data: PeerResyncData, into actions: inout [Action]) {
-        guard sync == .syncTarget else { return protocolError("resync data outside a resync", into: &actions) }
-        guard data.result == 0 else { return }  // the source could not read it: stays out of sync
-        let id = Int(data.id)
-        guard resyncWritesOwed[id] == nil, !resyncAcksHeld.contains(where: { $0.id == data.id }), !resyncAcksFlushing.contains(where: { $0.id == data.id }) else {
-            return protocolError("resync data \(data.id) again before its ack", into: &actions)
+    /// Resync data arrived (target). Returns the buffer the write takes its payload from: the node
+    /// hands the payload over under that key only now, and keeps it until the write completes.
+    /// Nil when nothing is written from a payload (a zero range, a failed read at the source) or
+    /// the message breaks the protocol (a `dropLink` says why): the node releases what it holds,
+    /// and a refused message never touches the buffer of a write in flight.
+    @discardableResult
+    public mutating func peerResyncData(_ data: PeerResyncData, into actions: inout [Action]) -> BufferRef? {
+        guard sync == .syncTarget else {
+            protocolError("resync data outside a resync", into: &actions)
+            return nil
+        }
+        // The id keys the write's tag and the node's buffer, both `Int`: a source's ids are far
+        // below (`resyncIDBase`), so a larger one is a broken peer, not a reason to trap.
+        guard let id = Int(exactly: data.id) else {
+            protocolError("resync data id \(data.id) out of range", into: &actions)
+            return nil
+        }
+        guard Self.fits(offset: data.offset, length: data.length, deviceBytes: configuration.deviceBytes) else {
+            protocolError("resync data \(data.id) at \(data.offset)+\(data.length) past the end of the device", into: &actions)
+            return nil
+        }
+        guard data.result == 0 else { return nil }  // the source could not read it: stays out of sync
+        // A write of an earlier link may still hold the id (its ack is owed on no link, but its
+        // buffer is in use until it completes).
+        guard resyncWritesOwed[id] == nil, !resyncWritesPending.contains(id), !resyncAcksHeld.contains(where: { $0.id == data.id }),
+              !resyncAcksFlushing.contains(where: { $0.id == data.id }) else {
+            protocolError("resync data \(data.id) again before its ack", into: &actions)
+            return nil
         }
         // Every run is owed an ack until the source has it, and a source keeps at most this many
         // unacknowledged: more is its error, not a queue for this side to grow.
         guard resyncRunsUnacknowledged < Limits.resyncRunsUnacknowledgedMax else {
-            return protocolError("more than \(Limits.resyncRunsUnacknowledgedMax) resync runs unacknowledged", into: &actions)
+            protocolError("more than \(Limits.resyncRunsUnacknowledgedMax) resync runs unacknowledged", into: &actions)
+            return nil
         }
         resyncWritesOwed[id] = 0
+        resyncWritesPending.insert(id)
         let isZero = data.flags & PeerFlags.ResyncData.zero != 0
+        let buffer: BufferRef? = isZero ? nil : .resync(id)
         // No FUA: the source clears its bits on the ack, so the ack waits for a flush that covers
         // the write (from a volatile cache, a power loss here would lose the block with neither
         // bitmap remembering it). One flush covers every write completed before it.
         applyAfterBarriers(LocalIO(tag: .resyncWrite(id), operation: .write(kind: isZero ? .zeroes(noHole: false) : .write, fua: false),
-                                   offset: data.offset, length: data.length, buffer: isZero ? nil : .resync(id)), into: &actions)
+                                   offset: data.offset, length: data.length, buffer: buffer), into: &actions)
+        return buffer
     }
 
     /// Runs of this link whose ack the source still waits for (writing, or held for a flush).
@@ -1391,6 +1488,7 @@ public struct ReplicaCore {
 
     private mutating func resyncWriteCompleted(_ id: Int, result: Int32, into actions: inout [Action]) {
         guard let done = appliedInFlight.first(where: { $0.tag == .resyncWrite(id) }) else { preconditionFailure("unknown resync write \(id)") }
+        resyncWritesPending.remove(id)
         defer { applied(.resyncWrite(id), into: &actions) }
         // Of an earlier link, or of a resync that ended: no ack on this one (the bits stay).
         guard let owed = resyncWritesOwed.removeValue(forKey: id) else { return }

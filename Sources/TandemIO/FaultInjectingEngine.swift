@@ -4,10 +4,11 @@ import Glibc
 /// A rule saying which disk operations fail, and with what error: for tests of how Tandem handles
 /// a failing disk (detach, serve through the peer), without a branch in the core.
 ///
-/// Text form (the `--inject-fault` option): `OP:ERRNO[:offset=START-END][:after=N]`, where OP is
-/// `read`, `write`, `flush`, `zero` or `any`; ERRNO is `EIO`, `ENOSPC`, `EROFS` or a number;
-/// `offset` limits it to operations touching bytes START..<END (suffixes K, M, G); `after` lets
-/// the first N matching operations succeed.
+/// Text form (the `--inject-fault` option): `OP:ERRNO[:offset=START-END][:after=N][:count=N]`,
+/// where OP is `read`, `write`, `flush`, `zero` or `any`; ERRNO is `EIO`, `ENOSPC`, `EROFS` or a
+/// number (1-4095); `offset` limits it to operations touching bytes START..<END (suffixes K, M,
+/// G); `after` lets the first N matching operations succeed; `count` fails at most N (a
+/// transient error, as a writeback error reported once).
 public struct FaultRule: Sendable, Equatable, CustomStringConvertible {
     public enum Operation: String, Sendable { case read, write, flush, zero, any }
 
@@ -15,11 +16,13 @@ public struct FaultRule: Sendable, Equatable, CustomStringConvertible {
     public var errno: Int32
     public var range: Range<UInt64>?
     public var after: Int
+    /// Operations failed at most (nil: every matching one after `after`).
+    public var count: Int?
 
     public init(_ text: String) throws(SystemError) {
         let parts = text.split(separator: ":").map(String.init)
         guard parts.count >= 2, let op = Operation(rawValue: parts[0]) else {
-            throw SystemError("fault rule '\(text)': want OP:ERRNO[:offset=A-B][:after=N] with OP read, write, flush, zero or any", errno: EINVAL)
+            throw SystemError("fault rule '\(text)': want OP:ERRNO[:offset=A-B][:after=N][:count=N] with OP read, write, flush, zero or any", errno: EINVAL)
         }
         operation = op
         switch parts[1].uppercased() {
@@ -27,11 +30,14 @@ public struct FaultRule: Sendable, Equatable, CustomStringConvertible {
         case "ENOSPC": errno = ENOSPC
         case "EROFS": errno = EROFS
         default:
-            guard let n = Int32(parts[1]), n > 0 else { throw SystemError("fault rule '\(text)': unknown errno '\(parts[1])'", errno: EINVAL) }
+            // A Linux errno is at most 4095 (MAX_ERRNO); a larger one would reach the peer in an
+            // ack, whose result field refuses it (PeerProtocol.resultMax).
+            guard let n = Int32(parts[1]), n > 0, n <= 4095 else { throw SystemError("fault rule '\(text)': unknown errno '\(parts[1])'", errno: EINVAL) }
             errno = n
         }
         range = nil
         after = 0
+        count = nil
         for extra in parts.dropFirst(2) {
             if extra.hasPrefix("offset=") {
                 let bounds = extra.dropFirst(7).split(separator: "-").map { Self.bytes(String($0)) }
@@ -41,6 +47,8 @@ public struct FaultRule: Sendable, Equatable, CustomStringConvertible {
                 range = a..<b
             } else if extra.hasPrefix("after="), let n = Int(extra.dropFirst(6)), n >= 0 {
                 after = n
+            } else if extra.hasPrefix("count="), let n = Int(extra.dropFirst(6)), n >= 1 {
+                count = n
             } else {
                 throw SystemError("fault rule '\(text)': unknown part '\(extra)'", errno: EINVAL)
             }
@@ -55,6 +63,7 @@ public struct FaultRule: Sendable, Equatable, CustomStringConvertible {
 
     public var description: String {
         "\(operation.rawValue):\(errno)\(range.map { ":offset=\($0.lowerBound)-\($0.upperBound)" } ?? "")\(after > 0 ? ":after=\(after)" : "")"
+            + (count.map { ":count=\($0)" } ?? "")
     }
 
     func matches(_ op: Operation, offset: UInt64, length: UInt64) -> Bool {
@@ -89,7 +98,7 @@ public final class FaultInjectingEngine: IOEngine {
     private func fault(_ op: FaultRule.Operation, offset: UInt64, length: UInt64, userData: UInt64) -> Bool {
         for i in rules.indices where rules[i].matches(op, offset: offset, length: length) {
             seen[i] += 1
-            if seen[i] > rules[i].after {
+            if seen[i] > rules[i].after, rules[i].count.map({ seen[i] <= rules[i].after + $0 }) ?? true {
                 injected.append(ctandem_cqe(user_data: userData, res: -rules[i].errno, flags: 0))
                 injectedCount += 1
                 return true

@@ -19,6 +19,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let tagDiffStep: UInt32 = 0x1000_0004
     private static let tagDiffSync: UInt32 = 0x1000_0005
     private static let tagRollbackAnswer: UInt32 = 0x1000_0006
+    private static let tagCheckpointSync: UInt32 = 0x1000_0007
     /// Verify reads: this base plus the request's window slot (primary) or the peer's request
     /// slot (secondary).
     private static let tagVerifyLocal: UInt32 = 0x2000_0000
@@ -33,6 +34,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// Ticks between resync checkpoints (one second).
     private static let resyncCheckpointTicks = 10
     private var ticks = 0
+    /// The resync checkpoint's sync of the device is on the engine (a slow one is not doubled).
+    private var checkpointSyncInFlight = false
     /// When the peer was last heard from, and the ping sent since (0: none).
     private var lastHeardNanos: UInt64 = 0
     private var pingSentNanos: UInt64 = 0
@@ -201,7 +204,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
         let readID = nextClientID
         nextClientID += 1
-        peerReads[readID] = (connection, slot, Int(request.offset - start), Int(request.length))
+        peerReads[readID] = (connection, slot, start, UInt32(end - start), Int(request.offset - start), Int(request.length))
         link.send(.resyncRequest(id: readID, offset: start, length: UInt32(end - start)))
     }
 
@@ -254,8 +257,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     // MARK: Reads through the peer
 
-    /// Primary: client reads the peer serves (the local disk is detached), by request id.
-    private var peerReads: [UInt64: (connection: NBDConnection, slot: Int, skip: Int, length: Int)] = [:]
+    /// Primary: client reads the peer serves (the local disk is detached), by request id: the
+    /// range asked for (`offset`, `requested`), and the client's part of it (`skip`, `length`).
+    private var peerReads: [UInt64: (connection: NBDConnection, slot: Int, offset: UInt64, requested: UInt32, skip: Int, length: Int)] = [:]
     /// Secondary: reads being served to the primary, by slot.
     private var servedReads: [Int: (id: UInt64, offset: UInt64, length: UInt32, buffer: PoolBuffer)] = [:]
 
@@ -861,6 +865,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         flushLatency.render("tandem_flush_latency_seconds", labels: l, into: &out)
         gauge("tandem_barriers", "Barriers kept in this node's undo store", "\(undo?.barriers.count ?? 0)")
         gauge("tandem_barrier_bytes", "Bytes the kept barriers hold", "\(undo?.barriers.reduce(UInt64(0)) { $0 + $1.bytesHeld } ?? 0)")
+        gauge("tandem_replication_buffers", "Pool buffers held for replicated writes, resync data and reads served to the peer",
+              "\(peerBuffers.count + resyncBuffers.count + servedReads.count + (sinkBuffer == nil ? 0 : 1))")
         gauge("tandem_tls_handshake_failures_total", "Peer links that failed in TLS (wrong CA, name, plaintext)", "\(tlsFailures)", type: "counter")
         return out
     }
@@ -1015,6 +1021,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             diffSynced(result)
         case Self.tagRollbackAnswer:
             rollbackNoticeAnswered()
+        case Self.tagCheckpointSync:
+            checkpointSynced(result)
         case Self.tagTick:
             beginActions()
             // Reads served from the local disk compete with a resync too (writes the core sees).
@@ -1054,10 +1062,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
             if core.sync != .established && ticks % Self.resyncCheckpointTicks == 0 {
                 emit("resync-progress", "\"done_bytes\":\(core.resyncedBytes),\"out_of_sync_bytes\":\(core.bitmap.outOfSyncBytes)")
-                // Resync progress survives a crash: resynced blocks are made durable first, then
-                // the bitmap that says they are in sync (Protocol/peer.md, resync).
-                _ = fdatasync(device.fd)
-                persistMetadata()
+                checkpointResync()
             }
             if !stopping { loop.addTimer(id: id, tag: Self.tagTick, afterNanos: Self.tickNanos) }
         default:
@@ -1071,6 +1076,40 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 localCompleted(Int(tag), result)
             }
         }
+    }
+
+    /// Resync progress survives a crash: the device is synced, then the bitmap persisted
+    /// (Protocol/peer.md, resync). The sync goes through the engine, off the loop, and its result
+    /// is the core's to handle: on Linux a writeback error is reported to one fsync per open file
+    /// description, and the device's descriptor is the one every replicated and resync flush
+    /// uses, so an error swallowed here would let the next of them succeed without the lost
+    /// block. A detached disk is never synced again (the peer's copy is the one that counts).
+    private func checkpointResync() {
+        guard !checkpointSyncInFlight else { return }
+        guard core.disk != .failed else { return persistMetadata() }
+        checkpointSyncInFlight = true
+        loop.engine.fsync(fd: device.fd, datasync: true, userData: IOLoop.userData(id, Self.tagCheckpointSync))
+    }
+
+    private func checkpointSynced(_ result: Int32) {
+        checkpointSyncInFlight = false
+        if result < 0 { localSyncFailed(result, during: "the resync checkpoint") }
+        // Bits clear only once a flush covered the data they stand for (the target's own, or
+        // the target's before its ack), so the bitmap may be persisted after a failed sync too:
+        // with the detached disk's flags.
+        if !stopping { persistMetadata() }
+    }
+
+    /// A sync of the data device that no request waits for failed: a disk failure, handled by
+    /// the core as the failed flush it may have hidden (`ReplicaCore.localSyncFailed`).
+    private func localSyncFailed(_ result: Int32, during what: String) {
+        beginActions()
+        let detached = core.localSyncFailed(result: result, into: &actions)
+        perform()
+        let outcome = detached ? "detached"
+            : core.role == .secondary ? "detached when the resync ends"
+            : "the next flush reports the error (\(peer.name) is no full copy to detach to)"
+        logger.error("local disk: \(what) failed to sync \(device.path): \(SystemError.text(-result)); a completed write may not be on the disk: \(outcome)")
     }
 
     // MARK: PeerConnectionDelegate
@@ -1118,11 +1157,22 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 taken.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
                 buffer = taken
             }
-            peerBuffers[header.sequence] = buffer
-            core.peerWrite(PeerWrite(id: header.sequence, offset: block.offset, length: block.length, epoch: block.epoch, flags: header.flags), kind: .write, into: &actions)
+            // The payload is handed over only once the core accepted the write: a refused one (a
+            // duplicate id above all) must not replace the buffer of a write still in flight.
+            let write = PeerWrite(id: header.sequence, offset: block.offset, length: block.length, epoch: block.epoch, flags: header.flags)
+            if core.peerWrite(write, kind: .write, into: &actions) {
+                precondition(peerBuffers[header.sequence] == nil, "the core accepted write \(header.sequence) while its buffer is in use")
+                peerBuffers[header.sequence] = buffer
+            } else {
+                loop.pool.release(buffer)
+            }
         case .resyncData where core.role == .primary:
-            // A primary is never a resync target: this answers one of its reads.
-            guard let read = peerReads.removeValue(forKey: header.sequence) else { return connection.close(reason: "protocol error: unexpected resyncData \(header.sequence)") }
+            // A primary is never a resync target: this answers one of its reads, and must be the
+            // range asked for (the client gets these bytes as its own).
+            guard let read = peerReads[header.sequence], header.block!.offset == read.offset, header.block!.length == read.requested else {
+                return connection.close(reason: "protocol error: unexpected resyncData \(header.sequence)")
+            }
+            peerReads[header.sequence] = nil
             let ok = header.block!.result == 0 && payload.count >= read.skip + read.length
             if ok, let p = read.connection.payload(slot: read.slot) {
                 p.copyMemory(from: payload.baseAddress! + read.skip, byteCount: read.length)
@@ -1130,14 +1180,23 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             read.connection.replicatedReadCompleted(slot: read.slot, result: ok ? 0 : -EIO)
         case .resyncData:
             let block = header.block!
+            var buffer: PoolBuffer?
             if let sunk = takeSink(payload) {
-                resyncBuffers[Int(header.sequence)] = sunk
+                buffer = sunk
             } else if payload.count > 0 {
-                guard let buffer = loop.pool.take(payload.count) else { return connection.close(reason: "out of buffers for resync") }
-                buffer.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
-                resyncBuffers[Int(header.sequence)] = buffer
+                guard let taken = loop.pool.take(payload.count) else { return connection.close(reason: "out of buffers for resync") }
+                taken.pointer.copyMemory(from: payload.baseAddress!, byteCount: payload.count)
+                buffer = taken
             }
-            core.peerMessage(.resyncData(PeerResyncData(id: header.sequence, offset: block.offset, length: block.length, result: block.result, flags: header.flags), payload: []), into: &actions)
+            // Handed over only under the key the core accepted the data with (a refused or
+            // duplicate id never touches the buffer of a resync write in flight).
+            let data = PeerResyncData(id: header.sequence, offset: block.offset, length: block.length, result: block.result, flags: header.flags)
+            if case .resync(let key)? = core.peerResyncData(data, into: &actions), let buffer {
+                precondition(resyncBuffers[key] == nil, "the core accepted resync data \(key) while its buffer is in use")
+                resyncBuffers[key] = buffer
+            } else if let buffer {
+                loop.pool.release(buffer)
+            }
         default:
             switch PeerMessage.decode(header: header, payload: payload) {
             case .invalid(let why):
@@ -1273,7 +1332,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if tx.evictedCount > 0 {
             // Once evicted, a crash no longer resyncs the extent: its completed writes must not
             // sit in a volatile cache any more (DRBD gets this from the preflush of its AL write).
-            _ = fdatasync(device.fd)
+            // A failed sync means they may not be on the disk: it is detached (the peer has
+            // them), and the error is not left for a later flush that will not see it.
+            if core.disk != .failed && fdatasync(device.fd) != 0 {
+                localSyncFailed(-errno, during: "an activity-log eviction")
+            }
             persistMetadata()
         }
         activityLog.encode(tx, into: UnsafeMutableRawBufferPointer(start: transactionBuffer, count: ActivityLog.transactionBytes))
@@ -1701,10 +1764,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     private func verifyDigestArrived(_ digest: PeerVerifyDigest) {
-        let slot = Int(digest.id) - 1
-        guard var v = verify, slot >= 0, slot < Self.verifyWindow, var chunk = v.chunks[slot], chunk.offset == digest.offset else {
-            return link?.close(reason: "protocol error: unexpected verifyDigest") ?? ()
+        // The id is the peer's echo of ours (slot + 1): anything else, however large, is an error.
+        guard var v = verify, digest.id >= 1, digest.id <= UInt64(Self.verifyWindow), var chunk = v.chunks[Int(digest.id) - 1],
+              chunk.offset == digest.offset, chunk.length == digest.length else {
+            return link?.close(reason: "protocol error: unexpected verifyDigest \(digest.id)") ?? ()
         }
+        let slot = Int(digest.id) - 1
         chunk.peer = digest.result == 0 ? stride(from: 0, to: digest.digests.count, by: 4).map { i in
             digest.digests[i..<i + 4].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
         } : []

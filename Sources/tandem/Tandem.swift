@@ -99,7 +99,7 @@ struct IOOptions: ParsableArguments {
     @Option(help: "direct (O_DIRECT, no page cache) or page (through the page cache).")
     var cache: CacheMode = .direct
 
-    @Option(help: ArgumentHelp("Fail chosen disk operations, for testing: OP:ERRNO[:offset=A-B][:after=N] (repeatable).", valueName: "rule"))
+    @Option(help: ArgumentHelp("Fail chosen disk operations, for testing: OP:ERRNO[:offset=A-B][:after=N][:count=N] (repeatable).", valueName: "rule"))
     var injectFault: [String] = []
 
     func validate() throws {

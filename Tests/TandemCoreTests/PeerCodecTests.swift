@@ -482,6 +482,44 @@ import TandemCore
         check(.verifyDigest, be(UInt64(0)) + be(UInt32(8192)) + be(UInt32(0)) + [2], "payload length 17")
     }
 
+    /// Result fields carry 0 or an errno, which a receiver negates into an `Int32`: a peer that
+    /// sent 0x8000_0000 in a `writeAck` made the primary trap.
+    @Test func resultFieldsAreErrnos() {
+        func check(_ frame: RawFrame, valid: Bool, sourceLocation: SourceLocation = #_sourceLocation) {
+            let result = frame.bytes().withUnsafeBytes { PeerDecoder.decodeFrame($0) }
+            switch result {
+            case .frame(_, let message) where valid:
+                #expect(message.encoded() == frame.bytes(), sourceLocation: sourceLocation)
+            case .invalid(let reason) where !valid:
+                #expect(reason.contains("not an errno"), "\(reason)", sourceLocation: sourceLocation)
+            default:
+                Issue.record("expected \(valid ? "a frame" : "an error"), got \(result)", sourceLocation: sourceLocation)
+            }
+        }
+        let t = PeerMessageType.self
+        for (result, valid) in [(UInt32(0), true), (5, true), (PeerProtocol.resultMax, true), (PeerProtocol.resultMax + 1, false),
+                                (0x8000_0000, false), (UInt32.max, false)] {
+            check(RawFrame(type: t.writeAck.rawValue, sequence: 1, payload: be(result)), valid: valid)
+            check(RawFrame(type: t.flushAck.rawValue, sequence: 1, payload: be(result)), valid: valid)
+            check(RawFrame(type: t.barrierAck.rawValue, payload: be(UInt64(1)) + be(UInt32(2)) + be(result)), valid: valid)
+            check(RawFrame(type: t.resyncAck.rawValue, sequence: 1, payload: be(UInt64(0)) + be(UInt32(4096)) + be(result)), valid: valid)
+            check(RawFrame(type: t.verifyDigest.rawValue, sequence: 1,
+                           payload: be(UInt64(0)) + be(UInt32(4096)) + be(result) + [1, 4] + (result == 0 ? [1, 2, 3, 4] : [])), valid: valid)
+            let page = [UInt8](repeating: 7, count: 4096)
+            check(RawFrame(type: t.resyncData.rawValue, sequence: 1, block: (4096, 0, 4096, result), payload: result == 0 ? page : []),
+                  valid: valid)
+        }
+        // Ids are the requester's to choose: any 64-bit value decodes (the state machine checks
+        // what it can key), so a huge one reaches the core, not a trap in the codec.
+        for id in [UInt64(1) << 63, UInt64.max] {
+            check(RawFrame(type: t.writeAck.rawValue, sequence: id, payload: be(UInt32(0))), valid: true)
+            check(RawFrame(type: t.resyncData.rawValue, sequence: id, block: (0, 0, 4096, 0), payload: [UInt8](repeating: 1, count: 4096)),
+                  valid: true)
+            check(RawFrame(type: t.verifyDigest.rawValue, sequence: id, payload: be(UInt64(0)) + be(UInt32(4096)) + be(UInt32(0)) + [1, 4, 0, 0, 0, 0]),
+                  valid: true)
+        }
+    }
+
     @Test func truncatedPayloadIsRefused() {
         let frame = PeerMessage.hello(Self.hello).encoded()
         frame.withUnsafeBytes { raw in

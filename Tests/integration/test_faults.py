@@ -36,7 +36,7 @@ def test_enospc_after_some_writes(serve):
     srv.assert_alive()
 
 
-@pytest.mark.parametrize("rule", ["bogus:EIO", "write:EWHAT", "write:EIO:offset=5-1", "write:EIO:sometimes"])
+@pytest.mark.parametrize("rule", ["bogus:EIO", "write:EWHAT", "write:EIO:offset=5-1", "write:EIO:sometimes", "write:5000", "flush:EIO:count=0"])
 def test_bad_fault_rules_are_refused(tmp_path, rule):
     from conftest import TANDEM_BIN, make_backing
     disk = make_backing(tmp_path / "d.img", 4 * MiB)

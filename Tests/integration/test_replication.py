@@ -337,6 +337,36 @@ def test_a_failing_local_disk_is_served_through_the_peer(pair, tmp_path):
     assert beta[20 * MiB:21 * MiB] == b"\x63" * MiB
 
 
+def test_a_writeback_error_taken_by_the_resync_checkpoint_reaches_the_next_flush(make_pair, tmp_path):
+    """The resync checkpoint syncs the device once a second. Linux reports a writeback error to
+    one fsync per open file description: the checkpoint's result was ignored, so the error was
+    lost for the flushes after it. Here alpha's first flush through the I/O engine, which is
+    the checkpoint's, fails once. alpha is a resync source, its peer no full copy to detach to:
+    it keeps its disk and its next client flush reports the error."""
+    pair = make_pair('resync-rate-min = "1MiB"\nresync-rate-max = "1MiB"\n')
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    pair.stop("beta", signal.SIGKILL)
+    pair.wait_for("alpha", "link to beta down")
+    qemu_io(pair.uri, "write -P 0x5e 0 8M", "flush")
+    assert pair.stop("alpha") == 0
+    pair.up("alpha", "--primary", "--inject-fault", "flush:EIO:count=1")
+    pair.wait_for("alpha", "listening for beta")
+    pair.up("beta")
+    pair.wait_for("alpha", r"syncSource, \d+ bytes out of sync")
+    pair.wait_for("alpha", r"local disk: the resync checkpoint failed to sync .*: the next flush reports the error", timeout=20)
+    st = status(pair, "alpha")
+    assert st["disk"] == "UpToDate" and st["peer"]["replication"] == "SyncSource", st
+    cp = run(["qemu-io", "-f", "raw", pair.uri, "-c", "write -P 0x61 60M 64k", "-c", "flush"], check=False, timeout=60)
+    # qemu-io's flush prints nothing; its failure is the exit status.
+    assert cp.returncode != 0, cp.stdout_text + cp.stderr_text
+    # Reported once; the data is there, and the resync goes on to its end.
+    qemu_io(pair.uri, "flush", "read -P 0x61 60M 64k", "read -P 0x5e 0 8M")
+    pair.wait_in_sync()
+    assert pair.procs["alpha"].poll() is None
+
+
 def test_a_silent_peer_times_out_and_the_primary_goes_on(make_pair, tmp_path):
     pair = make_pair("ping-interval-ms = 200\npeer-timeout-ms = 1000\n")
     pair.up("beta")

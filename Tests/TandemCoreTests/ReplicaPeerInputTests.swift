@@ -1,0 +1,175 @@
+import Testing
+@testable import TandemCore
+
+/// Values a misbehaving peer puts in well-formed messages: ids past `Int`, results past any
+/// errno, ranges past the end of the device, ids of writes still in flight. Each is a protocol
+/// error (the link drops), never a trap, never a write, never a buffer taken over.
+@Suite struct ReplicaPeerInputTests {
+    static func isProtocolError(_ action: ReplicaCore.Action) -> Bool {
+        if case .dropLink(.protocolError) = action { true } else { false }
+    }
+
+    /// The result is negated into an `Int32`: 0x8000_0000 once trapped there.
+    @Test(arguments: [UInt32(0x8000_0000), UInt32.max, PeerProtocol.resultMax + 1])
+    func ackResultsPastAnyErrnoAreProtocolErrors(result: UInt32) {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.flush(2)
+        pair.deliverToSecondary()
+        pair.toPrimary = [.writeAck(id: 1, result: result), .flushAck(id: 2, result: result)]
+        pair.deliverToPrimary()
+        #expect(pair.dropped.count == 2 && pair.dropped.allSatisfy {
+            if case .protocolError(let why) = $0 { why.contains("result \(result)") } else { false }
+        }, "\(pair.dropped)")
+        pair.completePrimary(.client(1))
+        #expect(pair.completed[1] == nil && pair.flushed[2] == nil, "nothing is answered on such an ack")
+    }
+
+    /// The node keyed resync buffers by `Int(id)`: an id from 2^63 up trapped there.
+    @Test(arguments: [UInt64(1) << 63, UInt64.max])
+    func resyncDataWithAnIdPastIntIsAProtocolError(id: UInt64) {
+        var pair = Pair()
+        pair.resyncAfterWriteAlone(4096)
+        #expect(pair.secondary.sync == .syncTarget)
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.peerMessage(.resyncData(PeerResyncData(id: id, offset: 0, length: 4096), payload: []), into: &actions)
+        #expect(actions == [.dropLink(.protocolError("resync data id \(id) out of range"))])
+    }
+
+    /// Protocol/peer.md 2.2: the receiver checks a write's range against its device. A file
+    /// backing device grew under such a write; a block device failed it, and the secondary
+    /// detached over a peer's mistake.
+    @Test func writesAndResyncDataPastTheEndOfTheDeviceAreProtocolErrors() {
+        var pair = Pair()
+        let end = Pair.size
+        let writes: [PeerMessage] = [
+            .data(PeerWrite(id: 1, offset: end - 4096, length: 8192, epoch: 1), payload: []),
+            .trim(PeerWrite(id: 2, offset: end, length: 1, epoch: 1)),
+            .zeroes(PeerWrite(id: 3, offset: UInt64.max - 4096, length: 4096, epoch: 1)),
+        ]
+        for message in writes {
+            var actions: [ReplicaCore.Action] = []
+            pair.secondary.peerMessage(message, into: &actions)
+            #expect(actions.count == 1 && actions.allSatisfy(Self.isProtocolError), "\(message): \(actions)")
+        }
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.peerMessage(.data(PeerWrite(id: 4, offset: end - 4096, length: 4096, epoch: 1), payload: []), into: &actions)
+        #expect(actions.contains { if case .submitLocal = $0 { true } else { false } }, "the last block is still writable")
+
+        pair.resyncAfterWriteAlone(4096)
+        actions.removeAll()
+        pair.secondary.peerMessage(.resyncData(PeerResyncData(id: 1, offset: end, length: 4096), payload: []), into: &actions)
+        #expect(actions.count == 1 && actions.allSatisfy(Self.isProtocolError), "\(actions)")
+    }
+
+    /// A resync write of an earlier link is no longer owed an ack, but it still holds its id
+    /// (the node's buffer key) until it completes: data arriving with that id again, here from a
+    /// source whose new link drew the same id base, once replaced the buffer under the write.
+    @Test func resyncDataWithTheIdOfAWriteStillInFlightIsAProtocolError() {
+        var pair = Pair()
+        let old = pair.resyncRunsOnTheTarget(1)
+        #expect(old.count == 1)
+        pair.dropLink()
+        pair.reconnect()  // the same resync id base as the first link
+        pair.readResyncRuns()
+        guard case .sendResync(let data, _)? = pair.toSecondary.first(where: { if case .sendResync = $0 { true } else { false } }) else {
+            Issue.record("the source sent no resync data: \(pair.toSecondary)")
+            return
+        }
+        #expect(data.id == ReplicaResyncTests.id(old[0]), "the test needs the ids to collide")
+        pair.deliverToSecondary()
+        #expect(pair.dropped == [.protocolError("resync data \(data.id) again before its ack")])
+        #expect(pair.secondaryDisk.count { $0.tag == old[0].tag } == 1, "the write in flight is the only one with its id")
+        // The old write completes: the id is free again.
+        pair.completeSecondary(old[0].tag)
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.peerMessage(.resyncData(data, payload: []), into: &actions)
+        #expect(!actions.contains(where: Self.isProtocolError), "\(actions)")
+    }
+
+    /// What the node relies on to hand a payload over: a buffer key only for data the core
+    /// accepted and writes from a payload.
+    @Test func onlyAcceptedPayloadsAreHandedOver() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.secondary.peerResyncData(PeerResyncData(id: 5, offset: 0, length: 4096), into: &actions) == nil, "outside a resync")
+        #expect(pair.secondary.peerWrite(PeerWrite(id: 6, offset: 0, length: 4096, epoch: 1), kind: .write, into: &actions))
+        #expect(!pair.secondary.peerWrite(PeerWrite(id: 6, offset: 4096, length: 4096, epoch: 1), kind: .write, into: &actions), "duplicate")
+        #expect(!pair.primary.peerWrite(PeerWrite(id: 7, offset: 0, length: 4096, epoch: 1), kind: .write, into: &actions), "a primary")
+
+        pair.resyncAfterWriteAlone(4096)
+        actions.removeAll()
+        #expect(pair.secondary.peerResyncData(PeerResyncData(id: 5, offset: 8192, length: 4096), into: &actions) == .resync(5))
+        #expect(pair.secondary.peerResyncData(PeerResyncData(id: 5, offset: 8192, length: 4096), into: &actions) == nil, "again")
+        #expect(pair.secondary.peerResyncData(PeerResyncData(id: 8, offset: 16384, length: 4096, flags: PeerFlags.ResyncData.zero),
+                                              into: &actions) == nil, "zeroes need no payload")
+        #expect(pair.secondary.peerResyncData(PeerResyncData(id: 9, offset: 16384, length: 4096, result: 5), into: &actions) == nil,
+                "a failed read writes nothing")
+        #expect(actions.count(where: Self.isProtocolError) == 1, "only the repeated id: \(actions)")
+    }
+
+    /// A sync no request waits for (the node's resync checkpoint, an activity-log eviction) took
+    /// a writeback error from the flushes that come after it: handled as a failed flush.
+    @Test func aFailedSyncOnATargetFailsTheUnacknowledgedRunsAndTheResyncsEnd() {
+        var pair = Pair()
+        let runs = pair.resyncRunsOnTheTarget(2)
+        pair.completeSecondary(runs[0].tag)
+        #expect(pair.targetFlushes == 1)
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.localSyncFailed(result: -5, into: &actions)
+        pair.applySecondary(actions)
+        #expect(pair.resyncAcksOnTheWire == [ReplicaResyncTests.id(runs[0]): 5], "written before the sync: its ack carries the error")
+        pair.completeSecondary(.resyncTargetFlush)  // the flush after it succeeds: the error was taken
+        pair.completeSecondary(runs[1].tag)
+        #expect(pair.resyncAcksOnTheWire == [ReplicaResyncTests.id(runs[0]): 5, ReplicaResyncTests.id(runs[1]): 5], "still writing: fails too")
+        #expect(pair.targetFlushes == 0 && pair.secondary.bitmap.outOfSyncBytes == 2 << 20, "the target's bits stay")
+        pair.deliverToPrimary()
+        #expect(pair.dropped.isEmpty && pair.primary.bitmap.outOfSyncBytes == 2 << 20, "the source keeps its bits and copies again")
+        ReplicaCoreTests.driveResync(&pair)
+        #expect(pair.primary.sync == .established)
+        #expect(pair.secondary.disk == .failed, "not made UpToDate by the resync's end")
+    }
+
+    @Test func aFailedSyncDetachesAnUpToDateSecondaryAndAPrimary() {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.localSyncFailed(result: -5, into: &actions)
+        pair.applySecondary(actions)
+        #expect(pair.secondary.disk == .failed && pair.secondary.localFlags.contains(.resyncTarget))
+        pair.deliverToPrimary()
+        #expect(pair.primary.peerDisk == .failed)
+
+        var other = Pair()
+        actions.removeAll()
+        other.primary.localSyncFailed(result: -5, into: &actions)
+        other.applyPrimary(actions)
+        #expect(other.primary.disk == .failed && other.primary.readsFromPeer)
+        // The client's next flush is the peer's answer: the local one cannot vouch for the data.
+        other.flush(3)
+        other.deliverToSecondary()
+        other.completeSecondary(.peerFlush(3))
+        other.deliverToPrimary()
+        #expect(other.flushed[3] == 0 && other.primaryDisk.isEmpty, "a detached disk is not flushed")
+    }
+
+    /// A resync source's peer is no full copy: detached, the primary would read a disk that no
+    /// longer gets the writes. It keeps the disk, and its next flush reports the error the sync
+    /// took (as the kernel would have), once.
+    @Test func aFailedSyncOnAPrimaryWhosePeerIsNoFullCopyFailsItsNextFlush() {
+        var pair = Pair()
+        pair.resyncAfterWriteAlone(4096)
+        #expect(pair.primary.sync == .syncSource)
+        var actions: [ReplicaCore.Action] = []
+        #expect(!pair.primary.localSyncFailed(result: -5, into: &actions))
+        pair.applyPrimary(actions)
+        #expect(pair.primary.disk == .upToDate && !pair.primary.readsFromPeer)
+        for id in [UInt64(10), 11] {
+            pair.flush(id)
+            pair.completePrimary(.clientFlush(id))  // the disk's own flush succeeds: the error was taken
+            pair.deliverToSecondary()
+            pair.completeSecondary(.peerFlush(id))
+            pair.deliverToPrimary()
+        }
+        #expect(pair.flushed == [10: -5, 11: 0], "the next flush reports it, the one after does not")
+    }
+}
