@@ -149,7 +149,11 @@ struct SimNode {
     var ticks = 0
 
     // Ground truth for the checker.
-    /// Acknowledged writes this node holds that the peer may not (it wrote without the peer).
+    /// This node acknowledged a write the peer never acknowledged (it wrote without the peer):
+    /// the peer lacks it, and it must start a generation the peer does not have. A write the
+    /// peer acknowledged does not count, even if the link died before the answer: the peer wrote
+    /// it (what its power loss may take from its cache is `crash`'s model), and the node had no
+    /// way to know (`--failover --primary-disk-errors --double-faults --switchover` 1857, 5922).
     var wroteAlone = false
 
     init(id: Int, meta: SimMetadata) {

@@ -162,8 +162,11 @@ extension World {
         }
         ackLog.append((op.first, op.count, op.seq))
         if op.fua { for b in blocks { stable[b] = max(stable[b], op.seq) } }
-        let live = nodes[i].connection.flatMap { conns[$0].alive ? $0 : nil }
-        if acked == nil || acked != live { nodes[i].wroteAlone = true }
+        // Alone: the peer never acknowledged it. A write the peer did acknowledge is not, even
+        // if the link died before the local write completed (the node had not noticed): the peer
+        // wrote it, as it did every write it acknowledged before; whether its copy survives a
+        // power loss there is the durability model's concern (`crash`), not the generations'.
+        if acked == nil { nodes[i].wroteAlone = true }
         checkQuorumAnswer(i, op)
         checkAcknowledged(i, op)
     }
@@ -175,8 +178,7 @@ extension World {
         record(.complete(node: i, op: op, result: result))
         guard op.isWrite, result == 0 else { return }
         count("answer after the client moved")
-        let live = nodes[i].connection.flatMap { conns[$0].alive ? $0 : nil }
-        if acked == nil || acked != live { nodes[i].wroteAlone = true }
+        if acked == nil { nodes[i].wroteAlone = true }
         checkQuorumAnswer(i, op)
     }
 

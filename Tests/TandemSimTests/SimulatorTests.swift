@@ -149,6 +149,14 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, switchover: true)))
     }
 
+    /// A checker error: the peer acknowledged a write (FUA: durable there) and lost power; the
+    /// primary, not knowing, answered it after the link had died, and the checker counted it as
+    /// written alone. The peer, promoted later, wrote alone and rightly became the source.
+    @Test(arguments: SimRegressions.checkerPeerAckedBeforeLinkDied)
+    func aWriteThePeerAcknowledgedIsNotWrittenAlone(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, switchover: true)))
+    }
+
     /// The node evicted activity-log extents whose writes were still in the volatile cache: after
     /// a primary power loss they were neither on its disk nor resynced.
     @Test(arguments: SimRegressions.alEvictionWithoutDataSync)
@@ -375,6 +383,7 @@ enum SimRegressions {
     static let resyncAckBeforeTargetFlush: [(UInt64, String)] = [(620, "default"), (2, "witness"), (2, "failover")]
     static let markClearedByLateResyncAck: [UInt64] = [912]
     static let checkerFailoverOntoCachedCopy: [UInt64] = [122]
+    static let checkerPeerAckedBeforeLinkDied: [UInt64] = [1857, 5922]
     static let alEvictionWithoutDataSync: [UInt64] = [993]
     static let resyncIDsRepeated: [UInt64] = [2996]
     static let failoverDecisions: [UInt64] = [28, 524]
