@@ -1197,6 +1197,24 @@ public struct ReplicaCore {
         }
     }
 
+    /// The node stops cleanly (`ReplicatedNode.stop`: after the link went down, before it
+    /// persists the bitmap). A write not done on the local disk (still on it, waiting behind an
+    /// overlapping earlier one, or held behind a barrier) may never land here, though the peer
+    /// applied and acknowledged it: overlapping writes reach the local disk in the order they
+    /// reach the peer, so the peer may be ahead. A crash leaves such ranges to the activity log
+    /// (the restart marks its hot extents); a clean stop does not, so the bitmap must carry them,
+    /// or no resync covers them and the two copies differ there (`--failover --double-faults
+    /// --overlapping-writes` 27782, 21570). Marking a write that does land costs only a resync.
+    public mutating func markUnfinishedLocalWrites() {
+        for write in writes.values where !write.localDone {
+            markOutOfSync(offset: write.offset, length: UInt64(write.length))
+        }
+        for io in appliedInFlight { markOutOfSync(offset: io.offset, length: UInt64(io.length)) }
+        for io in appliedWaiting + snapshots.flatMap(\.held) where io.length > 0 {
+            markOutOfSync(offset: io.offset, length: UInt64(io.length))
+        }
+    }
+
     /// Starts a resync of the blocks marked out of sync while connected (after a verify): this
     /// side is the source; its bitmap goes to the peer, which becomes the target.
     public mutating func resyncMarked(into actions: inout [Action]) {
