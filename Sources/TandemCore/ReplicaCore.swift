@@ -418,7 +418,8 @@ public struct ReplicaCore {
         guard let write = writes[id], write.localDone, !write.peerPending else { return }
         writes[id] = nil
         var result = write.localResult
-        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 && (disk == .failed || peerDisk == .upToDate) {
+        let peerHasIt = write.peerResult == 0 && write.linkSequence != 0
+        if result < 0 && peerHasIt && (disk == .failed || peerDisk == .upToDate) {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
             result = 0
@@ -429,6 +430,14 @@ public struct ReplicaCore {
             // again, so what landed there may not survive a power loss. Resynced into it once
             // it is attached again.
             markOutOfSync(offset: write.offset, length: UInt64(write.length))
+            if disk == .failed && !peerHasIt && result == 0 {
+                // Done before the detach, but the peer never confirmed it: only the detached disk
+                // holds it, and that disk is a resync target now, overwritten from the peer. As
+                // for a write that comes after the detach, the peer's answer is the client's
+                // (`--witness --failover --double-faults --overlapping-writes` 20824: the success
+                // counted as a write without the peer, and the peer promoted later wrote too).
+                result = -5
+            }
         }
         epochClosePending = true
         actions.append(.completeClient(id: id, result: result))

@@ -763,6 +763,29 @@ struct Pair {
         #expect(pair.primary.bitmap.setBitCount == 5)
     }
 
+    /// Found by the simulator (`--witness --failover --double-faults --overlapping-writes`, seed
+    /// 20824): a write done on the primary's disk, not yet confirmed by the peer, when the disk
+    /// detached and then the link dropped. It was answered with success though only the
+    /// detached disk held it (a resync target from then on, overwritten from the peer).
+    @Test func aWriteOnlyOnADetachedDiskFails() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.write(2, at: 8192)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        pair.completePrimary(.client(2))
+        #expect(pair.completed[2] == 0 && pair.completed[1] == nil, "write 1 waits for the peer")
+        var actions: [ReplicaCore.Action] = []
+        _ = pair.primary.localReadFailed(into: &actions)
+        pair.applyPrimary(actions)
+        #expect(pair.primary.disk == .failed)
+        pair.dropLink()
+        #expect(pair.completed[1] == -5, "only the detached disk has it")
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096))
+    }
+
     @Test func resyncKeepsToItsRate() {
         var pair = Pair()
         pair.resyncAfterWriteAlone(8 << 20)

@@ -376,6 +376,14 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
     }
 
+    /// A write done on the primary's disk before it detached, never confirmed by the peer (the
+    /// link dropped), was answered with success: only the detached disk held it, and it counted
+    /// as written without the peer; the peer, promoted later by the witness, wrote too.
+    @Test(arguments: SimRegressions.answeredFromADetachedDisk)
+    func aWriteOnlyOnADetachedDiskFails(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
+
     @Test(arguments: SimRegressions.staleWasPrimaryWonTheTie)
     func aSecondaryIsNoCrashedPrimaryAfterItsResync(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
@@ -423,4 +431,5 @@ enum SimRegressions {
     static let rollbackNotRecorded: [UInt64] = [37, 232]
     static let rollbackRecordNotEnforced: [UInt64] = [6, 19]
     static let unfinishedWritesAtCleanStop: [UInt64] = [21570, 27782]
+    static let answeredFromADetachedDisk: [UInt64] = [20824]
 }
