@@ -384,6 +384,16 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
     }
 
+    /// A simulator (operator) error: the switchover promoted the secondary on its own stale view
+    /// (connected, peer secondary) during a partition it had not noticed; the old primary had
+    /// been promoted, answered a write alone at its ping timeout and demoted. The new primary was
+    /// older than its peer, no resync may overwrite a primary, and the two never connected again
+    /// (now the operator waits until both nodes are connected on the same link).
+    @Test(arguments: SimRegressions.switchoverOnAStaleView)
+    func aSwitchoverPromotesOnlyWithBothNodesConnected(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, switchover: true)))
+    }
+
     @Test(arguments: SimRegressions.staleWasPrimaryWonTheTie)
     func aSecondaryIsNoCrashedPrimaryAfterItsResync(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
@@ -432,4 +442,5 @@ enum SimRegressions {
     static let rollbackRecordNotEnforced: [UInt64] = [6, 19]
     static let unfinishedWritesAtCleanStop: [UInt64] = [21570, 27782]
     static let answeredFromADetachedDisk: [UInt64] = [20824]
+    static let switchoverOnAStaleView: [UInt64] = [27437]
 }
