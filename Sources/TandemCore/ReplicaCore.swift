@@ -423,7 +423,8 @@ public struct ReplicaCore {
         guard let write = writes[id], write.localDone, !write.peerPending else { return }
         writes[id] = nil
         var result = write.localResult
-        if result < 0 && write.peerResult == 0 && write.linkSequence != 0 && (disk == .failed || peerDisk == .upToDate) {
+        let peerHasIt = write.peerResult == 0 && write.linkSequence != 0
+        if result < 0 && peerHasIt && (disk == .failed || peerDisk == .upToDate) {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
             result = 0
@@ -434,6 +435,14 @@ public struct ReplicaCore {
             // again, so what landed there may not survive a power loss. Resynced into it once
             // it is attached again.
             markOutOfSync(offset: write.offset, length: UInt64(write.length))
+            if disk == .failed && !peerHasIt && result == 0 {
+                // Done before the detach, but the peer never confirmed it: only the detached disk
+                // holds it, and that disk is a resync target now, overwritten from the peer. As
+                // for a write that comes after the detach, the peer's answer is the client's
+                // (`--witness --failover --double-faults --overlapping-writes` 20824: the success
+                // counted as a write without the peer, and the peer promoted later wrote too).
+                result = -5
+            }
         }
         epochClosePending = true
         actions.append(.completeClient(id: id, result: result))
@@ -1280,6 +1289,24 @@ public struct ReplicaCore {
         for i in resyncSlots.indices {
             guard let slot = resyncSlots[i], slot.sent, slot.offset < offset + length, offset < slot.offset + UInt64(slot.length) else { continue }
             resyncSlots[i]!.remarked = true
+        }
+    }
+
+    /// The node stops cleanly (`ReplicatedNode.stop`: after the link went down, before it
+    /// persists the bitmap). A write not done on the local disk (still on it, waiting behind an
+    /// overlapping earlier one, or held behind a barrier) may never land here, though the peer
+    /// applied and acknowledged it: overlapping writes reach the local disk in the order they
+    /// reach the peer, so the peer may be ahead. A crash leaves such ranges to the activity log
+    /// (the restart marks its hot extents); a clean stop does not, so the bitmap must carry them,
+    /// or no resync covers them and the two copies differ there (`--failover --double-faults
+    /// --overlapping-writes` 27782, 21570). Marking a write that does land costs only a resync.
+    public mutating func markUnfinishedLocalWrites() {
+        for write in writes.values where !write.localDone {
+            markOutOfSync(offset: write.offset, length: UInt64(write.length))
+        }
+        for io in appliedInFlight { markOutOfSync(offset: io.offset, length: UInt64(io.length)) }
+        for io in appliedWaiting + snapshots.flatMap(\.held) where io.length > 0 {
+            markOutOfSync(offset: io.offset, length: UInt64(io.length))
         }
     }
 

@@ -2090,6 +2090,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             diffRun = nil
             logger.warning("diff to \(maker.output) abandoned: the node is stopping")
         }
+        // Writes still on the disk or queued behind an overlapping one when the loop ends may
+        // be on the peer and not here; the restart after a clean stop replays no activity log.
+        core.markUnfinishedLocalWrites()
         persistMetadata()
         if core.role == .primary {
             superblock.flags.remove(.wasPrimary)

@@ -193,14 +193,16 @@ extension World {
     }
 
     /// `ReplicatedNode.stop` in `tandem up`'s order: the link closed (`PeerConnection.close`
-    /// calls `peerConnectionDown` at once, so the core marks what the peer may lack), metadata
-    /// persisted, `wasPrimary` cleared on a primary; the machine stays up (writes in flight
-    /// land) and the device is synced when the loop ends.
+    /// calls `peerConnectionDown` at once, so the core marks what the peer may lack), what the
+    /// local disk may lack marked (writes not done on it), metadata persisted, `wasPrimary`
+    /// cleared on a primary; the machine stays up (writes in flight land) and the device is
+    /// synced when the loop ends.
     func stop(_ i: Int) {
         abortSwitchoverBeforeAFault()
         if options.barriers { drainCopyOnWrite(i) }
         let c = nodes[i].connection
         if let c { linkNotice(i, c) }
+        nodes[i].core.markUnfinishedLocalWrites()
         persistMetadata(i)
         if nodes[i].core.role == .primary {
             nodes[i].superblockFlags.remove(.wasPrimary)

@@ -2,8 +2,8 @@ import TandemCore
 
 /// A planned switchover, as an operator runs it: `tandem secondary` on the primary
 /// (`ReplicatedNode.demote`: its clients drained, a flush of both sides, `ReplicaCore.demote`),
-/// then `tandem primary` on the secondary once it is connected, UpToDate and has seen the
-/// demotion. If the secondary does not get there (the link or a node failed meanwhile), the
+/// then `tandem primary` on the secondary once both are connected, it is UpToDate and has seen
+/// the demotion. If the secondary does not get there (the link or a node failed meanwhile), the
 /// operator promotes the old primary again: it holds every write it answered.
 enum Switchover {
     case draining(from: Int, life: Int)
@@ -58,8 +58,17 @@ extension World {
                 return
             }
             let core = nodes[s].core
+            // The operator reads both nodes' status: the demoted one must be connected too, on the
+            // same link. The secondary's own view may be stale: a partition it has not noticed
+            // yet hides the peer's promotion, a write it answered alone once the link timed out
+            // there, and its demotion; promoted on that view, it is a primary older than its
+            // peer, which no resync may overwrite, and the two never connect again
+            // (`--failover --primary-disk-errors --double-faults --switchover` 27437).
+            let p = other(s)
+            let bothConnected = nodes[p].up && nodes[p].connection != nil && nodes[p].connection == nodes[s].connection
+                && nodes[p].core.role == .secondary && nodes[p].core.link == .connected
             if nodes[s].up, let core, core.role == .secondary, core.link == .connected, core.sync == .established, core.disk == .upToDate,
-               core.peerRole == .secondary {
+               core.peerRole == .secondary, bothConnected {
                 var refusal: RoleChangeRefusal?
                 let fresh = freshUUID()
                 nodes[s].superblockFlags.insert(.wasPrimary)

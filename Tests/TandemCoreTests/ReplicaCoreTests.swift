@@ -730,6 +730,62 @@ struct Pair {
         #expect(pair.primaryDisk.map(\.tag) == [.client(3), .client(2)])
     }
 
+    /// Found by the simulator (`--failover --double-faults --overlapping-writes`, seeds 27782 and
+    /// 21570): write 2 waited on the primary behind the overlapping write 1, still on its disk;
+    /// the peer applied and acknowledged it; the node stopped cleanly before write 2 reached its
+    /// disk. The restart after a clean stop marks no activity-log extents, and the bitmap lacked
+    /// the range: no resync covered it and the copies differed.
+    @Test func aCleanStopMarksWritesNotDoneOnTheLocalDisk() {
+        var pair = Pair()
+        pair.write(1, at: 0, 8192)
+        pair.write(2, at: 4096, 4 * 4096)
+        pair.write(3, at: 1 << 20, 4096)
+        #expect(pair.primaryDisk.map(\.tag) == [.client(1), .client(3)], "write 2 waits for the overlapping write 1")
+        pair.deliverToSecondary()
+        for tag in [LocalIO.Tag.peerWrite(1), .peerWrite(2), .peerWrite(3)] { pair.completeSecondary(tag) }
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(3))
+        #expect(pair.completed[3] == 0)
+        // A flush covers the three on the peer: the transfer log no longer marks them.
+        pair.flush(10)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerFlush(10))
+        pair.deliverToPrimary()
+        pair.completePrimary(.clientFlush(10))
+        #expect(pair.flushed[10] == 0)
+        // The node stops: the link goes down, then the core marks what the local disk may lack.
+        pair.dropLink()
+        #expect(pair.primary.bitmap.setBitCount == 0, "the peer has every write, durably: nothing it lacks")
+        pair.primary.markUnfinishedLocalWrites()
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 8192), "write 1, still on the disk")
+        #expect(pair.primary.bitmap.isDirty(offset: 4 * 4096, length: 4096), "write 2, waiting behind write 1 and on the peer")
+        #expect(!pair.primary.bitmap.isDirty(offset: 1 << 20, length: 4096), "write 3 is done on both sides")
+        #expect(pair.primary.bitmap.setBitCount == 5)
+    }
+
+    /// Found by the simulator (`--witness --failover --double-faults --overlapping-writes`, seed
+    /// 20824): a write done on the primary's disk, not yet confirmed by the peer, when the disk
+    /// detached and then the link dropped. It was answered with success though only the
+    /// detached disk held it (a resync target from then on, overwritten from the peer).
+    @Test func aWriteOnlyOnADetachedDiskFails() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.write(2, at: 8192)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        pair.completePrimary(.client(2))
+        #expect(pair.completed[2] == 0 && pair.completed[1] == nil, "write 1 waits for the peer")
+        var actions: [ReplicaCore.Action] = []
+        _ = pair.primary.localReadFailed(into: &actions)
+        pair.applyPrimary(actions)
+        #expect(pair.primary.disk == .failed)
+        pair.dropLink()
+        #expect(pair.completed[1] == -5, "only the detached disk has it")
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096))
+    }
+
     @Test func resyncKeepsToItsRate() {
         var pair = Pair()
         pair.resyncAfterWriteAlone(8 << 20)

@@ -376,6 +376,33 @@ import TandemSim
     /// killed as primary, was one too, of the same generation: the lower id won the tie and
     /// copied its older blocks over the peer's acknowledged writes (now a secondary drops
     /// `wasPrimary` at start, and of two crashed primaries the one with marks is the source).
+    /// A primary stopped cleanly with a write queued behind an overlapping one still on its
+    /// disk; the peer had applied and acknowledged it. The clean stop left the range out of the
+    /// bitmap (the restart marks no activity-log extents): no resync covered it and the copies
+    /// differed (now the core marks every write not done on the local disk before the persist).
+    @Test(arguments: SimRegressions.unfinishedWritesAtCleanStop)
+    func aCleanStopMarksWritesNotOnTheLocalDisk(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
+    }
+
+    /// A write done on the primary's disk before it detached, never confirmed by the peer (the
+    /// link dropped), was answered with success: only the detached disk held it, and it counted
+    /// as written without the peer; the peer, promoted later by the witness, wrote too.
+    @Test(arguments: SimRegressions.answeredFromADetachedDisk)
+    func aWriteOnlyOnADetachedDiskFails(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
+    }
+
+    /// A simulator (operator) error: the switchover promoted the secondary on its own stale view
+    /// (connected, peer secondary) during a partition it had not noticed; the old primary had
+    /// been promoted, answered a write alone at its ping timeout and demoted. The new primary was
+    /// older than its peer, no resync may overwrite a primary, and the two never connected again
+    /// (now the operator waits until both nodes are connected on the same link).
+    @Test(arguments: SimRegressions.switchoverOnAStaleView)
+    func aSwitchoverPromotesOnlyWithBothNodesConnected(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, switchover: true)))
+    }
+
     @Test(arguments: SimRegressions.staleWasPrimaryWonTheTie)
     func aSecondaryIsNoCrashedPrimaryAfterItsResync(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
@@ -423,4 +450,7 @@ enum SimRegressions {
     static let staleWasPrimaryWonTheTie: [UInt64] = [1393, 3952]
     static let rollbackNotRecorded: [UInt64] = [37, 232]
     static let rollbackRecordNotEnforced: [UInt64] = [6, 19]
+    static let unfinishedWritesAtCleanStop: [UInt64] = [21570, 27782]
+    static let answeredFromADetachedDisk: [UInt64] = [20824]
+    static let switchoverOnAStaleView: [UInt64] = [27437]
 }
