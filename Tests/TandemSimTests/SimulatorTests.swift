@@ -361,6 +361,14 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true, barriers: true)))
     }
 
+    /// The checker's error: a node rolling back stands alone until it is done (it neither dials
+    /// nor accepts), and a slow rollback that began as the faults stopped was taken for a split
+    /// brain by the operator's nudge.
+    @Test(arguments: SimRegressions.checkerRollingBackStandsAlone)
+    func aNodeRollingBackMayStandAlone(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true, barriers: true)))
+    }
+
     /// The survivor of a failover started a generation at its promotion and lost power before
     /// its first write; the old primary, promoted alone later, started one too: equal bitmap
     /// UUIDs, a split brain though only one node wrote (now a generation starts at the first
@@ -453,4 +461,5 @@ enum SimRegressions {
     static let unfinishedWritesAtCleanStop: [UInt64] = [21570, 27782]
     static let answeredFromADetachedDisk: [UInt64] = [20824]
     static let switchoverOnAStaleView: [UInt64] = [27437]
+    static let checkerRollingBackStandsAlone: [UInt64] = [41428]
 }

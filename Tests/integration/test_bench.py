@@ -74,6 +74,21 @@ def test_tls_exports_are_benchmarked_over_nbds(tmp_path):
     assert "tandem-tls" in cp.stdout_text
 
 
+def test_nbd_server_runs_as_a_daemon(tmp_path):
+    """nbd-server is started through its own class (a daemon found by PID)."""
+    import shutil
+    import pytest
+    if not shutil.which("nbd-server"):
+        pytest.skip("nbd-server not installed")
+    out = tmp_path / "nbds.json"
+    run([TANDEM_BIN, "bench", "--quick", "--size", "16M", "--runtime", "1", "--ramp-time", "0",
+         "--jobs", "write-4k-qd1", "--connections", "1", "--servers", "nbd-server",
+         "--dir", tmp_path, "--json", out], timeout=120)
+    report = json.loads(out.read_text())
+    assert report["servers"]["nbd-server"]["status"] == "ok", report["servers"]["nbd-server"]
+    assert report["results"]["nbd-server"]["write-4k-qd1/1c"]["status"] == "ok"
+
+
 def test_bad_option_is_one_error_line(tmp_path):
     cp = run([TANDEM_BIN, "bench", "--jobs", "bogus"], check=False, timeout=30)
     assert cp.returncode != 0
