@@ -128,6 +128,8 @@ public final class UndoStore {
     /// Open segment files by barrier id (read-write for the newest, read-only when `readOnly`).
     private var files: [UInt64: Int32] = [:]
     private var newestUnsynced = false
+    /// The open synced the newest segment's recovered records (for tests).
+    private(set) var recoveredRecordsSynced = false
     /// Bytes of the newest segment file: its records, then zeros written ahead for the next ones.
     private var allocatedEnd: UInt64 = 0
     /// Zeros to write ahead with, allocated at the first preallocation.
@@ -251,6 +253,16 @@ public final class UndoStore {
         if !readOnly && !log.isEmpty { try BlockFile.syncDirectory(directory) }
         recoveryLog = log
         allocatedEnd = index.newest.map { index.bytesHeld($0.id)! } ?? 0
+        if !readOnly, let newest = index.newest, let fd = files[newest.id] {
+            // The newest segment's records were read back, so the index counts their chunks
+            // saved and writes to them go to the device without a save (or a sync). After a
+            // killed process they may be in the page cache only (appended, the sync not yet
+            // done): a power loss after such a write, made durable on the device, would take
+            // the record and leave the barrier's image wrong. Synced here, before any write.
+            // (Older segments were synced when the next barrier was created.)
+            try BlockFile.dataSync(fd, segmentPath(newest.id))
+            recoveredRecordsSynced = true
+        }
     }
 
     deinit {

@@ -474,6 +474,9 @@ final class World {
                                 uuids: node.meta.uuids, bitmap: bitmap, flags: flags)
         node.core.spareUUID = freshUUID()
         node.up = true
+        // `UndoStore.init`: the records read back count as saved, so the newest segment is
+        // synced before any write (after a killed process they may be in the page cache only).
+        node.undo.sync()
         node.undoIndex = node.undo.index()
         nodes[i] = node
         if options.barriers { finishPendingRollback(i) }

@@ -10,6 +10,10 @@ import TandemCore
 /// - A process crash keeps appended records (the page cache survives); a power loss keeps a
 ///   prefix of the unsynced ones (recovery cuts a torn tail).
 /// - The marker names a rollback that began and has not finished.
+/// - At start the newest segment is synced (`UndoStore.init`): every record read back is durable
+///   before a write relies on it (seed 40506: a record a power loss spared stayed unsynced, a
+///   resync write that needed no save overwrote its chunk durably, and a second power loss
+///   took the record).
 struct SimUndoStore {
     struct Record {
         var chunk: UInt64

@@ -161,6 +161,21 @@ final class UndoFixture {
         }
     }
 
+    /// Records appended without their sync (a process killed before it) are read back at the
+    /// next open and count as saved: writes to their chunks go to the device with no save and no
+    /// sync, so the open must make them durable (seed 40506, `--barriers`).
+    @Test func recordsReadBackAtOpenAreSynced() throws {
+        let f = try UndoFixture(seed: 7)
+        try f.barrier()
+        #expect(!f.store.recoveredRecordsSynced)
+        try f.store.save(offset: 0, length: UInt64(f.chunkBytes), nowUnixSeconds: f.now, sync: false, readDevice: f.readDevice)
+        try f.reopen()
+        #expect(!f.store.index.needsSave(chunk: 0))
+        #expect(f.store.recoveredRecordsSynced)
+        let readOnly = try UndoStore(directory: f.undoPath, deviceBytes: f.deviceBytes, readOnly: true)
+        #expect(!readOnly.recoveredRecordsSynced)
+    }
+
     @Test func aSegmentWithATornHeaderWasNeverABarrier() throws {
         let f = try UndoFixture(seed: 2)
         try f.barrier()

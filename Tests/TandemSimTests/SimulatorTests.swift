@@ -323,6 +323,15 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(barriers: true)))
     }
 
+    /// An undo record appended, its sync not yet done, when the node lost power survived; the
+    /// restarted node counted its chunk saved, a resync write overwrote the chunk (durably, no
+    /// save needed), and a second power loss took the never-synced record: the barrier's image
+    /// read the resync's data. The store syncs its newest segment at open.
+    @Test(arguments: SimRegressions.recoveredRecordsUnsynced)
+    func recoveredUndoRecordsAreSyncedBeforeAnyWrite(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(barriers: true)))
+    }
+
     /// Resync writes after a link loss, and the first client writes of a node promoted meanwhile,
     /// landed in the image of a barrier still to be recorded.
     @Test(arguments: SimRegressions.writesIntoPendingBarrier)
@@ -462,4 +471,5 @@ enum SimRegressions {
     static let answeredFromADetachedDisk: [UInt64] = [20824]
     static let switchoverOnAStaleView: [UInt64] = [27437]
     static let checkerRollingBackStandsAlone: [UInt64] = [41428]
+    static let recoveredRecordsUnsynced: [UInt64] = [40506]
 }
