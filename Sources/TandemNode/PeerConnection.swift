@@ -69,6 +69,9 @@ final class PeerConnection: IOHandler {
     private var recvPosted = false
     private var sendPosted = false
     private var tlsWantsCiphertext = true
+    /// The owner holds as many of the peer's requests as it may (back-pressure): no frame is
+    /// handed over and nothing more is received until `resumeReceiving`.
+    private(set) var receivingPaused = false
     /// Set by `closeAfterSending`: close with this reason once the queue is sent.
     private var closeWhenSent: String?
     /// A frame whose payload is being decrypted into the owner's buffer.
@@ -219,6 +222,21 @@ final class PeerConnection: IOHandler {
 
     // MARK: Receiving
 
+    /// Stops handing frames to the delegate after the current one, and receiving ciphertext:
+    /// the peer's frames wait in its send queue and the sockets (Limits.peerRequestsPendingMax).
+    func pauseReceiving() {
+        receivingPaused = true
+    }
+
+    /// Hands over the frames already received, then receives again. Not to be called from
+    /// within the delegate's `received`.
+    func resumeReceiving() {
+        guard receivingPaused else { return }
+        receivingPaused = false
+        guard up, !closing else { return }
+        readFrames()
+    }
+
     private func received(_ result: Int32) {
         guard result > 0 else {
             return close(reason: result == 0 ? "peer closed the connection" : "receive failed: \(SystemError.text(-result))")
@@ -253,7 +271,7 @@ final class PeerConnection: IOHandler {
 
     /// Decrypts what TLS holds and hands every whole frame to the delegate.
     private func readFrames() {
-        while !closing {
+        while !closing && !receivingPaused {
             if inEnd == inputCapacity || (inStart > 0 && inputCapacity - inEnd < Limits.tlsCiphertextBufferBytes) {
                 input.copyMemory(from: input + inStart, byteCount: inEnd - inStart)
                 inEnd -= inStart
@@ -299,7 +317,7 @@ final class PeerConnection: IOHandler {
                     return close(reason: "TLS: \(tls.lastError)")
                 }
             }
-            while !closing {
+            while !closing && !receivingPaused {
                 let available = UnsafeRawBufferPointer(start: input + inStart, count: inEnd - inStart)
                 switch PeerDecoder.decodeHeader(available) {
                 case .needMore:
@@ -337,7 +355,7 @@ final class PeerConnection: IOHandler {
     }
 
     private func postRecv() {
-        guard !recvPosted, !closing, tlsWantsCiphertext else { return }
+        guard !recvPosted, !closing, !receivingPaused, tlsWantsCiphertext else { return }
         guard tls.releaseInput() else { return close(reason: "TLS: cannot buffer ciphertext") }
         recvPosted = true
         opsInFlight += 1

@@ -1228,6 +1228,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
         }
         perform()
+        if !core.acceptsPeerRequests && !connection.receivingPaused {
+            // Back-pressure, not an error: a legitimate primary can hold this many requests here
+            // (Limits.peerRequestsPendingMax). Its next frames wait until completions free room.
+            logger.debug("replication: \(core.peerRequestsPending) peer requests pending; not reading the link until some finish")
+            connection.pauseReceiving()
+        }
     }
 
     /// Large replicated writes and resync data are decrypted straight into a pool buffer.
@@ -1613,6 +1619,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     func ioBatchEnded() {
+        if let link, link.receivingPaused, core.acceptsPeerRequests { link.resumeReceiving() }
         if lazyAckQueued {
             lazyAckQueued = false
             if core.peerWritesApplying == 0 { link?.flushLazy() }
@@ -1657,6 +1664,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
         ops[index] = nil
         freeOps.append(index)
+        // A link paused for back-pressure reads again once this batch's completions freed room.
+        if link?.receivingPaused == true { loop.callAtBatchEnd(id) }
         // Buffers the operation used go back to the pool (client payloads belong to their slots).
         switch op.tag {
         case .peerWrite(let writeID):
