@@ -140,7 +140,7 @@ final class PeerConnection: IOHandler {
     /// that does (or `flushLazy`). Each send to the peer wakes it, and in a virtual machine a
     /// wake-up across cores costs tens of microseconds; a message nobody waits for rides along.
     func send(_ message: PeerMessage, lazy: Bool = false) {
-        guard !closing else { return }
+        guard !closing, roomToQueue() else { return }
         let bytes = message.frameBytes
         guard bytes <= Self.headerSlotBytes, let slot = freeHeaderSlots.popLast() else { return sendControl(message) }
         message.encode(into: UnsafeMutableRawBufferPointer(start: headerSlots + slot * Self.headerSlotBytes, count: Self.headerSlotBytes))
@@ -159,7 +159,7 @@ final class PeerConnection: IOHandler {
 
     /// Queues bytes that are already one or more encoded frames (tests inject raw frames here).
     func sendEncoded(_ bytes: [UInt8]) {
-        guard !closing else { return }
+        guard !closing, roomToQueue() else { return }
         queue.push(.control(bytes))
         loop.callAtBatchEnd(id)
     }
@@ -175,6 +175,8 @@ final class PeerConnection: IOHandler {
             // Taken off the queue first, so the array is uniquely referenced and grows in place.
             guard case .control(let taken)? = queue.popLast() else { preconditionFailure() }
             bytes = taken
+        } else if !roomToQueue() {
+            return
         }
         message.encode(appendingTo: &bytes)
         queue.push(.control(bytes))
@@ -183,10 +185,21 @@ final class PeerConnection: IOHandler {
 
     static let controlItemBytesMax = 1 << 20
 
+    /// Whether one more item fits the send queue. A full queue means the peer stopped reading:
+    /// everything the node has in flight fits it (`queueCapacity`), so only answers to a peer
+    /// that keeps sending (pings, requests) and never reads fill it. Such a peer is dead to us:
+    /// the link closes (the node reconnects), rather than stop reading ourselves, which would
+    /// leave both sides waiting on each other until the peer timeout.
+    private func roomToQueue() -> Bool {
+        guard queue.isFull else { return true }
+        close(reason: "protocol error: send queue full (\(queue.capacity) frames): the peer does not read what it is sent")
+        return false
+    }
+
     /// Queues a block frame whose payload stays in the owner's buffer until
     /// `releasedPayload(token)`.
     func sendBlock(type: PeerMessageType, flags: UInt16, sequence: UInt64, block: PeerBlock, payload: UnsafeRawPointer?, token: UInt64) {
-        guard !closing else { return }
+        guard !closing, roomToQueue() else { return }
         let length = block.payloadLength(type: type, flags: flags)
         let crc = length == 0 ? 0 : PeerEncoder.payloadCRC(UnsafeRawBufferPointer(start: payload, count: length))
         let slot = freeHeaderSlots.popLast()!
