@@ -80,6 +80,12 @@ public enum Limits {
     /// secondary's resync writes and flushes, verify and served reads keep operation slots.
     public static let peerRequestsPendingMax = diskQueueDepthMax / 2
 
+    /// Frames one link queues to send: every request the node can have in flight (a primary's
+    /// client writes and flushes; a secondary's answers to `peerRequestsPendingMax` requests),
+    /// each at most one frame, plus room for resync, verify and control traffic. Full only when
+    /// the peer stops reading: the link then closes (peer.md 2.5).
+    public static let peerSendQueueFramesMax = diskQueueDepthMax + 1024
+
     /// Checks how the limits relate; a node calls it once at start.
     public static func checkRelations() {
         precondition(nbdRequestBytesMax >= 32 * 1024 * 1024, "spec: SHOULD allow >= 32 MiB")
@@ -92,6 +98,7 @@ public enum Limits {
         // Each pending peer write or flush is at most one local operation; what else a secondary
         // submits (resync writes and their flush) needs room beside them.
         precondition(peerRequestsPendingMax > 0 && peerRequestsPendingMax + resyncRunsUnacknowledgedMax + 1 <= diskQueueDepthMax)
+        precondition(peerSendQueueFramesMax > diskQueueDepthMax && peerSendQueueFramesMax > peerRequestsPendingMax + resyncRunsUnacknowledgedMax)
         precondition(tlsCiphertextBufferBytes >= 2 * (tlsRecordPlaintextMax + 256))
         checkMetadataRelations()
         checkBarrierRelations()

@@ -43,9 +43,8 @@ final class PeerConnection: IOHandler {
 
     private static let tagRecv: UInt32 = 1
     private static let tagSend: UInt32 = 2
-    /// Frames queued to send at once: every request the node can have in flight (each queues at
-    /// most one data frame or one ack) plus room for resync, verify and control traffic.
-    static let queueCapacity = Limits.diskQueueDepthMax + 1024
+    /// Frames queued to send at once (Limits.peerSendQueueFramesMax).
+    static let queueCapacity = Limits.peerSendQueueFramesMax
     private static let headerSlotBytes = 64
 
     let loop: IOLoop
