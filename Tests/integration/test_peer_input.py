@@ -142,7 +142,11 @@ def test_a_burst_of_flushes_is_answered_under_back_pressure(pair, tmp_path):
         acks = set()
         s.settimeout(60)
         while len(acks) < count:
-            type_, seq, payload = W.read_frame(s)
+            try:
+                type_, seq, payload = W.read_frame(s)
+            except ConnectionError:
+                assert pair.procs["beta"].poll() is None, pair.log("beta")[-3000:]
+                raise
             if type_ == W.FLUSH_ACK:
                 assert payload[:4] == b"\0\0\0\0" or len(payload) == 0, payload
                 acks.add(seq)
