@@ -67,6 +67,25 @@ public enum Limits {
     /// the protocol (peer.md "Resync").
     public static let resyncRunsUnacknowledgedMax = 16
 
+    // MARK: Replication link
+
+    /// Peer requests a secondary holds at once: replicated writes not yet done (on the disk, or
+    /// queued behind an overlapping write or a barrier), flushes waiting for earlier writes or on
+    /// the disk, and barriers not yet acknowledged. A legitimate primary can come close (every
+    /// client request of every connection, `diskQueueDepthMax`, plus its own transfer-log
+    /// flushes and one barrier per epoch), so the node does not drop it there: at this bound it
+    /// stops reading the link until completions free room (back-pressure; the primary's requests
+    /// wait in its send queue and socket). The core refuses a request past it as a protocol
+    /// error, which only a node that did not stop reading can meet. Half the disk queue, so the
+    /// secondary's resync writes and flushes, verify and served reads keep operation slots.
+    public static let peerRequestsPendingMax = diskQueueDepthMax / 2
+
+    /// Frames one link queues to send: every request the node can have in flight (a primary's
+    /// client writes and flushes; a secondary's answers to `peerRequestsPendingMax` requests),
+    /// each at most one frame, plus room for resync, verify and control traffic. Full only when
+    /// the peer stops reading: the link then closes (peer.md 2.5).
+    public static let peerSendQueueFramesMax = diskQueueDepthMax + 1024
+
     /// Checks how the limits relate; a node calls it once at start.
     public static func checkRelations() {
         precondition(nbdRequestBytesMax >= 32 * 1024 * 1024, "spec: SHOULD allow >= 32 MiB")
@@ -76,6 +95,10 @@ public enum Limits {
         precondition(completionBatchMax <= ringEntries)
         // Every resync run in flight is one disk write on the target, then one held ack.
         precondition(resyncRunsUnacknowledgedMax > 0 && resyncRunsUnacknowledgedMax <= diskQueueDepthMax)
+        // Each pending peer write or flush is at most one local operation; what else a secondary
+        // submits (resync writes and their flush) needs room beside them.
+        precondition(peerRequestsPendingMax > 0 && peerRequestsPendingMax + resyncRunsUnacknowledgedMax + 1 <= diskQueueDepthMax)
+        precondition(peerSendQueueFramesMax > diskQueueDepthMax && peerSendQueueFramesMax > peerRequestsPendingMax + resyncRunsUnacknowledgedMax)
         precondition(tlsCiphertextBufferBytes >= 2 * (tlsRecordPlaintextMax + 256))
         checkMetadataRelations()
         checkBarrierRelations()

@@ -244,6 +244,8 @@ public struct ReplicaCore {
     private var peerFlushesWaiting: [(id: UInt64, before: UInt64)] = []
     /// Barriers waiting for earlier writes: (epoch, arrivals before it, writes in the epoch).
     private var barriersWaiting: [(epoch: UInt64, before: UInt64, writes: UInt32)] = []
+    /// Peer flushes submitted to the local disk and not yet completed (of any link).
+    private var peerFlushesOnDisk = 0
     /// Point-in-time barriers from the primary, oldest first: the writes that arrived before
     /// each (`before`) finish first, those after it wait in `held` until it is recorded.
     private var snapshots: [(info: BarrierInfo, before: UInt64, held: [LocalIO], recording: Bool)] = []
@@ -369,6 +371,21 @@ public struct ReplicaCore {
     /// Secondary: peer writes received and not yet completed on the local disk.
     public var peerWritesApplying: Int { peerWritesInFlight.count }
 
+    /// Secondary: peer requests held now (writes, flushes and barriers not yet done); at most
+    /// `Limits.peerRequestsPendingMax`.
+    public var peerRequestsPending: Int { peerWritesInFlight.count + peerFlushesWaiting.count + peerFlushesOnDisk + barriersWaiting.count }
+
+    /// Whether another peer request fits. The node stops reading the link while this is false
+    /// (back-pressure, see `Limits.peerRequestsPendingMax`) and reads again once it is true.
+    public var acceptsPeerRequests: Bool { peerRequestsPending < Limits.peerRequestsPendingMax }
+
+    /// A peer request past the bound: only a node that kept reading meets it.
+    private mutating func refusePeerRequestPastBound(_ what: String, into actions: inout [Action]) -> Bool {
+        guard !acceptsPeerRequests else { return false }
+        protocolError("\(what) past \(Limits.peerRequestsPendingMax) peer requests pending (writes, flushes, barriers)", into: &actions)
+        return true
+    }
+
     public var readsFromPeer: Bool { disk == .failed && link == .connected && peerDisk == .upToDate }
 
     // MARK: Local completions
@@ -403,6 +420,8 @@ public struct ReplicaCore {
             startWaitingPeerFlushes(into: &actions)
             recordSnapshotsIfReady(into: &actions)
         case .peerFlush(let id):
+            precondition(peerFlushesOnDisk > 0, "completion of a peer flush never submitted")
+            peerFlushesOnDisk -= 1
             actions.append(.send(.flushAck(id: id, result: UInt32(bitPattern: -min(result, 0)))))
             if result < 0 {
                 failUnacknowledgedResyncRuns(code: UInt32(bitPattern: -result), into: &actions)
@@ -543,6 +562,7 @@ public struct ReplicaCore {
             protocolError("duplicate write id \(write.id)", into: &actions)
             return false
         }
+        if refusePeerRequestPastBound("write \(write.id)", into: &actions) { return false }
         guard Self.fits(offset: write.offset, length: write.length, deviceBytes: configuration.deviceBytes) else {
             protocolError("write \(write.id) at \(write.offset)+\(write.length) past the end of the device", into: &actions)
             return false
@@ -618,6 +638,7 @@ public struct ReplicaCore {
             }
             finishWriteIfDone(id, into: &actions)
         case .flush(let id):
+            if refusePeerRequestPastBound("flush \(id)", into: &actions) { return }
             peerFlushesWaiting.append((id, peerArrivals))
             startWaitingPeerFlushes(into: &actions)
         case .flushAck(let id, let code):
@@ -635,6 +656,7 @@ public struct ReplicaCore {
                 finishFlushIfDone(id, into: &actions)
             }
         case .barrier(let closed):
+            if refusePeerRequestPastBound("barrier \(closed)", into: &actions) { return }
             barriersWaiting.append((closed, peerArrivals, peerEpochWrites))
             startWaitingPeerFlushes(into: &actions)
         case .barrierAck:
@@ -800,6 +822,7 @@ public struct ReplicaCore {
         let oldestInFlight = peerWritesInFlight.values.min() ?? UInt64.max
         while let first = peerFlushesWaiting.first, first.before < oldestInFlight {
             peerFlushesWaiting.removeFirst()
+            peerFlushesOnDisk += 1
             actions.append(.submitLocal(LocalIO(tag: .peerFlush(first.id), operation: .flush, offset: 0, length: 0, buffer: nil)))
         }
         while let first = barriersWaiting.first, first.before < oldestInFlight {

@@ -43,9 +43,8 @@ final class PeerConnection: IOHandler {
 
     private static let tagRecv: UInt32 = 1
     private static let tagSend: UInt32 = 2
-    /// Frames queued to send at once: every request the node can have in flight (each queues at
-    /// most one data frame or one ack) plus room for resync, verify and control traffic.
-    static let queueCapacity = Limits.diskQueueDepthMax + 1024
+    /// Frames queued to send at once (Limits.peerSendQueueFramesMax).
+    static let queueCapacity = Limits.peerSendQueueFramesMax
     private static let headerSlotBytes = 64
 
     let loop: IOLoop
@@ -69,6 +68,9 @@ final class PeerConnection: IOHandler {
     private var recvPosted = false
     private var sendPosted = false
     private var tlsWantsCiphertext = true
+    /// The owner holds as many of the peer's requests as it may (back-pressure): no frame is
+    /// handed over and nothing more is received until `resumeReceiving`.
+    private(set) var receivingPaused = false
     /// Set by `closeAfterSending`: close with this reason once the queue is sent.
     private var closeWhenSent: String?
     /// A frame whose payload is being decrypted into the owner's buffer.
@@ -137,7 +139,7 @@ final class PeerConnection: IOHandler {
     /// that does (or `flushLazy`). Each send to the peer wakes it, and in a virtual machine a
     /// wake-up across cores costs tens of microseconds; a message nobody waits for rides along.
     func send(_ message: PeerMessage, lazy: Bool = false) {
-        guard !closing else { return }
+        guard !closing, roomToQueue() else { return }
         let bytes = message.frameBytes
         guard bytes <= Self.headerSlotBytes, let slot = freeHeaderSlots.popLast() else { return sendControl(message) }
         message.encode(into: UnsafeMutableRawBufferPointer(start: headerSlots + slot * Self.headerSlotBytes, count: Self.headerSlotBytes))
@@ -156,7 +158,7 @@ final class PeerConnection: IOHandler {
 
     /// Queues bytes that are already one or more encoded frames (tests inject raw frames here).
     func sendEncoded(_ bytes: [UInt8]) {
-        guard !closing else { return }
+        guard !closing, roomToQueue() else { return }
         queue.push(.control(bytes))
         loop.callAtBatchEnd(id)
     }
@@ -172,6 +174,8 @@ final class PeerConnection: IOHandler {
             // Taken off the queue first, so the array is uniquely referenced and grows in place.
             guard case .control(let taken)? = queue.popLast() else { preconditionFailure() }
             bytes = taken
+        } else if !roomToQueue() {
+            return
         }
         message.encode(appendingTo: &bytes)
         queue.push(.control(bytes))
@@ -180,10 +184,21 @@ final class PeerConnection: IOHandler {
 
     static let controlItemBytesMax = 1 << 20
 
+    /// Whether one more item fits the send queue. A full queue means the peer stopped reading:
+    /// everything the node has in flight fits it (`queueCapacity`), so only answers to a peer
+    /// that keeps sending (pings, requests) and never reads fill it. Such a peer is dead to us:
+    /// the link closes (the node reconnects), rather than stop reading ourselves, which would
+    /// leave both sides waiting on each other until the peer timeout.
+    private func roomToQueue() -> Bool {
+        guard queue.isFull else { return true }
+        close(reason: "protocol error: send queue full (\(queue.capacity) frames): the peer does not read what it is sent")
+        return false
+    }
+
     /// Queues a block frame whose payload stays in the owner's buffer until
     /// `releasedPayload(token)`.
     func sendBlock(type: PeerMessageType, flags: UInt16, sequence: UInt64, block: PeerBlock, payload: UnsafeRawPointer?, token: UInt64) {
-        guard !closing else { return }
+        guard !closing, roomToQueue() else { return }
         let length = block.payloadLength(type: type, flags: flags)
         let crc = length == 0 ? 0 : PeerEncoder.payloadCRC(UnsafeRawBufferPointer(start: payload, count: length))
         let slot = freeHeaderSlots.popLast()!
@@ -219,6 +234,21 @@ final class PeerConnection: IOHandler {
 
     // MARK: Receiving
 
+    /// Stops handing frames to the delegate after the current one, and receiving ciphertext:
+    /// the peer's frames wait in its send queue and the sockets (Limits.peerRequestsPendingMax).
+    func pauseReceiving() {
+        receivingPaused = true
+    }
+
+    /// Hands over the frames already received, then receives again. Not to be called from
+    /// within the delegate's `received`.
+    func resumeReceiving() {
+        guard receivingPaused else { return }
+        receivingPaused = false
+        guard up, !closing else { return }
+        readFrames()
+    }
+
     private func received(_ result: Int32) {
         guard result > 0 else {
             return close(reason: result == 0 ? "peer closed the connection" : "receive failed: \(SystemError.text(-result))")
@@ -253,7 +283,7 @@ final class PeerConnection: IOHandler {
 
     /// Decrypts what TLS holds and hands every whole frame to the delegate.
     private func readFrames() {
-        while !closing {
+        while !closing && !receivingPaused {
             if inEnd == inputCapacity || (inStart > 0 && inputCapacity - inEnd < Limits.tlsCiphertextBufferBytes) {
                 input.copyMemory(from: input + inStart, byteCount: inEnd - inStart)
                 inEnd -= inStart
@@ -299,7 +329,7 @@ final class PeerConnection: IOHandler {
                     return close(reason: "TLS: \(tls.lastError)")
                 }
             }
-            while !closing {
+            while !closing && !receivingPaused {
                 let available = UnsafeRawBufferPointer(start: input + inStart, count: inEnd - inStart)
                 switch PeerDecoder.decodeHeader(available) {
                 case .needMore:
@@ -337,7 +367,7 @@ final class PeerConnection: IOHandler {
     }
 
     private func postRecv() {
-        guard !recvPosted, !closing, tlsWantsCiphertext else { return }
+        guard !recvPosted, !closing, !receivingPaused, tlsWantsCiphertext else { return }
         guard tls.releaseInput() else { return close(reason: "TLS: cannot buffer ciphertext") }
         recvPosted = true
         opsInFlight += 1

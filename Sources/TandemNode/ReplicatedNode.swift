@@ -54,6 +54,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private let clientTLS: TLSContext
     private(set) var id: UInt32 = 0
     private var link: PeerConnection?
+    /// The peer's hello arrived on `link` (peer.md "Frame order").
+    private var peerHelloReceived = false
     private var listenFD: Int32 = -1
     private var dialFD: Int32 = -1
     private let dialAddress: UnsafeMutablePointer<SocketAddress>
@@ -1130,6 +1132,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     func peerConnectionUp(_ connection: PeerConnection) {
+        peerHelloReceived = false
         lastHeardNanos = monotonicNanos()
         pingSentNanos = 0
         logger.info("replication: TLS link to \(peer.name) up (\(connection.tlsDescription))")
@@ -1144,6 +1147,14 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     func peerConnection(_ connection: PeerConnection, received header: PeerHeader, payload: UnsafeRawBufferPointer) {
+        // peer.md "Frame order": the hello comes first and once per link; anything before it
+        // would act on a peer whose generation, size and role nobody compared yet.
+        if header.type == .hello {
+            guard !peerHelloReceived else { return connection.close(reason: "protocol error: a second hello on the same link") }
+            peerHelloReceived = true
+        } else if !peerHelloReceived {
+            return connection.close(reason: "protocol error: \(header.type) before hello")
+        }
         lastHeardNanos = monotonicNanos()
         beginActions()
         switch header.type {
@@ -1228,6 +1239,12 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
         }
         perform()
+        if !core.acceptsPeerRequests && !connection.receivingPaused {
+            // Back-pressure, not an error: a legitimate primary can hold this many requests here
+            // (Limits.peerRequestsPendingMax). Its next frames wait until completions free room.
+            logger.debug("replication: \(core.peerRequestsPending) peer requests pending; not reading the link until some finish")
+            connection.pauseReceiving()
+        }
     }
 
     /// Large replicated writes and resync data are decrypted straight into a pool buffer.
@@ -1273,7 +1290,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             lastVerify = (v.checkedBytes, v.mismatchedBytes)
             logger.warning("verify: stopped by the link loss after \(v.checkedBytes) bytes (\(v.mismatchedBytes) differ)")
         }
-        if lastLinkFailure != nil && core.link != .connected && core.link != .handshaking {
+        if lastLinkFailure == reason && core.link != .connected && core.link != .handshaking {
             // The same failure again (a peer refusing us while StandAlone): once is enough.
             logger.debug("replication: link to \(peer.name) down: \(reason)")
         } else {
@@ -1613,6 +1630,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     func ioBatchEnded() {
+        if let link, link.receivingPaused, core.acceptsPeerRequests { link.resumeReceiving() }
         if lazyAckQueued {
             lazyAckQueued = false
             if core.peerWritesApplying == 0 { link?.flushLazy() }
@@ -1657,6 +1675,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
         ops[index] = nil
         freeOps.append(index)
+        // A link paused for back-pressure reads again once this batch's completions freed room.
+        if link?.receivingPaused == true { loop.callAtBatchEnd(id) }
         // Buffers the operation used go back to the pool (client payloads belong to their slots).
         switch op.tag {
         case .peerWrite(let writeID):

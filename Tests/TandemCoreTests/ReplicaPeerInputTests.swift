@@ -173,3 +173,54 @@ import Testing
         #expect(pair.flushed == [10: -5, 11: 0], "the next flush reports it, the one after does not")
     }
 }
+
+/// Limits.peerRequestsPendingMax: a burst of requests past it (8,200 flushes trapped the node
+/// once, out of operation slots) is a protocol error in the core; the node stops reading first.
+@Suite struct ReplicaPeerBoundsTests {
+    static func submits(_ actions: [ReplicaCore.Action]) -> Int {
+        actions.filter { if case .submitLocal = $0 { true } else { false } }.count
+    }
+
+    @Test(arguments: ["flush", "trim", "zeroes", "data", "barrier"])
+    func requestsPastTheBoundAreProtocolErrors(kind: String) {
+        var secondary = Pair().secondary
+        let bound = Limits.peerRequestsPendingMax
+        var actions: [ReplicaCore.Action] = []
+        // One write that never completes keeps every later flush and barrier waiting.
+        secondary.peerMessage(.trim(PeerWrite(id: 1 << 40, offset: 0, length: 4096, epoch: 1)), into: &actions)
+        for i in 0..<(bound + 10) {
+            let id = UInt64(i)
+            let message: PeerMessage = switch kind {
+            case "flush": .flush(id: id)
+            case "trim": .trim(PeerWrite(id: id, offset: UInt64(i % 64) * 4096, length: 4096, epoch: 1))
+            case "zeroes": .zeroes(PeerWrite(id: id, offset: UInt64(i % 64) * 4096, length: 4096, epoch: 1))
+            case "data": .data(PeerWrite(id: id, offset: UInt64(i % 64) * 4096, length: 4096, epoch: 1), payload: [])
+            default: .barrier(epoch: id)
+            }
+            secondary.peerMessage(message, into: &actions)
+        }
+        #expect(secondary.peerRequestsPending == bound)
+        #expect(!secondary.acceptsPeerRequests)
+        let refused = actions.filter(ReplicaPeerInputTests.isProtocolError)
+        #expect(refused.count == 11, "every request past the bound is refused: \(refused.count)")
+        #expect(Self.submits(actions) <= bound, "no more local operations than the bound")
+    }
+
+    /// Flushes with no write before them go straight to the disk: they count until they complete.
+    @Test func flushesOnTheDiskCountUntilTheyComplete() {
+        var secondary = Pair().secondary
+        var actions: [ReplicaCore.Action] = []
+        for i in 0..<Limits.peerRequestsPendingMax {
+            secondary.peerMessage(.flush(id: UInt64(i)), into: &actions)
+        }
+        #expect(Self.submits(actions) == Limits.peerRequestsPendingMax)
+        #expect(!secondary.acceptsPeerRequests)
+        actions.removeAll()
+        secondary.peerMessage(.flush(id: 1 << 50), into: &actions)
+        #expect(actions.count == 1 && actions.allSatisfy(ReplicaPeerInputTests.isProtocolError))
+        actions.removeAll()
+        secondary.localCompleted(.peerFlush(0), result: 0, into: &actions)
+        #expect(secondary.acceptsPeerRequests, "a completion frees room")
+        #expect(actions == [.send(.flushAck(id: 0, result: 0))])
+    }
+}

@@ -15,10 +15,13 @@ final class LinkRecorder: PeerConnectionDelegate {
     /// When set, large payloads are decrypted straight into it (as the node's replicated writes).
     var sink: UnsafeMutableRawBufferPointer?
     var sunk = 0
+    /// Stops the link's receiving after each frame (the node's back-pressure).
+    var pauseAfterEach = false
 
     func peerConnectionUp(_ connection: PeerConnection) { up = true }
     func peerConnection(_ connection: PeerConnection, received header: PeerHeader, payload: UnsafeRawBufferPointer) {
         frames.append((header, Array(payload)))
+        if pauseAfterEach { connection.pauseReceiving() }
     }
     func peerConnection(_ connection: PeerConnection, releasedPayload token: UInt64) { released.append(token) }
     func peerConnectionDown(_ connection: PeerConnection, reason: String) { down = reason }
@@ -151,5 +154,37 @@ struct LinkPair {
         pair.a.sendEncoded(frame)
         pair.run { pair.rb.down != nil }
         #expect(pair.rb.down?.contains("checksum") == true, "reason: \(pair.rb.down ?? "none")")
+    }
+
+    /// A peer that sends and never reads fills the send queue with answers: the link closes with
+    /// the reason (the queue's push trapped, the whole node down).
+    @Test func aFullSendQueueDropsTheLink() throws {
+        let pair = try LinkPair(engine: .uring)
+        defer { pair.cleanup() }
+        pair.run { pair.ra.up && pair.rb.up }
+        // Without running the loop nothing leaves the queue.
+        for i in 0...PeerConnection.queueCapacity { pair.a.send(.pingAck(id: UInt64(i))) }
+        #expect(pair.ra.down?.contains("send queue full") == true, "reason: \(pair.ra.down ?? "none")")
+        pair.a.send(.ping(id: 1))
+        pair.a.sendEncoded(PeerMessage.ping(id: 2).encoded())
+    }
+
+    /// Back-pressure: a paused link hands over no frame until it is resumed, and loses none.
+    @Test func aPausedLinkHoldsFramesUntilResumed() throws {
+        let pair = try LinkPair(engine: .uring)
+        defer { pair.cleanup() }
+        pair.run { pair.ra.up && pair.rb.up }
+        pair.rb.pauseAfterEach = true
+        for i in 0..<50 { pair.a.send(.ping(id: UInt64(i))) }
+        pair.run { pair.rb.frames.count >= 1 }
+        for _ in 0..<20 { pair.loop.runOnce(timeoutNanos: 1_000_000) }
+        #expect(pair.rb.frames.count == 1 && pair.b.receivingPaused)
+        pair.b.resumeReceiving()
+        #expect(pair.rb.frames.count == 2, "the next frame already received is handed over at once")
+        pair.rb.pauseAfterEach = false
+        pair.b.resumeReceiving()
+        pair.run { pair.rb.frames.count == 50 }
+        #expect(pair.rb.frames.map(\.0.sequence) == (0..<50).map(UInt64.init), "in order, none lost")
+        #expect(pair.rb.down == nil)
     }
 }

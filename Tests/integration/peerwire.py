@@ -11,7 +11,8 @@ VERSION = 1
 HEADER = 32
 BLOCK_HEADER = 56
 
-HELLO, PING, DATA, RESYNC_DATA, WRITE_ACK, VERIFY_DIGEST = 1, 2, 16, 35, 19, 49
+HELLO, PING, PING_ACK, DATA, RESYNC_DATA, WRITE_ACK, VERIFY_DIGEST = 1, 2, 3, 16, 35, 19, 49
+TRIM, FLUSH, FLUSH_ACK = 17, 20, 21
 BLOCK_TYPES = {16, 17, 18, 35}
 
 
@@ -59,6 +60,27 @@ def resync_data(id_, offset, payload):
 
 def data(id_, offset, payload, epoch=1):
     return frame(DATA, id_, payload, block=(offset, epoch, len(payload), 0))
+
+
+def hello_as(their_hello, node_id, role=0):
+    """A hello for node `node_id` made from the node's own (same resource, size, generations):
+    enough to get past the handshake to the frames under test."""
+    payload = bytearray(their_hello)
+    payload[64] = node_id
+    payload[65] = role
+    return frame(HELLO, 0, bytes(payload))
+
+
+def ping(id_):
+    return frame(PING, id_)
+
+
+def flush(id_):
+    return frame(FLUSH, id_)
+
+
+def trim(id_, offset, length, epoch=1):
+    return frame(TRIM, id_, block=(offset, epoch, length, 0))
 
 
 def read_frame(sock):

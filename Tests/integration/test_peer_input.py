@@ -4,6 +4,7 @@ no state to take. Each is a protocol error: the link drops with a clear log line
 serving, holds no buffer for it and writes nothing."""
 
 import os
+import ssl
 import re
 import urllib.request
 
@@ -25,11 +26,13 @@ def test_a_peer_frame_with_a_huge_id_is_a_protocol_error_on_the_primary(pair, tm
     qemu_io(pair.uri, "write -P 0x5a 0 64k")
     for id_ in (1 << 63, (1 << 64) - 1):
         s = W.dial(port, tmp_path / "pki", "beta")
-        s.sendall(W.verify_digest(id_))
+        type_, _, hello = W.read_frame(s)
+        assert type_ == W.HELLO
+        # After a hello: before one, any frame is refused for its order alone.
+        s.sendall(W.hello_as(hello, 1) + W.verify_digest(id_))
         # The id was converted to an Int before it was checked: 2^63 and up trapped.
         assert W.until_closed(s), "the node drops the link"
         assert pair.procs["alpha"].poll() is None, pair.log("alpha")
-    # Logged once: the same failure again (no hello ever came) is logged at debug level.
     pair.wait_for("alpha", rf"link to beta down: protocol error: unexpected verifyDigest {1 << 63}")
     qemu_io(pair.uri, "read -P 0x5a 0 64k", "write -P 0x5b 64k 64k", "flush", "read -P 0x5b 64k 64k")
     assert status(pair, "alpha")["role"] == "Primary"
@@ -58,8 +61,7 @@ def test_hostile_frames_to_the_secondary_are_protocol_errors_and_leak_nothing(pa
         ]
         for frame, reason in cases:
             since = pair.mark("beta")
-            s = alpha.accept()
-            assert W.read_frame(s)[0] == W.HELLO
+            s = _accept_with_hello(alpha)
             s.sendall(frame)
             assert W.until_closed(s), f"the node drops the link ({reason})"
             assert pair.procs["beta"].poll() is None, pair.log("beta")
@@ -77,3 +79,104 @@ def test_hostile_frames_to_the_secondary_are_protocol_errors_and_leak_nothing(pa
     assert pair.stop("alpha") == 0
     assert pair.stop("beta") == 0
     assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def _beta_with_alpha_played(pair, tmp_path):
+    """Starts beta as secondary; the test plays alpha (beta dials it: the higher id dials)."""
+    text = pair.resource.read_text()
+    alpha_port = int(re.search(r'name = "alpha"\nid = 0\naddress = "127.0.0.1:(\d+)"', text).group(1))
+    alpha = W.Listener(alpha_port, tmp_path / "pki", "alpha")
+    pair.up("beta")
+    return alpha
+
+
+def _accept_with_hello(alpha):
+    s = alpha.accept()
+    type_, _, hello = W.read_frame(s)
+    assert type_ == W.HELLO
+    s.sendall(W.hello_as(hello, 0))
+    return s
+
+
+def _real_primary_still_replicates(pair, tmp_path):
+    st = status(pair, "beta")
+    assert st["role"] == "Secondary" and st["disk"] != "Failed", st
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    qemu_io(pair.uri, "write -P 0x71 1M 1M", "flush")
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_frames_before_hello_and_a_second_hello_are_protocol_errors(pair, tmp_path):
+    """peer.md "Frame order": they were acted on (a write before any generation was compared)."""
+    alpha = _beta_with_alpha_played(pair, tmp_path)
+    try:
+        cases = [
+            (lambda hello: W.trim(1, 0, 4096), r"protocol error: trim before hello"),
+            (lambda hello: W.hello_as(hello, 0) + W.hello_as(hello, 0), r"protocol error: a second hello on the same link"),
+        ]
+        for make, reason in cases:
+            since = pair.mark("beta")
+            s = alpha.accept()
+            type_, _, hello = W.read_frame(s)
+            assert type_ == W.HELLO
+            s.sendall(make(hello))
+            assert W.until_closed(s), f"the node drops the link ({reason})"
+            assert pair.procs["beta"].poll() is None, pair.log("beta")
+            pair.wait_for("beta", rf"link to alpha down: {reason}", since=since)
+    finally:
+        alpha.close()
+    _real_primary_still_replicates(pair, tmp_path)
+
+
+def test_a_burst_of_flushes_is_answered_under_back_pressure(pair, tmp_path):
+    """More flushes than the node has operation slots (8,192): it trapped in `submitNow`. Now it
+    stops reading at Limits.peerRequestsPendingMax and answers every one."""
+    alpha = _beta_with_alpha_played(pair, tmp_path)
+    count = 9000
+    try:
+        s = _accept_with_hello(alpha)
+        s.sendall(W.trim(1 << 40, 0, 4096) + b"".join(W.flush(i) for i in range(count)))
+        acks = set()
+        s.settimeout(60)
+        while len(acks) < count:
+            try:
+                type_, seq, payload = W.read_frame(s)
+            except ConnectionError:
+                assert pair.procs["beta"].poll() is None, pair.log("beta")[-3000:]
+                raise
+            if type_ == W.FLUSH_ACK:
+                assert payload[:4] == b"\0\0\0\0" or len(payload) == 0, payload
+                acks.add(seq)
+        assert acks == set(range(count))
+        assert pair.procs["beta"].poll() is None, pair.log("beta")
+        s.close()
+    finally:
+        alpha.close()
+    _real_primary_still_replicates(pair, tmp_path)
+
+
+def test_a_peer_that_never_reads_is_dropped_not_fatal(pair, tmp_path):
+    """Pings from a peer that never reads fill the send queue with answers: it trapped there."""
+    alpha = _beta_with_alpha_played(pair, tmp_path)
+    since = pair.mark("beta")
+    try:
+        s = _accept_with_hello(alpha)
+        chunk = W.ping(7) * 20000
+        closed = False
+        for _ in range(200):
+            try:
+                s.sendall(chunk)
+            except (ConnectionError, ssl.SSLError, OSError):
+                closed = True
+                break
+            if pair.procs["beta"].poll() is not None:
+                break
+        assert pair.procs["beta"].poll() is None, pair.log("beta")
+        assert closed, "the node closed the link"
+        pair.wait_for("beta", r"link to alpha down: protocol error: send queue full", since=since)
+    finally:
+        alpha.close()
+    _real_primary_still_replicates(pair, tmp_path)
