@@ -220,8 +220,7 @@ def test_tls_records_either_layer(serve, certs_dir, version):
         rtype, _ = c.option(P.OPT_STARTTLS)
         assert rtype == P.REP_ACK
         ctx = _ssl_client_context(certs_dir)
-        v = ssl.TLSVersion.TLSv1_2 if version == "TLSv1.2" else ssl.TLSVersion.TLSv1_3
-        ctx.minimum_version = ctx.maximum_version = v
+        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version.replace(".", "_"))
         c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
         assert c.sock.version() == version
         assert c.go("tandem") == P.REP_ACK
