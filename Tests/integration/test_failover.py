@@ -441,13 +441,7 @@ def test_a_rollback_with_a_witness_is_not_raced_by_a_failover(make_cluster, tmp_
     assert rollback.returncode == 0, err
     c.wait_for("beta", "rolled back to barrier", since=since[1])
     # Longer than the peer timeout and many failover ticks: alpha stays secondary.
-    time.sleep(4)
-    assert c.status("alpha")["role"] == "Secondary"
-    assert "automatic failover" not in c.log("alpha")[since[0]:]
-    assert "alpha may become primary" not in c.log("witness")[since[2]:]
-    c.heal("alpha", "beta")
-    c.wait_for("alpha", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[0])
-    c.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[1])
+    _alpha_stays_secondary_then_heals(c, since, wait_s=4)
     assert c.status("alpha")["role"] == "Secondary"
     # beta holds the newest data: the witness may have let it take over meanwhile (safe); demote it.
     c.tandem("secondary", "--node", "beta")
@@ -510,14 +504,7 @@ def test_a_rollback_as_the_link_breaks_is_not_raced_by_an_automatic_failover(mak
     c.wait_for("witness", "beta rolls back to a barrier: alpha is not promoted", since=since[2])
     c.wait_for("alpha", "replication: link to beta down", since=since[0])
     c.wait_for("witness", "refused to let alpha become primary", timeout=30, since=since[2])
-    # Many failover ticks later alpha is still secondary.
-    time.sleep(3)
-    assert c.status("alpha")["role"] == "Secondary"
-    assert "automatic failover" not in c.log("alpha")[since[0]:]
-    assert "alpha may become primary" not in c.log("witness")[since[2]:]
-    c.heal("alpha", "beta")
-    c.wait_for("alpha", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[0])
-    c.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[1])
+    _alpha_stays_secondary_then_heals(c, since, wait_s=3)
     # beta holds the newest data: the witness may have let it take over meanwhile (safe); demote it.
     c.tandem("secondary", "--node", "beta")
     assert c.stop("alpha") == 0 and c.stop("beta") == 0
@@ -558,3 +545,15 @@ def test_a_rollback_cut_off_from_its_peer_and_the_witness_is_refused(make_cluste
     assert c.stop("alpha") == 0 and c.stop("beta") == 0
     a, b = (tmp_path / "alpha.img").read_bytes(), (tmp_path / "beta.img").read_bytes()
     assert a == image and b == image, "both devices hold the barrier's image"
+
+
+def _alpha_stays_secondary_then_heals(c, since, wait_s):
+    """During beta's rollback, `wait_s` seconds of failover ticks leave alpha secondary and the
+    witness never lets it take over; then the link heals and both resync to established."""
+    time.sleep(wait_s)
+    assert c.status("alpha")["role"] == "Secondary"
+    assert "automatic failover" not in c.log("alpha")[since[0]:]
+    assert "alpha may become primary" not in c.log("witness")[since[2]:]
+    c.heal("alpha", "beta")
+    c.wait_for("alpha", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[0])
+    c.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[1])
