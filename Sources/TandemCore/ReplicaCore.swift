@@ -1264,8 +1264,10 @@ public struct ReplicaCore {
             pendingSync = .syncTarget
             sendBitmap(into: &actions)
         }
+        // Not `firstBit + bitCount`: the codec refuses a sum that overflows, but the core takes
+        // no such thing on trust.
         guard link == .handshaking, pendingSync != nil,
-              chunk.firstBit + UInt64(chunk.bitCount) <= UInt64(bitmap.bitCount)
+              chunk.firstBit <= UInt64(bitmap.bitCount), UInt64(chunk.bitCount) <= UInt64(bitmap.bitCount) - chunk.firstBit
         else { return protocolError("unexpected bitmap chunk", into: &actions) }
         for (i, word) in chunk.words.enumerated() where word != 0 {
             var w = word

@@ -62,6 +62,17 @@ import Testing
         #expect(actions.count == 1 && actions.allSatisfy(Self.isProtocolError), "\(actions)")
     }
 
+    /// A chunk whose bit range overflows 64 bits (the codec refuses it; the core checks without
+    /// the sum, which trapped) or runs past the bitmap.
+    @Test(arguments: [UInt64.max - 63, UInt64(Pair.size / 4096)])
+    func aBitmapChunkPastTheBitmapIsAProtocolError(firstBit: UInt64) {
+        var pair = Pair()
+        var actions: [ReplicaCore.Action] = []
+        pair.secondary.peerMessage(.bitmapChunk(PeerBitmapChunk(firstBit: firstBit, bitCount: 128, words: [1, 1])), into: &actions)
+        #expect(actions.contains(.dropLink(.protocolError("unexpected bitmap chunk"))), "\(actions)")
+        #expect(pair.secondary.bitmap.setBitCount == 0)
+    }
+
     /// A resync write of an earlier link is no longer owed an ack, but it still holds its id
     /// (the node's buffer key) until it completes: data arriving with that id again, here from a
     /// source whose new link drew the same id base, once replaced the buffer under the write.
