@@ -1172,8 +1172,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             // duplicate id above all) must not replace the buffer of a write still in flight.
             let write = PeerWrite(id: header.sequence, offset: block.offset, length: block.length, epoch: block.epoch, flags: header.flags)
             if core.peerWrite(write, kind: .write, into: &actions) {
-                precondition(peerBuffers[header.sequence] == nil, "the core accepted write \(header.sequence) while its buffer is in use")
-                peerBuffers[header.sequence] = buffer
+                let replaced = peerBuffers.updateValue(buffer, forKey: header.sequence)
+                precondition(replaced == nil, "the core accepted write \(header.sequence) while its buffer is in use")
             } else {
                 loop.pool.release(buffer)
             }
@@ -1203,8 +1203,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             // duplicate id never touches the buffer of a resync write in flight).
             let data = PeerResyncData(id: header.sequence, offset: block.offset, length: block.length, result: block.result, flags: header.flags)
             if case .resync(let key)? = core.peerResyncData(data, into: &actions), let buffer {
-                precondition(resyncBuffers[key] == nil, "the core accepted resync data \(key) while its buffer is in use")
-                resyncBuffers[key] = buffer
+                let replaced = resyncBuffers.updateValue(buffer, forKey: key)
+                precondition(replaced == nil, "the core accepted resync data \(key) while its buffer is in use")
             } else if let buffer {
                 loop.pool.release(buffer)
             }

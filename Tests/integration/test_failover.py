@@ -294,12 +294,7 @@ def test_witness_promotes_the_survivor_and_the_isolated_primary_stops_writing(ma
     failing.write_text("#!/bin/sh\necho quorum-lost-ran >&2\nexit 3\n")
     failing.chmod(0o755)
     c = make_cluster(witness=True, handlers={"quorum-lost": failing})
-    c.up("witness")
-    c.up("beta")
-    c.up("alpha", "--primary")
-    c.wait_connected()
-    c.wait_for("alpha", "witness: link to witness up")
-    c.wait_for("beta", "witness: link to witness up")
+    _up_with_witness(c)
     cp = c.tandem("check", "--node", "witness", check=False)
     assert cp.returncode == 0 and "alpha connected, beta connected" in cp.stdout_text, cp.stdout_text
     writers = start_writers(c.uri("alpha"), [(0, 8 * MiB), (8 * MiB, 16 * MiB)], tag=2000)
@@ -350,11 +345,7 @@ def test_witness_promotes_the_survivor_and_the_isolated_primary_stops_writing(ma
 
 def test_a_partition_between_the_data_nodes_leaves_exactly_one_writer(make_cluster, tmp_path):
     c = make_cluster(witness=True)
-    c.up("witness")
-    c.up("beta")
-    c.up("alpha", "--primary")
-    c.wait_connected()
-    c.wait_for("beta", "witness: link to witness up")
+    _up_with_witness(c)
     since = (c.mark("alpha"), c.mark("beta"))
     c.partition("alpha", "beta")
     c.wait_for("alpha", "link to beta down", since=since[0])
@@ -389,12 +380,7 @@ def rollback_cluster(make_cluster, tmp_path, failover=""):
         text = text.replace(meta, meta + f'undo = "{tmp_path}/{name}.undo"\n')
     c.resource.write_text(text)
     run([TANDEM_BIN, "config", "check", str(c.resource)])
-    c.up("witness")
-    c.up("beta")
-    c.up("alpha", "--primary")
-    c.wait_connected()
-    c.wait_for("alpha", "witness: link to witness up")
-    c.wait_for("beta", "witness: link to witness up")
+    _up_with_witness(c)
     writers = start_writers(c.uri("alpha"), [(0, 24 * MiB)], tag=3000, passes=1)
     writers[0].join(timeout=120)
     assert writers[0].error is None
@@ -557,3 +543,14 @@ def _alpha_stays_secondary_then_heals(c, since, wait_s):
     c.heal("alpha", "beta")
     c.wait_for("alpha", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[0])
     c.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", timeout=60, since=since[1])
+
+
+def _up_with_witness(c):
+    """The witness, then beta, then alpha as primary; returns once the pair is connected and
+    both data nodes reach the witness."""
+    c.up("witness")
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    c.wait_for("alpha", "witness: link to witness up")
+    c.wait_for("beta", "witness: link to witness up")

@@ -147,8 +147,11 @@ def test_node_certificate_as_server_cert(serve, tmp_path):
     assert info["TLS"] is True
 
 
-def _ssl_client_context(certdir, client_cert=True):
+def _ssl_client_context(certdir, client_cert=True, version=None):
+    """A client context trusting the test CA; `version` ("TLSv1.2"...) pins the TLS version."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if version:
+        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version.replace(".", "_"))
     ctx.load_verify_locations(str(certdir / "ca-cert.pem"))
     if client_cert:
         ctx.load_cert_chain(str(certdir / "client-cert.pem"), str(certdir / "client-key.pem"))
@@ -219,8 +222,7 @@ def test_tls_records_either_layer(serve, certs_dir, version):
         c.handshake()
         rtype, _ = c.option(P.OPT_STARTTLS)
         assert rtype == P.REP_ACK
-        ctx = _ssl_client_context(certs_dir)
-        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version.replace(".", "_"))
+        ctx = _ssl_client_context(certs_dir, version=version)
         c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
         assert c.sock.version() == version
         assert c.go("tandem") == P.REP_ACK
