@@ -107,6 +107,9 @@ public struct ReplicaCore {
     public var localFlags: Superblock.Flags
     /// What the last connect decided, and by which rule (for status and the log).
     public private(set) var lastDecision: (decision: GenerationUUIDs.SyncDecision, rule: GenerationUUIDs.SyncRule)?
+    /// Why the last connect ended in `roleConflict`, until a connect gets past the role check or
+    /// this node changes role: an operator must act (DRBD's `rr-conflict disconnect`).
+    public private(set) var roleConflict: RoleConflict?
 
     // MARK: Connect state
 
@@ -285,7 +288,7 @@ public struct ReplicaCore {
     public var status: ReplicaStatus {
         ReplicaStatus(
             role: role, disk: disk, peerDisk: peerDisk, peerRole: peerRole, link: link, sync: sync, splitBrain: splitBrain,
-            outOfSyncBytes: bitmap.outOfSyncBytes, writesInFlight: writes.count, transferLogEntries: transferLog.count)
+            roleConflict: roleConflict, outOfSyncBytes: bitmap.outOfSyncBytes, writesInFlight: writes.count, transferLogEntries: transferLog.count)
     }
 
     // MARK: Client requests (primary)
@@ -688,6 +691,7 @@ public struct ReplicaCore {
             }
             if change.role == .primary && role == .primary {
                 // Both promoted at once: neither may keep writing through this link.
+                roleConflict = .twoPrimaries
                 actions.append(.dropLink(.roleConflict))
                 return
             }
@@ -890,14 +894,15 @@ public struct ReplicaCore {
             // Two primaries, or a primary whose data the peer would overwrite under its clients:
             // one of them must demote first (peer.md 4.1, roleConflict). The link is retried, so
             // it connects once one has demoted (a deposed primary does so by itself).
+            roleConflict = hello.role == .primary ? .twoPrimaries : .peerHoldsNewerData
             link = .connecting
-            peerDisk = nil
             peerDisk = nil
             peerRole = nil
             actions.append(.dropLink(.roleConflict))
             actions.append(.stateChanged(status))
             return
         }
+        roleConflict = nil
         if makesTarget { discardMyData = false }
         switch result.decision {
         case .noSync:
@@ -986,6 +991,7 @@ public struct ReplicaCore {
         let otherData = disk == .failed && role == .primary
             && hello.uuids.current & GenerationUUIDs.comparedBits != uuids.current & GenerationUUIDs.comparedBits
         if (role == .primary && hello.role == .primary) || otherData {
+            roleConflict = hello.role == .primary ? .twoPrimaries : .peerHoldsOtherData
             link = .connecting
             peerDisk = nil
             peerRole = nil
@@ -993,6 +999,7 @@ public struct ReplicaCore {
             actions.append(.stateChanged(status))
             return
         }
+        roleConflict = nil
         link = .connected
         actions.append(.stateChanged(status))
     }
@@ -1165,6 +1172,7 @@ public struct ReplicaCore {
         }
         role = .secondary
         primarySinceMillis = 0
+        roleConflict = nil
         // The node flushed both sides first, which emptied the transfer log; what a failed or
         // skipped flush left is out of sync, and its activity-log extents are released.
         while let entry = transferLog.pop() {
@@ -1749,7 +1757,24 @@ public struct ReplicaStatus: Sendable, Equatable {
     public var sync: SyncState
     /// The last connect found a split brain or unrelated data: an operator must choose.
     public var splitBrain: Bool
+    /// The last connect found a role conflict (`ReplicaCore.roleConflict`).
+    public var roleConflict: RoleConflict?
     public var outOfSyncBytes: UInt64
     public var writesInFlight: Int
     public var transferLogEntries: Int
 }
+
+/// Why a connect ended in `roleConflict` (peer.md 4.1): the link is retried, but it connects only
+/// once an operator acts (or a deposed primary demotes by itself).
+public enum RoleConflict: String, Sendable, Equatable {
+    /// Both nodes are primary: one must demote.
+    case twoPrimaries = "both nodes are primary"
+    /// This primary's peer holds newer data: connecting would resync it into this node under its
+    /// clients. Demote this node to resync from the peer, or discard the peer's newer writes
+    /// (`tandem connect --discard-my-data` on the peer).
+    case peerHoldsNewerData = "the peer holds newer data"
+    /// This primary's disk is detached and the peer holds another generation than the one it
+    /// served: reads through the peer would change data under its clients.
+    case peerHoldsOtherData = "the peer holds other data than this detached primary served"
+}
+

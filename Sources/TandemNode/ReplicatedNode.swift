@@ -1409,6 +1409,20 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     private var performing = false
+    /// The role conflict last logged (`.dropLink(.roleConflict)` repeats on every retry).
+    private var loggedRoleConflict: RoleConflict?
+
+    /// What an operator does about a role conflict (status and log).
+    static func remedy(_ conflict: RoleConflict) -> String {
+        switch conflict {
+        case .twoPrimaries:
+            "demote one node (tandem secondary)"
+        case .peerHoldsNewerData:
+            "demote this node (tandem secondary) to resync the newer data from the peer, or discard the peer's newer writes (tandem connect --discard-my-data on the peer)"
+        case .peerHoldsOtherData:
+            "demote this node (tandem secondary) and attach its disk again (restart it) to resync from the peer"
+        }
+    }
     /// A barrier ack waits in the link's queue for the next write ack (see `perform`).
     private var lazyAckQueued = false
 
@@ -1497,7 +1511,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                     loop.addTimer(id: id, tag: Self.tagRollbackAnswer, afterNanos: 0)
                 }
             case .dropLink(let reason):
-                logger.warning("replication: dropping the link: \(reason)")
+                if reason == .roleConflict, let conflict = core.roleConflict {
+                    // Retried until an operator acts: said once, with what to do.
+                    if conflict != loggedRoleConflict {
+                        logger.error("replication: role conflict: \(conflict.rawValue); \(Self.remedy(conflict))")
+                    }
+                    loggedRoleConflict = conflict
+                } else {
+                    logger.warning("replication: dropping the link: \(reason)")
+                }
                 switch reason {
                 case .administrative:
                     // The peer must read the disconnect message before the link closes.
@@ -1516,6 +1538,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 // Inconsistent mark above all).
                 persistMetadata()
                 report(status)
+                if status.roleConflict == nil { loggedRoleConflict = nil }
                 if core.spareUUID == nil { core.spareUUID = Self.freshUUID() }
                 if core.replicating || core.role != .primary { fenced = false }
                 if rollbackRecord && rollbackRun == nil && rollbackAsking == nil
@@ -2068,7 +2091,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let connected = s.link == .connected
         return """
             {"resource":"\(config.name)","node":"\(me.name)","role":"\(Self.title("\(s.role)"))","disk":"\(Self.title("\(s.disk)"))",\
-            "split_brain":\(s.splitBrain),"quorum":\(witness == nil ? "null" : "\(hasQuorum)"),\
+            "split_brain":\(s.splitBrain),\
+            "role_conflict":\(s.roleConflict.map { "{\"reason\":\"\($0.rawValue)\",\"remedy\":\"\(Self.remedy($0))\"}" } ?? "null"),"quorum":\(witness == nil ? "null" : "\(hasQuorum)"),\
             "peer":{"node":"\(peer.name)","connection":"\(Self.title(s.link.rawValue))","role":\(s.peerRole.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\
             "disk":\(s.peerDisk.map { "\"\(Self.title("\($0)"))\"" } ?? "null"),\
             "replication":"\(connected ? Self.title(s.sync.rawValue) : "Off")","out_of_sync_bytes":\(s.outOfSyncBytes),\
@@ -2084,7 +2108,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     func statusText() -> String {
         let s = core.status
         var lines = ["\(config.name) role:\(Self.title("\(s.role)"))", "  disk:\(Self.title("\(s.disk)"))"]
-        lines.append("  \(peer.name) connection:\(Self.title(s.link.rawValue))\(s.peerRole.map { " role:\(Self.title("\($0)"))" } ?? "")\(s.splitBrain ? " SPLIT-BRAIN (resolve with tandem connect --discard-my-data on the losing node)" : "")")
+        lines.append("  \(peer.name) connection:\(Self.title(s.link.rawValue))\(s.peerRole.map { " role:\(Self.title("\($0)"))" } ?? "")\(s.splitBrain ? " SPLIT-BRAIN (resolve with tandem connect --discard-my-data on the losing node)" : "")\(s.roleConflict.map { " ROLE-CONFLICT: \($0.rawValue) (\(Self.remedy($0)))" } ?? "")")
         if s.link == .connected {
             var peerLine = "    peer-disk:\(s.peerDisk.map { Self.title("\($0)") } ?? "DUnknown") replication:\(Self.title(s.sync.rawValue))"
             if s.outOfSyncBytes > 0 { peerLine += " out-of-sync:\(s.outOfSyncBytes / 1024)k" }

@@ -56,6 +56,9 @@ final class World {
     var healing = false
     var healStarted: UInt64 = 0
     var lastNudge: UInt64 = 0
+    /// A primary the operator demoted because its peer held newer data: promoted again once it
+    /// has resynced from the peer.
+    var promoteAfterResync: Int?
     var verifiedAfterCorruption = false
     var corruptionInjected = false
     var lastCrash: UInt64?

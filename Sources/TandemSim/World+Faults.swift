@@ -258,6 +258,11 @@ extension World {
     var splitBrainTruth: Bool { nodes[0].wroteAlone && nodes[1].wroteAlone }
 
     func healCheck() {
+        if let i = promoteAfterResync, nodes[i].up, nodes[i].core.role == .secondary, nodes[i].core.link == .connected,
+           nodes[i].core.sync == .established, nodes[i].core.disk == .upToDate, nodes[i].core.bitmap.setBitCount == 0 {
+            promoteAfterResync = nil
+            queue.push(now + 10 * SimTime.ms, .promote(node: i, life: nodes[i].life, tries: 0))
+        }
         if quiescent() {
             finalChecks()
             if done { return }
@@ -283,6 +288,26 @@ extension World {
             count("heal: restart a detached node")
             stop(i)
             queue.push(now + 50 * SimTime.ms, .restart(node: i, life: nodes[i].life))
+            return
+        }
+        let p0 = primaryNode
+        if nodes[p0].up, nodes[p0].core.role == .primary, nodes[p0].core.roleConflict == .peerHoldsNewerData {
+            // The survivor was promoted while the old primary held writes it lacks (they may be
+            // lost or come back: `crash` allowed either); it wrote nothing since, or this would be
+            // a split brain. Connecting would resync into it under its clients, so it refuses (as
+            // DRBD's rr-conflict disconnect): the operator demotes it, it resyncs from the peer,
+            // and is promoted again (seed 62106 of `--failover --double-faults --overlapping-writes`).
+            var refusal: RoleChangeRefusal?
+            call(p0) { core, a in refusal = core.demote(into: &a) }
+            if let refusal {
+                record(.note("operator: demoting n\(p0) (its peer holds newer data) refused: \(refusal)"))
+                return
+            }
+            nodes[p0].superblockFlags.remove(.wasPrimary)
+            persistMetadata(p0)
+            record(.fault("operator: n\(p0) is primary but its peer holds newer data: demote it to resync, then promote it again"))
+            count("heal: demote a primary older than its peer")
+            promoteAfterResync = p0
             return
         }
         // A node rolling back stands alone until it is done (it neither dials nor accepts); the

@@ -385,6 +385,22 @@ import Testing
         #expect(actions.contains(.dropLink(.roleConflict)) && b.link == .connecting)
     }
 
+    @Test func aPrimaryOlderThanItsPeerNamesTheConflictUntilItDemotes() {
+        // a wrote alone and went secondary (a restart); b was promoted meanwhile, wrote nothing.
+        var (a, b) = Self.splitPair(primaryWrites: 2, secondaryWrites: 0)
+        var actions: [ReplicaCore.Action] = []
+        #expect(a.demote(into: &actions) == nil)
+        b.linkUp(peer: Self.hello(of: a), freshUUID: 3, into: &actions)
+        #expect(actions.contains(.dropLink(.roleConflict)) && b.link == .connecting)
+        #expect(b.roleConflict == .peerHoldsNewerData && b.status.roleConflict == .peerHoldsNewerData && !b.splitBrain)
+        // The operator demotes b: the next connect makes it the target of a's newer data.
+        #expect(b.demote(into: &actions) == nil)
+        #expect(b.roleConflict == nil)
+        actions.removeAll()
+        b.linkUp(peer: Self.hello(of: a), freshUUID: 4, into: &actions)
+        #expect(b.lastDecision?.decision == .becomeTarget && !actions.contains(.dropLink(.roleConflict)) && b.roleConflict == nil)
+    }
+
     @Test func automaticPoliciesPickTheLoserOrRefuse() {
         func decide(_ policy: SplitBrainPolicy, _ aWrites: Int, _ bWrites: Int) -> (GenerationUUIDs.SyncDecision?, GenerationUUIDs.SyncDecision?) {
             var (a, b) = Self.splitPair(primaryWrites: aWrites, secondaryWrites: bWrites, policy: policy)
@@ -410,6 +426,6 @@ import Testing
         #expect(pair.secondary.peerRole == .primary)
         actions.removeAll()
         pair.primary.peerMessage(.stateChange(PeerStateChange(role: .primary, diskState: .upToDate, uuids: ReplicaCore.wire(pair.secondary.uuids))), into: &actions)
-        #expect(actions.contains(.dropLink(.roleConflict)))
+        #expect(actions.contains(.dropLink(.roleConflict)) && pair.primary.roleConflict == .twoPrimaries)
     }
 }

@@ -420,6 +420,16 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, switchover: true)))
     }
 
+    /// A simulator (operator) gap: the survivor was promoted while the old primary, killed
+    /// later, held writes it lacked; the old primary came back newer. A primary is never a resync
+    /// target, so every connect ended in a role conflict and the pair never converged (as DRBD's
+    /// `rr-conflict disconnect`, which is right). Now the core names the conflict and the
+    /// operator demotes the older primary, lets it resync and promotes it again.
+    @Test(arguments: SimRegressions.primaryOlderThanItsPeer)
+    func aPrimaryOlderThanItsPeerIsDemotedByTheOperator(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
+    }
+
     @Test(arguments: SimRegressions.staleWasPrimaryWonTheTie)
     func aSecondaryIsNoCrashedPrimaryAfterItsResync(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
@@ -472,4 +482,5 @@ enum SimRegressions {
     static let switchoverOnAStaleView: [UInt64] = [27437]
     static let checkerRollingBackStandsAlone: [UInt64] = [41428]
     static let recoveredRecordsUnsynced: [UInt64] = [40506]
+    static let primaryOlderThanItsPeer: [UInt64] = [62106]
 }

@@ -230,6 +230,43 @@ def test_split_brain_is_detected_and_discard_my_data_resolves_it(make_cluster, t
     assert any(line.startswith("resync-done r0 beta target") for line in lines), lines
 
 
+def test_a_primary_older_than_its_returning_peer_is_named_and_resyncs_once_demoted(make_cluster, tmp_path):
+    c = make_cluster()
+    c.up("beta")
+    c.up("alpha", "--primary")
+    c.wait_connected()
+    c.partition("alpha", "beta")
+    c.wait_for("beta", "link to alpha down")
+    c.wait_for("alpha", "link to beta down")
+    # alpha writes alone, then goes away; beta is promoted without those writes and writes nothing.
+    a = start_writers(c.uri("alpha"), [(0, 2 * MiB)], tag=300, passes=1)
+    a[0].join(timeout=60)
+    assert a[0].error is None
+    c.tandem("secondary", "--node", "alpha")
+    c.tandem("primary", "--node", "beta", "--force")
+    since = c.mark("beta")
+    c.heal("alpha", "beta")
+    # Connecting would resync alpha's newer data into beta under its clients: refused, and said.
+    c.wait_for("beta", "role conflict: the peer holds newer data; demote this node", since=since)
+    conflict = c.status("beta")["role_conflict"]
+    assert conflict["reason"] == "the peer holds newer data" and "tandem secondary" in conflict["remedy"], conflict
+    assert c.status("beta")["peer"]["connection"] != "Connected"
+    assert "ROLE-CONFLICT" in c.tandem("status", "--node", "beta").stdout_text
+    # Said once, though the link is retried.
+    time.sleep(1)
+    assert c.log("beta")[since:].count("role conflict") == 1
+    since = (c.mark("alpha"), c.mark("beta"))
+    c.tandem("secondary", "--node", "beta")
+    c.wait_for("beta", r"syncTarget, \d+ bytes out of sync", since=since[1])
+    c.wait_connected(since=since)
+    assert c.status("beta")["role_conflict"] is None
+    c.tandem("primary", "--node", "beta")
+    check_acked(c.uri("beta"), a)
+    c.tandem("secondary", "--node", "beta")
+    assert c.stop("alpha") == 0 and c.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
 def test_a_disconnected_primary_outdates_its_secondary(make_cluster):
     c = make_cluster()
     c.up("beta")
