@@ -1408,7 +1408,9 @@ public struct ReplicaCore {
         }
     }
 
-    private func clientWriteInFlight(offset: UInt64, length: UInt32) -> Bool {
+    /// Whether a client write over the range is not yet done on both sides (an online verify
+    /// waits for it: the node holds new ones meanwhile).
+    public func clientWriteInFlight(offset: UInt64, length: UInt32) -> Bool {
         writes.values.contains { $0.offset < offset + UInt64(length) && offset < $0.offset + UInt64($0.length) }
     }
 

@@ -171,11 +171,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     /// Starts writes that waited for room in the activity log, in order.
     private func admitWaitingWrites() {
-        while let first = waitingForLog.first, admitToLog(first.request) {
+        while let first = waitingForLog.first, !heldByVerify(first.request), admitToLog(first.request) {
             waitingForLog.removeFirst()
             startClientRequest(first.connection, slot: first.slot, first.request)
         }
-        if !waitingForLog.isEmpty { flushPeerForRoom() }
+        if let first = waitingForLog.first, !heldByVerify(first.request) { flushPeerForRoom() }
     }
 
     /// Extents of answered writes stay hot until the peer flushed them (`writeSettled`): a write
@@ -248,12 +248,20 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         var chunks: [VerifyChunk?] = Array(repeating: nil, count: ReplicatedNode.verifyWindow)
         var checkedBytes: UInt64 = 0
         var mismatchedBytes: UInt64 = 0
+        /// Bytes neither compared nor counted as differing: a read failed on one side.
+        var unreadableBytes: UInt64 = 0
         var running = true
+        /// The next chunk waits for client writes in flight over it to finish.
+        var waitingForWrites = false
     }
+
+    /// Local verify reads still on the disk when their pass ended (the link dropped): the buffer
+    /// is the engine's until the read completes, and the slot is not reused until then.
+    private var verifyOrphans: [Int: PoolBuffer] = [:]
 
     private var verify: Verify?
     /// The last verify's result, for status.
-    private var lastVerify: (checked: UInt64, mismatched: UInt64)?
+    private var lastVerify: (checked: UInt64, mismatched: UInt64, unreadable: UInt64)?
     /// Verify requests from the primary being read here: slot -> (id, offset, length, buffer).
     private var peerVerify: [Int: (id: UInt64, offset: UInt64, length: UInt32, buffer: PoolBuffer)] = [:]
 
@@ -1285,9 +1293,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         lastHeardNanos = 0
         if let v = verify {
             // The pass cannot finish without the peer: keep what it found so far.
-            for chunk in v.chunks { if let buffer = chunk?.buffer { loop.pool.release(buffer) } }
+            // A chunk that still holds its buffer has its local read in flight.
+            for (slot, chunk) in v.chunks.enumerated() { if let buffer = chunk?.buffer { verifyOrphans[slot] = buffer } }
             verify = nil
-            lastVerify = (v.checkedBytes, v.mismatchedBytes)
+            lastVerify = (v.checkedBytes, v.mismatchedBytes, v.unreadableBytes)
+            admitWaitingWrites()
             logger.warning("verify: stopped by the link loss after \(v.checkedBytes) bytes (\(v.mismatchedBytes) differ)")
         }
         if lastLinkFailure == reason && core.link != .connected && core.link != .handshaking {
@@ -1312,13 +1322,23 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             return connection.replicatedCompleted(slot: slot, result: -EIO)
         }
         if request.command != .flush {
-            guard waitingForLog.isEmpty, admitToLog(request) else {
+            guard waitingForLog.isEmpty, !heldByVerify(request), admitToLog(request) else {
                 waitingForLog.append((connection, slot, request))
-                flushPeerForRoom()
+                if !heldByVerify(request) { flushPeerForRoom() }
                 return
             }
         }
         startClientRequest(connection, slot: slot, request)
+    }
+
+    /// A client write over the range an online verify is comparing (its chunks in flight and the
+    /// next one) waits until the chunk's two digests are in: the data must not change between
+    /// the two sides' reads, or the verify reports blocks that do not differ (peer.md 10).
+    private func heldByVerify(_ request: NBDRequest) -> Bool {
+        guard let v = verify, request.length > 0 else { return false }
+        let start = v.chunks.lazy.compactMap { $0?.offset }.min() ?? v.next
+        let end = min(v.next + UInt64(Self.verifyChunkBytes), device.size)
+        return request.offset < end && start < request.offset + UInt64(request.length)
     }
 
     /// Makes the extents of a write hot on disk first; false when the log has no room now.
@@ -1557,6 +1577,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             }
         }
         actions.removeAll(keepingCapacity: true)
+        if verify?.waitingForWrites == true { pumpVerify() }
     }
 
     /// Runs the handlers and sends the events for what changed since the last state reported.
@@ -1777,8 +1798,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     private func pumpVerify() {
         guard var v = verify, let link else { return }
-        for slot in 0..<Self.verifyWindow where v.chunks[slot] == nil && v.next < device.size {
+        for slot in 0..<Self.verifyWindow where v.chunks[slot] == nil && verifyOrphans[slot] == nil && v.next < device.size {
             let length = UInt32(min(UInt64(Self.verifyChunkBytes), device.size - v.next))
+            // Writes already in flight there finish first (new ones are held meanwhile).
+            v.waitingForWrites = core.clientWriteInFlight(offset: v.next, length: length)
+            if v.waitingForWrites { break }
             guard let buffer = loop.pool.take(Int(length)) else { break }
             v.chunks[slot] = VerifyChunk(offset: v.next, length: length, buffer: buffer)
             link.send(.verifyRequest(id: UInt64(slot) + 1, offset: v.next, length: length, algorithm: .crc32c))
@@ -1796,6 +1820,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     private func verifyLocalRead(_ slot: Int, _ result: Int32) {
+        if let orphan = verifyOrphans.removeValue(forKey: slot) { return loop.pool.release(orphan) }
         guard var v = verify, var chunk = v.chunks[slot] else { return }
         let buffer = chunk.buffer!
         chunk.local = result == Int32(chunk.length) ? Self.digests(buffer.pointer, Int(chunk.length)) : []
@@ -1825,18 +1850,24 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         guard var v = verify, let chunk = v.chunks[slot], let local = chunk.local, let peerDigests = chunk.peer else { return }
         v.chunks[slot] = nil
         let blocks = (Int(chunk.length) + PeerProtocol.digestBlockBytes - 1) / PeerProtocol.digestBlockBytes
-        for block in 0..<blocks where local.count != blocks || peerDigests.count != blocks || local[block] != peerDigests[block] {
-            let offset = chunk.offset + UInt64(block * PeerProtocol.digestBlockBytes)
-            let length = min(UInt64(PeerProtocol.digestBlockBytes), chunk.offset + UInt64(chunk.length) - offset)
-            core.markOutOfSync(offset: offset, length: length)
-            v.mismatchedBytes += length
+        if local.count != blocks || peerDigests.count != blocks {
+            // A read failed on one side: reported, not taken for a difference (peer.md 10).
+            v.unreadableBytes += UInt64(chunk.length)
+            logger.warning("verify: \(local.count != blocks ? "the local" : "the peer's") read of \(chunk.length) bytes at \(chunk.offset) failed; not compared")
+        } else {
+            for block in 0..<blocks where local[block] != peerDigests[block] {
+                let offset = chunk.offset + UInt64(block * PeerProtocol.digestBlockBytes)
+                let length = min(UInt64(PeerProtocol.digestBlockBytes), chunk.offset + UInt64(chunk.length) - offset)
+                core.markOutOfSync(offset: offset, length: length)
+                v.mismatchedBytes += length
+            }
+            v.checkedBytes += UInt64(chunk.length)
         }
-        v.checkedBytes += UInt64(chunk.length)
         verify = v
         if v.next >= device.size && v.chunks.allSatisfy({ $0 == nil }) {
             verify = nil
-            lastVerify = (v.checkedBytes, v.mismatchedBytes)
-            logger.info("verify: finished: \(v.checkedBytes) bytes checked, \(v.mismatchedBytes) bytes differ\(v.mismatchedBytes > 0 ? ", resyncing them" : "")")
+            lastVerify = (v.checkedBytes, v.mismatchedBytes, v.unreadableBytes)
+            logger.info("verify: finished: \(v.checkedBytes) bytes checked, \(v.mismatchedBytes) bytes differ\(v.mismatchedBytes > 0 ? ", resyncing them" : "")\(v.unreadableBytes > 0 ? ", \(v.unreadableBytes) bytes unreadable" : "")")
             persistMetadata()
             beginActions()
             core.resyncMarked(into: &actions)
@@ -1844,6 +1875,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         } else {
             pumpVerify()
         }
+        // Writes held by this chunk (and not by the next one) go on.
+        admitWaitingWrites()
     }
 
     /// Secondary: read what the primary asks to verify and answer with digests.
@@ -2098,7 +2131,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             "replication":"\(connected ? Self.title(s.sync.rawValue) : "Off")","out_of_sync_bytes":\(s.outOfSyncBytes),\
             "resync_done_bytes":\(core.resyncedBytes)},"writes_in_flight":\(s.writesInFlight),"transfer_log_entries":\(s.transferLogEntries),\
             "verify":{"running":\(verify != nil),"checked_bytes":\(verify?.checkedBytes ?? lastVerify?.checked ?? 0),\
-            "mismatched_bytes":\(verify?.mismatchedBytes ?? lastVerify?.mismatched ?? 0),"total_bytes":\(device.size)},\
+            "mismatched_bytes":\(verify?.mismatchedBytes ?? lastVerify?.mismatched ?? 0),\
+            "unreadable_bytes":\(verify?.unreadableBytes ?? lastVerify?.unreadable ?? 0),"total_bytes":\(device.size)},\
             "rollback":{"running":\(rollbackRun != nil),"barrier":\(rollbackRun.map { "\($0.id)" } ?? "null"),\
             "done_chunks":\(rollbackRun?.next ?? 0),"total_chunks":\(rollbackRun?.plan.restores.count ?? 0),"failed":\(rollbackFailed)},\
             "diff":\(diffStatusJSON)}

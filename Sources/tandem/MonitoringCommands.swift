@@ -48,6 +48,7 @@ struct NodeStatus {
     var verifyRunning: Bool { verify["running"] as? Bool ?? false }
     var verifyCheckedBytes: UInt64 { Self.number(verify["checked_bytes"]) }
     var verifyMismatchedBytes: UInt64 { Self.number(verify["mismatched_bytes"]) }
+    var verifyUnreadableBytes: UInt64 { Self.number(verify["unreadable_bytes"]) }
     var verifyTotalBytes: UInt64 { Self.number(verify["total_bytes"]) }
     var resyncing: Bool { connection == "Connected" && (replication == "SyncSource" || replication == "SyncTarget") }
     var inSync: Bool { connection == "Connected" && replication == "Established" && outOfSyncBytes == 0 }

@@ -301,9 +301,10 @@ struct Status: ParsableCommand {
                   peer-disk:UpToDate replication:Established
             --json prints one JSON object whose fields are documented, with their types and
             values, in Protocol/status.md (stable: fields are added, never renamed or removed):
-            resource, node, role, disk, split_brain, quorum, peer {node, connection, role, disk,
-            replication, out_of_sync_bytes, resync_done_bytes}, writes_in_flight,
-            transfer_log_entries, verify {running, checked_bytes, mismatched_bytes, total_bytes}.
+            resource, node, role, disk, split_brain, role_conflict, quorum, peer {node,
+            connection, role, disk, replication, out_of_sync_bytes, resync_done_bytes},
+            writes_in_flight, transfer_log_entries, verify {running, checked_bytes,
+            mismatched_bytes, unreadable_bytes, total_bytes}.
             States use DRBD's names (UpToDate, Inconsistent, SyncSource...). A witness answers
             {resource, node, role: "Witness", nodes {NAME: {connected, known, role, disk,
             writes_without_peer}}}.
@@ -329,7 +330,10 @@ struct Verify: ParsableCommand {
         abstract: "Compare every block of the pair online; blocks that differ are marked out of sync and resynced.",
         discussion: """
             Runs on the primary while the pair serves: both nodes read their copy and compare a
-            CRC-32C per 4 KiB block. Progress and the result show in `tandem status`; with
+            CRC-32C per 4 KiB block. Client writes to the few MiB being compared wait for it,
+            so data changing under the pass is not reported as a difference; a range whose read
+            fails on either side is reported as unreadable, not as differing. Progress and the
+            result show in `tandem status`; with
             --wait, progress goes to stderr (a bar on a terminal, a line every 5% otherwise) and
             the result to stdout.
 
@@ -353,10 +357,11 @@ struct Verify: ParsableCommand {
         while true {
             usleep(200_000)
             let status = try target.status()
-            reporter?.update(done: status.verifyCheckedBytes, total: status.verifyTotalBytes)
+            reporter?.update(done: status.verifyCheckedBytes + status.verifyUnreadableBytes, total: status.verifyTotalBytes)
             if !status.verifyRunning {
                 reporter?.finish()
-                print("verify finished: \(status.verifyCheckedBytes) bytes checked, \(status.verifyMismatchedBytes) bytes differ")
+                let unreadable = status.verifyUnreadableBytes
+                print("verify finished: \(status.verifyCheckedBytes) bytes checked, \(status.verifyMismatchedBytes) bytes differ\(unreadable > 0 ? ", \(unreadable) bytes unreadable (see the node's log)" : "")")
                 return
             }
         }

@@ -1,6 +1,7 @@
 """A replicated pair on loopback (`tandem up`): writes reach both disks, a killed secondary is
 resynced with only what changed, and peers that cannot prove who they are get nothing."""
 
+import json
 import os
 import re
 import signal
@@ -309,6 +310,49 @@ def test_verify_finds_exactly_the_blocks_changed_behind_the_secondarys_back(pair
     assert pair.stop("alpha") == 0
     assert pair.stop("beta") == 0
     assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_verify_under_writes_reports_no_false_differences(pair, tmp_path):
+    """Random writes run through the whole of three verify passes: data changing under a pass
+    must not be taken for a difference (writes to the chunks being compared wait)."""
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    out = tmp_path / "fio.json"
+    fio = subprocess.Popen(["fio", "--name=load", "--ioengine=nbd", f"--uri={pair.uri}", "--rw=randwrite", "--bs=4k",
+                            "--iodepth=16", "--time_based", "--runtime=120", "--output-format=json", f"--output={out}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        pair.wait_for("alpha", r"NBD client .* attached")
+        time.sleep(0.5)
+        for _ in range(3):
+            cp = run([TANDEM_BIN, "verify", str(pair.resource), "--node", "alpha", "--wait", "--no-progress"], timeout=120)
+            assert fio.poll() is None, fio.stderr.read().decode()
+            assert f"{SIZE} bytes checked, 0 bytes differ" in cp.stdout_text, cp.stdout_text
+            st = status(pair, "alpha")["verify"]
+            assert (st["checked_bytes"], st["mismatched_bytes"], st["unreadable_bytes"]) == (SIZE, 0, 0), st
+    finally:
+        fio.send_signal(signal.SIGINT)
+        fio.wait(timeout=60)
+    report = json.loads(out.read_text()[out.read_text().find("{"):])
+    assert report["jobs"][0]["error"] == 0 and report["jobs"][0]["write"]["total_ios"] > 1000, report["jobs"][0]["write"]
+    # Nothing was marked, nothing resynced: the pair stays in sync and the copies are equal.
+    assert status(pair, "alpha")["peer"]["out_of_sync_bytes"] == 0
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_verify_reports_a_failed_read_as_unreadable_not_as_differing(pair, tmp_path):
+    pair.up("beta")
+    # alpha's disk fails every read in [4 MiB, 8 MiB): the verify's second chunk.
+    pair.up("alpha", "--primary", "--inject-fault", "read:EIO:offset=4M-8M")
+    pair.wait_in_sync()
+    cp = run([TANDEM_BIN, "verify", str(pair.resource), "--node", "alpha", "--wait", "--no-progress"], timeout=120)
+    assert f"{SIZE - 4 * MiB} bytes checked, 0 bytes differ, {4 * MiB} bytes unreadable" in cp.stdout_text, cp.stdout_text
+    st = status(pair, "alpha")
+    assert st["verify"]["unreadable_bytes"] == 4 * MiB and st["peer"]["out_of_sync_bytes"] == 0, st
+    assert re.search(r"verify: the local read of 4194304 bytes at 4194304 failed", pair.log("alpha"))
 
 
 def test_verify_is_refused_on_the_secondary(pair):
