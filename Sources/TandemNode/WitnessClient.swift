@@ -156,13 +156,18 @@ final class WitnessClient: IOHandler, PeerConnectionDelegate {
             logger.info("witness: link to \(witness.name) up")
             onUp?()
         case .message(.stateChange(let change)) where change.flags & PeerFlags.State.reply != 0:
+            guard up else { return connection.close(reason: "protocol error: a reply from the witness before its hello") }
             guard let done = pending.removeValue(forKey: change.id) else { return }
             done(change.flags & PeerFlags.State.refused == 0 ? .recorded : .refused(peerRollsBack: change.flags & PeerFlags.State.rollingBack != 0))
         case .message(.disconnect(let reason, let text)):
             if reason == .roleConflict { onDeposed?(text) }
             connection.close(reason: "witness: \(text)")
-        case .message:
+        case .message(.pingAck):
             break
+        case .message(let message):
+            // A witness sends its hello, replies, pingAcks and disconnects, nothing else
+            // (peer.md 12): anything else is not a witness.
+            connection.close(reason: "protocol error: \(message.type) frame from the witness")
         }
     }
 

@@ -122,8 +122,8 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             connection.close(reason: "protocol error: \(why)")
         case .message(.hello(let hello)):
             let certificate = connection.certificateName
-            guard hello.resourceName == config.name, arbiter.isDataNode(hello.nodeID), link.node == nil,
-                  name(hello.nodeID) == certificate
+            guard link.node == nil else { return connection.close(reason: "protocol error: a second hello from \(certificate)") }
+            guard hello.resourceName == config.name, arbiter.isDataNode(hello.nodeID), name(hello.nodeID) == certificate
             else {
                 return connection.close(reason: "refusing '\(certificate)' (node \(hello.nodeID) of \(hello.resourceName)): not a data node of \(config.name)")
             }
@@ -188,9 +188,17 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
                 }
             }
         case .message(.ping(let pingID)):
+            guard link.node != nil else { return connection.close(reason: "protocol error: ping before hello") }
             connection.send(.pingAck(id: pingID))
-        case .message:
-            break
+        case .message(.disconnect):
+            break  // a node leaving: its close follows
+        case .message(.pingAck):
+            // The witness pings nobody: harmless after the hello, out of order before it.
+            guard link.node != nil else { return connection.close(reason: "protocol error: pingAck before hello") }
+        case .message(let message):
+            // Replication frames have no meaning here (peer.md 2.5, 12): whatever sent them is
+            // not a data node speaking to its witness.
+            connection.close(reason: "protocol error: \(message.type) frame on a witness link")
         }
     }
 
@@ -211,6 +219,8 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
         if let node = link.node, !links.values.contains(where: { $0.node == node }) {
             arbiter.disconnected(node)
             logger.warning("witness: lost \(name(node)): \(reason)")
+        } else if link.node == nil {
+            logger.warning("witness: dropped a link from '\(connection.certificateName)' before its hello: \(reason)")
         }
     }
 

@@ -9,7 +9,8 @@ import re
 import urllib.request
 
 import peerwire as W
-from conftest import free_port
+from conftest import TANDEM_BIN, free_port, make_backing, run
+from nodes import NodeProcesses
 from test_replication import SIZE, make_pair, pair, qemu_io, status  # noqa: F401 (fixtures)
 
 
@@ -173,3 +174,61 @@ def test_a_peer_that_never_reads_is_dropped_not_fatal(pair, tmp_path):
     finally:
         alpha.close()
     _real_primary_still_replicates(pair, tmp_path)
+
+
+class _WitnessAlone(NodeProcesses):
+    """A witness of a loopback resource, run alone: the test dials it as a data node."""
+
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        self.procs, self.logs = {}, {}
+        run([TANDEM_BIN, "certs", "--dir", str(tmp_path / "pki"), "--node", "alpha", "--node", "beta", "--node", "witness"])
+        self.port = free_port()
+        text = f'resource = "r0"\n\n[tls]\nca = "{tmp_path}/pki/ca-cert.pem"\n'
+        for i, name in enumerate(("alpha", "beta", "witness")):
+            port = self.port if name == "witness" else free_port()
+            text += (f'\n[[node]]\nname = "{name}"\nid = {i}\naddress = "127.0.0.1:{port}"\n'
+                     f'control = "{tmp_path}/{name}.sock"\ncert = "{tmp_path}/pki/{name}-cert.pem"\n'
+                     f'key = "{tmp_path}/pki/{name}-key.pem"\n')
+            if name == "witness":
+                text += 'role = "witness"\n'
+            else:
+                make_backing(tmp_path / f"{name}.img", SIZE)
+                text += f'device = "{tmp_path}/{name}.img"\nmetadata = "{tmp_path}/{name}.meta"\nnbd = "127.0.0.1:{free_port()}"\n'
+        self.resource = tmp_path / "r0.toml"
+        self.resource.write_text(text)
+
+
+def test_a_witness_refuses_frames_out_of_order_or_of_the_wrong_kind(tmp_path):
+    """A witness acted on pings before the hello and ignored replication frames: now each is a
+    protocol error (peer.md 11.1), and the witness goes on serving."""
+    w = _WitnessAlone(tmp_path)
+    w.start("witness", ())
+    try:
+        w.wait_for("witness", r"witness .*listening|listening")
+        cases = [
+            (lambda hello: W.ping(1), r"dropped a link from 'alpha' before its hello: protocol error: ping before hello"),
+            (lambda hello: W.trim(1, 0, 4096), r"dropped a link from 'alpha' before its hello: protocol error: trim frame on a witness link"),
+            (lambda hello: W.hello_as(hello, 0) + W.data(1, 0, b"\x5a" * 4096), r"lost alpha: protocol error: data frame on a witness link"),
+            (lambda hello: W.hello_as(hello, 0) + W.hello_as(hello, 0), r"lost alpha: protocol error: a second hello from alpha"),
+        ]
+        for make, reason in cases:
+            since = w.mark("witness")
+            s = W.dial(w.port, tmp_path / "pki", "alpha")
+            type_, _, hello = W.read_frame(s)
+            assert type_ == W.HELLO
+            s.sendall(make(hello))
+            assert W.until_closed(s), f"the witness drops the link ({reason})"
+            assert w.procs["witness"].poll() is None, w.log("witness")
+            w.wait_for("witness", reason, since=since)
+        # Still a witness: a proper hello and a ping are answered.
+        s = W.dial(w.port, tmp_path / "pki", "alpha")
+        _, _, hello = W.read_frame(s)
+        s.sendall(W.hello_as(hello, 0) + W.ping(7))
+        type_, sequence, _ = W.read_frame(s)
+        assert (type_, sequence) == (W.PING_ACK, 7)
+        s.close()
+    finally:
+        for p in w.procs.values():
+            p.kill()
+            p.wait()
