@@ -155,6 +155,13 @@ struct SimNode {
     /// it (what its power loss may take from its cache is `crash`'s model), and the node had no
     /// way to know (`--failover --primary-disk-errors --double-faults --switchover` 1857, 5922).
     var wroteAlone = false
+    /// This node submitted a client write to its disk without the peer (the write that starts a
+    /// generation of its own), answered or not: its disk may hold data the peer lacks, in a
+    /// generation the peer does not have. Both nodes so diverged is a split brain to the core
+    /// too (as DRBD's new current UUID at the first write): a write submitted alone and never
+    /// answered (the node killed just after its promotion) cannot be told from an answered one
+    /// after a crash (`--failover --double-faults --overlapping-writes` 108010).
+    var submittedAlone = false
 
     init(id: Int, meta: SimMetadata) {
         self.id = id

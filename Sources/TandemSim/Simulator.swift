@@ -328,6 +328,7 @@ final class World {
     func carry(_ i: Int, _ action: ReplicaCore.Action) {
         switch action {
         case .submitLocal(let io):
+            if case .client = io.tag, io.operation != .flush, !nodes[i].core.replicating { nodes[i].submittedAlone = true }
             submit(i, io)
         case .send(let message):
             send(i, .message(message))
@@ -393,6 +394,7 @@ final class World {
             if core.link == .connected && core.sync == .established && core.peerDisk == .upToDate && core.disk == .upToDate
                 && core.bitmap.setBitCount == 0 {
                 nodes[i].wroteAlone = false
+                nodes[i].submittedAlone = false
             }
             if options.witness {
                 if core.replicating || core.role != .primary { nodes[i].fenced = false }

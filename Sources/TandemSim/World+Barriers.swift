@@ -486,6 +486,8 @@ extension World {
         stabilized = ackLog.count
         nodes[0].wroteAlone = false
         nodes[1].wroteAlone = false
+        nodes[0].submittedAlone = false
+        nodes[1].submittedAlone = false
         switchover = .restoring(node: s, barrier: id)
         if nodes[s].rollbackSlow { count("rollback slow") }
         queue.push(now + rollbackStepNanos(s), .rollbackStep(node: s, life: nodes[s].life))

@@ -255,7 +255,9 @@ extension World {
         queue.push(now + 100 * SimTime.ms, .healCheck)
     }
 
-    var splitBrainTruth: Bool { nodes[0].wroteAlone && nodes[1].wroteAlone }
+    /// Both nodes hold writes the other lacks, acknowledged (a split brain the core must find) or
+    /// at least submitted to the disk alone (one it may find: `SimNode.submittedAlone`).
+    var splitBrainTruth: Bool { nodes.allSatisfy { $0.wroteAlone || $0.submittedAlone } }
 
     func healCheck() {
         if let i = promoteAfterResync, nodes[i].up, nodes[i].core.role == .secondary, nodes[i].core.link == .connected,
@@ -313,7 +315,7 @@ extension World {
         // A node rolling back stands alone until it is done (it neither dials nor accepts); the
         // heal deadline still catches one that never finishes.
         if nodes.contains(where: { $0.up && $0.core.link == .standalone && $0.rollbackRun == nil }) {
-            let states = nodes.map { n in n.up ? "n\(n.id) \(n.core.role) \(n.core.link) uuids \(n.core.uuids) wroteAlone \(n.wroteAlone)" : "n\(n.id) down" }
+            let states = nodes.map { n in n.up ? "n\(n.id) \(n.core.role) \(n.core.link) uuids \(n.core.uuids) wroteAlone \(n.wroteAlone) submittedAlone \(n.submittedAlone)" : "n\(n.id) down" }
             return fail("a node stands alone (split brain or unrelated data) though no split brain happened: \(states.joined(separator: "; "))")
         }
         let p = primaryNode

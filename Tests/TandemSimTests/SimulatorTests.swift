@@ -430,6 +430,15 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
     }
 
+    /// A checker error: a survivor promoted and killed 8 ms later had submitted a write alone
+    /// (starting its own generation) and answered none; the other node, promoted next, wrote.
+    /// The core found a split brain, which the checker, counting only answered writes, called
+    /// false. Data the peer lacks was on the disk either way (`SimNode.submittedAlone`).
+    @Test(arguments: SimRegressions.checkerUnansweredWriteAlone)
+    func aWriteSubmittedAloneAndNeverAnsweredStillDiverges(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
+    }
+
     @Test(arguments: SimRegressions.staleWasPrimaryWonTheTie)
     func aSecondaryIsNoCrashedPrimaryAfterItsResync(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
@@ -483,4 +492,5 @@ enum SimRegressions {
     static let checkerRollingBackStandsAlone: [UInt64] = [41428]
     static let recoveredRecordsUnsynced: [UInt64] = [40506]
     static let primaryOlderThanItsPeer: [UInt64] = [62106]
+    static let checkerUnansweredWriteAlone: [UInt64] = [108010]
 }
