@@ -96,15 +96,26 @@ public final class FaultInjectingEngine: IOEngine {
 
     /// Whether to fail this operation; counts it against `after`.
     private func fault(_ op: FaultRule.Operation, offset: UInt64, length: UInt64, userData: UInt64) -> Bool {
+        guard let errno = failure(op, offset: offset, length: length) else { return false }
+        injected.append(ctandem_cqe(user_data: userData, res: -errno, flags: 0))
+        return true
+    }
+
+    /// The errno to fail this operation with, if a rule says so; counts it against `after`.
+    private func failure(_ op: FaultRule.Operation, offset: UInt64, length: UInt64) -> Int32? {
         for i in rules.indices where rules[i].matches(op, offset: offset, length: length) {
             seen[i] += 1
             if seen[i] > rules[i].after, rules[i].count.map({ seen[i] <= rules[i].after + $0 }) ?? true {
-                injected.append(ctandem_cqe(user_data: userData, res: -rules[i].errno, flags: 0))
                 injectedCount += 1
-                return true
+                return rules[i].errno
             }
         }
-        return false
+        return nil
+    }
+
+    public func writeNow(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64) -> Int32 {
+        if let errno = failure(.write, offset: offset, length: UInt64(length)) { return -errno }
+        return inner.writeNow(fd: fd, buffer: buffer, length: length, offset: offset)
     }
 
     public func registerBuffers(_ iovecs: [iovec]) -> Bool { inner.registerBuffers(iovecs) }

@@ -15,6 +15,12 @@ public enum IOEngineKind: String, Sendable, CaseIterable {
 /// back with its result (bytes, or -errno) through `wait`. Callers own all memory they pass until
 /// the completion arrives. Operations never complete inside the call that starts them: results
 /// always come from `wait`, so handlers never recurse.
+extension IOEngine {
+    public func writeNow(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64) -> Int32 {
+        Int32(truncatingIfNeeded: ctandem_pwrite_flags(fd, buffer, length, offset, 0))
+    }
+}
+
 public protocol IOEngine: AnyObject {
     var kind: IOEngineKind { get }
     /// Why this engine was chosen (logged at start-up).
@@ -30,6 +36,11 @@ public protocol IOEngine: AnyObject {
     /// worker threads in parallel (io_uring would serialize buffered writes to one file on one
     /// io-wq worker, and libaio would block in io_submit).
     func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, offload: Bool, userData: UInt64)
+    /// Writes into the page cache now, on the caller's thread: for small whole-page writes
+    /// without FUA to a file opened without O_DIRECT, where a memcpy costs less than a trip
+    /// through a worker and back (io_uring serializes buffered writes to one file on one io-wq
+    /// worker). Returns bytes written or -errno; a fault-injecting engine applies its rules.
+    func writeNow(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64) -> Int32
     func fsync(fd: Int32, datasync: Bool, userData: UInt64)
     func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, userData: UInt64)
     func accept(fd: Int32, userData: UInt64)

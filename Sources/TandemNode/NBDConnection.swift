@@ -590,8 +590,12 @@ final class NBDConnection: IOHandler {
     /// (about 20 us of latency at QD1). Nothing else may block the loop: FUA, partial pages (which
     /// may read the page first), large writes and every direct-I/O write go to the engine.
     private func writesInline(_ request: NBDRequest) -> Bool {
-        server.device.cache == .page && !request.has(NBD.CommandFlag.fua) && request.length <= Self.inlineWriteBytesMax
-            && request.offset % 4096 == 0 && request.length % 4096 == 0
+        server.device.cache == .page && !request.has(NBD.CommandFlag.fua) && Self.writesInline(offset: request.offset, length: request.length)
+    }
+
+    /// Small whole-page writes (the page-cache part of the rule above).
+    static func writesInline(offset: UInt64, length: UInt32) -> Bool {
+        length <= inlineWriteBytesMax && offset % 4096 == 0 && length % 4096 == 0
     }
 
     static let inlineWriteBytesMax: UInt32 = 16 << 10
@@ -600,8 +604,7 @@ final class NBDConnection: IOHandler {
         let s = slots[index]
         let buffer = s.buffer!
         if s.done == 0 && writesInline(s.request) {
-            let n = ctandem_pwrite_flags(server.device.fd, buffer.pointer, Int(s.request.length), s.request.offset, 0)
-            return diskCompleted(Int32(index), Int32(n))
+            return diskCompleted(Int32(index), loop.engine.writeNow(fd: server.device.fd, buffer: buffer.pointer, length: Int(s.request.length), offset: s.request.offset))
         }
         opsInFlight += 1
         loop.engine.write(

@@ -1699,6 +1699,13 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             case .write:
                 let p: UnsafeMutableRawPointer
                 if case .resync(let key)? = io.buffer { p = resyncBuffers[key]!.pointer } else { p = pointer(for: io.buffer!) }
+                if device.cache == .page && !fua && NBDConnection.writesInline(offset: io.offset, length: io.length) {
+                    // As a single node does (`NBDConnection.writesInline`): a client's or the
+                    // peer's small write is copied into the page cache here and completes now.
+                    ops[index] = (io.tag, false)
+                    let n = loop.engine.writeNow(fd: device.fd, buffer: p, length: Int(io.length), offset: io.offset)
+                    return localCompleted(index, n == Int32(io.length) || n < 0 ? n : -EIO)
+                }
                 loop.engine.write(fd: device.fd, buffer: p, length: Int(io.length), offset: io.offset, fixedIndex: fixedIndex(for: io.buffer!), fua: fua,
                                   offload: device.cache == .page && io.length >= 65536, userData: userData)
             case .trim, .zeroes:

@@ -381,6 +381,29 @@ def test_a_failing_local_disk_is_served_through_the_peer(pair, tmp_path):
     assert beta[20 * MiB:21 * MiB] == b"\x63" * MiB
 
 
+def test_a_page_cache_pair_mirrors_small_writes_and_their_faults(pair, tmp_path):
+    """With --cache page, small whole-page writes are copied into the page cache on the loop
+    (no trip through the engine), on both nodes: they must still reach both files, and an
+    injected fault must still fail them (alpha detaches and serves through beta)."""
+    pair.up("beta", "--cache", "page")
+    pair.up("alpha", "--primary", "--cache", "page", "--inject-fault", "write:EIO:offset=8M-9M")
+    pair.wait_in_sync()
+    rep = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri={pair.uri}", "--rw=randwrite", "--bs=4k",
+                          "--iodepth=16", "--size=6M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                          "--output-format=json"], capture_output=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr.decode()
+    assert status(pair, "alpha")["disk"] == "UpToDate"
+    qemu_io(pair.uri, "write -P 0x64 8M 4k", "write -P 0x65 12M 8k", "flush", "read -P 0x64 8M 4k")
+    st = status(pair, "alpha")
+    assert st["disk"] == "Failed" and st["peer"]["disk"] == "UpToDate", st
+    assert "role primary, disk failed, peer disk upToDate" in pair.log("alpha")
+    beta = (tmp_path / "beta.img").read_bytes()
+    assert beta[8 * MiB:8 * MiB + 4096] == b"\x64" * 4096 and beta[12 * MiB:12 * MiB + 8192] == b"\x65" * 8192
+    # What fio wrote before the fault is on both files.
+    alpha = (tmp_path / "alpha.img").read_bytes()
+    assert alpha[:6 * MiB] == beta[:6 * MiB] and alpha[:6 * MiB].count(0) < 6 * MiB
+
+
 def test_a_writeback_error_taken_by_the_resync_checkpoint_reaches_the_next_flush(make_pair, tmp_path):
     """The resync checkpoint syncs the device once a second. Linux reports a writeback error to
     one fsync per open file description: the checkpoint's result was ignored, so the error was
