@@ -74,6 +74,26 @@ def test_tls_exports_are_benchmarked_over_nbds(tmp_path):
     assert "tandem-tls" in cp.stdout_text
 
 
+def test_a_page_cache_pair_is_compared_with_the_page_cache_node(tmp_path):
+    """--replicated-cache page runs both nodes with --cache page and compares the pair with
+    tandem-page (and nbdkit), not tandem-direct."""
+    out = tmp_path / "rp.json"
+    cp = run([TANDEM_BIN, "bench", "--quick", "--size", "16M", "--runtime", "1", "--ramp-time", "0",
+              "--jobs", "rand-write-4k", "--connections", "1", "--replicated-cache", "page",
+              "--servers", "tandem-page,tandem-replicated", "--no-resync", "--no-tls-link",
+              "--dir", tmp_path, "--json", out], timeout=150)
+    report = json.loads(out.read_text())
+    assert report["options"]["replicated_cache"] == "page"
+    assert report["servers"]["tandem-replicated"]["replicas_identical"] is True
+    summary = report["replicated_summary"]
+    assert summary["rand_write_4k_vs_tandem_page"] > 0, summary
+    assert "rand_write_4k_vs_tandem_direct" not in summary
+    assert "alpha (primary, --cache page)" in cp.stdout_text, cp.stdout_text
+    for node in ("alpha", "beta"):
+        first = (tmp_path / "rp-logs" / f"tandem-replicated-{node}.log").read_text().splitlines()[0]
+        assert " up " in first and f"--node {node} --cache page" in first, first
+
+
 def test_nbd_server_runs_as_a_daemon(tmp_path):
     """nbd-server is started through its own class (a daemon found by PID)."""
     import shutil
