@@ -92,6 +92,13 @@ def check_acked(uri, writers):
     return sum(len(w.acked) for w in writers)
 
 
+def partition_pair(c):
+    """Cuts alpha from beta and waits until both have noticed."""
+    c.partition("alpha", "beta")
+    c.wait_for("beta", "link to alpha down")
+    c.wait_for("alpha", "link to beta down")
+
+
 def start_writers(uri, regions, tag, passes=1000):
     writers = [Writer(uri, start, end, tag + i, passes) for i, (start, end) in enumerate(regions)]
     for w in writers:
@@ -189,9 +196,7 @@ def test_split_brain_is_detected_and_discard_my_data_resolves_it(make_cluster, t
     c.up("beta")
     c.up("alpha", "--primary")
     c.wait_connected()
-    c.partition("alpha", "beta")
-    c.wait_for("beta", "link to alpha down")
-    c.wait_for("alpha", "link to beta down")
+    partition_pair(c)
     # Both sides write while apart: alpha as the primary it was, beta promoted by force.
     c.tandem("primary", "--node", "beta", "--force")
     a = start_writers(c.uri("alpha"), [(0, 2 * MiB)], tag=900, passes=1)
@@ -235,9 +240,7 @@ def test_a_primary_older_than_its_returning_peer_is_named_and_resyncs_once_demot
     c.up("beta")
     c.up("alpha", "--primary")
     c.wait_connected()
-    c.partition("alpha", "beta")
-    c.wait_for("beta", "link to alpha down")
-    c.wait_for("alpha", "link to beta down")
+    partition_pair(c)
     # alpha writes alone, then goes away; beta is promoted without those writes and writes nothing.
     a = start_writers(c.uri("alpha"), [(0, 2 * MiB)], tag=300, passes=1)
     a[0].join(timeout=60)
