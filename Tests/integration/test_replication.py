@@ -390,7 +390,7 @@ def test_a_page_cache_pair_mirrors_small_writes_and_their_faults(pair, tmp_path)
     pair.wait_in_sync()
     rep = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri={pair.uri}", "--rw=randwrite", "--bs=4k",
                           "--iodepth=16", "--size=6M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-                          "--output-format=json"], capture_output=True, timeout=120)
+                          "--verify_state_save=0", "--output-format=json"], capture_output=True, timeout=120, cwd=tmp_path)
     assert rep.returncode == 0, rep.stderr.decode()
     assert status(pair, "alpha")["disk"] == "UpToDate"
     qemu_io(pair.uri, "write -P 0x64 8M 4k", "write -P 0x65 12M 8k", "flush", "read -P 0x64 8M 4k")
