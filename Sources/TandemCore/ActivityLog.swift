@@ -389,6 +389,14 @@ public struct ActivityLog: Sendable {
     /// Extents in the table (hot, or becoming hot). Slots are never emptied, only reused.
     public private(set) var extentsInUse = 0
 
+    /// Calls `body` with each extent in the table (in use or idle, not yet evicted): what a
+    /// crash now would resync, as every completed write outside them was synced before its
+    /// extent was evicted. A disk detached now is never synced again, so it may lack writes
+    /// inside them.
+    public func forEachExtentInTable(_ body: (_ extent: Int) throws -> Void) rethrows {
+        for extent in slotExtent where extent != ActivityLog.emptyExtent { try body(Int(extent)) }
+    }
+
     /// Updates gathered for the transaction after the one in flight.
     public var queuedUpdateCount: Int { batchCount }
 

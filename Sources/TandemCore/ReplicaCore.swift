@@ -474,6 +474,17 @@ public struct ReplicaCore {
     private mutating func finishFlushIfDone(_ id: UInt64, into actions: inout [Action]) {
         guard let flush = flushes[id], flush.localDone, !flush.peerPending else { return }
         flushes[id] = nil
+        if flush.localResult < 0 && flush.peerResult == 0 && peerIsFullCopy {
+            // The writes this flush covers may not be on the local disk, and the peer's flush
+            // made every write it got durable there: handled as a failed write (and as
+            // `localSyncFailed`), the disk detaches and the peer's flush answers. Kept, the disk
+            // stayed UpToDate without them, and a demotion (the switchover's flush) handed the
+            // pair a copy that lost them at its next power loss (`--witness --switchover
+            // --primary-disk-errors` 103288). Without the peer's flush (it failed, or the link
+            // went down first) the local disk may hold the only copy: it stays, and the client
+            // hears of the error (109210, with a detach at the local error alone).
+            detachLocalDisk(into: &actions)
+        }
         // A peer that failed its flush is out of sync, not the client's problem; a detached local
         // disk leaves the peer's answer as the only one.
         actions.append(.completeClientFlush(id: id, result: disk == .failed ? flush.peerResult : flush.localResult))
@@ -530,12 +541,18 @@ public struct ReplicaCore {
         if role == .secondary {
             failUnacknowledgedResyncRuns(code: UInt32(min(-Int64(result), Int64(PeerProtocol.resultMax))), into: &actions)
             detachAfterReplicationError(into: &actions)
-        } else if link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount == 0 {
+        } else if peerIsFullCopy {
             detachLocalDisk(into: &actions)
         } else {
             writebackErrorPending = result
         }
         return disk == .failed
+    }
+
+    /// A primary whose peer holds every block (connected, in sync, UpToDate, nothing marked):
+    /// its local disk can detach after an error and the peer serve.
+    private var peerIsFullCopy: Bool {
+        role == .primary && link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount == 0
     }
 
     /// A writeback error a sync of no request took (`localSyncFailed`), for the next local flush
@@ -1163,9 +1180,11 @@ public struct ReplicaCore {
     public mutating func demote(into actions: inout [Action]) -> RoleChangeRefusal? {
         guard role != .secondary else { return nil }
         guard writes.isEmpty && flushes.isEmpty else { return .requestsInFlight(writes.count + flushes.count) }
-        if link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount > 0 {
+        if disk == .upToDate && link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount > 0 {
             // The peer may lack these blocks (a transfer log that overflowed): promoted, it would
-            // serve them stale. Copy them first; the demotion works once the resync ends.
+            // serve them stale. Copy them first; the demotion works once the resync ends. A
+            // detached disk's marks are what it lacks itself (the peer has those blocks), and
+            // it cannot be a resync source anyway.
             let bytes = bitmap.outOfSyncBytes
             resyncMarked(into: &actions)
             return .outOfSync(bytes)

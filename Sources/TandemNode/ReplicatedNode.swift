@@ -165,6 +165,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// The write-intent log: a write to a cold extent waits until a transaction naming it is on
     /// disk, so after a crash as primary only the hot extents need a resync.
     private var activityLog: ActivityLog
+    /// The disk detached while primary, and the log's extents were marked out of sync for it.
+    private var logMarkedAtDetach = false
     /// Client writes waiting for room in the log, in arrival order.
     private var waitingForLog: [(connection: NBDConnection, slot: Int, request: NBDRequest)] = []
     private let transactionBuffer: UnsafeMutableRawPointer
@@ -1554,6 +1556,19 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 }
             case .stateChanged(let status):
                 logger.info("replication: role \(status.role), disk \(status.disk), peer disk \(status.peerDisk.map { "\($0)" } ?? "unknown"), link \(status.link), \(status.sync), \(status.outOfSyncBytes) bytes out of sync")
+                if status.disk == .failed && status.role == .primary && !logMarkedAtDetach {
+                    // A disk detached while primary is never synced again (an eviction skips the
+                    // sync), so it may lack any write in the log's extents: outside them every
+                    // write was synced before its extent was evicted. Once this node demotes or
+                    // stops cleanly no crash recovery marks them, so the bitmap must, or the
+                    // resync after its next attach skips what a power loss took from its cache
+                    // (simulator seed 103288).
+                    logMarkedAtDetach = true
+                    activityLog.forEachExtentInTable { extent in
+                        let range = activityLog.byteRange(ofExtent: extent)
+                        core.markOutOfSync(offset: range.offset, length: range.length)
+                    }
+                }
                 // Every state change is rare and worth keeping across a crash (a resync target's
                 // Inconsistent mark above all).
                 persistMetadata()

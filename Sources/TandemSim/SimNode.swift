@@ -81,6 +81,9 @@ struct SimNode {
     /// The node's in-memory superblock flags (what `persistMetadata` starts from).
     var superblockFlags: Superblock.Flags = []
     var activityLog = SimLayout.activityLog(nextSequence: 1)
+    /// The disk detached while primary and the activity log's extents were marked for it
+    /// (`ReplicatedNode.logMarkedAtDetach`); reset at every start.
+    var logMarkedAtDetach = false
     var connection: Int?
     /// The undo store's files (they survive crashes; see `SimUndoStore`).
     var undo = SimUndoStore()

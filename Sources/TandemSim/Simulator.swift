@@ -387,6 +387,19 @@ final class World {
             recordBarrierRequested(i, info)
         case .stateChanged(let status):
             record(.state(node: i, status))
+            if status.disk == .failed && status.role == .primary && !nodes[i].logMarkedAtDetach {
+                // As the node: a disk detached while primary is never synced again, so it may
+                // lack any write in the activity log's extents (outside them every write was
+                // synced before its extent was evicted); once the node demotes or stops, no
+                // crash recovery marks them, so the bitmap must (`--witness --switchover
+                // --primary-disk-errors` 103288).
+                nodes[i].logMarkedAtDetach = true
+                let log = nodes[i].activityLog
+                log.forEachExtentInTable { extent in
+                    let range = log.byteRange(ofExtent: extent)
+                    nodes[i].core.markOutOfSync(offset: range.offset, length: range.length)
+                }
+            }
             persistMetadata(i)
             // As the node: a fresh UUID always ready for the first write without the peer.
             if nodes[i].core.spareUUID == nil { nodes[i].core.spareUUID = freshUUID() }
@@ -456,6 +469,7 @@ final class World {
             flags.insert(.crashedPrimary)
         }
         node.activityLog = SimLayout.activityLog(nextSequence: recovery.nextSequence)
+        node.logMarkedAtDetach = false
         var disk: PeerDiskState = flags.contains(.resyncTarget) || !flags.contains(.consistent) ? .inconsistent : .upToDate
         if disk == .upToDate && flags.contains(.outdated) { disk = .outdated }
         if disk == .upToDate && role == .secondary && options.witness {

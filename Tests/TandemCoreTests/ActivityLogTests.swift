@@ -137,6 +137,21 @@ import TandemCore
         al.checkInvariants()
     }
 
+    /// What a node marks when its disk detaches while primary: the extents a crash would resync,
+    /// idle ones included, evicted ones not (simulator seed 103288).
+    @Test func extentsInTableAreWhatACrashWouldResync() {
+        var al = Self.small()
+        var ring = Self.blankRing(4)
+        Self.warm(&al, &ring, Array(0..<8))
+        #expect(al.beginWrite(offset: 2 * Self.extent, length: 1) == .proceed)  // one in use, the rest idle
+        guard case .needTransaction(let tx) = al.beginWrite(offset: 10 * Self.extent, length: 1) else { Issue.record(); return }
+        #expect(Self.persist(tx, &al, &ring) == nil)
+        var inTable: [Int] = []
+        al.forEachExtentInTable { inTable.append($0) }
+        #expect(inTable.sorted() == Self.recover(ring).hotExtents)
+        #expect(inTable.sorted() == [1, 2, 3, 4, 5, 6, 7, 10], "extent 0 was evicted")
+    }
+
     @Test func busyLogAsksToWaitAndTakesNothing() {
         var al = Self.small()
         var ring = Self.blankRing(4)

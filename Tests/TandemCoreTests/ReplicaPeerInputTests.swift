@@ -163,6 +163,68 @@ import Testing
         #expect(other.flushed[3] == 0 && other.primaryDisk.isEmpty, "a detached disk is not flushed")
     }
 
+    /// Found by the simulator (`--witness --switchover --primary-disk-errors` 103288): the
+    /// switchover's flush failed on the primary's disk, which stayed UpToDate through the
+    /// demotion without the writes the flush covered; a power loss took them later, and no mark
+    /// made the resync copy them. A failed client flush is handled as a failed write: with a
+    /// full copy on the peer the disk detaches and the peer's flush answers; the node marks the
+    /// activity log's extents, and a detached disk's marks do not hold up the demotion.
+    @Test func aFailedClientFlushDetachesAPrimaryWhosePeerIsAFullCopy() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        pair.flush(100)
+        pair.completePrimary(.clientFlush(100), -5)
+        #expect(pair.primary.disk == .upToDate, "until the peer's flush made its copy durable, this disk may hold the only one")
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerFlush(100))
+        pair.deliverToPrimary()
+        #expect(pair.primary.disk == .failed && pair.primary.localFlags.contains(.resyncTarget))
+        #expect(!pair.primary.localFlags.contains(.consistent))
+        #expect(pair.flushed[100] == 0, "the peer's flush covers the data")
+        pair.deliverToSecondary()
+        #expect(pair.secondary.peerDisk == .failed)
+        pair.primary.markOutOfSync(offset: 0, length: 1 << 20)  // as the node: the log's extents
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.primary.demote(into: &actions) == nil)
+        pair.applyPrimary(actions)
+        #expect(pair.primary.role == .secondary && pair.primary.bitmap.isDirty(offset: 0, length: 4096))
+    }
+
+    /// Without the peer's flush the local disk may hold the only durable copy: it stays, and
+    /// the client hears of the error (seed 109210 lost a write when it detached at once: the
+    /// peer had lost power with it in its cache).
+    @Test func aFailedClientFlushKeepsTheDiskWhenThePeerFlushFails() {
+        var pair = Pair()
+        pair.write(1, at: 0)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        pair.flush(100)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerFlush(100), -5)
+        pair.deliverToPrimary()
+        pair.completePrimary(.clientFlush(100), -5)
+        #expect(pair.primary.disk == .upToDate && pair.flushed[100] == -5)
+    }
+
+    /// Without a full copy on the peer the disk stays (the client hears of the error).
+    @Test func aFailedClientFlushKeepsTheDiskOfAPrimaryWhosePeerIsNoFullCopy() {
+        var pair = Pair()
+        pair.resyncAfterWriteAlone(4096)
+        #expect(pair.primary.sync == .syncSource)
+        pair.flush(10)
+        pair.completePrimary(.clientFlush(10), -5)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerFlush(10))
+        pair.deliverToPrimary()
+        #expect(pair.primary.disk == .upToDate && pair.flushed[10] == -5)
+    }
+
     /// A resync source's peer is no full copy: detached, the primary would read a disk that no
     /// longer gets the writes. It keeps the disk, and its next flush reports the error the sync
     /// took (as the kernel would have), once.

@@ -291,6 +291,19 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
     }
 
+    /// The switchover's flush failed on the primary's disk, and the node demoted with that disk
+    /// still UpToDate: a write the flush covered (acknowledged, durable on the peer) sat only in
+    /// its volatile cache, and the clean demotion dropped the activity log that a crash would
+    /// have resynced. The disk detached later (a failed replicated write, which marked only that
+    /// write), a power loss took the cached block, and the resync after the restart copied only
+    /// the marked blocks: connected and in sync, the replicas differed. Now a failed client
+    /// flush with a full copy on the peer detaches the disk, and a disk detached while primary
+    /// marks the log's extents.
+    @Test(arguments: SimRegressions.failedDemotionFlushKeptTheDisk)
+    func aFailedFlushOnAPrimaryDetachesAndMarksItsLog(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
+    }
+
     /// A primary killed with acknowledged writes in its volatile cache restarted (the machine
     /// kept the cache) and then lost power before it connected: as a crashed primary it was the
     /// source of its hot extents, and copied the older blocks over the peer's (now the node syncs
@@ -493,4 +506,5 @@ enum SimRegressions {
     static let recoveredRecordsUnsynced: [UInt64] = [40506]
     static let primaryOlderThanItsPeer: [UInt64] = [62106]
     static let checkerUnansweredWriteAlone: [UInt64] = [108010]
+    static let failedDemotionFlushKeptTheDisk: [UInt64] = [103288]
 }
