@@ -404,6 +404,34 @@ def test_a_page_cache_pair_mirrors_small_writes_and_their_faults(pair, tmp_path)
     assert alpha[:6 * MiB] == beta[:6 * MiB] and alpha[:6 * MiB].count(0) < 6 * MiB
 
 
+def test_a_failed_flush_on_the_primary_detaches_its_disk_and_marks_its_hot_extents(pair, tmp_path):
+    """A client FLUSH that fails on the primary's disk while the peer's succeeds: the writes it
+    covers may not be on the local disk, so the disk detaches (the peer's answer goes to the
+    client), and the extents the activity log holds hot are marked, since nothing syncs a
+    detached disk again (simulator seed 103288). Its next attach resyncs them from the peer."""
+    pair.up("beta")
+    pair.up("alpha", "--primary", "--inject-fault", "flush:EIO:count=1")
+    pair.wait_in_sync()
+    qemu_io(pair.uri, "write -P 0x66 8M 64k", "flush")
+    st = status(pair, "alpha")
+    assert st["disk"] == "Failed" and st["peer"]["disk"] == "UpToDate", st
+    # At least the 4 MiB extent written into is marked (the log's other hot extents too).
+    assert st["peer"]["out_of_sync_bytes"] >= 4 * MiB, st
+    qemu_io(pair.uri, "read -P 0x66 8M 64k")
+    # The operator demotes alpha (its marks are what it lacks, not what beta lacks: no resync
+    # from a detached disk holds the demotion up) and restarts it: it attaches as a resync target
+    # of beta and catches up.
+    cp = run([TANDEM_BIN, "secondary", str(pair.resource), "--node", "alpha"], check=False, timeout=30)
+    assert cp.returncode == 0, cp.stderr_text
+    assert pair.stop("alpha") == 0
+    since = pair.mark("beta")
+    pair.up("alpha")
+    pair.wait_for("beta", r"syncSource, \d+ bytes out of sync", since=since)
+    pair.wait_for("beta", r"disk upToDate, peer disk upToDate, link connected, established, 0 bytes out of sync", since=since)
+    assert pair.stop("alpha") == 0 and pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
 def test_a_writeback_error_taken_by_the_resync_checkpoint_reaches_the_next_flush(make_pair, tmp_path):
     """The resync checkpoint syncs the device once a second. Linux reports a writeback error to
     one fsync per open file description: the checkpoint's result was ignored, so the error was
