@@ -98,7 +98,8 @@ extension World {
         count("al transaction")
         if tx.evictedCount > 0 {
             count("al eviction")
-            nodes[i].disk.flushNow()
+            // As the node: a detached disk is not synced (its writes are marked instead).
+            if nodes[i].core.disk != .failed { nodes[i].disk.flushNow() }
             persistMetadata(i)
         }
         let bytes = nodes[i].activityLog.encoded(tx)
