@@ -2,6 +2,7 @@
 #include <string.h>
 
 #if defined(__x86_64__)
+#include <immintrin.h>
 #include <nmmintrin.h>
 
 int ctandem_crc32c_hardware(void) {
@@ -71,10 +72,91 @@ static uint32_t crc32c_shift(uint32_t zeros[][256], uint32_t crc) {
     return zeros[0][crc & 0xff] ^ zeros[1][(crc >> 8) & 0xff] ^ zeros[2][(crc >> 16) & 0xff] ^ zeros[3][crc >> 24];
 }
 
+// Folding with carry-less multiplies (VPCLMULQDQ, 512 bits at a time), where the CPU has it:
+// about 55 GB/s from 4 KiB on this machine's EPYC, against 19-24 for the three crc32 chains
+// below. Each 128-bit lane of an accumulator holds 128 message bits; moving them `bits` further
+// along the message multiplies them by x^bits mod P, split over the lane's two halves:
+// low qword (the higher-degree half, bit-reflected) times x^(bits+64), high qword times x^bits.
+// A carry-less product of two bit-reflected operands carries one extra factor x, hence the -1.
+// The folded 128 bits are then a message with the same CRC as everything folded into them,
+// and the crc32 instruction finishes them and the tail (Intel, "Fast CRC Computation for
+// Generic Polynomials Using PCLMULQDQ", 2009, with the final reduction left to crc32).
+static int crc32c_vpclmul;
+static uint64_t crc32c_fold[7][2]; // by 128, 256, 384, 512, 1024, 1536, 2048 bits
+
+static uint32_t crc32c_xpow(uint64_t n) { // x^n mod P, bit-reflected (bit 31 is x^0)
+    uint32_t v = 0x80000000u;
+    while (n--) v = (v & 1) ? (v >> 1) ^ CRC32C_POLY : v >> 1;
+    return v;
+}
+
 // Pure tables, filled once before main; nothing changes them afterwards.
 __attribute__((constructor)) static void crc32c_init_tables(void) {
     crc32c_zeros(crc32c_long, CRC32C_LONG);
     crc32c_zeros(crc32c_short, CRC32C_SHORT);
+    static const uint64_t bits[7] = {128, 256, 384, 512, 1024, 1536, 2048};
+    for (int i = 0; i < 7; i++) {
+        crc32c_fold[i][0] = (uint64_t)crc32c_xpow(bits[i] + 64 - 1) << 32;
+        crc32c_fold[i][1] = (uint64_t)crc32c_xpow(bits[i] - 1) << 32;
+    }
+    __builtin_cpu_init();
+    crc32c_vpclmul = __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("avx512f")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vpclmulqdq") && __builtin_cpu_supports("pclmul");
+}
+
+#define CRC32C_VPCLMUL_MIN 512
+#define VP_TARGET __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse4.2")))
+
+VP_TARGET static inline __m512i crc32c_fold_k(int i) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)crc32c_fold[i]));
+}
+
+VP_TARGET static inline __m512i crc32c_fold512(__m512i x, __m512i k, __m512i data) {
+    return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x, k, 0x00), _mm512_clmulepi64_epi128(x, k, 0x11), data, 0x96);
+}
+
+VP_TARGET static inline __m128i crc32c_fold128(__m128i x, int i, __m128i data) {
+    __m128i k = _mm_loadu_si128((const __m128i *)crc32c_fold[i]);
+    return _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11)), data);
+}
+
+// Folds whole 64-byte blocks of `*len` (at least 256 bytes) and returns the register after them;
+// `*at` and `*len` move past what was consumed (less than 64 bytes remain).
+VP_TARGET static uint32_t crc32c_vpclmul_blocks(uint32_t reg, const unsigned char **at, size_t *len) {
+    const unsigned char *p = *at;
+    size_t n = *len;
+    __m512i a0 = _mm512_loadu_si512(p), a1 = _mm512_loadu_si512(p + 64);
+    __m512i a2 = _mm512_loadu_si512(p + 128), a3 = _mm512_loadu_si512(p + 192);
+    // The register enters as the first 32 message bits (what the crc32 instruction does).
+    a0 = _mm512_xor_si512(a0, _mm512_castsi128_si512(_mm_cvtsi32_si128((int)reg)));
+    p += 256;
+    n -= 256;
+    const __m512i k2048 = crc32c_fold_k(6);
+    while (n >= 256) { // four independent chains hide the multiplier's latency
+        a0 = crc32c_fold512(a0, k2048, _mm512_loadu_si512(p));
+        a1 = crc32c_fold512(a1, k2048, _mm512_loadu_si512(p + 64));
+        a2 = crc32c_fold512(a2, k2048, _mm512_loadu_si512(p + 128));
+        a3 = crc32c_fold512(a3, k2048, _mm512_loadu_si512(p + 192));
+        p += 256;
+        n -= 256;
+    }
+    const __m512i k512 = crc32c_fold_k(3);
+    __m512i x = crc32c_fold512(a0, crc32c_fold_k(5), a3);
+    x = crc32c_fold512(a1, crc32c_fold_k(4), x);
+    x = crc32c_fold512(a2, k512, x);
+    while (n >= 64) {
+        x = crc32c_fold512(x, k512, _mm512_loadu_si512(p));
+        p += 64;
+        n -= 64;
+    }
+    __m128i r = crc32c_fold128(_mm512_extracti32x4_epi32(x, 0), 2, _mm512_extracti32x4_epi32(x, 3));
+    r = crc32c_fold128(_mm512_extracti32x4_epi32(x, 1), 1, r);
+    r = crc32c_fold128(_mm512_extracti32x4_epi32(x, 2), 0, r);
+    uint64_t c = _mm_crc32_u64(0, (uint64_t)_mm_cvtsi128_si64(r));
+    c = _mm_crc32_u64(c, (uint64_t)_mm_extract_epi64(r, 1));
+    *at = p;
+    *len = n;
+    return (uint32_t)c;
 }
 
 static inline uint64_t load64(const unsigned char *p) {
@@ -106,6 +188,7 @@ __attribute__((target("sse4.2"))) static uint64_t crc32c_stripes(
 
 __attribute__((target("sse4.2"))) uint32_t ctandem_crc32c_update(uint32_t reg, const void *data, size_t len) {
     const unsigned char *p = data;
+    if (crc32c_vpclmul && len >= CRC32C_VPCLMUL_MIN) reg = crc32c_vpclmul_blocks(reg, &p, &len);
     uint64_t crc = reg;
     // Align to eight bytes so the stripes' loads do not split cache lines.
     while (len && ((uintptr_t)p & 7)) {

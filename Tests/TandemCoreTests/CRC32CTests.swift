@@ -91,4 +91,21 @@ typealias MetadataTestRNG = SplitMix64
             }
         }
     }
+
+    /// From 512 bytes a CPU with VPCLMULQDQ folds 64-byte blocks with carry-less multiplies
+    /// (four chains of 256 bytes, then one, then the lanes), and the crc32 paths take the rest.
+    @Test func carrylessFoldingAgreesWithTheTableAroundEveryBoundary() {
+        var rng = SplitMix64(seed: 0xF01D)
+        let bytes = (0..<(1 << 20) + 64).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        bytes.withUnsafeBytes { raw in
+            var lengths = [255, 256, 257, 511, 512, 513, 575, 576, 577, 767, 768, 831, 1023, 1024, 1025, 4096, 4096 + 63, 16384 + 320, 1 << 20]
+            for _ in 0..<60 { lengths.append(512 + rng.below(1 << 20 - 512)) }
+            for length in lengths {
+                let shift = rng.below(64)
+                let slice = UnsafeRawBufferPointer(rebasing: raw[shift..<shift + length])
+                let seed = UInt32(truncatingIfNeeded: rng.next())
+                #expect(CRC32C.checksum(slice, seed: seed) == ~CRC32C.advanceByTable(~seed, slice), "length \(length) shift \(shift)")
+            }
+        }
+    }
 }
