@@ -101,7 +101,7 @@ func negotiatedSession(_ export: NBDExport) -> NBDSession {
         at += consumed
         switch action {
         case .enterTransmission(_, let session):
-            precondition(session.structuredReplies && session.baseAllocation, "handshake settled \(session)")
+            precondition(session.structuredReplies && session.contexts.map(\.kind) == [.baseAllocation], "handshake settled \(session)")
             return session
         case .needMore where consumed > 0, .send:
             continue
