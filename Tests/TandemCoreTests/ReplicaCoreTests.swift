@@ -91,6 +91,15 @@ struct Pair {
         applyPrimary(actions)
     }
 
+    /// A write through both disks and answered: what a flush then covers.
+    mutating func writeDoneOnBoth(_ id: UInt64, at offset: UInt64) {
+        write(id, at: offset)
+        deliverToSecondary()
+        completeSecondary(.peerWrite(id))
+        deliverToPrimary()
+        completePrimary(.client(id))
+    }
+
     mutating func flush(_ id: UInt64) {
         var actions: [ReplicaCore.Action] = []
         primary.clientFlush(id: id, into: &actions)
@@ -278,11 +287,7 @@ struct Pair {
 
     @Test func aFailedPeerFlushLeavesWhatItCoveredOutOfSync() {
         var pair = Pair()
-        pair.write(1, at: 0)
-        pair.deliverToSecondary()
-        pair.completeSecondary(.peerWrite(1))
-        pair.deliverToPrimary()
-        pair.completePrimary(.client(1))
+        pair.writeDoneOnBoth(1, at: 0)
         pair.flush(100)
         pair.deliverToSecondary()
         pair.completeSecondary(.peerFlush(100), -5)
@@ -295,11 +300,7 @@ struct Pair {
     @Test func linkLossMarksWhatThePeerMayLackAndFinishesLocally() {
         var pair = Pair()
         // Write 1: acked by the peer, not flushed. Write 2: never reached the peer.
-        pair.write(1, at: 0)
-        pair.deliverToSecondary()
-        pair.completeSecondary(.peerWrite(1))
-        pair.deliverToPrimary()
-        pair.completePrimary(.client(1))
+        pair.writeDoneOnBoth(1, at: 0)
         pair.write(2, at: 1 << 20, 65536)
         pair.completePrimary(.client(2))
         #expect(pair.completed[2] == nil)

@@ -171,11 +171,7 @@ import Testing
     /// activity log's extents, and a detached disk's marks do not hold up the demotion.
     @Test func aFailedClientFlushDetachesAPrimaryWhosePeerIsAFullCopy() {
         var pair = Pair()
-        pair.write(1, at: 0)
-        pair.deliverToSecondary()
-        pair.completeSecondary(.peerWrite(1))
-        pair.deliverToPrimary()
-        pair.completePrimary(.client(1))
+        pair.writeDoneOnBoth(1, at: 0)
         pair.flush(100)
         pair.completePrimary(.clientFlush(100), -5)
         #expect(pair.primary.disk == .upToDate, "until the peer's flush made its copy durable, this disk may hold the only one")
@@ -199,11 +195,7 @@ import Testing
     /// peer had lost power with it in its cache).
     @Test func aFailedClientFlushKeepsTheDiskWhenThePeerFlushFails() {
         var pair = Pair()
-        pair.write(1, at: 0)
-        pair.deliverToSecondary()
-        pair.completeSecondary(.peerWrite(1))
-        pair.deliverToPrimary()
-        pair.completePrimary(.client(1))
+        pair.writeDoneOnBoth(1, at: 0)
         pair.flush(100)
         pair.deliverToSecondary()
         pair.completeSecondary(.peerFlush(100), -5)
