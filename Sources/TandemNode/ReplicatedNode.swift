@@ -260,6 +260,24 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// Local verify reads still on the disk when their pass ended (the link dropped): the buffer
     /// is the engine's until the read completes, and the slot is not reused until then.
     private var verifyOrphans: [Int: PoolBuffer] = [:]
+    /// Slots of a pass that ended with the link up (a demotion) whose digests the peer still
+    /// owes: dropped when they come, not taken for protocol errors; the slots wait for them.
+    private var verifyDigestsOwed: Set<Int> = []
+
+    /// Ends a running pass early, keeping what it found (marked blocks stay marked).
+    private func stopVerify(by why: String, linkUp: Bool) {
+        guard let v = verify else { return }
+        for (slot, chunk) in v.chunks.enumerated() {
+            guard let chunk else { continue }
+            // A chunk that still holds its buffer has its local read in flight.
+            if let buffer = chunk.buffer { verifyOrphans[slot] = buffer }
+            if linkUp && chunk.peer == nil { verifyDigestsOwed.insert(slot) }
+        }
+        verify = nil
+        lastVerify = (v.checkedBytes, v.mismatchedBytes, v.unreadableBytes)
+        logger.warning("verify: stopped by \(why) after \(v.checkedBytes) bytes (\(v.mismatchedBytes) differ)")
+        admitWaitingWrites()
+    }
 
     private var verify: Verify?
     /// The last verify's result, for status.
@@ -1293,15 +1311,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         if reason.hasPrefix("TLS") { tlsFailures &+= 1 }
         link = nil
         lastHeardNanos = 0
-        if let v = verify {
-            // The pass cannot finish without the peer: keep what it found so far.
-            // A chunk that still holds its buffer has its local read in flight.
-            for (slot, chunk) in v.chunks.enumerated() { if let buffer = chunk?.buffer { verifyOrphans[slot] = buffer } }
-            verify = nil
-            lastVerify = (v.checkedBytes, v.mismatchedBytes, v.unreadableBytes)
-            admitWaitingWrites()
-            logger.warning("verify: stopped by the link loss after \(v.checkedBytes) bytes (\(v.mismatchedBytes) differ)")
-        }
+        // The pass cannot finish without the peer: keep what it found so far.
+        stopVerify(by: "the link loss", linkUp: false)
+        verifyDigestsOwed.removeAll()
         if lastLinkFailure == reason && core.link != .connected && core.link != .handshaking {
             // The same failure again (a peer refusing us while StandAlone): once is enough.
             logger.debug("replication: link to \(peer.name) down: \(reason)")
@@ -1820,7 +1832,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     private func pumpVerify() {
         guard var v = verify, let link else { return }
-        for slot in 0..<Self.verifyWindow where v.chunks[slot] == nil && verifyOrphans[slot] == nil && v.next < device.size {
+        for slot in 0..<Self.verifyWindow where v.chunks[slot] == nil && verifyOrphans[slot] == nil && !verifyDigestsOwed.contains(slot) && v.next < device.size {
             let length = UInt32(min(UInt64(Self.verifyChunkBytes), device.size - v.next))
             // Writes already in flight there finish first (new ones are held meanwhile).
             v.waitingForWrites = core.clientWriteInFlight(offset: v.next, length: length)
@@ -1855,6 +1867,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     private func verifyDigestArrived(_ digest: PeerVerifyDigest) {
         // The id is the peer's echo of ours (slot + 1): anything else, however large, is an error.
+        if digest.id >= 1, digest.id <= UInt64(Self.verifyWindow), verifyDigestsOwed.remove(Int(digest.id) - 1) != nil { return }
         guard var v = verify, digest.id >= 1, digest.id <= UInt64(Self.verifyWindow), var chunk = v.chunks[Int(digest.id) - 1],
               chunk.offset == digest.offset, chunk.length == digest.length else {
             return link?.close(reason: "protocol error: unexpected verifyDigest \(digest.id)") ?? ()
@@ -2093,6 +2106,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                 }
                 superblock.flags.remove(.wasPrimary)
                 perform()
+                // A verify runs on the primary: the peer may be promoted and write now.
+                stopVerify(by: "the demotion", linkUp: link != nil)
                 exportFollowsRole()
                 let micros = (monotonicNanos() - started) / 1000
                 if result != 0 { logger.warning("demotion: the final flush failed (\(SystemError.text(-result)))") }

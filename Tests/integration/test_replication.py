@@ -355,6 +355,32 @@ def test_verify_reports_a_failed_read_as_unreadable_not_as_differing(pair, tmp_p
     assert re.search(r"verify: the local read of 4194304 bytes at 4194304 failed", pair.log("alpha"))
 
 
+def test_a_demotion_stops_a_running_verify_and_the_link_stays_up(make_pair, tmp_path):
+    """A verify runs on the primary; once it demotes, the peer may be promoted and write, and a
+    pass going on would take those writes for differences. The demotion stops it; the digests
+    the peer still owes arrive after and are dropped, not taken for protocol errors."""
+    size = 4 << 30  # sparse: long enough a pass that the demotion lands inside it
+    pair = make_pair(size=size)
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    since = pair.mark("alpha")
+    run([TANDEM_BIN, "verify", str(pair.resource), "--node", "alpha"], timeout=30)
+    assert status(pair, "alpha")["verify"]["running"], "the pass ended before the demotion: make the device larger"
+    run([TANDEM_BIN, "secondary", str(pair.resource), "--node", "alpha"], timeout=30)
+    pair.wait_for("alpha", r"verify: stopped by the demotion after \d+ bytes", since=since)
+    time.sleep(1)
+    log = pair.log("alpha")[since:] + pair.log("beta")
+    assert "protocol error" not in log, log[-3000:]
+    st = status(pair, "alpha")
+    assert not st["verify"]["running"] and st["verify"]["checked_bytes"] < size, st["verify"]
+    assert st["peer"]["connection"] == "Connected", st
+    # beta takes over and a full pass from it finds nothing.
+    run([TANDEM_BIN, "primary", str(pair.resource), "--node", "beta"], timeout=30)
+    cp = run([TANDEM_BIN, "verify", str(pair.resource), "--node", "beta", "--wait", "--no-progress"], timeout=300)
+    assert f"{size} bytes checked, 0 bytes differ" in cp.stdout_text, cp.stdout_text
+
+
 def test_verify_is_refused_on_the_secondary(pair):
     pair.up("beta")
     pair.up("alpha", "--primary")
