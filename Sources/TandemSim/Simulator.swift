@@ -90,6 +90,10 @@ final class World {
     var unsettledSeq: [UInt64]
     var stable: [UInt64]
     var maxSeq: [UInt64]
+    /// Per node, blocks whose acknowledged value no flush had covered when the node lost power
+    /// (its disk may have dropped it): if the other node's disk then detaches, the pair goes on
+    /// with this node's copy.
+    var lostAtPowerLoss: [[Bool]]
     var ackLog: [(first: Int, count: Int, seq: UInt64)] = []
     var stabilized = 0
 
@@ -113,6 +117,7 @@ final class World {
         opsTotal = 0
         inFlightMax = 1
         floor = Array(repeating: 0, count: SimLayout.blocks)
+        lostAtPowerLoss = Array(repeating: Array(repeating: false, count: SimLayout.blocks), count: 2)
         exact = Array(repeating: true, count: SimLayout.blocks)
         unsettledSeq = Array(repeating: 0, count: SimLayout.blocks)
         stable = floor
@@ -399,6 +404,16 @@ final class World {
                     let range = log.byteRange(ofExtent: extent)
                     nodes[i].core.markOutOfSync(offset: range.offset, length: range.length)
                 }
+                // The model: the peer's copy is the pair's now. A write it acknowledged but lost
+                // in a power loss before any flush covered it (the primary had not noticed yet,
+                // so it still counted the peer as a full copy) is gone with this disk: by NBD's
+                // rules an unflushed write may be lost, and the flush after it fails
+                // (`--witness --barriers --switchover --primary-disk-errors` 303937).
+                let s = other(i)
+                for b in 0..<SimLayout.blocks where lostAtPowerLoss[s][b] && floor[b] > stable[b] && nodes[s].disk.cache[b] != floor[b] {
+                    floor[b] = max(stable[b], min(floor[b], nodes[s].disk.cache[b]))
+                    uncertain(b, upTo: maxSeq[b])
+                }
             }
             persistMetadata(i)
             // As the node: a fresh UUID always ready for the first write without the peer.
@@ -408,6 +423,8 @@ final class World {
                 && core.bitmap.setBitCount == 0 {
                 nodes[i].wroteAlone = false
                 nodes[i].submittedAlone = false
+                // In sync again: what its power loss took was resynced (marked by the peer).
+                lostAtPowerLoss[i] = Array(repeating: false, count: SimLayout.blocks)
             }
             if options.witness {
                 if core.replicating || core.role != .primary { nodes[i].fenced = false }

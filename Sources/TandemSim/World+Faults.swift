@@ -168,7 +168,12 @@ extension World {
                 stabilized = ackLog.count
             }
         }
-        if powerLoss { nodes[i].disk.powerLoss(rng: &rng) } else { nodes[i].disk.processCrash() }
+        if powerLoss {
+            nodes[i].disk.powerLoss(rng: &rng)
+            for b in 0..<SimLayout.blocks where floor[b] > stable[b] && nodes[i].disk.cache[b] != floor[b] { lostAtPowerLoss[i][b] = true }
+        } else {
+            nodes[i].disk.processCrash()
+        }
         if powerLoss && options.barriers { nodes[i].undo.powerLoss(rng: &rng) }
         if let w = nodes[i].witnessConn {
             killWitnessLink(w, nodeDelay: 0, witnessDelay: powerLoss ? SimTime.peerTimeout + rng.between(0, 200) * SimTime.ms : rng.between(10, 1000) * SimTime.us)

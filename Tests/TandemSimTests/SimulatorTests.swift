@@ -452,6 +452,17 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true)))
     }
 
+    /// A checker error: a secondary lost power with an acknowledged write no flush had covered;
+    /// 5 ms later, before the primary noticed, the primary's disk failed a write and detached
+    /// (its peer still looked a full copy), and the client's next flush failed. The pair went on
+    /// with the secondary's copy, which had lost the write: allowed by NBD's rules (an unflushed
+    /// write may be lost, and the flush said so), but the model only relaxed for a power loss of
+    /// the only consistent copy.
+    @Test(arguments: SimRegressions.checkerUnflushedLostWithThePeer)
+    func anUnflushedWriteTheSecondaryLostMayGoWithThePrimarysDetach(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true, barriers: true)))
+    }
+
     @Test(arguments: SimRegressions.staleWasPrimaryWonTheTie)
     func aSecondaryIsNoCrashedPrimaryAfterItsResync(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
@@ -506,5 +517,6 @@ enum SimRegressions {
     static let recoveredRecordsUnsynced: [UInt64] = [40506]
     static let primaryOlderThanItsPeer: [UInt64] = [62106]
     static let checkerUnansweredWriteAlone: [UInt64] = [108010]
+    static let checkerUnflushedLostWithThePeer: [UInt64] = [303937]
     static let failedDemotionFlushKeptTheDisk: [UInt64] = [103288]
 }
