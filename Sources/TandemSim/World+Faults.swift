@@ -298,6 +298,17 @@ extension World {
             return
         }
         let p0 = primaryNode
+        if switchover == nil, promoteAfterResync == nil, nodes[p0].up, nodes[p0].core.role == .secondary,
+           !nodes.contains(where: { $0.up && $0.core.role == .primary }) {
+            // Nobody serves: the node meant to be primary was demoted after the faults (the
+            // witness deposed it on a record the old primary's demotion had not reached yet:
+            // `--witness --barriers --switchover --primary-disk-errors` 304314). The operator
+            // promotes it again; the promotion waits for the core and the witness to agree.
+            record(.fault("operator: no node is primary: promote n\(p0) again"))
+            count("heal: promote again")
+            queue.push(now + 10 * SimTime.ms, .promote(node: p0, life: nodes[p0].life, tries: 0))
+            return
+        }
         if nodes[p0].up, nodes[p0].core.role == .primary, nodes[p0].core.roleConflict == .peerHoldsNewerData {
             // The survivor was promoted while the old primary held writes it lacks (they may be
             // lost or come back: `crash` allowed either); it wrote nothing since, or this would be

@@ -463,6 +463,14 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true, barriers: true)))
     }
 
+    /// A simulator (operator) gap: after a switchover the witness deposed the new primary on a
+    /// record the old primary's demotion had not reached yet (it was cut off); both nodes stood
+    /// secondary, connected and in sync, and nobody promoted again. Now the operator does.
+    @Test(arguments: SimRegressions.nobodyPromotedAfterADeposition)
+    func theOperatorPromotesAgainWhenNoNodeIsPrimary(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true, barriers: true)))
+    }
+
     @Test(arguments: SimRegressions.staleWasPrimaryWonTheTie)
     func aSecondaryIsNoCrashedPrimaryAfterItsResync(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
@@ -518,5 +526,6 @@ enum SimRegressions {
     static let primaryOlderThanItsPeer: [UInt64] = [62106]
     static let checkerUnansweredWriteAlone: [UInt64] = [108010]
     static let checkerUnflushedLostWithThePeer: [UInt64] = [303937]
+    static let nobodyPromotedAfterADeposition: [UInt64] = [304314]
     static let failedDemotionFlushKeptTheDisk: [UInt64] = [103288]
 }
