@@ -37,7 +37,12 @@ extension World {
         switch step {
         case .draining(let p, let life):
             guard nodes[p].up, nodes[p].life == life, nodes[p].core.role == .primary else { return abortSwitchover("n\(p) is gone") }
-            if pending.isEmpty {
+            // As the node's NBD drain: its own requests in flight finish first, answers held for
+            // the witness's record included, even those of a client that left for the other node
+            // (the witness promoted it): a demotion that left them held answered them at a later
+            // promotion, data a resync had overwritten meanwhile
+            // (`--witness --switchover --primary-disk-errors` 315969).
+            if pending.isEmpty && nodes[p].clients.isEmpty && nodes[p].held.isEmpty {
                 // The node's clients are gone (writes waiting for the log with them); one flush
                 // of both sides, then the demotion.
                 let id = nodes[p].nextClientID

@@ -304,6 +304,18 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
     }
 
+    /// A primary cut off from both its peer and the witness held the answers to its writes
+    /// (no fence); the witness promoted the peer and the client left. The simulated switchover
+    /// then demoted the old primary with those answers still held (it drained on the client's
+    /// view, not the node's), the node resynced from the peer (the held writes overwritten), and
+    /// at its next promotion answered them as done: both nodes had acknowledged writes the other
+    /// lacked. The node's NBD drain waits for its own requests, held answers included (they fail
+    /// once quorum is lost); the simulator's switchover now does too.
+    @Test(arguments: SimRegressions.demotedWithHeldAnswers)
+    func aSwitchoverWaitsForHeldAnswers(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true)))
+    }
+
     /// A primary killed with acknowledged writes in its volatile cache restarted (the machine
     /// kept the cache) and then lost power before it connected: as a crashed primary it was the
     /// source of its hot extents, and copied the older blocks over the peer's (now the node syncs
@@ -528,4 +540,5 @@ enum SimRegressions {
     static let checkerUnflushedLostWithThePeer: [UInt64] = [303937]
     static let nobodyPromotedAfterADeposition: [UInt64] = [304314]
     static let failedDemotionFlushKeptTheDisk: [UInt64] = [103288]
+    static let demotedWithHeldAnswers: [UInt64] = [315969]
 }
