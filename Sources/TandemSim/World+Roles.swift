@@ -42,7 +42,8 @@ extension World {
             // (the witness promoted it): a demotion that left them held answered them at a later
             // promotion, data a resync had overwritten meanwhile
             // (`--witness --switchover --primary-disk-errors` 315969).
-            if pending.isEmpty && nodes[p].clients.isEmpty && nodes[p].held.isEmpty {
+            // One demotion flush at a time: a demotion by the witness may be flushing already.
+            if pending.isEmpty && nodes[p].clients.isEmpty && nodes[p].held.isEmpty && nodes[p].demotionFlushID == nil {
                 // The node's clients are gone (writes waiting for the log with them); one flush
                 // of both sides, then the demotion.
                 let id = nodes[p].nextClientID

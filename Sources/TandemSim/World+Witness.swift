@@ -384,7 +384,8 @@ extension World {
             nodes[i].demotion = nil
             return
         }
-        if step == .draining && nodes[i].clients.isEmpty && nodes[i].held.isEmpty {
+        // One demotion flush at a time: a switchover may be flushing this node already.
+        if step == .draining && nodes[i].clients.isEmpty && nodes[i].held.isEmpty && nodes[i].demotionFlushID == nil {
             nodes[i].waitingForLog.removeAll()
             let id = nodes[i].nextClientID
             nodes[i].nextClientID += 1
