@@ -1344,6 +1344,19 @@ public struct ReplicaCore {
         }
     }
 
+    /// A primary's disk detached (the node calls this once, at the state change that says so):
+    /// a detached disk is never synced again (an eviction skips the sync), so it may lack any
+    /// write inside the activity log's extents, outside which every write was synced before its
+    /// extent was evicted. Once the node demotes or stops cleanly no crash recovery marks them,
+    /// so the bitmap must, or the resync after the disk's next attach skips what a power loss
+    /// took from its cache (simulator seed 103288).
+    public mutating func markLogExtentsOfDetachedDisk(_ log: ActivityLog) {
+        log.forEachExtentInTable { extent in
+            let range = log.byteRange(ofExtent: extent)
+            markOutOfSync(offset: range.offset, length: range.length)
+        }
+    }
+
     /// The node stops cleanly (`ReplicatedNode.stop`: after the link went down, before it
     /// persists the bitmap). A write not done on the local disk (still on it, waiting behind an
     /// overlapping earlier one, or held behind a barrier) may never land here, though the peer

@@ -252,7 +252,6 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         var mismatchedBytes: UInt64 = 0
         /// Bytes neither compared nor counted as differing: a read failed on one side.
         var unreadableBytes: UInt64 = 0
-        var running = true
         /// The next chunk waits for client writes in flight over it to finish.
         var waitingForWrites = false
     }
@@ -1569,17 +1568,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             case .stateChanged(let status):
                 logger.info("replication: role \(status.role), disk \(status.disk), peer disk \(status.peerDisk.map { "\($0)" } ?? "unknown"), link \(status.link), \(status.sync), \(status.outOfSyncBytes) bytes out of sync")
                 if status.disk == .failed && status.role == .primary && !logMarkedAtDetach {
-                    // A disk detached while primary is never synced again (an eviction skips the
-                    // sync), so it may lack any write in the log's extents: outside them every
-                    // write was synced before its extent was evicted. Once this node demotes or
-                    // stops cleanly no crash recovery marks them, so the bitmap must, or the
-                    // resync after its next attach skips what a power loss took from its cache
-                    // (simulator seed 103288).
                     logMarkedAtDetach = true
-                    activityLog.forEachExtentInTable { extent in
-                        let range = activityLog.byteRange(ofExtent: extent)
-                        core.markOutOfSync(offset: range.offset, length: range.length)
-                    }
+                    core.markLogExtentsOfDetachedDisk(activityLog)
                 }
                 // Every state change is rare and worth keeping across a crash (a resync target's
                 // Inconsistent mark above all).

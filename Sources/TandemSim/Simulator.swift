@@ -393,17 +393,9 @@ final class World {
         case .stateChanged(let status):
             record(.state(node: i, status))
             if status.disk == .failed && status.role == .primary && !nodes[i].logMarkedAtDetach {
-                // As the node: a disk detached while primary is never synced again, so it may
-                // lack any write in the activity log's extents (outside them every write was
-                // synced before its extent was evicted); once the node demotes or stops, no
-                // crash recovery marks them, so the bitmap must (`--witness --switchover
-                // --primary-disk-errors` 103288).
+                // As the node (`ReplicaCore.markLogExtentsOfDetachedDisk`).
                 nodes[i].logMarkedAtDetach = true
-                let log = nodes[i].activityLog
-                log.forEachExtentInTable { extent in
-                    let range = log.byteRange(ofExtent: extent)
-                    nodes[i].core.markOutOfSync(offset: range.offset, length: range.length)
-                }
+                nodes[i].core.markLogExtentsOfDetachedDisk(nodes[i].activityLog)
                 // The model: the peer's copy is the pair's now. A write it acknowledged but lost
                 // in a power loss before any flush covered it (the primary had not noticed yet,
                 // so it still counted the peer as a full copy) is gone with this disk: by NBD's

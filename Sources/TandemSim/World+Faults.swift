@@ -315,14 +315,10 @@ extension World {
             // a split brain. Connecting would resync into it under its clients, so it refuses (as
             // DRBD's rr-conflict disconnect): the operator demotes it, it resyncs from the peer,
             // and is promoted again (seed 62106 of `--failover --double-faults --overlapping-writes`).
-            var refusal: RoleChangeRefusal?
-            call(p0) { core, a in refusal = core.demote(into: &a) }
-            if let refusal {
+            if let refusal = demote(p0) {
                 record(.note("operator: demoting n\(p0) (its peer holds newer data) refused: \(refusal)"))
                 return
             }
-            nodes[p0].superblockFlags.remove(.wasPrimary)
-            persistMetadata(p0)
             record(.fault("operator: n\(p0) is primary but its peer holds newer data: demote it to resync, then promote it again"))
             count("heal: demote a primary older than its peer")
             promoteAfterResync = p0

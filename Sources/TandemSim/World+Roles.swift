@@ -96,15 +96,22 @@ extension World {
         queue.push(now + 20 * SimTime.ms, .switchoverStep)
     }
 
+    /// `ReplicaCore.demote` as the node does it: a clean demotion clears wasPrimary (its bitmap
+    /// is on disk). Nil when the node demoted.
+    func demote(_ i: Int) -> RoleChangeRefusal? {
+        var refusal: RoleChangeRefusal?
+        call(i) { core, a in refusal = core.demote(into: &a) }
+        if refusal == nil {
+            nodes[i].superblockFlags.remove(.wasPrimary)
+            persistMetadata(i)
+        }
+        return refusal
+    }
+
     /// The demotion's flush is done (whatever its result: the node demotes anyway).
     func demoteAfterFlush(_ p: Int, result: Int32) {
         guard case .flushing(p, _) = switchover else { return fail("n\(p) finished a demotion flush no switchover waits for") }
-        var refusal: RoleChangeRefusal?
-        call(p) { core, a in refusal = core.demote(into: &a) }
-        if let refusal { return abortSwitchover("demotion refused: \(refusal)") }
-        // As the node: a clean demotion clears wasPrimary (its bitmap is on disk).
-        nodes[p].superblockFlags.remove(.wasPrimary)
-        persistMetadata(p)
+        if let refusal = demote(p) { return abortSwitchover("demotion refused: \(refusal)") }
         record(.fault("switchover: n\(p) demoted (flush \(result))"))
         primaryNode = other(p)
         if let id = rollbackBarrier {

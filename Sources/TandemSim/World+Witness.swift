@@ -398,17 +398,13 @@ extension World {
     }
 
     func demoteDeposed(_ i: Int, flushResult: Int32) {
-        var refusal: RoleChangeRefusal?
-        call(i) { core, a in refusal = core.demote(into: &a) }
-        if let refusal {
+        if let refusal = demote(i) {
             record(.note("n\(i) demotion refused: \(refusal); tried again"))
             nodes[i].demotion = .draining
             queue.push(now + 100 * SimTime.ms, .demotionStep(node: i, life: nodes[i].life))
             return
         }
         nodes[i].demotion = nil
-        nodes[i].superblockFlags.remove(.wasPrimary)
-        persistMetadata(i)
         record(.fault("n\(i) demoted (deposed; flush \(flushResult))"))
         scheduleConnect()
     }

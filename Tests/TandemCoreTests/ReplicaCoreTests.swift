@@ -100,6 +100,15 @@ struct Pair {
         completePrimary(.client(id))
     }
 
+    /// A client flush that reaches the peer first, each side answering as given.
+    mutating func flushThroughBoth(_ id: UInt64, peer: Int32 = 0, local: Int32 = 0) {
+        flush(id)
+        deliverToSecondary()
+        completeSecondary(.peerFlush(id), peer)
+        deliverToPrimary()
+        completePrimary(.clientFlush(id), local)
+    }
+
     mutating func flush(_ id: UInt64) {
         var actions: [ReplicaCore.Action] = []
         primary.clientFlush(id: id, into: &actions)
@@ -288,11 +297,7 @@ struct Pair {
     @Test func aFailedPeerFlushLeavesWhatItCoveredOutOfSync() {
         var pair = Pair()
         pair.writeDoneOnBoth(1, at: 0)
-        pair.flush(100)
-        pair.deliverToSecondary()
-        pair.completeSecondary(.peerFlush(100), -5)
-        pair.deliverToPrimary()
-        pair.completePrimary(.clientFlush(100))
+        pair.flushThroughBoth(100, peer: -5)
         #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096))
         #expect(pair.settled == [0] && pair.primary.status.transferLogEntries == 0)
     }
@@ -748,11 +753,7 @@ struct Pair {
         pair.completePrimary(.client(3))
         #expect(pair.completed[3] == 0)
         // A flush covers the three on the peer: the transfer log no longer marks them.
-        pair.flush(10)
-        pair.deliverToSecondary()
-        pair.completeSecondary(.peerFlush(10))
-        pair.deliverToPrimary()
-        pair.completePrimary(.clientFlush(10))
+        pair.flushThroughBoth(10)
         #expect(pair.flushed[10] == 0)
         // The node stops: the link goes down, then the core marks what the local disk may lack.
         pair.dropLink()

@@ -196,11 +196,7 @@ import Testing
     @Test func aFailedClientFlushKeepsTheDiskWhenThePeerFlushFails() {
         var pair = Pair()
         pair.writeDoneOnBoth(1, at: 0)
-        pair.flush(100)
-        pair.deliverToSecondary()
-        pair.completeSecondary(.peerFlush(100), -5)
-        pair.deliverToPrimary()
-        pair.completePrimary(.clientFlush(100), -5)
+        pair.flushThroughBoth(100, peer: -5, local: -5)
         #expect(pair.primary.disk == .upToDate && pair.flushed[100] == -5)
     }
 
