@@ -56,6 +56,11 @@ public enum Limits {
     /// Disk operations queued to the thread pool or libaio at once: every request of every
     /// connection, so submission never has to wait for room.
     public static let diskQueueDepthMax = nbdConnectionsMax * nbdRequestsInFlightMax
+    /// Microseconds a wait may poll for completions before its thread sleeps (`PollPolicy`):
+    /// a little longer than a client's turnaround at queue depth 1 here (25-30 µs), so that the
+    /// next request is caught without a cross-CPU wake-up. 0 turns polling off.
+    public static let pollMicrosDefault = 50
+    public static let pollMicrosMax = 1000
     /// Timers the event loop tracks at once.
     public static let timersMax = 4096
 

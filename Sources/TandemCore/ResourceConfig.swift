@@ -160,6 +160,8 @@ public struct ResourceConfig: Sendable {
         public var connectRetryMillis = 500
         /// Buffers one connection may hold for replication.
         public var buffersMax = 2048
+        /// Microseconds the node's loop polls before it sleeps; 0: never.
+        public var pollMicros = Limits.pollMicrosDefault
 
         public init() {}
 
@@ -174,6 +176,7 @@ public struct ResourceConfig: Sendable {
         public static let peerTimeoutMillisRange = 200...600_000
         public static let connectRetryMillisRange = 10...60_000
         public static let buffersMaxRange = 32...131_072
+        public static let pollMicrosRange = 0...Limits.pollMicrosMax
     }
 
     // MARK: Accessors
@@ -979,6 +982,8 @@ private struct TuningKey {
                       powerOfTwo: false, field: \.connectRetryMillis),
             TuningKey(name: "max-buffers", isSize: false, range: T.buffersMaxRange,
                       powerOfTwo: false, field: \.buffersMax),
+            TuningKey(name: "poll-us", isSize: false, range: T.pollMicrosRange,
+                      powerOfTwo: false, field: \.pollMicros),
         ]
     }
 

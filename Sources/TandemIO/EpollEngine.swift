@@ -47,7 +47,12 @@ public final class EpollEngine: IOEngine {
         }
     }
 
-    public init(disk: Disk, reason: String) throws(SystemError) {
+    /// Whether a wait polls epoll before it sleeps (`PollPolicy`).
+    private var poll: PollPolicy
+    public var pollStats: PollStats { poll.stats }
+
+    public init(disk: Disk, reason: String, pollNanos: UInt64 = 0) throws(SystemError) {
+        poll = PollPolicy(budgetNanos: pollNanos)
         let depth = Limits.diskQueueDepthMax
         epfd = ctandem_epoll_create()
         if epfd < 0 { throw SystemError("epoll_create1", errno: -epfd) }
@@ -257,25 +262,30 @@ public final class EpollEngine: IOEngine {
     // MARK: Waiting
 
     public func wait(into out: UnsafeMutableBufferPointer<ctandem_cqe>, timeoutNanos: UInt64?) -> Int {
-        let pending = ready.count - readyHead
-        var timeoutMs: Int32 = -1
-        if pending > 0 {
-            timeoutMs = 0
-        } else if let t = timeoutNanos {
-            timeoutMs = Int32(min((t + 999_999) / 1_000_000, UInt64(Int32.max)))
-        }
-        let n = ctandem_epoll_wait(epfd, events, Int32(eventsMax), timeoutMs)
-        if n < 0 { fatalError("epoll_wait: \(SystemError.text(-n))") }
-        if n > 0 {
-            for i in 0..<Int(n) {
-                let ev = events[i]
-                if ev.data == Self.diskMarker {
-                    ctandem_eventfd_drain(diskEventFD)
-                    reapDisk()
-                } else {
-                    socketReady(Int32(truncatingIfNeeded: ev.data), ev.events)
-                }
+        var timeout = timeoutNanos
+        if ready.count - readyHead > 0 {
+            timeout = 0
+        } else if timeout != 0 && poll.shouldPoll() {
+            let budget = min(poll.budgetNanos, timeout ?? .max)
+            let start = monotonicNanos()
+            var spent: UInt64 = 0
+            // Bounded by the budget; each round is one epoll_wait that does not sleep.
+            while ready.count == readyHead && spent < budget {
+                waitEvents(timeoutMs: 0)
+                spent = monotonicNanos() &- start
             }
+            let hit = ready.count > readyHead
+            poll.polled(hit: hit, nanos: hit ? spent : budget)
+            timeout = hit ? 0 : timeout.map { $0 > spent ? $0 - spent : 0 }
+        }
+        if ready.count == readyHead {
+            var timeoutMs: Int32 = -1
+            if let t = timeout { timeoutMs = Int32(min((t + 999_999) / 1_000_000, UInt64(Int32.max))) }
+            let sleepStart = poll.enabled && timeoutMs != 0 ? monotonicNanos() : 0
+            waitEvents(timeoutMs: timeoutMs)
+            if sleepStart != 0 && ready.count > readyHead { poll.slept(nanos: monotonicNanos() &- sleepStart) }
+        } else {
+            waitEvents(timeoutMs: 0)
         }
         let count = min(out.count, ready.count - readyHead)
         for i in 0..<count { out[i] = ready[readyHead + i] }
@@ -285,6 +295,21 @@ public final class EpollEngine: IOEngine {
             readyHead = 0
         }
         return count
+    }
+
+    /// One epoll_wait, and what its events complete.
+    private func waitEvents(timeoutMs: Int32) {
+        let n = ctandem_epoll_wait(epfd, events, Int32(eventsMax), timeoutMs)
+        if n < 0 { fatalError("epoll_wait: \(SystemError.text(-n))") }
+        for i in 0..<Int(n) {
+            let ev = events[i]
+            if ev.data == Self.diskMarker {
+                ctandem_eventfd_drain(diskEventFD)
+                reapDisk()
+            } else {
+                socketReady(Int32(truncatingIfNeeded: ev.data), ev.events)
+            }
+        }
     }
 
     private func reapDisk() {

@@ -92,6 +92,7 @@ public final class FaultInjectingEngine: IOEngine {
     }
 
     public var kind: IOEngineKind { inner.kind }
+    public var pollStats: PollStats { inner.pollStats }
     public var reason: String { inner.reason + "; injecting faults: " + rules.map(\.description).joined(separator: ", ") }
 
     /// Whether to fail this operation; counts it against `after`.

@@ -56,30 +56,34 @@ public protocol IOEngine: AnyObject {
     /// Submits what is queued, waits up to `timeoutNanos` (nil: forever, 0: not at all) for at
     /// least one completion, and copies up to `out.count` completions into `out`.
     func wait(into out: UnsafeMutableBufferPointer<ctandem_cqe>, timeoutNanos: UInt64?) -> Int
+    /// What polling before sleeping did (`PollPolicy`); zeros when it is off.
+    var pollStats: PollStats { get }
 }
 
 /// Picks the engine: the one asked for, or for `nil` the best that works here, with the reason.
 public enum IOEngineFactory {
-    public static func make(_ requested: IOEngineKind?) throws(SystemError) -> any IOEngine {
+    /// `pollNanos`: how long a wait may poll before it sleeps (`PollPolicy`; 0: never).
+    public static func make(_ requested: IOEngineKind?, pollNanos: UInt64 = 0) throws(SystemError) -> any IOEngine {
         switch requested {
         case .uring?:
-            return try UringEngine(reason: "requested with --io-engine uring")
+            return try UringEngine(reason: "requested with --io-engine uring", pollNanos: pollNanos)
         case .aio?:
-            return try EpollEngine(disk: .aio, reason: "requested with --io-engine aio")
+            return try EpollEngine(disk: .aio, reason: "requested with --io-engine aio", pollNanos: pollNanos)
         case .threads?:
-            return try EpollEngine(disk: .threads, reason: "requested with --io-engine threads")
+            return try EpollEngine(disk: .threads, reason: "requested with --io-engine threads", pollNanos: pollNanos)
         case nil:
             let why: String
             do {
-                return try UringEngine(reason: "io_uring is available")
+                return try UringEngine(reason: "io_uring is available", pollNanos: pollNanos)
             } catch {
                 why = uringUnavailableReason(error)
             }
             do {
-                return try EpollEngine(disk: .aio, reason: "io_uring unavailable (\(why)); using libaio")
+                return try EpollEngine(disk: .aio, reason: "io_uring unavailable (\(why)); using libaio", pollNanos: pollNanos)
             } catch {
                 return try EpollEngine(
-                    disk: .threads, reason: "io_uring unavailable (\(why)) and libaio unavailable (\(error)); using threads")
+                    disk: .threads, reason: "io_uring unavailable (\(why)) and libaio unavailable (\(error)); using threads",
+                    pollNanos: pollNanos)
             }
         }
     }

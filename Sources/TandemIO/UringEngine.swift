@@ -17,8 +17,12 @@ public final class UringEngine: IOEngine {
     /// Completions taken from the pool that did not fit the caller's array yet.
     private var offloaded: [ctandem_cqe] = []
     private static let offloadMarker = UInt64.max
+    /// Whether a wait polls the ring before it sleeps (`PollPolicy`).
+    private var poll: PollPolicy
+    public var pollStats: PollStats { poll.stats }
 
-    public init(reason: String, entries: Int = Limits.ringEntries) throws(SystemError) {
+    public init(reason: String, entries: Int = Limits.ringEntries, pollNanos: UInt64 = 0) throws(SystemError) {
+        poll = PollPolicy(budgetNanos: pollNanos)
         var ring: OpaquePointer?
         let rc = ctandem_ring_create(UInt32(entries), &ring)
         if rc < 0 { throw SystemError("io_uring_setup", errno: -rc) }
@@ -153,11 +157,26 @@ public final class UringEngine: IOEngine {
             _ = ctandem_ring_submit_wait(ring, 0, -1)
             return offloadPool == nil ? n : mergeOffloaded(out, n)
         }
-        let timeout: Int64 = timeoutNanos.map { Int64(min($0, UInt64(Int64.max))) } ?? -1
+        var timeout: Int64 = timeoutNanos.map { Int64(min($0, UInt64(Int64.max))) } ?? -1
+        var sleepStart: UInt64 = 0
+        if timeout != 0 && poll.shouldPoll() {
+            let budget = timeout < 0 ? poll.budgetNanos : min(poll.budgetNanos, UInt64(timeout))
+            let spent = ctandem_ring_poll(ring, 1, Int64(budget))
+            if spent < -1 { fatalError("io_uring_enter failed: \(SystemError.text(Int32(-spent)))") }
+            poll.polled(hit: spent >= 0, nanos: spent >= 0 ? UInt64(spent) : budget)
+            if spent >= 0 {
+                n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))
+                return offloadPool == nil ? n : mergeOffloaded(out, n)
+            }
+            if timeout > 0 { timeout = max(timeout - Int64(budget), 0) }
+        } else if poll.enabled && timeout != 0 {
+            sleepStart = monotonicNanos()
+        }
         let rc = ctandem_ring_submit_wait(ring, timeout == 0 ? 0 : 1, timeout)
         if rc < 0 && rc != -ETIME && rc != -EAGAIN && rc != -EBUSY {
             fatalError("io_uring_enter failed: \(SystemError.text(-rc))")
         }
+        if sleepStart != 0 && rc >= 0 { poll.slept(nanos: monotonicNanos() &- sleepStart) }
         n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))
         return offloadPool == nil ? n : mergeOffloaded(out, n)
     }

@@ -896,6 +896,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         gauge("tandem_barrier_bytes", "Bytes the kept barriers hold", "\(undo?.barriers.reduce(UInt64(0)) { $0 + $1.bytesHeld } ?? 0)")
         gauge("tandem_replication_buffers", "Pool buffers held for replicated writes, resync data and reads served to the peer",
               "\(peerBuffers.count + resyncBuffers.count + servedReads.count + (sinkBuffer == nil ? 0 : 1))")
+        let poll = loop.engine.pollStats
+        gauge("tandem_poll_hits_total", "Waits that polled and found a completion without sleeping", "\(poll.hits)", type: "counter")
+        gauge("tandem_poll_misses_total", "Waits that polled for the whole budget, then slept", "\(poll.misses)", type: "counter")
+        gauge("tandem_poll_seconds_total", "CPU time spent polling before sleeping", "\(Double(poll.pollNanos) / 1e9)", type: "counter")
         gauge("tandem_tls_handshake_failures_total", "Peer links that failed in TLS (wrong CA, name, plaintext)", "\(tlsFailures)", type: "counter")
         return out
     }

@@ -20,6 +20,8 @@ public struct ServeOptions: Sendable {
     public var tlsCA: String?
     public var tlsAnonymousClients: Bool
     public var connectionsMax: Int
+    /// Microseconds a wait polls before it sleeps (`PollPolicy`); 0: never.
+    public var pollMicros = Limits.pollMicrosDefault
     /// Disk operations to fail on purpose (tests of error handling).
     public var faults: [FaultRule] = []
 
@@ -38,6 +40,11 @@ public struct ServeOptions: Sendable {
         self.tlsAnonymousClients = tlsAnonymousClients
         self.connectionsMax = connectionsMax
     }
+}
+
+/// How the start-up log line describes `PollPolicy`'s setting.
+func pollText(_ micros: Int) -> String {
+    micros == 0 ? "no polling" : "polls up to \(micros) µs before sleeping"
 }
 
 /// Watches SIGINT/SIGTERM/SIGHUP through a signalfd on the loop.
@@ -88,12 +95,12 @@ public enum Serve {
         }
         var engine: any IOEngine
         do {
-            engine = try IOEngineFactory.make(options.engine)
+            engine = try IOEngineFactory.make(options.engine, pollNanos: UInt64(options.pollMicros) * 1000)
         } catch {
             throw ServeError("cannot start the \(options.engine?.rawValue ?? "") I/O engine: \(error)")
         }
         if !options.faults.isEmpty { engine = FaultInjectingEngine(engine, rules: options.faults) }
-        logger.info("io engine: \(engine.kind.rawValue) (\(engine.reason))")
+        logger.info("io engine: \(engine.kind.rawValue) (\(engine.reason)), \(pollText(options.pollMicros))")
         let pool = BufferPool()
         let loop = IOLoop(engine: engine, pool: pool, logger: logger)
         let export = NBDExport(

@@ -15,6 +15,8 @@ public enum Up {
         public var engine: IOEngineKind?
         public var cache: CacheMode
         public var faults: [FaultRule]
+        /// Overrides the resource file's `poll-us` when set.
+        public var pollMicros: Int?
 
         public init(resourceFile: String, config: ResourceConfig, node: String, primary: Bool, engine: IOEngineKind?, cache: CacheMode, faults: [FaultRule]) {
             self.resourceFile = resourceFile
@@ -45,12 +47,13 @@ public enum Up {
         }
         var engine: any IOEngine
         do {
-            engine = try IOEngineFactory.make(options.engine)
+            let pollMicros = options.pollMicros ?? options.config.tuning.pollMicros
+            engine = try IOEngineFactory.make(options.engine, pollNanos: UInt64(pollMicros) * 1000)
         } catch {
             throw ServeError("cannot start the I/O engine: \(error)")
         }
         if !options.faults.isEmpty { engine = FaultInjectingEngine(engine, rules: options.faults) }
-        logger.info("io engine: \(engine.kind.rawValue) (\(engine.reason))")
+        logger.info("io engine: \(engine.kind.rawValue) (\(engine.reason)), \(pollText(options.pollMicros ?? options.config.tuning.pollMicros))")
         let loop = IOLoop(engine: engine, pool: BufferPool(), logger: logger)
         let node = try ReplicatedNode(loop: loop, logger: logger, config: options.config, me: me, device: device, primary: options.primary)
         var server: NBDServer?

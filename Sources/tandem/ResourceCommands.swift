@@ -247,9 +247,10 @@ struct Up: ParsableCommand {
     func run() throws {
         let config = try loadResource(file)
         let logger = logging.makeLogger()
-        let options = TandemNode.Up.Options(
+        var options = TandemNode.Up.Options(
             resourceFile: file, config: config, node: node, primary: primary, engine: io.engine,
             cache: io.cache, faults: io.faults)
+        options.pollMicros = io.pollMicros
         do {
             try TandemNode.Up.run(options, logger: logger)
         } catch {

@@ -102,9 +102,17 @@ struct IOOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Fail chosen disk operations, for testing: OP:ERRNO[:offset=A-B][:after=N][:count=N] (repeatable).", valueName: "rule"))
     var injectFault: [String] = []
 
+    @Option(name: .customLong("poll-us"), help: ArgumentHelp(
+        "Microseconds a wait polls for completions before the thread sleeps, 0 to never poll (default: \(Limits.pollMicrosDefault), or the resource file's poll-us).",
+        valueName: "us"))
+    var pollMicros: Int?
+
     func validate() throws {
         guard ioEngine == "auto" || IOEngineKind(rawValue: ioEngine) != nil else {
             throw ValidationError("unknown I/O engine '\(ioEngine)' (use auto, uring, aio or threads)")
+        }
+        if let pollMicros, !(0...Limits.pollMicrosMax).contains(pollMicros) {
+            throw ValidationError("--poll-us must be between 0 and \(Limits.pollMicrosMax), got \(pollMicros)")
         }
         for rule in injectFault {
             do { _ = try FaultRule(rule) } catch { throw ValidationError(error.operation) }
@@ -193,6 +201,7 @@ struct Serve: ParsableCommand {
             readOnly: readOnly, engine: io.engine, cache: io.cache, tlsCertificate: tlsCert,
             tlsKey: tlsKey, tlsCA: tlsCa, tlsAnonymousClients: tlsAnonymousClients, connectionsMax: maxConnections)
         options.faults = io.faults
+        options.pollMicros = io.pollMicros ?? Limits.pollMicrosDefault
         do {
             try TandemNode.Serve.run(options, logger: logger)
         } catch {

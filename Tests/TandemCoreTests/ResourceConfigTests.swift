@@ -202,7 +202,7 @@ import TandemCore
             12: "resync-rate-max = \"2G\"",
             13: "ping-interval-ms = 250",
             14: "peer-timeout-ms = 251",
-            16: "max-buffers = 32",
+            16: "max-buffers = 32\npoll-us = 0",
         ])
         let t = try ResourceConfig.parse(text, path: "r0.toml").get().tuning
         #expect(t.bitmapGranularityBytes == 65536)
@@ -212,6 +212,8 @@ import TandemCore
         #expect(t.pingIntervalMillis == 250)
         #expect(t.peerTimeoutMillis == 251)
         #expect(t.buffersMax == 32)
+        #expect(t.pollMicros == 0)
+        #expect(try ResourceConfig.parse(Self.example, path: "r0.toml").get().tuning.pollMicros == Limits.pollMicrosDefault)
     }
 
     // MARK: Sizes and addresses
@@ -511,6 +513,8 @@ import TandemCore
         expectOne(Self.example([15: "connect-retry-ms = 0"]), line: 15, "'connect-retry-ms' must be from 10 to 60000")
         expectOne(Self.example([16: "max-buffers = 1_000_000"]), line: 16,
                   "'max-buffers' must be from 32 to 131072, got 1000000", fix: "max-buffers = 131072")
+        expectOne(Self.example([16: "poll-us = 5000"]), line: 16,
+                  "'poll-us' must be from 0 to 1000, got 5000", fix: "poll-us = 1000")
         expectOne(Self.example([14: "peer-timeout-ms = 9999999999"]), line: 14, "'peer-timeout-ms' must be from 200 to 600000")
     }
 

@@ -22,6 +22,30 @@ func tempFile(size: Int) -> (String, Int32) {
     return (String(nulTerminated: template), fd)
 }
 
+/// Runs `body` on a new thread (the engine's loop stays on the test's thread).
+private final class ThreadBody: Sendable {
+    let run: @Sendable () -> Void
+    init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+}
+
+func startThread(_ body: @escaping @Sendable () -> Void) throws -> pthread_t {
+    let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, nil, { context in
+        Unmanaged<ThreadBody>.fromOpaque(context!).takeRetainedValue().run()
+        return nil
+    }, context)
+    guard rc == 0 else {
+        Unmanaged<ThreadBody>.fromOpaque(context).release()
+        throw SystemError("pthread_create", errno: rc)
+    }
+    return thread
+}
+
+func joinThread(_ thread: pthread_t) {
+    pthread_join(thread, nil)
+}
+
 @Suite(.serialized) struct EngineTests {
     static let kinds: [IOEngineKind] = IOEngineKind.allCases
 
@@ -101,6 +125,51 @@ func tempFile(size: Int) -> (String, Int32) {
         shutdown(fds[1], Int32(SHUT_WR))
         run(loop) { recorder.results[3] != nil }
         #expect(recorder.results[3] == 0)
+    }
+
+    /// With polling on, a completion that comes while the wait polls is taken without sleeping
+    /// (a hit), and a wait with a timeout shorter than the budget still returns at its timeout.
+    @Test(arguments: kinds)
+    func pollingTakesCompletionsAndKeepsTimeouts(kind: IOEngineKind) throws {
+        let budget: UInt64 = 2_000_000_000
+        let engine = try IOEngineFactory.make(kind, pollNanos: budget)
+        let loop = IOLoop(engine: engine, pool: BufferPool(), logger: Logger(label: "test"))
+        let recorder = Recorder()
+        let id = loop.register(recorder)
+        var fds: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        defer { close(fds[0]); close(fds[1]) }
+        engine.adoptSocket(fds[0])
+        let incoming = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
+        defer { incoming.deallocate() }
+        engine.recv(fd: fds[0], buffer: incoming, length: 64, waitAll: false, userData: IOLoop.userData(id, 1))
+        // The data comes from another thread 2 ms into the wait, well within the budget.
+        let writer = fds[1]
+        let thread = try startThread {
+            usleep(2000)
+            _ = write(writer, "polled", 6)
+        }
+        loop.runOnce(timeoutNanos: nil)
+        joinThread(thread)
+        #expect(recorder.results[1] == 6)
+        #expect(String(decoding: UnsafeRawBufferPointer(start: incoming, count: 6), as: UTF8.self) == "polled")
+        #expect(engine.pollStats.hits == 1)
+        #expect(engine.pollStats.misses == 0)
+        #expect(engine.pollStats.pollNanos > 0)
+        // Nothing comes: a 10 ms timeout ends the poll long before its 2 s budget.
+        engine.recv(fd: fds[0], buffer: incoming, length: 64, waitAll: false, userData: IOLoop.userData(id, 2))
+        let start = monotonicNanos()
+        loop.runOnce(timeoutNanos: 10_000_000)
+        let waited = monotonicNanos() - start
+        #expect(recorder.results[2] == nil)
+        #expect(waited >= 10_000_000)
+        #expect(waited < budget / 2, "waited \(waited) ns: the poll ignored the timeout")
+        #expect(engine.pollStats.misses == 1)
+        #expect(engine.pollStats.hits == 1)
+        // After the miss the next wait sleeps; the receive still completes.
+        #expect(write(fds[1], "x", 1) == 1)
+        run(loop) { recorder.results[2] != nil }
+        #expect(recorder.results[2] == 1)
     }
 
     @Test func timersFire() throws {

@@ -62,6 +62,12 @@ def test_unknown_cache_mode(disk):
     serve_fails([disk, *listen_arg(), "--cache", "bogus"])
 
 
+def test_poll_us_out_of_range(disk):
+    cp = serve_fails([disk, *listen_arg(), "--poll-us", "5000"])
+    assert "--poll-us must be between 0 and 1000, got 5000" in cp.stderr_text, cp.stderr_text
+    serve_fails([disk, *listen_arg(), "--poll-us", "-1"])
+
+
 def test_bad_listen_address(disk):
     serve_fails([disk, "--listen", "not-an-address"])
 

@@ -62,3 +62,28 @@ def test_metrics_are_scraped_over_http(make_pair, tmp_path):
         raise AssertionError("a path other than /metrics answered")
     except urllib.error.HTTPError as e:
         assert e.code == 404
+
+
+def test_polling_before_sleeping_is_counted_and_can_be_turned_off(make_pair, tmp_path):
+    """The resource file sets poll-us = 1000 (long enough that a primary taking a stream of
+    writes finds completions while it polls); beta is started with --poll-us 0, which
+    overrides the file, and must never poll. Both say so at start, and the metrics count."""
+    p = make_pair(tuning="poll-us = 1000\n")
+    ports = {"alpha": free_port(), "beta": free_port()}
+    text = p.resource.read_text()
+    for name, port in ports.items():
+        meta = f'metadata = "{tmp_path}/{name}.meta"\n'
+        text = text.replace(meta, meta + f'metrics = "127.0.0.1:{port}"\n')
+    p.resource.write_text(text)
+    p.up("beta", "--poll-us", "0")
+    p.up("alpha", "--primary")
+    p.wait_in_sync()
+    p.wait_for("alpha", "polls up to 1000 µs before sleeping")
+    p.wait_for("beta", "no polling")
+    qemu_io(p.uri, *[f"write -P 0x{i:02x} {i * 64}k 64k" for i in range(1, 65)], "flush")
+    a = scrape(ports["alpha"])
+    assert value(a, "tandem_poll_hits_total") > 0, a
+    assert value(a, "tandem_poll_seconds_total") > 0
+    b = scrape(ports["beta"])
+    assert value(b, "tandem_poll_hits_total") == 0 and value(b, "tandem_poll_misses_total") == 0
+    assert value(b, "tandem_poll_seconds_total") == 0

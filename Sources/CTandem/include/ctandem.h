@@ -77,6 +77,11 @@ int ctandem_prep_nop(ctandem_ring *ring, uint64_t user_data);
 /// (negative: no timeout). Returns the number submitted or -errno (-ETIME on timeout is not an
 /// error for the caller).
 int ctandem_ring_submit_wait(ctandem_ring *ring, unsigned wait_nr, int64_t timeout_ns);
+/// Submits what is prepared, then polls without sleeping for up to `budget_ns`: each round runs
+/// the completions the kernel deferred to this thread (DEFER_TASKRUN) and looks at the
+/// completion queue. Returns the nanoseconds spent once `wait_nr` completions are ready, -1
+/// when the budget ran out first, or -errno when the submission failed.
+int64_t ctandem_ring_poll(ctandem_ring *ring, unsigned wait_nr, int64_t budget_ns);
 /// Copies up to `max` completions into `out` and marks them seen. Never blocks.
 unsigned ctandem_ring_reap(ctandem_ring *ring, ctandem_cqe *out, unsigned max);
 

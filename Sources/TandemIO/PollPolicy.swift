@@ -1,0 +1,73 @@
+import TandemCore
+
+/// Decides whether the loop polls its ring for a short while before it sleeps.
+///
+/// A sleeping loop is woken by another CPU, and on a virtual machine that cross-CPU wake-up costs
+/// tens of µs: at queue depth 1 it was the largest part of a 4 KiB write's round trip (tandem-page
+/// p50 50-100 µs sleeping, 26-73 µs polling 50 µs first, in the same runs). Polling costs CPU, so
+/// it adapts, as a hybrid of Linux's block-layer polling and an adaptive mutex:
+/// - a poll that ends with a completion (a hit) keeps polling on;
+/// - a poll that runs out of budget (a miss) sleeps through the next 1, 2, 4 .. 64 waits, doubling
+///   on each miss in a row;
+/// - a sleep that ended within the budget (polling would have caught it) polls again at once.
+/// An idle loop so polls once per 64 wake-ups at most, and a loop whose completions come in
+/// bursts polls only while they do. Pure bookkeeping: the engine polls and reads the clock.
+public struct PollPolicy: Sendable, Equatable {
+    /// Nanoseconds one poll may last; 0 turns polling off.
+    public let budgetNanos: UInt64
+    /// Waits left to sleep through without polling.
+    public private(set) var sleepsLeft = 0
+    /// How many waits the next miss sleeps through.
+    private var nextBackoff = 1
+    public private(set) var stats = PollStats()
+
+    public static let backoffMax = 64
+
+    public init(budgetNanos: UInt64) {
+        self.budgetNanos = budgetNanos
+    }
+
+    public var enabled: Bool { budgetNanos > 0 }
+
+    /// Whether the coming wait polls first. Counts down a backoff.
+    public mutating func shouldPoll() -> Bool {
+        guard enabled else { return false }
+        if sleepsLeft > 0 {
+            sleepsLeft -= 1
+            return false
+        }
+        return true
+    }
+
+    /// A poll ended: with a completion after `nanos`, or (`hit == false`) when `nanos`, the
+    /// budget or less when a timer was due sooner, ran out.
+    public mutating func polled(hit: Bool, nanos: UInt64) {
+        stats.pollNanos &+= nanos
+        if hit {
+            stats.hits &+= 1
+            nextBackoff = 1
+        } else {
+            stats.misses &+= 1
+            sleepsLeft = nextBackoff
+            nextBackoff = min(nextBackoff * 2, Self.backoffMax)
+        }
+    }
+
+    /// A wait that did not poll slept `nanos` before its completion came.
+    public mutating func slept(nanos: UInt64) {
+        if nanos <= budgetNanos {
+            sleepsLeft = 0
+            nextBackoff = 1
+        }
+    }
+}
+
+/// What polling did and cost, for metrics.
+public struct PollStats: Sendable, Equatable {
+    public var hits: UInt64 = 0
+    public var misses: UInt64 = 0
+    /// Time spent polling, hits and misses.
+    public var pollNanos: UInt64 = 0
+
+    public init() {}
+}

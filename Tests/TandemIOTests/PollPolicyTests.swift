@@ -1,0 +1,87 @@
+import Testing
+import TandemIO
+
+/// `PollPolicy`'s bookkeeping: when a wait polls, how misses back off, what a short sleep resets.
+@Suite struct PollPolicyTests {
+    @Test func aZeroBudgetNeverPolls() {
+        var policy = PollPolicy(budgetNanos: 0)
+        #expect(!policy.enabled)
+        for _ in 0..<3 {
+            let polls = policy.shouldPoll()
+            #expect(!polls)
+        }
+        #expect(policy.stats == PollStats())
+    }
+
+    @Test func hitsKeepPollingAndAreCounted() {
+        var policy = PollPolicy(budgetNanos: 50_000)
+        for i in 0..<100 {
+            let polls = policy.shouldPoll()
+            #expect(polls, "wait \(i)")
+            policy.polled(hit: true, nanos: 10_000)
+        }
+        #expect(policy.stats.hits == 100)
+        #expect(policy.stats.misses == 0)
+        #expect(policy.stats.pollNanos == 1_000_000)
+    }
+
+    /// Sleeps through 1, 2, 4 .. waits after misses in a row, capped at `backoffMax`.
+    @Test func missesInARowBackOffExponentiallyUpToTheCap() {
+        var policy = PollPolicy(budgetNanos: 50_000)
+        var skipped: [Int] = []
+        for _ in 0..<9 {
+            let polls = policy.shouldPoll()
+            #expect(polls)
+            policy.polled(hit: false, nanos: 50_000)
+            var n = 0
+            while !policy.shouldPoll() {
+                n += 1
+                policy.slept(nanos: 1_000_000)  // long sleeps: polling would not have helped
+                precondition(n <= 1000)
+            }
+            skipped.append(n)
+            // shouldPoll() said yes: that wait polls and misses again at the top of the loop.
+        }
+        #expect(skipped == [1, 2, 4, 8, 16, 32, 64, 64, 64])
+        #expect(policy.stats.misses == 9)
+        #expect(policy.stats.pollNanos == 9 * 50_000)
+    }
+
+    @Test func aHitEndsTheBackoff() {
+        var policy = PollPolicy(budgetNanos: 50_000)
+        for _ in 0..<3 {
+            let polls = policy.shouldPoll()
+            #expect(polls)
+            policy.polled(hit: false, nanos: 50_000)
+            while !policy.shouldPoll() { policy.slept(nanos: 1_000_000) }
+        }
+        policy.polled(hit: true, nanos: 5_000)
+        #expect(policy.sleepsLeft == 0)
+        policy.polled(hit: false, nanos: 50_000)
+        #expect(policy.sleepsLeft == 1, "the backoff starts again at one wait")
+    }
+
+    /// A wait that slept but got its completion within the budget shows polling would have
+    /// caught it: the next wait polls at once, and the next miss backs off by one again.
+    @Test func aShortSleepPollsAgainAtOnce() {
+        var policy = PollPolicy(budgetNanos: 50_000)
+        // Four misses in a row, each after sleeping through the backoff of the one before.
+        for _ in 0..<4 {
+            while !policy.shouldPoll() { policy.slept(nanos: 1_000_000) }
+            policy.polled(hit: false, nanos: 50_000)
+        }
+        #expect(policy.sleepsLeft == 8)
+        var polls = policy.shouldPoll()
+        #expect(!polls)
+        policy.slept(nanos: 60_000)
+        #expect(policy.sleepsLeft == 7, "a sleep longer than the budget changes nothing")
+        polls = policy.shouldPoll()
+        #expect(!polls)
+        policy.slept(nanos: 20_000)
+        #expect(policy.sleepsLeft == 0)
+        polls = policy.shouldPoll()
+        #expect(polls)
+        policy.polled(hit: false, nanos: 50_000)
+        #expect(policy.sleepsLeft == 1)
+    }
+}
