@@ -1,8 +1,10 @@
 // io_uring through liburing. See ctandem.h for the contract of each function.
+#define _GNU_SOURCE
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 #include <liburing.h>
 
 #include "ctandem.h"
@@ -10,6 +12,9 @@
 struct ctandem_ring {
     struct io_uring ring;
     struct io_uring_probe *probe;
+    // The kernel raises IORING_SQ_TASKRUN in the shared flags when completions wait as task work
+    // for this thread, so a poll can watch memory instead of entering the kernel.
+    int taskrun_flag;
 };
 
 int ctandem_ring_create(unsigned entries, ctandem_ring **out) {
@@ -22,7 +27,9 @@ int ctandem_ring_create(unsigned entries, ctandem_ring **out) {
     // One thread submits and reaps, so completions can run as deferred task work when that
     // thread waits (6.1+), instead of interrupting it; older kernels get the plain ring.
     static const unsigned tries[] = {
+        IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
         IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
         IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN,
         IORING_SETUP_CQSIZE,
     };
@@ -32,6 +39,7 @@ int ctandem_ring_create(unsigned entries, ctandem_ring **out) {
         params.flags = tries[i];
         params.cq_entries = entries * 4;
         rc = io_uring_queue_init_params(entries, &r->ring, &params);
+        r->taskrun_flag = (tries[i] & IORING_SETUP_TASKRUN_FLAG) != 0;
         if (rc != -EINVAL) break;
     }
     if (rc < 0) {
@@ -202,13 +210,36 @@ int ctandem_ring_submit_wait(ctandem_ring *r, unsigned wait_nr, int64_t timeout_
     }
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ volatile("yield" ::: "memory")
+#else
+#define cpu_relax() __asm__ volatile("" ::: "memory")
+#endif
+
 static int64_t monotonic_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
-int64_t ctandem_ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns) {
+long ctandem_thread_preemptions(void) {
+    struct rusage u;
+    if (getrusage(RUSAGE_THREAD, &u) != 0) return 0;
+    return u.ru_nivcsw;
+}
+
+static int64_t ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns);
+
+int64_t ctandem_ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns, int *preempted) {
+    long before = ctandem_thread_preemptions();
+    int64_t rc = ring_poll(r, wait_nr, budget_ns);
+    *preempted = ctandem_thread_preemptions() != before;
+    return rc;
+}
+
+static int64_t ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns) {
     int rc;
     do {
         rc = io_uring_submit(&r->ring);
@@ -218,11 +249,17 @@ int64_t ctandem_ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns) 
     // Bounded by the budget: every round reads the clock.
     for (;;) {
         if (io_uring_cq_ready(&r->ring) >= wait_nr) return now - start;
-        // io_uring_enter(GETEVENTS) with nothing to wait for: completions that arrived as task
-        // work for this thread are posted, and the call returns at once.
-        (void)io_uring_get_events(&r->ring);
+        if (!r->taskrun_flag || (IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN)) {
+            // io_uring_enter(GETEVENTS) with nothing to wait for: completions that arrived as
+            // task work for this thread are posted, and the call returns at once.
+            (void)io_uring_get_events(&r->ring);
+            if (io_uring_cq_ready(&r->ring) >= wait_nr) return monotonic_ns() - start;
+        } else {
+            // Nothing yet: watch the shared flags, yielding the core's pipeline to a sibling
+            // hyperthread meanwhile.
+            for (int i = 0; i < 32; i++) cpu_relax();
+        }
         now = monotonic_ns();
-        if (io_uring_cq_ready(&r->ring) >= wait_nr) return now - start;
         if (now - start >= budget_ns) return -1;
     }
 }

@@ -268,6 +268,7 @@ public final class EpollEngine: IOEngine {
         } else if timeout != 0 && poll.shouldPoll() {
             let budget = min(poll.budgetNanos, timeout ?? .max)
             let start = monotonicNanos()
+            let preemptions = ctandem_thread_preemptions()
             var spent: UInt64 = 0
             // Bounded by the budget; each round is one epoll_wait that does not sleep.
             while ready.count == readyHead && spent < budget {
@@ -275,7 +276,7 @@ public final class EpollEngine: IOEngine {
                 spent = monotonicNanos() &- start
             }
             let hit = ready.count > readyHead
-            poll.polled(hit: hit, nanos: hit ? spent : budget)
+            poll.polled(hit: hit, nanos: hit ? spent : budget, preempted: ctandem_thread_preemptions() != preemptions)
             timeout = hit ? 0 : timeout.map { $0 > spent ? $0 - spent : 0 }
         }
         if ready.count == readyHead {

@@ -161,9 +161,10 @@ public final class UringEngine: IOEngine {
         var sleepStart: UInt64 = 0
         if timeout != 0 && poll.shouldPoll() {
             let budget = timeout < 0 ? poll.budgetNanos : min(poll.budgetNanos, UInt64(timeout))
-            let spent = ctandem_ring_poll(ring, 1, Int64(budget))
+            var preempted: Int32 = 0
+            let spent = ctandem_ring_poll(ring, 1, Int64(budget), &preempted)
             if spent < -1 { fatalError("io_uring_enter failed: \(SystemError.text(Int32(-spent)))") }
-            poll.polled(hit: spent >= 0, nanos: spent >= 0 ? UInt64(spent) : budget)
+            poll.polled(hit: spent >= 0, nanos: spent >= 0 ? UInt64(spent) : budget, preempted: preempted != 0)
             if spent >= 0 {
                 n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))
                 return offloadPool == nil ? n : mergeOffloaded(out, n)

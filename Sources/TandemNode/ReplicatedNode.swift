@@ -899,6 +899,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let poll = loop.engine.pollStats
         gauge("tandem_poll_hits_total", "Waits that polled and found a completion without sleeping", "\(poll.hits)", type: "counter")
         gauge("tandem_poll_misses_total", "Waits that polled for the whole budget, then slept", "\(poll.misses)", type: "counter")
+        gauge("tandem_poll_preempted_total", "Polls during which another thread took the CPU (each backs off polling)", "\(poll.preempted)", type: "counter")
         gauge("tandem_poll_seconds_total", "CPU time spent polling before sleeping", "\(Double(poll.pollNanos) / 1e9)", type: "counter")
         gauge("tandem_tls_handshake_failures_total", "Peer links that failed in TLS (wrong CA, name, plaintext)", "\(tlsFailures)", type: "counter")
         return out

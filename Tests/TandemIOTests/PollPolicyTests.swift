@@ -84,4 +84,25 @@ import TandemIO
         policy.polled(hit: false, nanos: 50_000)
         #expect(policy.sleepsLeft == 1)
     }
+
+    /// A poll during which another thread took the CPU backs off as a miss would, even when it
+    /// found its completion, and is counted as both.
+    @Test func aPreemptedPollBacksOffEvenWhenItHits() {
+        var policy = PollPolicy(budgetNanos: 50_000)
+        var polls = policy.shouldPoll()
+        #expect(polls)
+        policy.polled(hit: true, nanos: 20_000, preempted: true)
+        #expect(policy.sleepsLeft == 1)
+        #expect(policy.stats.hits == 1 && policy.stats.preempted == 1 && policy.stats.misses == 0)
+        polls = policy.shouldPoll()
+        #expect(!polls)
+        polls = policy.shouldPoll()
+        #expect(polls)
+        policy.polled(hit: true, nanos: 20_000, preempted: true)
+        #expect(policy.sleepsLeft == 2, "preemptions in a row back off like misses in a row")
+        while !policy.shouldPoll() { policy.slept(nanos: 1_000_000) }
+        policy.polled(hit: true, nanos: 20_000)
+        #expect(policy.sleepsLeft == 0)
+        #expect(policy.stats.hits == 3 && policy.stats.preempted == 2)
+    }
 }
