@@ -315,3 +315,14 @@ func handshake(_ client: TLSSession, _ server: TLSSession) -> (TLSSession.Status
         #expect(status == .closed)
     }
 }
+
+/// The record layer's own AES-GCM (VAES and VPCLMULQDQ) against OpenSSL's, byte for byte. On a
+/// CPU without those instructions the record layer uses OpenSSL's, and there is nothing to check.
+@Suite struct AESGCMTests {
+    @Test(.enabled(if: ctandem_gcm_check(0, 0, nil, 0) == 0, "the CPU has VAES and VPCLMULQDQ"))
+    func sealsAndOpensAsOpenSSLDoes() {
+        var why = [CChar](repeating: 0, count: 256)
+        let failures = ctandem_gcm_check(0x7a6e_6465_6d31, 2000, &why, why.count)
+        #expect(failures == 0, "\(String(decoding: why.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))")
+    }
+}

@@ -84,6 +84,11 @@ int ctandem_ring_submit_wait(ctandem_ring *ring, unsigned wait_nr, int64_t timeo
 /// whether the scheduler took the CPU away from the thread while it polled (another thread
 /// wanted it).
 int64_t ctandem_ring_poll(ctandem_ring *ring, unsigned wait_nr, int64_t budget_ns, int *preempted);
+/// Compares Tandem's AES-GCM (gcm.c, used by the TLS record layer where the CPU has VAES and
+/// VPCLMULQDQ) with OpenSSL's over `cases` random keys, nonces, AAD and lengths from `seed`,
+/// and checks that tampered input is refused. Returns the failures (the first described in
+/// `why`), or -1 when this CPU does not run it.
+int ctandem_gcm_check(uint64_t seed, int cases, char *why, size_t why_len);
 /// Involuntary context switches of the calling thread so far (getrusage RUSAGE_THREAD).
 long ctandem_thread_preemptions(void);
 /// Copies up to `max` completions into `out` and marks them seen. Never blocks.
