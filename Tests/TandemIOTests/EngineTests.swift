@@ -81,18 +81,39 @@ func joinThread(_ thread: pthread_t) {
         pool.release(buffer)
     }
 
+    /// An engine and loop with a connected socket pair: `fds[0]` adopted by the engine, `fds[1]`
+    /// the test's end; `incoming` receives 64 bytes.
+    final class SocketRig {
+        let engine: any IOEngine
+        let loop: IOLoop
+        let recorder = Recorder()
+        let id: UInt32
+        var fds: [Int32] = [-1, -1]
+        let incoming = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
+
+        init(_ kind: IOEngineKind, pollNanos: UInt64 = 0) throws {
+            engine = try IOEngineFactory.make(kind, pollNanos: pollNanos)
+            loop = IOLoop(engine: engine, pool: BufferPool(), logger: Logger(label: "test"))
+            id = loop.register(recorder)
+            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { throw SystemError("socketpair", errno: errno) }
+            engine.adoptSocket(fds[0])
+        }
+
+        deinit {
+            close(fds[0])
+            close(fds[1])
+            incoming.deallocate()
+        }
+
+        func recv(tag: UInt32) {
+            engine.recv(fd: fds[0], buffer: incoming, length: 64, waitAll: false, userData: IOLoop.userData(id, tag))
+        }
+    }
+
     @Test(arguments: kinds)
     func socketsRecvSendAccept(kind: IOEngineKind) throws {
-        let engine = try IOEngineFactory.make(kind)
-        let loop = IOLoop(engine: engine, pool: BufferPool(), logger: Logger(label: "test"))
-        let recorder = Recorder()
-        let id = loop.register(recorder)
-        var fds: [Int32] = [0, 0]
-        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
-        defer { close(fds[0]); close(fds[1]) }
-        engine.adoptSocket(fds[0])
-        let incoming = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
-        defer { incoming.deallocate() }
+        let rig = try SocketRig(kind)
+        let (engine, loop, recorder, id, fds, incoming) = (rig.engine, rig.loop, rig.recorder, rig.id, rig.fds, rig.incoming)
         // The receive is posted before any data exists: it must wait, then complete.
         engine.recv(fd: fds[0], buffer: incoming, length: 64, waitAll: false, userData: IOLoop.userData(id, 1))
         loop.runOnce(timeoutNanos: 10_000_000)
@@ -132,51 +153,36 @@ func joinThread(_ thread: pthread_t) {
     @Test(arguments: kinds)
     func pollingTakesCompletionsAndKeepsTimeouts(kind: IOEngineKind) throws {
         let budget: UInt64 = 2_000_000_000
-        var engine = try IOEngineFactory.make(kind, pollNanos: budget)
-        var loop = IOLoop(engine: engine, pool: BufferPool(), logger: Logger(label: "test"))
-        let recorder = Recorder()
-        var id = loop.register(recorder)
-        var fds: [Int32] = [0, 0]
-        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
-        defer { close(fds[0]); close(fds[1]) }
-        engine.adoptSocket(fds[0])
-        let incoming = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
-        defer { incoming.deallocate() }
-        engine.recv(fd: fds[0], buffer: incoming, length: 64, waitAll: false, userData: IOLoop.userData(id, 1))
+        let rig = try SocketRig(kind, pollNanos: budget)
+        rig.recv(tag: 1)
         // The data comes from another thread 2 ms into the wait, well within the budget.
-        let writer = fds[1]
+        let writer = rig.fds[1]
         let thread = try startThread {
             usleep(2000)
             _ = write(writer, "polled", 6)
         }
-        loop.runOnce(timeoutNanos: nil)
+        rig.loop.runOnce(timeoutNanos: nil)
         joinThread(thread)
-        #expect(recorder.results[1] == 6)
-        #expect(String(decoding: UnsafeRawBufferPointer(start: incoming, count: 6), as: UTF8.self) == "polled")
-        #expect(engine.pollStats.hits == 1)
-        #expect(engine.pollStats.misses == 0)
-        #expect(engine.pollStats.pollNanos > 0)
+        #expect(rig.recorder.results[1] == 6)
+        #expect(String(decoding: UnsafeRawBufferPointer(start: rig.incoming, count: 6), as: UTF8.self) == "polled")
+        #expect(rig.engine.pollStats.hits == 1)
+        #expect(rig.engine.pollStats.misses == 0)
+        #expect(rig.engine.pollStats.pollNanos > 0)
         // Nothing comes: a 10 ms timeout ends the poll long before its 2 s budget. A new
         // engine, because the writer thread may have preempted the first poll, which backs off.
-        engine = try IOEngineFactory.make(kind, pollNanos: budget)
-        loop = IOLoop(engine: engine, pool: BufferPool(), logger: Logger(label: "test"))
-        id = loop.register(recorder)
-        close(fds[0])
-        close(fds[1])
-        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
-        engine.adoptSocket(fds[0])
-        engine.recv(fd: fds[0], buffer: incoming, length: 64, waitAll: false, userData: IOLoop.userData(id, 2))
+        let idle = try SocketRig(kind, pollNanos: budget)
+        idle.recv(tag: 2)
         let start = monotonicNanos()
-        loop.runOnce(timeoutNanos: 10_000_000)
+        idle.loop.runOnce(timeoutNanos: 10_000_000)
         let waited = monotonicNanos() - start
-        #expect(recorder.results[2] == nil)
+        #expect(idle.recorder.results[2] == nil)
         #expect(waited < budget / 2, "waited \(waited) ns: the poll ignored the timeout")
-        #expect(engine.pollStats.misses == 1)
-        #expect(engine.pollStats.hits == 0)
+        #expect(idle.engine.pollStats.misses == 1)
+        #expect(idle.engine.pollStats.hits == 0)
         // After the miss the next wait sleeps; the receive still completes.
-        #expect(write(fds[1], "x", 1) == 1)
-        run(loop) { recorder.results[2] != nil }
-        #expect(recorder.results[2] == 1)
+        #expect(write(idle.fds[1], "x", 1) == 1)
+        run(idle.loop) { idle.recorder.results[2] != nil }
+        #expect(idle.recorder.results[2] == 1)
     }
 
     @Test func timersFire() throws {

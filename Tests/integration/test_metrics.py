@@ -21,14 +21,20 @@ def value(text, name, **labels):
     raise AssertionError(f"no {name} {labels} in:\n{text}")
 
 
-def test_metrics_are_scraped_over_http(make_pair, tmp_path):
-    p = make_pair()
+def serve_metrics(p, tmp_path):
+    """Gives both nodes of pair `p` a metrics address; returns their ports by name."""
     ports = {"alpha": free_port(), "beta": free_port()}
     text = p.resource.read_text()
     for name, port in ports.items():
         meta = f'metadata = "{tmp_path}/{name}.meta"\n'
         text = text.replace(meta, meta + f'metrics = "127.0.0.1:{port}"\n')
     p.resource.write_text(text)
+    return ports
+
+
+def test_metrics_are_scraped_over_http(make_pair, tmp_path):
+    p = make_pair()
+    ports = serve_metrics(p, tmp_path)
     p.up("beta")
     p.up("alpha", "--primary")
     p.wait_in_sync()
@@ -69,12 +75,7 @@ def test_polling_before_sleeping_is_counted_and_can_be_turned_off(make_pair, tmp
     writes finds completions while it polls); beta is started with --poll-us 0, which
     overrides the file, and must never poll. Both say so at start, and the metrics count."""
     p = make_pair(tuning="poll-us = 1000\n")
-    ports = {"alpha": free_port(), "beta": free_port()}
-    text = p.resource.read_text()
-    for name, port in ports.items():
-        meta = f'metadata = "{tmp_path}/{name}.meta"\n'
-        text = text.replace(meta, meta + f'metrics = "127.0.0.1:{port}"\n')
-    p.resource.write_text(text)
+    ports = serve_metrics(p, tmp_path)
     p.up("beta", "--poll-us", "0")
     p.up("alpha", "--primary")
     p.wait_in_sync()
