@@ -230,16 +230,7 @@ long ctandem_thread_preemptions(void) {
     return u.ru_nivcsw;
 }
 
-static int64_t ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns);
-
-int64_t ctandem_ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns, int *preempted) {
-    long before = ctandem_thread_preemptions();
-    int64_t rc = ring_poll(r, wait_nr, budget_ns);
-    *preempted = ctandem_thread_preemptions() != before;
-    return rc;
-}
-
-static int64_t ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns) {
+int64_t ctandem_ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns) {
     int rc;
     do {
         rc = io_uring_submit(&r->ring);

@@ -262,31 +262,22 @@ public final class EpollEngine: IOEngine {
     // MARK: Waiting
 
     public func wait(into out: UnsafeMutableBufferPointer<ctandem_cqe>, timeoutNanos: UInt64?) -> Int {
-        var timeout = timeoutNanos
-        if ready.count - readyHead > 0 {
-            timeout = 0
-        } else if timeout != 0 && poll.shouldPoll() {
-            let budget = min(poll.budgetNanos, timeout ?? .max)
-            let start = monotonicNanos()
-            let preemptions = ctandem_thread_preemptions()
-            var spent: UInt64 = 0
-            // Bounded by the budget; each round is one epoll_wait that does not sleep.
-            while ready.count == readyHead && spent < budget {
-                waitEvents(timeoutMs: 0)
-                spent = monotonicNanos() &- start
-            }
-            let hit = ready.count > readyHead
-            poll.polled(hit: hit, nanos: hit ? spent : budget, preempted: ctandem_thread_preemptions() != preemptions)
-            timeout = hit ? 0 : timeout.map { $0 > spent ? $0 - spent : 0 }
-        }
-        if ready.count == readyHead {
-            var timeoutMs: Int32 = -1
-            if let t = timeout { timeoutMs = Int32(min((t + 999_999) / 1_000_000, UInt64(Int32.max))) }
-            let sleepStart = poll.enabled && timeoutMs != 0 ? monotonicNanos() : 0
-            waitEvents(timeoutMs: timeoutMs)
-            if sleepStart != 0 && ready.count > readyHead { poll.slept(nanos: monotonicNanos() &- sleepStart) }
-        } else {
+        if ready.count > readyHead {
             waitEvents(timeoutMs: 0)
+        } else {
+            let polled = poll.pollFirst(timeoutNanos: timeoutNanos) { budget in
+                // Bounded by the budget; each round is one epoll_wait that does not sleep.
+                let start = monotonicNanos()
+                repeat { waitEvents(timeoutMs: 0) } while ready.count == readyHead && monotonicNanos() &- start < budget
+                return ready.count > readyHead
+            }
+            if !polled.hit {
+                let timeoutMs = polled.timeoutNanos.map { Int32(min(($0 + 999_999) / 1_000_000, UInt64(Int32.max))) } ?? -1
+                poll.timeSleep(timeoutNanos: polled.timeoutNanos) {
+                    waitEvents(timeoutMs: timeoutMs)
+                    return ready.count > readyHead
+                }
+            }
         }
         let count = min(out.count, ready.count - readyHead)
         for i in 0..<count { out[i] = ready[readyHead + i] }

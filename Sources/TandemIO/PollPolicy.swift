@@ -1,3 +1,4 @@
+import CTandem
 import TandemCore
 
 /// Decides whether the loop polls its ring for a short while before it sleeps.
@@ -15,7 +16,8 @@ import TandemCore
 ///   client on two cores) polling takes CPU from the work it waits for (1 MiB replicated writes
 ///   lost 20% to 200 µs polls before this rule).
 /// An idle loop so polls once per 64 wake-ups at most, and a loop whose completions come in
-/// bursts polls only while they do. Pure bookkeeping: the engine polls and reads the clock.
+/// bursts polls only while they do. The struct is bookkeeping (tested alone); `pollFirst` and
+/// `timeSleep` below read the clock and the preemption count for both engines.
 public struct PollPolicy: Sendable, Equatable {
     /// Nanoseconds one poll may last; 0 turns polling off.
     public let budgetNanos: UInt64
@@ -77,4 +79,30 @@ public struct PollStats: Sendable, Equatable {
     public var pollNanos: UInt64 = 0
 
     public init() {}
+}
+
+/// How an engine's wait uses the policy: the clock and the preemption count are read here, so
+/// both engines book polls and sleeps the same way.
+extension PollPolicy {
+    /// Before a wait sleeps: when the policy says so, `attempt(budget)` polls for at most `budget`
+    /// nanoseconds (the budget, or less when the timeout is shorter) and says whether a completion
+    /// came. Returns that, and the timeout left for the sleep.
+    mutating func pollFirst(timeoutNanos: UInt64?, _ attempt: (UInt64) -> Bool) -> (hit: Bool, timeoutNanos: UInt64?) {
+        guard timeoutNanos != 0, shouldPoll() else { return (false, timeoutNanos) }
+        let budget = min(budgetNanos, timeoutNanos ?? .max)
+        let preemptions = ctandem_thread_preemptions()
+        let start = monotonicNanos()
+        let hit = attempt(budget)
+        let spent = hit ? monotonicNanos() &- start : budget
+        polled(hit: hit, nanos: spent, preempted: ctandem_thread_preemptions() != preemptions)
+        return (hit, timeoutNanos.map { $0 > spent ? $0 - spent : 0 })
+    }
+
+    /// A sleep of a wait that did not poll: `sleep()` sleeps and says whether a completion came;
+    /// one that came within the budget makes the next wait poll.
+    mutating func timeSleep(timeoutNanos: UInt64?, _ sleep: () -> Bool) {
+        guard enabled && timeoutNanos != 0 else { _ = sleep(); return }
+        let start = monotonicNanos()
+        if sleep() { slept(nanos: monotonicNanos() &- start) }
+    }
 }

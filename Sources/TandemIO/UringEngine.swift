@@ -157,27 +157,22 @@ public final class UringEngine: IOEngine {
             _ = ctandem_ring_submit_wait(ring, 0, -1)
             return offloadPool == nil ? n : mergeOffloaded(out, n)
         }
-        var timeout: Int64 = timeoutNanos.map { Int64(min($0, UInt64(Int64.max))) } ?? -1
-        var sleepStart: UInt64 = 0
-        if timeout != 0 && poll.shouldPoll() {
-            let budget = timeout < 0 ? poll.budgetNanos : min(poll.budgetNanos, UInt64(timeout))
-            var preempted: Int32 = 0
-            let spent = ctandem_ring_poll(ring, 1, Int64(budget), &preempted)
+        let ring = ring
+        let polled = poll.pollFirst(timeoutNanos: timeoutNanos) { budget in
+            let spent = ctandem_ring_poll(ring, 1, Int64(min(budget, UInt64(Int64.max))))
             if spent < -1 { fatalError("io_uring_enter failed: \(SystemError.text(Int32(-spent)))") }
-            poll.polled(hit: spent >= 0, nanos: spent >= 0 ? UInt64(spent) : budget, preempted: preempted != 0)
-            if spent >= 0 {
-                n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))
-                return offloadPool == nil ? n : mergeOffloaded(out, n)
+            return spent >= 0
+        }
+        if !polled.hit {
+            let timeout: Int64 = polled.timeoutNanos.map { Int64(min($0, UInt64(Int64.max))) } ?? -1
+            poll.timeSleep(timeoutNanos: polled.timeoutNanos) {
+                let rc = ctandem_ring_submit_wait(ring, timeout == 0 ? 0 : 1, timeout)
+                if rc < 0 && rc != -ETIME && rc != -EAGAIN && rc != -EBUSY {
+                    fatalError("io_uring_enter failed: \(SystemError.text(-rc))")
+                }
+                return rc >= 0
             }
-            if timeout > 0 { timeout = max(timeout - Int64(budget), 0) }
-        } else if poll.enabled && timeout != 0 {
-            sleepStart = monotonicNanos()
         }
-        let rc = ctandem_ring_submit_wait(ring, timeout == 0 ? 0 : 1, timeout)
-        if rc < 0 && rc != -ETIME && rc != -EAGAIN && rc != -EBUSY {
-            fatalError("io_uring_enter failed: \(SystemError.text(-rc))")
-        }
-        if sleepStart != 0 && rc >= 0 { poll.slept(nanos: monotonicNanos() &- sleepStart) }
         n = Int(ctandem_ring_reap(ring, out.baseAddress, UInt32(out.count)))
         return offloadPool == nil ? n : mergeOffloaded(out, n)
     }
