@@ -109,11 +109,41 @@ def test_nbd_server_runs_as_a_daemon(tmp_path):
     assert report["results"]["nbd-server"]["write-4k-qd1/1c"]["status"] == "ok"
 
 
+def test_rounds_interleave_the_servers_and_report_medians(tmp_path):
+    """Every server is started first, then each job runs against every server in turn, once per
+    round; a cell's summary is the median of its rounds."""
+    out = tmp_path / "rounds.json"
+    cp = run([TANDEM_BIN, "bench", "--quick", "--size", "16M", "--runtime", "1", "--ramp-time", "0",
+              "--jobs", "write-4k-qd1,rand-read-4k", "--connections", "1", "--rounds", "3",
+              "--servers", "tandem-direct,tandem-page", "--dir", tmp_path, "--json", out], timeout=150)
+    report = json.loads(out.read_text())
+    assert report["options"]["rounds"] == 3
+    runs = [line.split(" ... ")[0].split("] ", 1)[1] for line in cp.stderr_text.splitlines()
+            if line.startswith("[") and " ... " in line]
+    expected = ["%s %s (round %d/3)" % (server, case, r)
+                for r in (1, 2, 3) for case in ("write-4k-qd1/1c", "rand-read-4k/1c")
+                for server in ("tandem-direct", "tandem-page")]
+    assert runs == expected, cp.stderr_text
+    first_job = cp.stderr_text.index("[1/")
+    for server in ("tandem-direct", "tandem-page"):  # both up before any job runs
+        assert -1 < cp.stderr_text.find("== %s on" % server) < first_job, cp.stderr_text
+    for server in ("tandem-direct", "tandem-page"):
+        for case in ("write-4k-qd1/1c", "rand-read-4k/1c"):
+            entry = report["results"][server][case]
+            assert entry["status"] == "ok", (server, case, entry.get("error"))
+            rounds = entry["rounds"]
+            assert len(rounds) == 3
+            for key in ("iops", "p50_us", "mib_s"):
+                assert entry["summary"][key] == sorted(r[key] for r in rounds)[1], (key, entry)
+    assert "3 rounds; every cell is the median of its rounds" in cp.stdout_text
+
+
 def test_bad_option_is_one_error_line(tmp_path):
-    cp = run([TANDEM_BIN, "bench", "--jobs", "bogus"], check=False, timeout=30)
-    assert cp.returncode != 0
-    lines = cp.stderr_text.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "bogus" in lines[0], cp.stderr_text
+    for bad, word in ((["--jobs", "bogus"], "bogus"), (["--rounds", "0"], "--rounds")):
+        cp = run([TANDEM_BIN, "bench", *bad], check=False, timeout=30)
+        assert cp.returncode != 0
+        lines = cp.stderr_text.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0], cp.stderr_text
 
 
 def test_link_probe_moves_every_byte_through_either_record_layer(tmp_path):
