@@ -93,13 +93,14 @@ unsigned ctandem_ring_sq_space(ctandem_ring *r) { return io_uring_sq_space_left(
 static inline struct io_uring_sqe *sqe_or_null(ctandem_ring *r) { return io_uring_get_sqe(&r->ring); }
 
 int ctandem_prep_read(ctandem_ring *r, int fd, void *buf, unsigned len, uint64_t offset,
-                      int buf_index, uint64_t user_data) {
+                      int buf_index, int async, uint64_t user_data) {
     struct io_uring_sqe *sqe = sqe_or_null(r);
     if (!sqe) return -EBUSY;
     if (buf_index >= 0)
         io_uring_prep_read_fixed(sqe, fd, buf, len, offset, buf_index);
     else
         io_uring_prep_read(sqe, fd, buf, len, offset);
+    if (async) sqe->flags |= IOSQE_ASYNC;
     io_uring_sqe_set_data64(sqe, user_data);
     return 0;
 }

@@ -104,8 +104,10 @@ public final class EpollEngine: IOEngine {
 
     // MARK: Disk
 
-    public func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, userData: UInt64) {
-        if let aio, let slot = aioFreeSlots.popLast() {
+    public func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, offload: Bool, userData: UInt64) {
+        // libaio copies a page-cache read inside io_submit, on this thread: offloaded reads go to
+        // the threads.
+        if !offload, let aio, let slot = aioFreeSlots.popLast() {
             aioSlotUserData[Int(slot)] = userData
             let rc = ctandem_aio_submit_rw(aio, slot, 0, fd, buffer, length, offset, 0, UInt64(slot))
             if rc < 0 {

@@ -122,9 +122,9 @@ public final class FaultInjectingEngine: IOEngine {
     public func registerBuffers(_ iovecs: [iovec]) -> Bool { inner.registerBuffers(iovecs) }
     public func adoptSocket(_ fd: Int32) { inner.adoptSocket(fd) }
 
-    public func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, userData: UInt64) {
+    public func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, offload: Bool, userData: UInt64) {
         if fault(.read, offset: offset, length: UInt64(length), userData: userData) { return }
-        inner.read(fd: fd, buffer: buffer, length: length, offset: offset, fixedIndex: fixedIndex, userData: userData)
+        inner.read(fd: fd, buffer: buffer, length: length, offset: offset, fixedIndex: fixedIndex, offload: offload, userData: userData)
     }
 
     public func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, offload: Bool, userData: UInt64) {

@@ -16,6 +16,11 @@ public enum IOEngineKind: String, Sendable, CaseIterable {
 /// the completion arrives. Operations never complete inside the call that starts them: results
 /// always come from `wait`, so handlers never recurse.
 extension IOEngine {
+    /// A read the loop's thread may copy itself (direct I/O, small or internal reads).
+    public func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, userData: UInt64) {
+        read(fd: fd, buffer: buffer, length: length, offset: offset, fixedIndex: fixedIndex, offload: false, userData: userData)
+    }
+
     public func writeNow(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64) -> Int32 {
         Int32(truncatingIfNeeded: ctandem_pwrite_flags(fd, buffer, length, offset, 0))
     }
@@ -31,7 +36,10 @@ public protocol IOEngine: AnyObject {
     /// Prepares a freshly accepted or created socket for this engine (non-blocking for epoll).
     func adoptSocket(_ fd: Int32)
 
-    func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, userData: UInt64)
+    /// Reads `length` bytes. `offload` marks a large read through the page cache: engines copy it
+    /// off the loop's thread (an io-wq worker, or the engine's threads), in parallel with the
+    /// loop's own copies into sockets, as a threaded server's reads are.
+    func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, offload: Bool, userData: UInt64)
     /// Writes `length` bytes. `offload` marks a write through the page cache: engines run it on
     /// worker threads in parallel (io_uring would serialize buffered writes to one file on one
     /// io-wq worker, and libaio would block in io_submit).

@@ -103,8 +103,10 @@ public final class UringEngine: IOEngine {
         precondition(rc == 0, "io_uring prep failed: \(rc)")
     }
 
-    public func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, userData: UInt64) {
-        queue { ctandem_prep_read(ring, fd, buffer, UInt32(length), offset, fixedIndex, userData) }
+    public func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, offload: Bool, userData: UInt64) {
+        // Offloaded: IOSQE_ASYNC sends the read straight to an io-wq worker, which copies from the
+        // page cache while this thread goes on (cached pages are otherwise copied inline here).
+        queue { ctandem_prep_read(ring, fd, buffer, UInt32(length), offset, fixedIndex, offload ? 1 : 0, userData) }
     }
 
     public func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, offload: Bool, userData: UInt64) {

@@ -72,6 +72,12 @@ func joinThread(_ thread: pthread_t) {
         run(loop) { recorder.results[3] != nil }
         #expect(recorder.results[3] == 65536)
         #expect(UnsafeRawBufferPointer(start: buffer.pointer, count: 65536).allSatisfy { $0 == 0x5a })
+        // The same read offloaded (a kernel worker or the engine's threads copy it).
+        memset(buffer.pointer, 0, 65536)
+        engine.read(fd: fd, buffer: buffer.pointer, length: 65536, offset: 4096, fixedIndex: buffer.fixedIndex, offload: true, userData: IOLoop.userData(id, 5))
+        run(loop) { recorder.results[5] != nil }
+        #expect(recorder.results[5] == 65536)
+        #expect(UnsafeRawBufferPointer(start: buffer.pointer, count: 65536).allSatisfy { $0 == 0x5a })
         engine.fallocate(fd: fd, mode: ctandem_FALLOC_FL_PUNCH_HOLE | ctandem_FALLOC_FL_KEEP_SIZE, offset: 4096, length: 8192, userData: IOLoop.userData(id, 4))
         run(loop) { recorder.results[4] != nil }
         #expect(recorder.results[4] == 0)

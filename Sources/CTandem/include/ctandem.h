@@ -51,9 +51,10 @@ int ctandem_ring_register_buffers(ctandem_ring *ring, const struct iovec *iovecs
 unsigned ctandem_ring_sq_space(ctandem_ring *ring);
 
 // Each prep returns 0, or -EBUSY when the submission queue is full (submit, then retry).
-// `buf_index` >= 0 selects a registered buffer (READ_FIXED/WRITE_FIXED).
+// `buf_index` >= 0 selects a registered buffer (READ_FIXED/WRITE_FIXED). A read with `async`
+// set goes to an io-wq worker at once (IOSQE_ASYNC) instead of being tried inline first.
 int ctandem_prep_read(ctandem_ring *ring, int fd, void *buf, unsigned len, uint64_t offset,
-                      int buf_index, uint64_t user_data);
+                      int buf_index, int async, uint64_t user_data);
 int ctandem_prep_write(ctandem_ring *ring, int fd, const void *buf, unsigned len, uint64_t offset,
                        int buf_index, int rw_flags, uint64_t user_data);
 int ctandem_prep_fsync(ctandem_ring *ring, int fd, int datasync, uint64_t user_data);
