@@ -136,6 +136,14 @@ def test_rounds_interleave_the_servers_and_report_medians(tmp_path):
             for key in ("iops", "p50_us", "mib_s"):
                 assert entry["summary"][key] == sorted(r[key] for r in rounds)[1], (key, entry)
     assert "3 rounds; every cell is the median of its rounds" in cp.stdout_text
+    # The detail table shows each cell's spread: its lowest and highest round.
+    assert "rounds (min-max)" in cp.stdout_text
+    qd1 = report["results"]["tandem-direct"]["write-4k-qd1/1c"]["rounds"]
+    low, high = min(r["p50_us"] for r in qd1), max(r["p50_us"] for r in qd1)
+    us = lambda v: "%.1f" % v if v < 100 else "%.0f" % v  # the table's format for µs
+    detail = [line for line in cp.stdout_text.splitlines()
+              if line.startswith("write-4k-qd1/1c") and "tandem-direct" in line]
+    assert len(detail) == 1 and detail[0].rstrip().endswith("%s-%s" % (us(low), us(high))), cp.stdout_text
 
 
 def test_bad_option_is_one_error_line(tmp_path):
