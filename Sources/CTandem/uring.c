@@ -3,7 +3,6 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sched.h>
 #include <time.h>
 #include <sys/resource.h>
 #include <liburing.h>
@@ -232,20 +231,15 @@ long ctandem_thread_preemptions(void) {
     return u.ru_nivcsw;
 }
 
-int64_t ctandem_ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns, int64_t yield_ns) {
+int64_t ctandem_ring_poll(ctandem_ring *r, unsigned wait_nr, int64_t budget_ns) {
     int rc;
     do {
         rc = io_uring_submit(&r->ring);
     } while (rc == -EINTR);
     if (rc < 0 && rc != -EAGAIN && rc != -EBUSY) return rc;
-    int64_t start = monotonic_ns(), now = start, yielded = start;
+    int64_t start = monotonic_ns(), now = start;
     // Bounded by the budget: every round reads the clock.
     for (;;) {
-        if (now - yielded >= yield_ns) {
-            // A thread waiting for this CPU (often the very work the poll waits for) runs now.
-            sched_yield();
-            yielded = now;
-        }
         if (io_uring_cq_ready(&r->ring) >= wait_nr) return now - start;
         if (!r->taskrun_flag || (IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN)) {
             // io_uring_enter(GETEVENTS) with nothing to wait for: completions that arrived as

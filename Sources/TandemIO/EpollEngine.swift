@@ -270,15 +270,7 @@ public final class EpollEngine: IOEngine {
             let polled = poll.pollFirst(timeoutNanos: timeoutNanos) { budget in
                 // Bounded by the budget; each round is one epoll_wait that does not sleep.
                 let start = monotonicNanos()
-                var now = start, yielded = start
-                repeat {
-                    if now &- yielded >= PollPolicy.yieldNanos {
-                        sched_yield()
-                        yielded = now
-                    }
-                    waitEvents(timeoutMs: 0)
-                    now = monotonicNanos()
-                } while ready.count == readyHead && now &- start < budget
+                repeat { waitEvents(timeoutMs: 0) } while ready.count == readyHead && monotonicNanos() &- start < budget
                 return ready.count > readyHead
             }
             if !polled.hit {

@@ -1,4 +1,5 @@
 import CTandem
+import Glibc
 import TandemCore
 
 /// Decides whether the loop polls its ring for a short while before it sleeps.
@@ -92,16 +93,25 @@ public struct PollStats: Sendable, Equatable {
 /// How an engine's wait uses the policy: the clock and the preemption count are read here, so
 /// both engines book polls and sleeps the same way.
 extension PollPolicy {
-    /// Before a wait sleeps: when the policy says so, `attempt(budget)` polls for at most `budget`
-    /// nanoseconds (the budget, or less when the timeout is shorter) and says whether a completion
-    /// came. Returns that, and the timeout left for the sleep.
+    /// Before a wait sleeps: when the policy says so, polls for at most the budget (or less when
+    /// the timeout is shorter) in slices of `yieldNanos`: `attempt(slice)` polls for at most
+    /// `slice` nanoseconds and says whether a completion came, and between slices the thread
+    /// yields its CPU. Returns whether one came, and the timeout left for the sleep.
     mutating func pollFirst(timeoutNanos: UInt64?, _ attempt: (UInt64) -> Bool) -> (hit: Bool, timeoutNanos: UInt64?) {
         guard timeoutNanos != 0, shouldPoll() else { return (false, timeoutNanos) }
         let budget = min(budgetNanos, timeoutNanos ?? .max)
         let preemptions = ctandem_thread_preemptions()
         let start = monotonicNanos()
-        let hit = attempt(budget)
-        let spent = hit ? monotonicNanos() &- start : budget
+        var hit = false
+        var elapsed: UInt64 = 0
+        // Bounded: every slice ends within yieldNanos, and the clock is read after each.
+        while true {
+            hit = attempt(min(Self.yieldNanos, budget - elapsed))
+            elapsed = monotonicNanos() &- start
+            if hit || elapsed >= budget { break }
+            sched_yield()
+        }
+        let spent = hit ? elapsed : budget
         polled(hit: hit, nanos: spent, preempted: ctandem_thread_preemptions() != preemptions)
         return (hit, timeoutNanos.map { $0 > spent ? $0 - spent : 0 })
     }

@@ -161,7 +161,7 @@ public final class UringEngine: IOEngine {
         }
         let ring = ring
         let polled = poll.pollFirst(timeoutNanos: timeoutNanos) { budget in
-            let spent = ctandem_ring_poll(ring, 1, Int64(min(budget, UInt64(Int64.max))), Int64(PollPolicy.yieldNanos))
+            let spent = ctandem_ring_poll(ring, 1, Int64(min(budget, UInt64(Int64.max))))
             if spent < -1 { fatalError("io_uring_enter failed: \(SystemError.text(Int32(-spent)))") }
             return spent >= 0
         }

@@ -574,7 +574,7 @@ final class NBDConnection: IOHandler {
         loop.engine.read(
             fd: server.device.fd, buffer: buffer.pointer + s.done, length: Int(s.request.length) - s.done,
             offset: s.request.offset + UInt64(s.done), fixedIndex: s.done == 0 ? buffer.fixedIndex : -1,
-            offload: server.device.cache == .page && Int(s.request.length) >= Self.offloadReadBytesMin,
+            offload: offloads(Int(s.request.length), atLeast: Self.offloadReadBytesMin),
             userData: IOLoop.userData(id, UInt32(index)))
     }
 
@@ -587,10 +587,11 @@ final class NBDConnection: IOHandler {
     /// replies from io-wq too (IOSQE_ASYNC on sendmsg) was slower, 3111 → 2187 MiB/s in one run.
     static let offloadReadBytesMin = 256 << 10
 
-    /// Large writes through the page cache go to worker threads, which copy in parallel; small
-    /// ones stay on io_uring, whose single io-wq worker per file handles them with less hand-off.
-    private func offloads(_ length: Int) -> Bool {
-        server.device.cache == .page && length >= Self.offloadWriteBytesMin
+    /// Whether an I/O through the page cache is large enough to copy off the loop's thread. Large
+    /// writes go to worker threads, which copy in parallel; small ones stay on io_uring, whose
+    /// single io-wq worker per file handles them with less hand-off. Reads: see above.
+    private func offloads(_ length: Int, atLeast minimum: Int = offloadWriteBytesMin) -> Bool {
+        server.device.cache == .page && length >= minimum
     }
 
     static let offloadWriteBytesMin = 64 << 10

@@ -80,10 +80,9 @@ int ctandem_prep_nop(ctandem_ring *ring, uint64_t user_data);
 int ctandem_ring_submit_wait(ctandem_ring *ring, unsigned wait_nr, int64_t timeout_ns);
 /// Submits what is prepared, then polls without sleeping for up to `budget_ns`: each round runs
 /// the completions the kernel deferred to this thread (DEFER_TASKRUN) and looks at the
-/// completion queue; every `yield_ns` it calls sched_yield. Returns the nanoseconds spent once
-/// `wait_nr` completions are ready, -1 when the budget ran out first, or -errno when the
-/// submission failed.
-int64_t ctandem_ring_poll(ctandem_ring *ring, unsigned wait_nr, int64_t budget_ns, int64_t yield_ns);
+/// completion queue. Returns the nanoseconds spent once `wait_nr` completions are ready, -1
+/// when the budget ran out first, or -errno when the submission failed.
+int64_t ctandem_ring_poll(ctandem_ring *ring, unsigned wait_nr, int64_t budget_ns);
 /// Compares Tandem's AES-GCM (gcm.c, used by the TLS record layer where the CPU has VAES and
 /// VPCLMULQDQ) with OpenSSL's over `cases` random keys, nonces, AAD and lengths from `seed`,
 /// and checks that tampered input is refused. Returns the failures (the first described in
