@@ -151,9 +151,12 @@ public struct ReplicaCore {
     private var lastTickNanos: UInt64?
     /// Bytes the current resync has copied (for status and the note in the log).
     public private(set) var resyncedBytes: UInt64 = 0
-    /// The source's final flush is on the disk, submitted during the link with this resync id
-    /// base (a flush of an earlier link covers nothing read since).
+    /// The source's first or final flush is on the disk, submitted during the link with this
+    /// resync id base (a flush of an earlier link covers nothing read since).
     private var resyncFlushLink: UInt64?
+    /// A flush submitted since this resync began has completed on the source: what it reads from
+    /// now on is durable here, not only in a volatile cache (`pumpResync` reads nothing before).
+    private var resyncSourceFlushed = false
 
     // MARK: Resync state (target)
 
@@ -1327,6 +1330,7 @@ public struct ReplicaCore {
             peerDisk = .inconsistent
             resyncCursor = 0
             resyncedBytes = 0
+            resyncSourceFlushed = false
         }
         actions.append(.stateChanged(status))
         if next == .syncSource { pumpResync(into: &actions) }
@@ -1412,6 +1416,14 @@ public struct ReplicaCore {
     /// when nothing is left.
     private mutating func pumpResync(into actions: inout [Action]) {
         guard sync == .syncSource, link == .connected else { return }
+        // The target keeps what it is sent, durably, and both sides clear their bits, which the
+        // node persists at the next link loss or state change. A block this side holds only in
+        // its cache (a replicated write no flush covered: the primary that would have marked
+        // it crashed, or its marks are the ones this resync clears) is lost by a power loss
+        // here, and the copies then differ with no bit set (`--switchover --overlapping-writes
+        // --primary-disk-errors` 92120945: a secondary source, the resync cut by a reset). So
+        // the source flushes before it reads; the flush before the end covers the rest.
+        guard resyncSourceFlushed else { return flushResyncSource(into: &actions) }
         let runBits = max(1, configuration.resyncRunBytesMax / bitmap.granularityBytes)
         var wrapped = false
         // Budget may go negative by one run; it is paid back before the next read starts.
@@ -1423,7 +1435,7 @@ public struct ReplicaCore {
                     resyncCursor = 0
                     continue
                 }
-                if resyncSlots.allSatisfy({ $0 == nil }) && bitmap.setBitCount == 0 { flushBeforeFinishingResync(into: &actions) }
+                if resyncSlots.allSatisfy({ $0 == nil }) && bitmap.setBitCount == 0 { flushResyncSource(into: &actions) }
                 return
             }
             resyncCursor = run.upperBound
@@ -1480,8 +1492,8 @@ public struct ReplicaCore {
     /// Every block is copied, but the source read them from its volatile cache: until they are
     /// durable here too, a power loss would lose them on this side only (the target acknowledged
     /// each run only once a flush there covered it), and no bitmap would remember. A flush
-    /// first, then the end.
-    private mutating func flushBeforeFinishingResync(into actions: inout [Action]) {
+    /// first, then the end. (The same flush, before the first read: see `pumpResync`.)
+    private mutating func flushResyncSource(into actions: inout [Action]) {
         guard resyncFlushLink == nil else { return }
         resyncFlushLink = resyncIDBase
         actions.append(.submitLocal(LocalIO(tag: .resyncFlush, operation: .flush, offset: 0, length: 0, buffer: nil)))
@@ -1491,6 +1503,7 @@ public struct ReplicaCore {
         guard let link = resyncFlushLink else { preconditionFailure("resync flush completed but none was submitted") }
         resyncFlushLink = nil
         guard sync == .syncSource, self.link == .connected else { return }
+        if result == 0 && link == resyncIDBase { resyncSourceFlushed = true }
         if result == 0 && link == resyncIDBase && bitmap.setBitCount == 0 && resyncSlots.allSatisfy({ $0 == nil }) {
             finishResyncAsSource(into: &actions)
         } else {

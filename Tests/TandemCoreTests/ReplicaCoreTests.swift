@@ -159,17 +159,21 @@ struct Pair {
     }
 
     /// The primary writes `bytes` at 0 while the link is down, then the link comes back: it is
-    /// the resync source of those blocks (no budget yet: the resync starts on ticks).
+    /// the resync source of those blocks, and its flush before the first read is done (no
+    /// budget yet: the resync starts on ticks).
     mutating func resyncAfterWriteAlone(_ bytes: UInt32) {
         dropLink()
         write(1, at: 0, bytes)
         completePrimary(.client(1))
         reconnect()
+        completePrimary(.resyncFlush)
     }
 
-    /// 100 ms of resync budget: the source reads its first runs, and the reads complete (their
-    /// data goes to the peer).
+    /// The source's flush before its first read completes (if it has not), then 100 ms of
+    /// resync budget: the source reads its first runs, and the reads complete (their data goes
+    /// to the peer).
     mutating func readResyncRuns() {
+        if primaryDisk.contains(where: { $0.tag == .resyncFlush }) { completePrimary(.resyncFlush) }
         var actions: [ReplicaCore.Action] = []
         primary.tick(nowNanos: 1_000_000_000, into: &actions)
         primary.tick(nowNanos: 1_100_000_000, into: &actions)
@@ -628,6 +632,31 @@ struct Pair {
         #expect(pair.primary.sync == .syncSource, "not done before the flush")
         pair.completePrimary(.resyncFlush)
         #expect(pair.primary.sync == .established && pair.toSecondary.contains(.send(.resyncDone)))
+    }
+
+    /// Found by the simulator (`--switchover --overlapping-writes --primary-disk-errors`, seed
+    /// 92120945): a secondary source sent a block it held only in its volatile cache (a
+    /// replicated write no flush had covered, whose primary had crashed), both sides cleared the
+    /// bit, the link reset, and a power loss took the block from the source: the replicas
+    /// differed with no bit set. Now the source reads nothing before a flush of its own.
+    @Test func theSourceFlushesBeforeItReads() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 0, 65536)
+        pair.completePrimary(.client(1))
+        pair.reconnect()
+        #expect(pair.primary.sync == .syncSource && pair.primaryDisk.map(\.tag) == [.resyncFlush])
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.tick(nowNanos: 1_000_000_000, into: &actions)
+        pair.primary.tick(nowNanos: 1_100_000_000, into: &actions)
+        pair.applyPrimary(actions)
+        #expect(pair.primaryDisk.map(\.tag) == [.resyncFlush], "budget, but no read before the flush")
+        pair.completePrimary(.resyncFlush, -5)
+        #expect(pair.primaryDisk.map(\.tag) == [.resyncFlush], "a failed flush is tried again, still no read")
+        pair.completePrimary(.resyncFlush)
+        #expect(pair.primaryDisk.contains { if case .resyncRead = $0.tag { true } else { false } }, "reads once it succeeded")
+        Self.driveResync(&pair)
+        #expect(pair.primary.sync == .established && pair.secondary.disk == .upToDate)
     }
 
     /// Found by the simulator (`--witness --failover --double-faults --overlapping-writes`, seed

@@ -232,6 +232,14 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, switchover: true)))
     }
 
+    /// A secondary resync source sent a block it held only in its cache (a replicated write no
+    /// flush had covered, whose primary had crashed); both sides cleared the bit, the link reset,
+    /// and a power loss took the block from the source (now the source flushes before it reads).
+    @Test(arguments: SimRegressions.resyncSourceReadUnflushed)
+    func theResyncSourceFlushesBeforeItReads(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, switchover: true)))
+    }
+
     /// With a witness, a secondary restarted after a power loss came back UpToDate without the
     /// acknowledged writes its cache lost, and the witness let it take over (now it attaches
     /// Consistent until a connect finds it current, as DRBD does with fencing).
@@ -512,6 +520,7 @@ enum SimRegressions {
     static let generationDuringHandshake: [UInt64] = [2722]
     static let demotedWithBlocksOutOfSync: [UInt64] = [778, 1124, 2181]
     static let resyncSourceNotDurable: [UInt64] = [1009]
+    static let resyncSourceReadUnflushed: [UInt64] = [92120945]
     static let restartedSecondaryTookOver: [UInt64] = [6, 51, 87]
     static let restartedWitnessTwoPrimaries: [UInt64] = [347, 600]
     static let demotedAheadOfPeer: [UInt64] = [61]
