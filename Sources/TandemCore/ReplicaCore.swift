@@ -115,6 +115,10 @@ public struct ReplicaCore {
 
     /// The resync role the connect decided, waiting for the peer's bitmap.
     private var pendingSync: SyncState?
+    /// The node sent its hello on a new link (`helloSent`) and the peer's has not come yet: the
+    /// peer decides on the UUIDs that hello carried, so no generation starts until this side has
+    /// decided too (`clientWrite` holds the answers).
+    private var helloOut = false
     /// The lower node id chose the UUID after a skipped initial sync; the other adopts it.
     private var awaitingSkippedSyncUUID = false
     /// The peer's current UUID as of the connect: what a resync target adopts at the end.
@@ -207,6 +211,9 @@ public struct ReplicaCore {
         var linkSequence: UInt64 = 0
         /// Its entry is in the transfer log: it settles when a peer flush covers it.
         var awaitingPeerFlush = false
+        /// Written while this node's hello was out: answered once the connect decided
+        /// (`releaseWritesHeldForHandshake`), in a generation of its own if still without the peer.
+        var heldForHandshake = false
     }
 
     private struct ClientFlush {
@@ -304,7 +311,14 @@ public struct ReplicaCore {
         precondition(writes[id] == nil, "duplicate client write id \(id)")
         var write = ClientWrite(offset: offset, length: length)
         let payload: BufferRef? = kind == .write ? .client(id) : nil
-        if !replicating, !configuration.fencing, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID {
+        if helloOut, !replicating, !configuration.fencing, disk != .failed, uuids.bitmap == 0, spareUUID != nil {
+            // Our hello is on its way with the peer's generation as ours, and the peer decides on
+            // it: a generation started now would be one it never saw, and it could make itself
+            // the source over this write (`--failover --overlapping-writes --double-faults
+            // --primary-disk-errors` 91108538). The write goes to the disk, marked out of sync,
+            // and its answer waits until this side has decided on the same two hellos.
+            write.heldForHandshake = true
+        } else if !replicating, !configuration.fencing, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID {
             // New data from here on belongs to a generation the peer does not have; the node
             // persists it (on this state change) before it submits the write. Also during a
             // handshake: the resync that follows copies these blocks, and the target adopts the
@@ -445,7 +459,7 @@ public struct ReplicaCore {
     }
 
     private mutating func finishWriteIfDone(_ id: UInt64, into actions: inout [Action]) {
-        guard let write = writes[id], write.localDone, !write.peerPending else { return }
+        guard let write = writes[id], write.localDone, !write.peerPending, !write.heldForHandshake else { return }
         writes[id] = nil
         var result = write.localResult
         let peerHasIt = write.peerResult == 0 && write.linkSequence != 0
@@ -865,6 +879,8 @@ public struct ReplicaCore {
     /// or refuse (split brain, unrelated data, another size). `freshUUID` is a random value the
     /// node supplies in case this side must start a generation.
     public mutating func linkUp(peer hello: PeerHello, freshUUID: UInt64, into actions: inout [Action]) {
+        // Whatever this side decides, the peer decides the same on the same two hellos.
+        defer { releaseWritesHeldForHandshake(into: &actions) }
         // Acks owed on an earlier link are not owed on this one (its source starts afresh).
         dropResyncAcks()
         guard hello.deviceSizeBytes == configuration.deviceBytes else {
@@ -1242,6 +1258,34 @@ public struct ReplicaCore {
         } else {
             link = .standalone
             actions.append(.stateChanged(status))
+            releaseWritesHeldForHandshake(into: &actions)
+        }
+    }
+
+    /// The node sent its hello on a new link, built from this core's state. Until the peer's
+    /// hello arrives (`linkUp`) or the link goes down, a write that would start a generation
+    /// holds its answer instead (`clientWrite`). DRBD 8.4 likewise refuses a role change while
+    /// its state and UUIDs are sent and not yet compared (`STATE_SENT`).
+    public mutating func helloSent() {
+        helloOut = true
+    }
+
+    /// This side decided on the hellos (or the link went down before): writes held since the
+    /// hello went out start their generation now if they stay without the peer (standalone, a
+    /// role conflict, a handshake: as any write then), and are answered.
+    private mutating func releaseWritesHeldForHandshake(into actions: inout [Action]) {
+        guard helloOut else { return }
+        helloOut = false
+        let held = writes.filter { $0.value.heldForHandshake }.keys.sorted()
+        guard !held.isEmpty else { return }
+        if !replicating, !configuration.fencing, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID {
+            spareUUID = nil
+            uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
+            actions.append(.stateChanged(status))
+        }
+        for id in held {
+            writes[id]!.heldForHandshake = false
+            finishWriteIfDone(id, into: &actions)
         }
     }
 
@@ -1736,6 +1780,7 @@ public struct ReplicaCore {
     /// The link went down: whatever the peer may not have is marked out of sync, and writes that
     /// waited for the peer complete on the local disk alone.
     public mutating func linkDown(_ reason: LinkDownReason, freshUUID: UInt64, into actions: inout [Action]) {
+        releaseWritesHeldForHandshake(into: &actions)
         guard link == .connected || link == .handshaking else { return }
         let unconfirmed = writes.values.contains { $0.peerPending }
         while let entry = transferLog.pop() {

@@ -1176,6 +1176,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             versionMin: 1, versionMax: 1, nodeID: UInt8(me.id), role: core.role, diskState: core.disk, flags: flags,
             resourceName: config.name, deviceSizeBytes: device.size, bitmapGranularityBytes: UInt32(superblock.layout.granularityBytes),
             uuids: ReplicaCore.wire(core.uuids), outOfSyncBits: UInt64(core.bitmap.setBitCount), primarySinceMillis: core.primarySinceMillis)))
+        core.helloSent()
     }
 
     func peerConnection(_ connection: PeerConnection, received header: PeerHeader, payload: UnsafeRawBufferPointer) {

@@ -633,12 +633,15 @@ final class World {
         switch wire {
         case .hello(let hello):
             record(.deliver(to: to, conn: c, "hello role \(hello.role) disk \(hello.diskState) flags \(hello.flags) uuids \(ReplicaCore.uuids(of: hello))"))
+            // Writes answered in the same call come after the decision (those the core held
+            // while its hello was out): the decision could not see them.
+            let bothWroteAlone = nodes[0].wroteAlone && nodes[1].wroteAlone
             call(to) { core, a in core.linkUp(peer: hello, freshUUID: freshUUID(), into: &a) }
             guard nodes[to].up, let decision = nodes[to].core.lastDecision else { return }
             record(.linkUp(node: to, conn: c, decision: "\(decision.decision) (\(decision.rule)) uuids \(nodes[to].core.uuids)"))
             count(decision.rule == .detachedDisk ? "connect with a detached disk" : "decision \(decision.decision)")
             // A detached disk merges nothing: the decision comes when it is attached again.
-            if nodes[0].wroteAlone && nodes[1].wroteAlone && decision.decision != .splitBrain && decision.rule != .detachedDisk {
+            if bothWroteAlone && decision.decision != .splitBrain && decision.rule != .detachedDisk {
                 fail("split brain not detected: both nodes acknowledged writes the other lacks, n\(to) decided \(decision.decision) by rule \(decision.rule)")
             }
         case .write(let write, let kind, let value):
@@ -720,7 +723,10 @@ final class World {
         record(.connect(conn: c))
         count("connect")
         for i in 0..<2 { nodes[i].connection = c }
-        for i in 0..<2 { send(i, .hello(hello(of: i))) }
+        for i in 0..<2 {
+            send(i, .hello(hello(of: i)))
+            nodes[i].core.helloSent()
+        }
     }
 
     func hello(of i: Int) -> PeerHello {

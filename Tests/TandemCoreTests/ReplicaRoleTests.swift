@@ -243,6 +243,53 @@ import Testing
         #expect(actions.contains(.rollbackNoticeAnswered(accepted: false)))
     }
 
+    /// Found by the simulator (`--failover --overlapping-writes --double-faults
+    /// --primary-disk-errors`, seed 91108538): a survivor promoted alone sent its hello with the
+    /// peer's generation and then wrote, starting a generation the hello never carried; the old
+    /// primary, newer than that hello, made itself the source over the write while the survivor
+    /// found the split brain. A write that would start a generation while the hello is out now
+    /// waits for this side's decision, made on the same two hellos as the peer's.
+    @Test func aWriteWhileTheHelloIsOutWaitsForTheDecision() {
+        var pair = Pair()
+        pair.dropLink()
+        var actions: [ReplicaCore.Action] = []
+        // The old primary wrote alone before it crashed: a generation the survivor lacks.
+        var old = pair.primary
+        old.clientWrite(id: 9, offset: 0, length: 4096, kind: .write, fua: false, into: &actions)
+        old.localCompleted(.client(9), result: 0, into: &actions)
+        #expect(old.uuids.current == 0x2000 && old.uuids.bitmap == 0x1000)
+        old = ReplicaCore(configuration: old.configuration, role: .secondary, disk: .upToDate, uuids: old.uuids, bitmap: old.bitmap,
+                          flags: [.consistent, .crashedPrimary])
+        var survivor = pair.secondary
+        let before = survivor.uuids
+        #expect(survivor.promote(force: false, freshUUID: 0xB000, nowMillis: 5, into: &actions) == nil)
+        let survivorHello = Self.hello(of: survivor), oldHello = Self.hello(of: old)
+        survivor.helloSent()
+        old.helloSent()
+        actions.removeAll()
+        survivor.clientWrite(id: 1, offset: 1 << 20, length: 4096, kind: .write, fua: false, into: &actions)
+        survivor.localCompleted(.client(1), result: 0, into: &actions)
+        #expect(survivor.uuids == before, "no generation the peer's decision cannot see")
+        #expect(!actions.contains(.completeClient(id: 1, result: 0)), "answered only after this side decided")
+        // The peer decides on the hello as sent: nothing was answered past it yet.
+        old.linkUp(peer: survivorHello, freshUUID: 2, into: &actions)
+        #expect(old.lastDecision?.decision == .becomeSource)
+        // This side, on the same two hellos: a role conflict; the write goes on alone, in a
+        // generation of its own persisted (the state change) before the answer.
+        actions.removeAll()
+        survivor.linkUp(peer: oldHello, freshUUID: 3, into: &actions)
+        #expect(survivor.roleConflict == .peerHoldsNewerData && survivor.uuids.current == 0xB000 && survivor.uuids.bitmap == before.current)
+        let rotated = actions.lastIndex { if case .stateChanged = $0 { true } else { false } }
+        let answered = actions.firstIndex(of: .completeClient(id: 1, result: 0))
+        #expect(rotated != nil && answered != nil && rotated! < answered!)
+        // Both wrote apart: the next connect is a split brain on both sides.
+        old.linkDown(.peerClosed, freshUUID: 4, into: &actions)
+        let survivorHelloAfter = Self.hello(of: survivor), oldHelloAfter = Self.hello(of: old)
+        survivor.linkUp(peer: oldHelloAfter, freshUUID: 5, into: &actions)
+        old.linkUp(peer: survivorHelloAfter, freshUUID: 6, into: &actions)
+        #expect(survivor.splitBrain && old.splitBrain)
+    }
+
     /// A failover, then the survivor crashes too, and the old primary is promoted alone and
     /// writes; the survivor returns. Returns both sides' decisions on the reconnect.
     private static func failoverTwice(survivorWrites: Bool) -> (ReplicaCore, ReplicaCore) {

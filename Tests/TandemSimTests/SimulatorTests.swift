@@ -495,6 +495,16 @@ import TandemSim
     func aSecondaryIsNoCrashedPrimaryAfterItsResync(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, doubleFaults: true, witness: true)))
     }
+
+    /// A survivor promoted alone sent its hello (the peer's generation, no write yet), then
+    /// answered its first write in a generation it started after it: the old primary, newer
+    /// than that hello, decided on it to be the source over the write; the survivor, on its new
+    /// UUIDs, found the split brain (now a write that would start a generation while the hello
+    /// is out holds its answer until this side has decided on the same two hellos).
+    @Test(arguments: SimRegressions.generationAfterTheHello)
+    func noGenerationStartsWhileTheHelloIsOut(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, primaryDiskErrors: true, doubleFaults: true)))
+    }
 }
 
 /// Seeds that found each bug: the first seed the simulator fails with the fix reverted (see
@@ -550,4 +560,5 @@ enum SimRegressions {
     static let nobodyPromotedAfterADeposition: [UInt64] = [304314]
     static let failedDemotionFlushKeptTheDisk: [UInt64] = [103288]
     static let demotedWithHeldAnswers: [UInt64] = [315969]
+    static let generationAfterTheHello: [UInt64] = [91108538]
 }
