@@ -1173,6 +1173,9 @@ public struct ReplicaCore {
             guard replicating && peerDisk == .upToDate else { return .noUsableData }
         case .inconsistent, .outdated, .consistent:
             guard force else { return .diskNotUpToDate(disk) }
+            // A forced promotion starts a generation at once: the peer, deciding on the hello
+            // already sent, would not see it (the same gap as a write's, `clientWrite`).
+            guard !helloOut else { return .helloOut }
             forced = true
             disk = .upToDate
             localFlags.remove(.outdated)

@@ -69,6 +69,9 @@ public enum RoleChangeRefusal: Error, Sendable, Equatable, CustomStringConvertib
     case noUsableData
     case requestsInFlight(Int)
     case outOfSync(UInt64)
+    /// This node's hello is on its way and the peer's has not come: a forced promotion now
+    /// would change the state the peer is deciding on.
+    case helloOut
 
     public var description: String {
         switch self {
@@ -79,6 +82,7 @@ public enum RoleChangeRefusal: Error, Sendable, Equatable, CustomStringConvertib
         case .noUsableData: "the local disk has failed and no UpToDate peer is connected"
         case .requestsInFlight(let n): "\(n) client requests are still in flight"
         case .outOfSync(let bytes): "\(bytes) bytes are out of sync with the peer, which could not serve them: a resync of them started; demote once it ends"
+        case .helloOut: "the link to the peer is exchanging state (this node's is on its way): a forced promotion would change it after the peer saw it; try again in a moment"
         }
     }
 }

@@ -290,6 +290,24 @@ import Testing
         #expect(survivor.splitBrain && old.splitBrain)
     }
 
+    /// A forced promotion starts its generation at once, so it waits while this node's hello is
+    /// out: the peer decides on the state that hello carried.
+    @Test func aForcedPromotionWaitsWhileTheHelloIsOut() {
+        var pair = Pair()
+        pair.dropLink()
+        var actions: [ReplicaCore.Action] = []
+        var outdated = ReplicaCore(configuration: pair.secondary.configuration, role: .secondary, disk: .outdated,
+                                   uuids: pair.secondary.uuids, bitmap: pair.secondary.bitmap, flags: [.consistent, .outdated])
+        let before = outdated.uuids
+        outdated.helloSent()
+        #expect(outdated.promote(force: true, freshUUID: 0xC000, nowMillis: 5, into: &actions) == .helloOut)
+        #expect(outdated.role == .secondary && outdated.disk == .outdated && outdated.uuids == before)
+        // The peer never answered: once the link is down the promotion goes through.
+        outdated.linkDown(.peerClosed, freshUUID: 7, into: &actions)
+        #expect(outdated.promote(force: true, freshUUID: 0xC000, nowMillis: 6, into: &actions) == nil)
+        #expect(outdated.role == .primary && outdated.disk == .upToDate && outdated.uuids.current == 0xC000)
+    }
+
     /// A failover, then the survivor crashes too, and the old primary is promoted alone and
     /// writes; the survivor returns. Returns both sides' decisions on the reconnect.
     private static func failoverTwice(survivorWrites: Bool) -> (ReplicaCore, ReplicaCore) {
