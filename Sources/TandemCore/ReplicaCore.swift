@@ -452,7 +452,7 @@ public struct ReplicaCore {
         case .resyncWrite(let id):
             resyncWriteCompleted(id, result: result, into: &actions)
         case .resyncFlush:
-            resyncFlushCompleted(result: flushResult(result), into: &actions)
+            resyncFlushCompleted(result: result, into: &actions)
         case .resyncTargetFlush:
             resyncTargetFlushCompleted(result: result, into: &actions)
         }
@@ -538,7 +538,7 @@ public struct ReplicaCore {
     }
 
     /// A sync of the local disk that no request waits for failed (the node's resync checkpoint,
-    /// or the sync before an activity-log transaction evicts extents). Linux reports a writeback
+    /// the sync before an activity-log transaction evicts extents, or a resync source's flush). Linux reports a writeback
     /// error to one fsync per open file description: this one took the error that a replicated
     /// flush, a resync target flush or a client flush would otherwise have reported, and a write
     /// completed since the last good sync may not be on the disk. So it is handled as theirs
@@ -548,8 +548,8 @@ public struct ReplicaCore {
     /// - a primary whose peer is a full copy as a failed write: the disk detaches and the peer
     ///   answers reads (DRBD's `on-io-error detach`);
     /// - any other primary keeps its disk (detached, it would serve reads from a disk that no
-    ///   longer gets the writes, with no full copy to read instead), and its next local flush,
-    ///   a client's or the resync's last, reports the error, as the kernel would have.
+    ///   longer gets the writes, with no full copy to read instead), and its next client flush
+    ///   reports the error, as the kernel would have.
     /// Returns whether the disk was detached.
     @discardableResult
     public mutating func localSyncFailed(result: Int32, into actions: inout [Action]) -> Bool {
@@ -1549,6 +1549,13 @@ public struct ReplicaCore {
     private mutating func resyncFlushCompleted(result: Int32, into actions: inout [Action]) {
         guard let link = resyncFlushLink else { preconditionFailure("resync flush completed but none was submitted") }
         resyncFlushLink = nil
+        // The kernel reports a writeback error to one fsync only, and this one took it: a write
+        // completed earlier may not be on the disk. That is the disk's failure, not the
+        // resync's, so it is handled as a sync no request waited for (a primary's next client
+        // flush reports it, or the disk detaches), and the flush is tried again. (A writeback
+        // error an earlier sync took stays for that client flush too: a retried flush would
+        // swallow it.)
+        if result < 0 { localSyncFailed(result: result, into: &actions) }
         guard sync == .syncSource, self.link == .connected else { return }
         if result == 0 && link == resyncIDBase { resyncSourceFlushed = true }
         if result == 0 && link == resyncIDBase && bitmap.setBitCount == 0 && resyncSlots.allSatisfy({ $0 == nil }) {

@@ -1138,12 +1138,16 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// the core as the failed flush it may have hidden (`ReplicaCore.localSyncFailed`).
     private func localSyncFailed(_ result: Int32, during what: String) {
         beginActions()
-        let detached = core.localSyncFailed(result: result, into: &actions)
+        core.localSyncFailed(result: result, into: &actions)
         perform()
-        let outcome = detached ? "detached"
+        logger.error("local disk: \(what) failed to sync \(device.path): \(SystemError.text(-result)); a completed write may not be on the disk: \(syncFailureOutcome)")
+    }
+
+    /// What `ReplicaCore.localSyncFailed` did, for the log line.
+    private var syncFailureOutcome: String {
+        core.disk == .failed ? "detached"
             : core.role == .secondary ? "detached when the resync ends"
             : "the next flush reports the error (\(peer.name) is no full copy to detach to)"
-        logger.error("local disk: \(what) failed to sync \(device.path): \(SystemError.text(-result)); a completed write may not be on the disk: \(outcome)")
     }
 
     // MARK: PeerConnectionDelegate
@@ -1764,6 +1768,10 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         }
         beginActions()
         core.localCompleted(op.tag, result: result >= 0 ? 0 : result, into: &actions)
+        if case .resyncFlush = op.tag, result < 0 {
+            // The core handled it as a failed sync no request waited for (`localSyncFailed`).
+            logger.error("local disk: the resync source's flush failed to sync \(device.path): \(SystemError.text(-result)); a completed write may not be on the disk: \(syncFailureOutcome)")
+        }
         if case .resyncRead(let slot) = op.tag, result >= 0,
            !actions.contains(where: { if case .sendResync(_, .resync(slot)) = $0 { true } else { false } }),
            let buffer = resyncBuffers.removeValue(forKey: -slot - 1) {

@@ -653,8 +653,19 @@ struct Pair {
         #expect(pair.primaryDisk.map(\.tag) == [.resyncFlush], "budget, but no read before the flush")
         pair.completePrimary(.resyncFlush, -5)
         #expect(pair.primaryDisk.map(\.tag) == [.resyncFlush], "a failed flush is tried again, still no read")
+        #expect(pair.primary.disk == .upToDate, "the peer is no full copy: the disk stays")
         pair.completePrimary(.resyncFlush)
         #expect(pair.primaryDisk.contains { if case .resyncRead = $0.tag { true } else { false } }, "reads once it succeeded")
+        // The failed flush took a writeback error (the kernel reports it once): the client's
+        // next flush reports it, though the retried flush succeeded.
+        for id: UInt64 in [40, 41] {
+            pair.flush(id)
+            pair.completePrimary(.clientFlush(id))
+            pair.deliverToSecondary()
+            pair.completeSecondary(.peerFlush(id))
+            pair.deliverToPrimary()
+        }
+        #expect(pair.flushed[40] == -5 && pair.flushed[41] == 0, "reported once")
         Self.driveResync(&pair)
         #expect(pair.primary.sync == .established && pair.secondary.disk == .upToDate)
     }

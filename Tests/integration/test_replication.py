@@ -458,12 +458,17 @@ def test_a_failed_flush_on_the_primary_detaches_its_disk_and_marks_its_hot_exten
     assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
 
 
-def test_a_writeback_error_taken_by_the_resync_checkpoint_reaches_the_next_flush(make_pair, tmp_path):
-    """The resync checkpoint syncs the device once a second. Linux reports a writeback error to
-    one fsync per open file description: the checkpoint's result was ignored, so the error was
-    lost for the flushes after it. Here alpha's first flush through the I/O engine, which is
-    the checkpoint's, fails once. alpha is a resync source, its peer no full copy to detach to:
-    it keeps its disk and its next client flush reports the error."""
+@pytest.mark.parametrize("fault,sync", [
+    ("flush:EIO:after=1:count=1", "the resync checkpoint"),
+    ("flush:EIO:count=1", "the resync source's flush"),
+], ids=["checkpoint", "source-flush"])
+def test_a_writeback_error_taken_by_a_sync_of_no_request_reaches_the_next_flush(make_pair, tmp_path, fault, sync):
+    """Linux reports a writeback error to one fsync per open file description, so a sync that
+    no client request waits for must pass its error on. alpha is a resync source: its first
+    flush through the I/O engine is the one before its first resync read, the second the
+    resync checkpoint's (once a second); one of them fails once. Its peer is no full copy to
+    detach to: alpha keeps its disk, its next client flush reports the error, and the resync
+    goes on (a retried flush does not swallow it)."""
     pair = make_pair('resync-rate-min = "1MiB"\nresync-rate-max = "1MiB"\n')
     pair.up("beta")
     pair.up("alpha", "--primary")
@@ -472,11 +477,11 @@ def test_a_writeback_error_taken_by_the_resync_checkpoint_reaches_the_next_flush
     pair.wait_for("alpha", "link to beta down")
     qemu_io(pair.uri, "write -P 0x5e 0 8M", "flush")
     assert pair.stop("alpha") == 0
-    pair.up("alpha", "--primary", "--inject-fault", "flush:EIO:count=1")
+    pair.up("alpha", "--primary", "--inject-fault", fault)
     pair.wait_for("alpha", "listening for beta")
     pair.up("beta")
     pair.wait_for("alpha", r"syncSource, \d+ bytes out of sync")
-    pair.wait_for("alpha", r"local disk: the resync checkpoint failed to sync .*: the next flush reports the error", timeout=20)
+    pair.wait_for("alpha", r"local disk: %s failed to sync .*: the next flush reports the error" % re.escape(sync), timeout=20)
     st = status(pair, "alpha")
     assert st["disk"] == "UpToDate" and st["peer"]["replication"] == "SyncSource", st
     cp = run(["qemu-io", "-f", "raw", pair.uri, "-c", "write -P 0x61 60M 64k", "-c", "flush"], check=False, timeout=60)
