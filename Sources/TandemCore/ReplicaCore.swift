@@ -538,11 +538,11 @@ public struct ReplicaCore {
     }
 
     /// A sync of the local disk that no request waits for failed (the node's resync checkpoint,
-    /// the sync before an activity-log transaction evicts extents, or a resync source's flush). Linux reports a writeback
-    /// error to one fsync per open file description: this one took the error that a replicated
-    /// flush, a resync target flush or a client flush would otherwise have reported, and a write
-    /// completed since the last good sync may not be on the disk. So it is handled as theirs
-    /// would have been:
+    /// the sync before an activity-log transaction evicts extents, a resync source's flush).
+    /// Linux reports a writeback error to one fsync per open file description: this one took
+    /// the error that a replicated flush, a resync target flush or a client flush would
+    /// otherwise have reported, and a write completed since the last good sync may not be on
+    /// the disk. So it is handled as theirs would have been:
     /// - a secondary as a failed replicated flush: every resync run not yet acknowledged fails,
     ///   and the disk detaches (a resync target at the resync's end);
     /// - a primary whose peer is a full copy as a failed write: the disk detaches and the peer
@@ -1130,12 +1130,16 @@ public struct ReplicaCore {
     public var spareUUID: UInt64?
 
     /// The witness fenced the peer: writes answered from now on (and those held) belong to a
-    /// generation the peer does not have.
-    public mutating func startGenerationWithoutPeer(into actions: inout [Action]) {
-        guard role == .primary, !replicating, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID else { return }
+    /// generation the peer does not have. False while this node's hello is out: the peer decides
+    /// on the UUIDs that hello carried, so the generation cannot start yet (as for a write,
+    /// `clientWrite`); the node keeps the answers held and asks the witness again later.
+    public mutating func startGenerationWithoutPeer(into actions: inout [Action]) -> Bool {
+        guard !helloOut else { return false }
+        guard role == .primary, !replicating, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID else { return true }
         spareUUID = nil
         uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
         actions.append(.stateChanged(status))
+        return true
     }
 
     /// This node's device went back to a barrier's image (the changed chunks are marked out of
@@ -1552,16 +1556,16 @@ public struct ReplicaCore {
         // The kernel reports a writeback error to one fsync only, and this one took it: a write
         // completed earlier may not be on the disk. That is the disk's failure, not the
         // resync's, so it is handled as a sync no request waited for (a primary's next client
-        // flush reports it, or the disk detaches), and the flush is tried again. (A writeback
-        // error an earlier sync took stays for that client flush too: a retried flush would
-        // swallow it.)
+        // flush reports it, or the disk detaches), and the flush is tried again on the next
+        // tick (a disk that fails every flush is not flushed in a loop). A writeback error an
+        // earlier sync took stays for that client flush too: a retried flush would swallow it.
         if result < 0 { localSyncFailed(result: result, into: &actions) }
-        guard sync == .syncSource, self.link == .connected else { return }
-        if result == 0 && link == resyncIDBase { resyncSourceFlushed = true }
-        if result == 0 && link == resyncIDBase && bitmap.setBitCount == 0 && resyncSlots.allSatisfy({ $0 == nil }) {
+        guard sync == .syncSource, self.link == .connected, result == 0 else { return }
+        if link == resyncIDBase { resyncSourceFlushed = true }
+        if link == resyncIDBase && bitmap.setBitCount == 0 && resyncSlots.allSatisfy({ $0 == nil }) {
             finishResyncAsSource(into: &actions)
         } else {
-            // Failed, of an earlier link, or blocks went out of sync meanwhile: copy, flush again.
+            // Of an earlier link, or blocks went out of sync meanwhile: copy, flush again.
             pumpResync(into: &actions)
         }
     }

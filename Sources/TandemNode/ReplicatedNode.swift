@@ -926,14 +926,17 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             let recorded = answer == .recorded
             if fencing { self.fenceInFlight = false }
             if fencing && recorded && self.core.role == .primary && !self.core.replicating {
-                self.fenced = true
-                self.logger.notice("witness recorded \(self.peer.name) as outdated: answering writes without it")
                 // The writes about to be answered are data the peer lacks: a new generation,
-                // on disk before any answer.
+                // on disk before any answer. Not while this node's hello is out (the core says
+                // so): the answers stay held, and a later tick asks the witness again.
                 self.beginActions()
-                self.core.startGenerationWithoutPeer(into: &self.actions)
+                let started = self.core.startGenerationWithoutPeer(into: &self.actions)
                 self.perform()
-                self.releaseHeld(error: nil)
+                if started {
+                    self.fenced = true
+                    self.logger.notice("witness recorded \(self.peer.name) as outdated: answering writes without it")
+                    self.releaseHeld(error: nil)
+                }
             }
             self.quorumMayHaveChanged()
         }

@@ -269,11 +269,17 @@ extension World {
         case .announce(let fencing):
             if fencing { nodes[i].fenceInFlight = false }
             if fencing && granted && nodes[i].core.role == .primary && !nodes[i].core.replicating {
-                nodes[i].fenced = true
-                record(.note("n\(i): the witness recorded its peer as outdated: answering writes without it"))
-                count("witness fenced the peer")
-                call(i) { core, a in core.startGenerationWithoutPeer(into: &a) }
-                releaseHeld(i, error: nil)
+                var started = false
+                call(i) { core, a in started = core.startGenerationWithoutPeer(into: &a) }
+                if started {
+                    nodes[i].fenced = true
+                    record(.note("n\(i): the witness recorded its peer as outdated: answering writes without it"))
+                    count("witness fenced the peer")
+                    releaseHeld(i, error: nil)
+                } else {
+                    record(.note("n\(i): fenced while its hello is out: answers stay held, asked again later"))
+                    count("fence while the hello is out")
+                }
             }
             quorumMayHaveChanged(i)
         case .promotion:

@@ -308,6 +308,25 @@ import Testing
         #expect(outdated.role == .primary && outdated.disk == .upToDate && outdated.uuids.current == 0xC000)
     }
 
+    /// With a witness, the fence starts the generation: not while this node's hello is out (the
+    /// peer decides on the UUIDs it carried); the node asks the witness again later.
+    @Test func theFenceStartsNoGenerationWhileTheHelloIsOut() {
+        let pair = Pair()
+        var configuration = pair.secondary.configuration
+        configuration.fencing = true
+        var survivor = ReplicaCore(configuration: configuration, role: .secondary, disk: .upToDate,
+                                   uuids: pair.secondary.uuids, bitmap: pair.secondary.bitmap)
+        var actions: [ReplicaCore.Action] = []
+        #expect(survivor.promote(force: false, freshUUID: 0xD000, nowMillis: 5, into: &actions) == nil)
+        let before = survivor.uuids
+        survivor.helloSent()
+        let whileOut = survivor.startGenerationWithoutPeer(into: &actions)
+        #expect(!whileOut && survivor.uuids == before)
+        survivor.linkDown(.peerClosed, freshUUID: 8, into: &actions)
+        let afterward = survivor.startGenerationWithoutPeer(into: &actions)
+        #expect(afterward && survivor.uuids.current == 0xD000 && survivor.uuids.bitmap == before.current)
+    }
+
     /// A failover, then the survivor crashes too, and the old primary is promoted alone and
     /// writes; the survivor returns. Returns both sides' decisions on the reconnect.
     private static func failoverTwice(survivorWrites: Bool) -> (ReplicaCore, ReplicaCore) {
