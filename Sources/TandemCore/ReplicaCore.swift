@@ -463,9 +463,14 @@ public struct ReplicaCore {
         writes[id] = nil
         var result = write.localResult
         let peerHasIt = write.peerResult == 0 && write.linkSequence != 0
-        if result < 0 && peerHasIt && (disk == .failed || peerDisk == .upToDate) {
+        if result < 0 && peerHasIt && (disk == .failed || (peerDisk == .upToDate && pendingSync != .syncSource)) {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
+            // Nor is one this side is about to resync (a verify's or a connect's handshake: its
+            // hello said UpToDate, but the blocks marked here are copied from this disk): the
+            // detached disk would still become the source at `bitmapDone` and send its stale
+            // copy of this write's blocks over the peer's good one (`--witness --switchover
+            // --primary-disk-errors --double-faults --overlapping-writes` 103109819).
             result = 0
             markOutOfSync(offset: write.offset, length: UInt64(write.length))
             detachLocalDisk(into: &actions)

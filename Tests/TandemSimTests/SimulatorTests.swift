@@ -240,6 +240,15 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, switchover: true)))
     }
 
+    /// A primary's write failed on its disk during a verify's handshake that made it the resync
+    /// source; the peer's hello said UpToDate, so the disk detached and the write was answered,
+    /// and the detached disk still became the source and copied its stale blocks over the peer's
+    /// good ones (now a side about to be the source keeps its disk and the write fails).
+    @Test(arguments: SimRegressions.detachedBeforeBecomingSource)
+    func aSideAboutToBeTheSourceKeepsItsDisk(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, doubleFaults: true, switchover: true, witness: true)))
+    }
+
     /// With a witness, a secondary restarted after a power loss came back UpToDate without the
     /// acknowledged writes its cache lost, and the witness let it take over (now it attaches
     /// Consistent until a connect finds it current, as DRBD does with fencing).
@@ -531,6 +540,7 @@ enum SimRegressions {
     static let demotedWithBlocksOutOfSync: [UInt64] = [778, 1124, 2181]
     static let resyncSourceNotDurable: [UInt64] = [1009]
     static let resyncSourceReadUnflushed: [UInt64] = [92120945]
+    static let detachedBeforeBecomingSource: [UInt64] = [103109819]
     static let restartedSecondaryTookOver: [UInt64] = [6, 51, 87]
     static let restartedWitnessTwoPrimaries: [UInt64] = [347, 600]
     static let demotedAheadOfPeer: [UInt64] = [61]
