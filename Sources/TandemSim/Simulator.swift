@@ -198,6 +198,13 @@ final class World {
             guard nodes[i].up, nodes[i].life == life, nodes[i].core.role == .secondary, i == primaryNode else { return }
             switch switchover {
             case .rollingBack, .askingRollback, .restoring, .afterRollback: return  // the rollback promotes when it is done
+            case .promoting:
+                // The switchover promotes, once both are connected and the node has seen the
+                // demotion, or gives up and promotes the old primary. A promotion left over from
+                // an earlier turn as primaryNode (queued at a restart 1.5 s before) must not
+                // promote it alone: the demoted peer holds writes it lacks
+                // (`--barriers --primary-disk-errors --switchover --overlapping-writes` 101116884).
+                return
             default: break
             }
             if options.witness && nodes[i].core.link != .connected && nodes[i].core.link != .handshaking {

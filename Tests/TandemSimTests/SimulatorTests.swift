@@ -244,6 +244,14 @@ import TandemSim
     /// source; the peer's hello said UpToDate, so the disk detached and the write was answered,
     /// and the detached disk still became the source and copied its stale blocks over the peer's
     /// good ones (now a side about to be the source keeps its disk and the write fails).
+    /// The simulator's operator: a promotion queued at a restart, while the node was the one to
+    /// be primary, fired during a later switchover's promoting step and promoted it alone while
+    /// the demoted peer held writes it lacked (now that step alone promotes).
+    @Test(arguments: SimRegressions.stalePromotionDuringSwitchover)
+    func aStalePromotionWaitsForTheSwitchover(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, switchover: true, barriers: true)))
+    }
+
     @Test(arguments: SimRegressions.detachedBeforeBecomingSource)
     func aSideAboutToBeTheSourceKeepsItsDisk(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, doubleFaults: true, switchover: true, witness: true)))
@@ -541,6 +549,7 @@ enum SimRegressions {
     static let resyncSourceNotDurable: [UInt64] = [1009]
     static let resyncSourceReadUnflushed: [UInt64] = [92120945]
     static let detachedBeforeBecomingSource: [UInt64] = [103109819]
+    static let stalePromotionDuringSwitchover: [UInt64] = [101103302, 101107362, 101116884]
     static let restartedSecondaryTookOver: [UInt64] = [6, 51, 87]
     static let restartedWitnessTwoPrimaries: [UInt64] = [347, 600]
     static let demotedAheadOfPeer: [UInt64] = [61]
