@@ -311,21 +311,22 @@ public struct ReplicaCore {
         precondition(writes[id] == nil, "duplicate client write id \(id)")
         var write = ClientWrite(offset: offset, length: length)
         let payload: BufferRef? = kind == .write ? .client(id) : nil
-        if helloOut, !replicating, !configuration.fencing, disk != .failed, uuids.bitmap == 0, spareUUID != nil {
-            // Our hello is on its way with the peer's generation as ours, and the peer decides on
-            // it: a generation started now would be one it never saw, and it could make itself
-            // the source over this write (`--failover --overlapping-writes --double-faults
-            // --primary-disk-errors` 91108538). The write goes to the disk, marked out of sync,
-            // and its answer waits until this side has decided on the same two hellos.
-            write.heldForHandshake = true
-        } else if !replicating, !configuration.fencing, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID {
-            // New data from here on belongs to a generation the peer does not have; the node
-            // persists it (on this state change) before it submits the write. Also during a
-            // handshake: the resync that follows copies these blocks, and the target adopts the
-            // generation the source announces at its end.
-            spareUUID = nil
-            uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
-            actions.append(.stateChanged(status))
+        if writeStartsGeneration {
+            if helloOut {
+                // Our hello is on its way with the peer's generation as ours, and the peer
+                // decides on it: a generation started now would be one it never saw, and it
+                // could make itself the source over this write (`--failover --overlapping-writes
+                // --double-faults --primary-disk-errors` 91108538). The write goes to the disk,
+                // marked out of sync, and its answer waits until this side has decided on the
+                // same two hellos.
+                write.heldForHandshake = true
+            } else {
+                // New data from here on belongs to a generation the peer does not have; the node
+                // persists it (on this state change) before it submits the write. Also during a
+                // handshake: the resync that follows copies these blocks, and the target adopts
+                // the generation the source announces at its end.
+                startGenerationFromSpare(into: &actions)
+            }
         }
         if disk == .failed {
             // Detached: no local copy (EIO), so the peer's answer is the client's. The local disk
@@ -1140,11 +1141,24 @@ public struct ReplicaCore {
     /// `clientWrite`); the node keeps the answers held and asks the witness again later.
     public mutating func startGenerationWithoutPeer(into actions: inout [Action]) -> Bool {
         guard !helloOut else { return false }
-        guard role == .primary, !replicating, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID else { return true }
+        guard role == .primary, !replicating, disk != .failed, uuids.bitmap == 0 else { return true }
+        startGenerationFromSpare(into: &actions)
+        return true
+    }
+
+    /// Whether a client write now would start a generation: this node writes without its peer
+    /// and nothing yet records what the peer lacks (with fencing, the witness's fence starts it).
+    private var writeStartsGeneration: Bool {
+        !replicating && !configuration.fencing && disk != .failed && uuids.bitmap == 0 && spareUUID != nil
+    }
+
+    /// Starts the generation the peer does not have, with the UUID kept since the promotion or
+    /// the link loss (`spareUUID`); the state change persists it before any answer.
+    private mutating func startGenerationFromSpare(into actions: inout [Action]) {
+        guard let fresh = spareUUID else { return }
         spareUUID = nil
         uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
         actions.append(.stateChanged(status))
-        return true
     }
 
     /// This node's device went back to a barrier's image (the changed chunks are marked out of
@@ -1290,11 +1304,7 @@ public struct ReplicaCore {
         helloOut = false
         let held = writes.filter { $0.value.heldForHandshake }.keys.sorted()
         guard !held.isEmpty else { return }
-        if !replicating, !configuration.fencing, disk != .failed, uuids.bitmap == 0, let fresh = spareUUID {
-            spareUUID = nil
-            uuids = uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: fresh)
-            actions.append(.stateChanged(status))
-        }
+        if writeStartsGeneration { startGenerationFromSpare(into: &actions) }
         for id in held {
             writes[id]!.heldForHandshake = false
             finishWriteIfDone(id, into: &actions)

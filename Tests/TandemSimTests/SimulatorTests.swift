@@ -240,10 +240,6 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, switchover: true)))
     }
 
-    /// A primary's write failed on its disk during a verify's handshake that made it the resync
-    /// source; the peer's hello said UpToDate, so the disk detached and the write was answered,
-    /// and the detached disk still became the source and copied its stale blocks over the peer's
-    /// good ones (now a side about to be the source keeps its disk and the write fails).
     /// The simulator's operator: a promotion queued at a restart, while the node was the one to
     /// be primary, fired during a later switchover's promoting step and promoted it alone while
     /// the demoted peer held writes it lacked (now that step alone promotes).
@@ -252,6 +248,10 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, switchover: true, barriers: true)))
     }
 
+    /// A primary's write failed on its disk during a verify's handshake that made it the resync
+    /// source; the peer's hello said UpToDate, so the disk detached and the write was answered,
+    /// and the detached disk still became the source and copied its stale blocks over the peer's
+    /// good ones (now a side about to be the source keeps its disk and the write fails).
     @Test(arguments: SimRegressions.detachedBeforeBecomingSource)
     func aSideAboutToBeTheSourceKeepsItsDisk(seed: UInt64) {
         Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, doubleFaults: true, switchover: true, witness: true)))
