@@ -37,6 +37,13 @@ def test_quick_run_prints_a_table_and_writes_json_and_a_chart(tmp_path):
             entry = report["results"][server][case]
             assert entry["status"] == "ok", (server, case, entry.get("error"))
             assert {"mib_s", "iops", "p50_us", "p99_us"} <= entry["summary"].keys()
+            # What the job cost: the server's CPU (both nodes for the pair) and fio's.
+            assert entry["summary"]["server_cpu_us_per_io"] > 0, (server, case, entry["summary"])
+            assert entry["summary"]["fio_cpu_us_per_io"] > 0, (server, case, entry["summary"])
+    qd1 = report["results"]["tandem-replicated"]["write-4k-qd1/1c"]["summary"]
+    assert qd1["alpha_cpu_s_per_gib"] > 0 and qd1["beta_cpu_s_per_gib"] > 0, qd1
+    assert abs(qd1["alpha_cpu_s_per_gib"] + qd1["beta_cpu_s_per_gib"] - qd1["server_cpu_s_per_gib"]) < 1e-3
+    assert "CPU cost of the 1 MiB jobs" in cp.stdout_text
     assert report["results"]["tandem-direct"]["write-4k-qd1/4c"]["connections"] == 4
     assert "replicated_summary" in report
     assert report["servers"]["tandem-replicated"]["replicas_identical"] is True
@@ -107,6 +114,8 @@ def test_nbd_server_runs_as_a_daemon(tmp_path):
     report = json.loads(out.read_text())
     assert report["servers"]["nbd-server"]["status"] == "ok", report["servers"]["nbd-server"]
     assert report["results"]["nbd-server"]["write-4k-qd1/1c"]["status"] == "ok"
+    # Its CPU is its per-connection child's: counted though the child is not the daemon.
+    assert report["results"]["nbd-server"]["write-4k-qd1/1c"]["summary"]["server_cpu_us_per_io"] > 0
 
 
 def test_rounds_interleave_the_servers_and_report_medians(tmp_path):
@@ -181,6 +190,7 @@ def test_link_probe_moves_every_byte_through_either_record_layer(tmp_path):
         assert sent["bytes"] == total and got["bytes"] == total, (sent, got)
         assert sent["version"] == "TLSv1.3" and sent["cipher"] == "TLS_AES_128_GCM_SHA256", sent
         assert sent["records_in_tandem"] is in_tandem and got["records_in_tandem"] is in_tandem
+        assert sent["cpu_s"] > 0 and got["cpu_s"] > 0, (sent, got)
 
 
 def test_the_tls_link_limit_is_the_faster_of_two_streams(tmp_path):
@@ -192,5 +202,7 @@ def test_the_tls_link_limit_is_the_faster_of_two_streams(tmp_path):
     methods = link["methods"]
     assert set(methods) == {"openssl", "tandem"}, link
     assert all(m["mib_s"] > 0 for m in methods.values()), link
+    assert all(m["cpu_s_per_gib"]["send"] > 0 and m["cpu_s_per_gib"]["recv"] > 0
+               for m in methods.values()), link
     assert link["mib_s"] == max(m["mib_s"] for m in methods.values())
     assert link["cipher"] == "TLS_AES_128_GCM_SHA256", "the probe uses the link's suites"
