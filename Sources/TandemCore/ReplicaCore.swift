@@ -1427,6 +1427,23 @@ public struct ReplicaCore {
         }
     }
 
+    /// An activity-log transaction evicts extents without a sync, the disk being detached, and
+    /// `markLogExtentsOfDetachedDisk` has not run for the detach yet (the node calls this before it
+    /// persists the transaction). The log forgot the extents when the transaction took their
+    /// slots, so that call will not see them, and their writes may be only in the disk's volatile
+    /// cache: they are marked here. The core detaches at once, but the node marks the log when it
+    /// carries the `stateChanged` action, and a `writeSettled` earlier in the same batch can free
+    /// room for a waiting write that evicts (simulator seed 101118196: a failed client flush
+    /// answered by the peer's, whose ack settled the writes it covered). So can a sync before the
+    /// eviction that fails and detaches the disk: the extents left the log before it did.
+    public mutating func markExtentsEvictedFromDetachedDisk(_ log: ActivityLog, by transaction: ActivityLog.Transaction) {
+        precondition(disk == .failed, "an eviction from a disk that is not detached syncs it instead")
+        log.forEachEvicted(of: transaction) { extent in
+            let range = log.byteRange(ofExtent: extent)
+            markOutOfSync(offset: range.offset, length: range.length)
+        }
+    }
+
     /// The node stops cleanly (`ReplicatedNode.stop`: after the link went down, before it
     /// persists the bitmap). A write not done on the local disk (still on it, waiting behind an
     /// overlapping earlier one, or held behind a barrier) may never land here, though the peer

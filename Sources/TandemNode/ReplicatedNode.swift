@@ -1397,9 +1397,15 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             // sit in a volatile cache any more (DRBD gets this from the preflush of its AL write).
             // A failed sync means they may not be on the disk: it is detached (the peer has
             // them), and the error is not left for a later flush that will not see it.
+            let logMarked = logMarkedAtDetach
             if core.disk != .failed && fdatasync(device.fd) != 0 {
                 localSyncFailed(-errno, during: "an activity-log eviction")
             }
+            // A detached disk is not synced: its writes are marked instead, the log's extents
+            // when the detach's state change is carried. These extents left the log already, and
+            // that change may still be ahead in this batch (or it came just now, for the failed
+            // sync): marked here, before the transaction forgets them.
+            if core.disk == .failed && !logMarked { core.markExtentsEvictedFromDetachedDisk(activityLog, by: tx) }
             persistMetadata()
         }
         activityLog.encode(tx, into: UnsafeMutableRawBufferPointer(start: transactionBuffer, count: ActivityLog.transactionBytes))

@@ -98,8 +98,13 @@ extension World {
         count("al transaction")
         if tx.evictedCount > 0 {
             count("al eviction")
-            // As the node: a detached disk is not synced (its writes are marked instead).
-            if nodes[i].core.disk != .failed { nodes[i].disk.flushNow() }
+            // As the node: a detached disk is not synced (its writes are marked instead), and
+            // extents evicted before the detach's state change marked the log are marked here.
+            if nodes[i].core.disk != .failed {
+                nodes[i].disk.flushNow()
+            } else if !nodes[i].logMarkedAtDetach {
+                nodes[i].core.markExtentsEvictedFromDetachedDisk(nodes[i].activityLog, by: tx)
+            }
             persistMetadata(i)
         }
         let bytes = nodes[i].activityLog.encoded(tx)

@@ -409,6 +409,56 @@ struct Pair {
         #expect(pair.primary.bitmap.isDirty(offset: 8192, length: 4096), "landed on a detached disk: resynced into it later")
     }
 
+    /// Found by the simulator (`--barriers --primary-disk-errors --switchover
+    /// --overlapping-writes`, seed 101118196): a client flush failed on the primary's disk and the
+    /// peer's flush answered it. The peer's ack settled the writes the flush covered and detached
+    /// the disk in one batch, the settlement first: the room it freed in the activity log let a
+    /// waiting write evict a settled write's extent, unsynced (the disk was detached), before the
+    /// node carried the state change that marks the log's extents. The write, only in the
+    /// detached disk's cache, was lost at a power loss and never resynced; the node was promoted
+    /// later without it. Now the eviction marks the extents it takes from a detached disk.
+    @Test func anExtentEvictedBeforeTheDetachIsCarriedIsMarked() {
+        let extent = 64 << 10
+        var log = ActivityLog(deviceBytes: Pair.size, extentBytes: extent, capacity: 2, ringSlots: ActivityLog.ringSlotsMin(capacity: 2),
+                              nextSequence: 1, writeBytesMax: 4096)
+        // The node: write 1 passes the log, and another write holds the log's second extent.
+        for offset in [0, UInt64(2 * extent)] {
+            guard case .needTransaction(let tx) = log.beginWrite(offset: offset, length: 4096) else { Issue.record("a cold extent"); return }
+            #expect(log.transactionPersisted(tx) == nil)
+        }
+        var pair = Pair()
+        pair.writeDoneOnBoth(1, at: 0)
+        #expect(pair.settled.isEmpty, "no peer flush covers it yet")
+        #expect(log.beginWrite(offset: 1 << 20, length: 4096) == .wait, "a write waits for room in the log")
+        pair.flush(2)
+        pair.completePrimary(.clientFlush(2), -5)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerFlush(2))
+        #expect(pair.toPrimary.count == 1)
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.peerMessage(pair.toPrimary.removeFirst(), into: &actions)
+        let settledAt = actions.firstIndex { if case .writeSettled(0, _) = $0 { true } else { false } }
+        let detachedAt = actions.firstIndex { if case .stateChanged(let status) = $0 { status.disk == .failed } else { false } }
+        guard let settledAt, let detachedAt else { Issue.record("the ack settles write 1 and detaches the disk: \(actions)"); return }
+        #expect(settledAt < detachedAt, "the node carries the settlement first")
+        // Carried in that order: the freed extent goes to the waiting write, and the detached
+        // disk is not synced before it leaves the log.
+        let freed = log.endWrite(offset: 0, length: 4096)
+        #expect(freed)
+        guard case .needTransaction(let tx) = log.beginWrite(offset: 1 << 20, length: 4096) else { Issue.record("an eviction"); return }
+        var evicted: [Int] = []
+        log.forEachEvicted(of: tx) { evicted.append($0) }
+        #expect(evicted == [0])
+        var unmarked = pair.primary
+        unmarked.markLogExtentsOfDetachedDisk(log)
+        #expect(!unmarked.bitmap.isDirty(offset: 0, length: 4096), "the log's extents alone no longer name it")
+        pair.primary.markExtentsEvictedFromDetachedDisk(log, by: tx)
+        #expect(log.transactionPersisted(tx) == nil)
+        // Then the state change: the log's extents, extent 0 no longer among them.
+        pair.primary.markLogExtentsOfDetachedDisk(log)
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096), "write 1 is resynced into the disk at its next attach")
+    }
+
     /// Found by the simulator (`--witness --switchover --primary-disk-errors`, seeds 241, 530,
     /// 1593): the core kept the `wasPrimary` it was built with, so the node's clearing it at a
     /// demotion came back at the next persist; a crash as secondary then marked stale hot extents

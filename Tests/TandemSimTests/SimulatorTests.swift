@@ -248,6 +248,18 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, switchover: true, barriers: true)))
     }
 
+    /// A client flush failed on the primary's disk and the peer's flush answered it: the ack
+    /// settled the writes it covered and detached the disk in one batch, the settlement first,
+    /// and a write waiting for room in the activity log evicted a settled write's extent without
+    /// a sync (the disk was detached) before the detach's state change marked the log's extents.
+    /// A power loss took that write from the disk's cache, the resync after the restart skipped
+    /// it, and the node, promoted again, lacked an acknowledged write (now such an eviction marks
+    /// the extents it takes).
+    @Test(arguments: SimRegressions.evictedBeforeTheDetachWasMarked)
+    func anExtentEvictedBeforeTheDetachIsMarked(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, switchover: true, barriers: true)))
+    }
+
     /// A primary's write failed on its disk during a verify's handshake that made it the resync
     /// source; the peer's hello said UpToDate, so the disk detached and the write was answered,
     /// and the detached disk still became the source and copied its stale blocks over the peer's
@@ -549,6 +561,7 @@ enum SimRegressions {
     static let resyncSourceNotDurable: [UInt64] = [1009]
     static let resyncSourceReadUnflushed: [UInt64] = [92120945]
     static let detachedBeforeBecomingSource: [UInt64] = [103109819]
+    static let evictedBeforeTheDetachWasMarked: [UInt64] = [101118196]
     static let stalePromotionDuringSwitchover: [UInt64] = [101103302, 101107362, 101116884]
     static let restartedSecondaryTookOver: [UInt64] = [6, 51, 87]
     static let restartedWitnessTwoPrimaries: [UInt64] = [347, 600]
