@@ -550,7 +550,9 @@ public struct ReplicaCore {
     /// otherwise have reported, and a write completed since the last good sync may not be on
     /// the disk. So it is handled as theirs would have been:
     /// - a secondary as a failed replicated flush: every resync run not yet acknowledged fails,
-    ///   and the disk detaches (a resync target at the resync's end);
+    ///   and the disk detaches (a resync target at the resync's end), unless it holds writes
+    ///   its peer lacks (`holdsWritesThePeerLacks`): detached, no copy would hold them, so it
+    ///   keeps its disk as a primary whose peer is no full copy does;
     /// - a primary whose peer is a full copy as a failed write: the disk detaches and the peer
     ///   answers reads (DRBD's `on-io-error detach`);
     /// - any other primary keeps its disk (detached, it would serve reads from a disk that no
@@ -563,7 +565,7 @@ public struct ReplicaCore {
         guard disk != .failed else { return true }
         if role == .secondary {
             failUnacknowledgedResyncRuns(code: UInt32(min(-Int64(result), Int64(PeerProtocol.resultMax))), into: &actions)
-            detachAfterReplicationError(into: &actions)
+            if !holdsWritesThePeerLacks { detachAfterReplicationError(into: &actions) }
         } else if peerIsFullCopy {
             detachLocalDisk(into: &actions)
         } else {
@@ -576,6 +578,16 @@ public struct ReplicaCore {
     /// its local disk can detach after an error and the peer serve.
     private var peerIsFullCopy: Bool {
         role == .primary && link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount == 0
+    }
+
+    /// A consistent disk that holds writes its peer lacks: it wrote since the generation its
+    /// bitmap tracks (the peer's: a bitmap UUID), or it is, or is about to be, the resync source.
+    /// The peer is no full copy then, whether or not the link is up: a secondary source whose
+    /// flush failed just after its link dropped, its peer an interrupted resync target, detached
+    /// the only copy of the newest data and left a pair that neither a promotion nor a resync
+    /// could bring back (`--witness --barriers --failover` 102100484).
+    private var holdsWritesThePeerLacks: Bool {
+        disk != .inconsistent && (uuids.bitmap != 0 || sync == .syncSource || pendingSync == .syncSource)
     }
 
     /// A writeback error a sync of no request took (`localSyncFailed`), for the next local flush

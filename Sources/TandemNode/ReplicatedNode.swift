@@ -1149,7 +1149,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// What `ReplicaCore.localSyncFailed` did, for the log line.
     private var syncFailureOutcome: String {
         core.disk == .failed ? "detached"
-            : core.role == .secondary ? "detached when the resync ends"
+            : core.role == .secondary && core.disk == .inconsistent ? "detached when the resync ends"
+            : core.role == .secondary ? "kept (it holds writes \(peer.name) lacks: detached, no copy would hold them)"
             : "the next flush reports the error (\(peer.name) is no full copy to detach to)"
     }
 

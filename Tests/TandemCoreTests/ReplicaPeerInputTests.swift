@@ -233,6 +233,42 @@ import Testing
         }
         #expect(pair.flushed == [10: -5, 11: 0], "the next flush reports it, the one after does not")
     }
+
+    /// Found by the simulator (`--witness --barriers --failover`, seed 102100484): a secondary
+    /// holding writes its peer lacked (it had written them as primary, crashed and restarted)
+    /// became the resync source; the link reset before its flush before the first read came
+    /// back failed, and it detached as an UpToDate secondary does. Its peer, the target, was
+    /// Inconsistent already: after the restart that attaches a detached disk both were, and
+    /// neither could be promoted or resynced. It keeps the disk now, as a primary whose peer is
+    /// no full copy does, and the next connect resyncs the peer from it.
+    @Test func aFailedSyncKeepsTheDiskOfASecondaryHoldingWritesItsPeerLacks() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 0, 65536)
+        pair.completePrimary(.client(1))
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.primary.demote(into: &actions) == nil)
+        pair.applyPrimary(actions)
+        pair.reconnect()
+        // `primary` is the demoted node: a secondary, the source of what it wrote alone.
+        #expect(pair.primary.role == .secondary && pair.primary.sync == .syncSource && pair.primaryDisk.map(\.tag) == [.resyncFlush])
+        #expect(pair.secondary.disk == .inconsistent)
+        pair.dropLink()
+        pair.completePrimary(.resyncFlush, -5)
+        #expect(pair.primary.disk == .upToDate && pair.primary.localFlags.contains(.consistent), "the only copy of those writes stays")
+        #expect(!pair.primary.localFlags.contains(.resyncTarget))
+        pair.reconnect(freshUUIDs: (0x7_0000, 0x8_0000))
+        #expect(pair.primary.sync == .syncSource && pair.secondary.sync == .syncTarget)
+        ReplicaCoreTests.driveResync(&pair)
+        #expect(pair.primary.sync == .established && pair.secondary.disk == .upToDate)
+        #expect(pair.secondary.uuids.current == pair.primary.uuids.current)
+
+        // Without writes its peer lacks, an UpToDate secondary still detaches: the peer holds
+        // every block, and the failed sync may have hidden a replicated write's loss.
+        actions.removeAll()
+        #expect(pair.primary.localSyncFailed(result: -5, into: &actions))
+        #expect(pair.primary.disk == .failed)
+    }
 }
 
 /// Limits.peerRequestsPendingMax: a burst of requests past it (8,200 flushes trapped the node

@@ -269,6 +269,18 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, doubleFaults: true, switchover: true, witness: true)))
     }
 
+    /// A secondary holding the only copy of writes its peer lacked (written as primary before a
+    /// power loss) became the resync source of the stale peer; the link reset, and its flush
+    /// before the first read failed on a failing disk: it detached as an UpToDate secondary
+    /// does. The peer was an Inconsistent target by then, the restart that attaches a detached
+    /// disk made this one Inconsistent too, and for 10000 simulated seconds neither node could
+    /// be promoted or resynced (the client waited, the faults went on: no end after 2000000
+    /// events). Now such a secondary keeps its disk, as a primary whose peer is no full copy does.
+    @Test(arguments: SimRegressions.onlyCopyDetachedAsSecondary)
+    func aSecondaryHoldingWritesItsPeerLacksKeepsItsDisk(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, witness: true, barriers: true)))
+    }
+
     /// With a witness, a secondary restarted after a power loss came back UpToDate without the
     /// acknowledged writes its cache lost, and the witness let it take over (now it attaches
     /// Consistent until a connect finds it current, as DRBD does with fencing).
@@ -562,6 +574,7 @@ enum SimRegressions {
     static let resyncSourceReadUnflushed: [UInt64] = [92120945]
     static let detachedBeforeBecomingSource: [UInt64] = [103109819]
     static let evictedBeforeTheDetachWasMarked: [UInt64] = [101118196]
+    static let onlyCopyDetachedAsSecondary: [UInt64] = [102100484]
     static let stalePromotionDuringSwitchover: [UInt64] = [101103302, 101107362, 101116884]
     static let restartedSecondaryTookOver: [UInt64] = [6, 51, 87]
     static let restartedWitnessTwoPrimaries: [UInt64] = [347, 600]
