@@ -124,9 +124,13 @@ extension World {
         // Not during a rollback: the operator running it promotes the rolled-back node.
         let failingOver = options.failover && i == primaryNode && nodes[s].up && !rollingBack
         let redundant = isRedundant()
-        // The primary's disk is detached, or the peer (a failover's target) is not UpToDate: this
-        // node holds the only consistent copy.
-        let onlyCopy = i != primaryNode && !(nodes[s].up && nodes[s].core.disk == .upToDate)
+        // The primary's disk is detached, or the peer (a failover's target) is not UpToDate, or
+        // this node answered writes the peer never acknowledged: it holds the only consistent
+        // copy of the newest data. An old primary that demoted alone (its peer cut off, the
+        // demotion's flush failed) for a rollback the peer, UpToDate but stale, never began: the
+        // operator promotes it again, and the pair resyncs from it, with what its disk kept
+        // (`--barriers --failover --double-faults --primary-disk-errors` 117100438).
+        let onlyCopy = i != primaryNode && (!(nodes[s].up && nodes[s].core.disk == .upToDate) || nodes[i].wroteAlone)
         dropClients(of: i)
         if onlyCopy && powerLoss {
             // As the device losing power: flushed data survives, unflushed writes may not.

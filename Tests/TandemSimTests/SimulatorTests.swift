@@ -524,6 +524,18 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(primaryDiskErrors: true, switchover: true, witness: true, barriers: true)))
     }
 
+    /// A checker error: a rollback's switchover drained the primary while a partition cut off
+    /// its secondary (which had lost power and come back UpToDate but stale): the link timed
+    /// out, the primary answered its last writes alone, the demotion's flush failed on its
+    /// failing disk, and it demoted. It then lost power, one of those writes (no flush had
+    /// covered it) with its cache; the rollback never began, and the operator promoted it again.
+    /// Allowed by NBD's rules, but the model, counting the UpToDate peer as a copy, only relaxed
+    /// for a power loss of the only consistent copy (now a node that wrote alone holds one).
+    @Test(arguments: SimRegressions.checkerDemotedAloneLostUnflushed)
+    func anUnflushedWriteADemotedPrimaryAnsweredAloneMayGoWithItsPowerLoss(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, barriers: true)))
+    }
+
     /// A simulator (operator) gap: after a switchover the witness deposed the new primary on a
     /// record the old primary's demotion had not reached yet (it was cut off); both nodes stood
     /// secondary, connected and in sync, and nobody promoted again. Now the operator does.
@@ -602,6 +614,7 @@ enum SimRegressions {
     static let primaryOlderThanItsPeer: [UInt64] = [62106]
     static let checkerUnansweredWriteAlone: [UInt64] = [108010]
     static let checkerUnflushedLostWithThePeer: [UInt64] = [303937]
+    static let checkerDemotedAloneLostUnflushed: [UInt64] = [117100438]
     static let nobodyPromotedAfterADeposition: [UInt64] = [304314]
     static let failedDemotionFlushKeptTheDisk: [UInt64] = [103288]
     static let demotedWithHeldAnswers: [UInt64] = [315969]
