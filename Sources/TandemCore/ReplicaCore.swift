@@ -1433,6 +1433,27 @@ public struct ReplicaCore {
     /// so the bitmap must, or the resync after the disk's next attach skips what a power loss
     /// took from its cache (simulator seed 103288).
     public mutating func markLogExtentsOfDetachedDisk(_ log: ActivityLog) {
+        markLogExtents(log)
+    }
+
+    /// A demotion whose flush failed on the local disk, which stayed attached (no peer was a full
+    /// copy to detach for: the link was down, or the peer lacked blocks; `finishFlushIfDone`).
+    /// The node calls this once the demotion is done, before it persists the bitmap. A write
+    /// inside the activity log's extents may be only in the disk's volatile cache, among them
+    /// writes the peer acknowledged and a flush of its own made durable there (no local flush
+    /// covers those, so no mark names them). The clean demotion drops the log that a crash would
+    /// have resynced, so a power loss could take such a write from this disk alone: in sync, yet
+    /// different (the gap of seed 103288, with no peer to detach for). Marked, the blocks are
+    /// copied from this disk at the next connect of the same generation, so the two copies end
+    /// equal: a write no successful flush of this disk covered may be lost (no client flush
+    /// covered it: one would have synced this disk), never one that was flushed. A peer that
+    /// wrote since (a newer generation) is the source instead, of these marks too.
+    public mutating func markLogExtentsAfterFailedDemotionFlush(_ log: ActivityLog) {
+        precondition(role == .secondary && disk != .failed, "a kept disk, after the demotion (a detached one marked its log at the detach)")
+        markLogExtents(log)
+    }
+
+    private mutating func markLogExtents(_ log: ActivityLog) {
         log.forEachExtentInTable { extent in
             let range = log.byteRange(ofExtent: extent)
             markOutOfSync(offset: range.offset, length: range.length)

@@ -2118,6 +2118,11 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
                     logger.error("demotion failed: \(refusal)")
                     return reply(Self.error("cannot demote: \(refusal)"))
                 }
+                if result < 0 && core.disk != .failed {
+                    // The flush failed on the kept disk: the log's writes may be only in its
+                    // cache, and the clean demotion drops the log (persisted with the state change).
+                    core.markLogExtentsAfterFailedDemotionFlush(activityLog)
+                }
                 superblock.flags.remove(.wasPrimary)
                 perform()
                 // A verify runs on the primary: the peer may be promoted and write now.

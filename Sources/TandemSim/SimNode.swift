@@ -165,6 +165,10 @@ struct SimNode {
     /// answered (the node killed just after its promotion) cannot be told from an answered one
     /// after a crash (`--failover --double-faults --overlapping-writes` 108010).
     var submittedAlone = false
+    /// This node demoted after its flush failed on the disk it kept, and marked its activity
+    /// log's extents: until the pair is in sync again its disk is the source of those blocks,
+    /// with whatever its power loss keeps of them (`ReplicaCore.markLogExtentsAfterFailedDemotionFlush`).
+    var demotedUnflushed = false
 
     init(id: Int, meta: SimMetadata) {
         self.id = id

@@ -422,6 +422,7 @@ final class World {
                 && core.bitmap.setBitCount == 0 {
                 nodes[i].wroteAlone = false
                 nodes[i].submittedAlone = false
+                nodes[i].demotedUnflushed = false
                 // In sync again: what its power loss took was resynced (marked by the peer).
                 lostAtPowerLoss[i] = Array(repeating: false, count: SimLayout.blocks)
             }

@@ -488,6 +488,8 @@ extension World {
         nodes[1].wroteAlone = false
         nodes[0].submittedAlone = false
         nodes[1].submittedAlone = false
+        nodes[0].demotedUnflushed = false
+        nodes[1].demotedUnflushed = false
         switchover = .restoring(node: s, barrier: id)
         if nodes[s].rollbackSlow { count("rollback slow") }
         queue.push(now + rollbackStepNanos(s), .rollbackStep(node: s, life: nodes[s].life))

@@ -129,8 +129,10 @@ extension World {
         // copy of the newest data. An old primary that demoted alone (its peer cut off, the
         // demotion's flush failed) for a rollback the peer, UpToDate but stale, never began: the
         // operator promotes it again, and the pair resyncs from it, with what its disk kept
-        // (`--barriers --failover --double-faults --primary-disk-errors` 117100438).
-        let onlyCopy = i != primaryNode && (!(nodes[s].up && nodes[s].core.disk == .upToDate) || nodes[i].wroteAlone)
+        // (`--barriers --failover --double-faults --primary-disk-errors` 117100438). So does one
+        // that demoted after its flush failed on its kept disk: it marked its activity log's
+        // extents, and the pair resyncs them from what its disk kept.
+        let onlyCopy = i != primaryNode && (!(nodes[s].up && nodes[s].core.disk == .upToDate) || nodes[i].wroteAlone || nodes[i].demotedUnflushed)
         dropClients(of: i)
         if onlyCopy && powerLoss {
             // As the device losing power: flushed data survives, unflushed writes may not.
@@ -319,7 +321,7 @@ extension World {
             // a split brain. Connecting would resync into it under its clients, so it refuses (as
             // DRBD's rr-conflict disconnect): the operator demotes it, it resyncs from the peer,
             // and is promoted again (seed 62106 of `--failover --double-faults --overlapping-writes`).
-            if let refusal = demote(p0) {
+            if let refusal = demote(p0, flushResult: 0) {
                 record(.note("operator: demoting n\(p0) (its peer holds newer data) refused: \(refusal)"))
                 return
             }

@@ -97,10 +97,21 @@ extension World {
     }
 
     /// `ReplicaCore.demote` as the node does it: a clean demotion clears wasPrimary (its bitmap
-    /// is on disk). Nil when the node demoted.
-    func demote(_ i: Int) -> RoleChangeRefusal? {
+    /// is on disk), and one whose flush failed on the kept disk marks the activity log's extents
+    /// (`ReplicaCore.markLogExtentsAfterFailedDemotionFlush`). Nil when the node demoted.
+    func demote(_ i: Int, flushResult: Int32) -> RoleChangeRefusal? {
         var refusal: RoleChangeRefusal?
-        call(i) { core, a in refusal = core.demote(into: &a) }
+        let log = nodes[i].activityLog
+        call(i) { core, a in
+            refusal = core.demote(into: &a)
+            if refusal == nil && flushResult < 0 && core.disk != .failed { core.markLogExtentsAfterFailedDemotionFlush(log) }
+        }
+        if refusal == nil && flushResult < 0 && nodes[i].core.disk != .failed {
+            // The model: this disk is the source of those blocks at the next connect, with what
+            // its power loss keeps of them (unflushed writes may go, as NBD allows).
+            nodes[i].demotedUnflushed = true
+            count("demotion after a failed flush: log marked")
+        }
         if refusal == nil {
             nodes[i].superblockFlags.remove(.wasPrimary)
             persistMetadata(i)
@@ -111,7 +122,7 @@ extension World {
     /// The demotion's flush is done (whatever its result: the node demotes anyway).
     func demoteAfterFlush(_ p: Int, result: Int32) {
         guard case .flushing(p, _) = switchover else { return fail("n\(p) finished a demotion flush no switchover waits for") }
-        if let refusal = demote(p) { return abortSwitchover("demotion refused: \(refusal)") }
+        if let refusal = demote(p, flushResult: result) { return abortSwitchover("demotion refused: \(refusal)") }
         record(.fault("switchover: n\(p) demoted (flush \(result))"))
         primaryNode = other(p)
         if let id = rollbackBarrier {

@@ -404,7 +404,7 @@ extension World {
     }
 
     func demoteDeposed(_ i: Int, flushResult: Int32) {
-        if let refusal = demote(i) {
+        if let refusal = demote(i, flushResult: flushResult) {
             record(.note("n\(i) demotion refused: \(refusal); tried again"))
             nodes[i].demotion = .draining
             queue.push(now + 100 * SimTime.ms, .demotionStep(node: i, life: nodes[i].life))

@@ -87,6 +87,53 @@ import Testing
         #expect(pair.secondary.bitmap.isDirty(offset: 0, length: 4096))
     }
 
+    /// A write the peer acknowledged and a flush of the core's own made durable there (the
+    /// transfer log settled it: no mark), only in the primary's volatile cache; the link drops,
+    /// and the demotion's flush fails on the primary's disk, which stays (no peer to detach
+    /// for). The clean demotion drops the activity log a crash would have resynced, so a power
+    /// loss could take the write from this disk alone, and the next connect found the two copies
+    /// in sync, yet different there. Now the node marks the log's extents at such a demotion,
+    /// and the connect copies them from this disk, so the copies end equal.
+    @Test func aDemotionWhoseFlushFailedMarksTheLogsExtents() {
+        let extent = 64 << 10
+        var log = ActivityLog(deviceBytes: Pair.size, extentBytes: extent, capacity: 2, ringSlots: ActivityLog.ringSlotsMin(capacity: 2),
+                              nextSequence: 1, writeBytesMax: 4096)
+        guard case .needTransaction(let tx) = log.beginWrite(offset: 0, length: 4096) else { Issue.record("a cold extent"); return }
+        #expect(log.transactionPersisted(tx) == nil)
+        var pair = Pair()
+        pair.writeDoneOnBoth(1, at: 0)
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.flushPeerToSettleWrites(into: &actions)
+        pair.applyPrimary(actions)
+        pair.deliverToSecondary()
+        guard let peerFlush = pair.secondaryDisk.first(where: { if case .peerFlush = $0.tag { true } else { false } }) else {
+            Issue.record("no peer flush: \(pair.secondaryDisk)")
+            return
+        }
+        pair.completeSecondary(peerFlush.tag)
+        pair.deliverToPrimary()
+        #expect(pair.settled == [0], "durable on the peer: settled, never marked")
+        log.endWrite(offset: 0, length: 4096)
+        pair.dropLink()
+        // The demotion: the node's flush of both sides (the peer is gone), then the core.
+        pair.flush(2)
+        pair.completePrimary(.clientFlush(2), -5)
+        #expect(pair.flushed[2] == -5 && pair.primary.disk == .upToDate, "no full copy to detach for: the disk stays")
+        actions.removeAll()
+        #expect(pair.primary.demote(into: &actions) == nil)
+        #expect(!pair.primary.bitmap.isDirty(offset: 0, length: 4096), "nothing in the core names write 1")
+        pair.primary.markLogExtentsAfterFailedDemotionFlush(log)
+        #expect(pair.primary.bitmap.isDirty(offset: 0, length: 4096))
+        pair.applyPrimary(actions)
+        // The same generation on both sides: the demoted node is the source of its marks.
+        pair.reconnect()
+        #expect(pair.dropped.allSatisfy { $0 == .peerClosed })
+        #expect(pair.primary.lastDecision?.decision == .noSync)
+        #expect(pair.primary.sync == .syncSource)
+        #expect(pair.secondary.sync == .syncTarget && pair.secondary.disk == .inconsistent)
+        #expect(pair.secondary.bitmap.isDirty(offset: 0, length: 4096))
+    }
+
     @Test func aSurvivorPromotedAloneStartsANewGenerationAtItsFirstWriteAndTheReturningPeerResyncsFromIt() {
         var pair = Pair()
         // The primary crashes (it never sees the link go); the survivor (UpToDate) is promoted
