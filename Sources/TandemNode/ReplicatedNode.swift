@@ -2228,10 +2228,18 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         // be on the peer and not here; the restart after a clean stop replays no activity log.
         core.markUnfinishedLocalWrites()
         persistMetadata()
-        if core.role == .primary {
-            superblock.flags.remove(.wasPrimary)
-            persistMetadata()
+        guard core.role == .primary else { return }
+        // A write the peer acknowledged (its transfer log settled, nothing marked) may be only
+        // in this disk's volatile cache: the restart as a clean primary resyncs nothing for it,
+        // so the flag goes only once the disk synced. A failed sync keeps it: the restart is a
+        // crashed primary's, the source of its activity log's extents (as a demotion whose
+        // flush failed marks them). A detached disk marked the log's extents when it detached.
+        if core.disk != .failed && fdatasync(device.fd) != 0 {
+            logger.error("cannot sync \(device.path) on stopping (\(SystemError.text(errno))): it stays marked as a crashed primary's, and the restart resyncs its activity log's extents")
+            return
         }
+        superblock.flags.remove(.wasPrimary)
+        persistMetadata()
     }
 
     static func freshUUID() -> UInt64 {

@@ -102,6 +102,8 @@ public enum Up {
         let primary = node.status.role == .primary
         logger.info("node \(me.name) of \(options.config.name) up as \(primary ? "primary" : "secondary")\(server.map { ", exporting \"\(options.config.name)\"\(primary ? "" : " read-only") on \($0.boundAddress)" } ?? "")")
         loop.run()
+        // Writes that landed after the node's own sync (`ReplicatedNode.stop`, before it cleared
+        // `wasPrimary`) are marked out of sync; this sync only spares them a resync.
         _ = fdatasync(device.fd)
         withExtendedLifetime((signals, node, control, metrics)) {}
         logger.info("stopped")

@@ -169,6 +169,10 @@ struct SimNode {
     /// log's extents: until the pair is in sync again its disk is the source of those blocks,
     /// with whatever its power loss keeps of them (`ReplicaCore.markLogExtentsAfterFailedDemotionFlush`).
     var demotedUnflushed = false
+    /// This node stopped as primary after its final sync failed (`ReplicatedNode.stop`): it kept
+    /// `wasPrimary`, and until the pair is in sync again its disk is the source of its log's
+    /// extents, with whatever a power loss keeps of them.
+    var stoppedUnflushed = false
 
     init(id: Int, meta: SimMetadata) {
         self.id = id

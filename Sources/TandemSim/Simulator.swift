@@ -423,6 +423,7 @@ final class World {
                 nodes[i].wroteAlone = false
                 nodes[i].submittedAlone = false
                 nodes[i].demotedUnflushed = false
+                nodes[i].stoppedUnflushed = false
                 // In sync again: what its power loss took was resynced (marked by the peer).
                 lostAtPowerLoss[i] = Array(repeating: false, count: SimLayout.blocks)
             }

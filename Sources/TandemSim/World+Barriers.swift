@@ -490,6 +490,8 @@ extension World {
         nodes[1].submittedAlone = false
         nodes[0].demotedUnflushed = false
         nodes[1].demotedUnflushed = false
+        nodes[0].stoppedUnflushed = false
+        nodes[1].stoppedUnflushed = false
         switchover = .restoring(node: s, barrier: id)
         if nodes[s].rollbackSlow { count("rollback slow") }
         queue.push(now + rollbackStepNanos(s), .rollbackStep(node: s, life: nodes[s].life))

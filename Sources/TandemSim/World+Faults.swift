@@ -46,6 +46,7 @@ extension World {
             }
         case .crash:
             let i = rng.below(2)
+            if !nodes[i].up && nodes[i].stoppedUnflushed { return powerLossWhileStopped(i) }
             // Single faults: the other node is up and has long noticed any earlier crash.
             guard nodes[i].up, options.doubleFaults || (nodes[other(i)].up && lastCrash.map { now >= $0 + SimTime.peerTimeout + 500 * SimTime.ms } ?? true) else { return }
             lastCrash = now
@@ -132,7 +133,8 @@ extension World {
         // (`--barriers --failover --double-faults --primary-disk-errors` 117100438). So does one
         // that demoted after its flush failed on its kept disk: it marked its activity log's
         // extents, and the pair resyncs them from what its disk kept.
-        let onlyCopy = i != primaryNode && (!(nodes[s].up && nodes[s].core.disk == .upToDate) || nodes[i].wroteAlone || nodes[i].demotedUnflushed)
+        let onlyCopy = i != primaryNode && (!(nodes[s].up && nodes[s].core.disk == .upToDate) || nodes[i].wroteAlone || nodes[i].demotedUnflushed
+            || nodes[i].stoppedUnflushed)
         dropClients(of: i)
         if onlyCopy && powerLoss {
             // As the device losing power: flushed data survives, unflushed writes may not.
@@ -203,11 +205,29 @@ extension World {
         queue.push(now + rng.between(100, 1500) * SimTime.ms, .restart(node: i, life: nodes[i].life))
     }
 
+    /// The machine of a node stopped after its final sync failed loses power before the restart:
+    /// its disk keeps flushed data and maybe not the rest. As `crash`'s power loss of a primary,
+    /// what no flush covered may be lost; the restart (a crashed primary's) resyncs the log's
+    /// extents from what the disk kept.
+    func powerLossWhileStopped(_ i: Int) {
+        record(.fault("n\(i) loses power while stopped"))
+        count("fault power loss while stopped")
+        for b in 0..<SimLayout.blocks where floor[b] > stable[b] {
+            floor[b] = stable[b]
+            uncertain(b, upTo: maxSeq[b])
+        }
+        stabilized = ackLog.count
+        nodes[i].disk.powerLoss(rng: &rng)
+        for b in 0..<SimLayout.blocks where floor[b] > stable[b] && nodes[i].disk.cache[b] != floor[b] { lostAtPowerLoss[i][b] = true }
+    }
+
     /// `ReplicatedNode.stop` in `tandem up`'s order: the link closed (`PeerConnection.close`
     /// calls `peerConnectionDown` at once, so the core marks what the peer may lack), what the
-    /// local disk may lack marked (writes not done on it), metadata persisted, `wasPrimary`
-    /// cleared on a primary; the machine stays up (writes in flight land) and the device is
-    /// synced when the loop ends.
+    /// local disk may lack marked (writes not done on it), metadata persisted; on a primary
+    /// with its disk attached the device synced, then `wasPrimary` cleared only if that sync
+    /// succeeded (a failing disk's sync may fail, its blocks left dirty, and the restart is then a
+    /// crashed primary's); the machine stays up (writes in flight land) and the device is
+    /// synced again when the loop ends (a sync after a failed one promises nothing: not modelled).
     func stop(_ i: Int) {
         abortSwitchoverBeforeAFault()
         if options.barriers { drainCopyOnWrite(i) }
@@ -215,14 +235,29 @@ extension World {
         if let c { linkNotice(i, c) }
         nodes[i].core.markUnfinishedLocalWrites()
         persistMetadata(i)
+        // The writes in flight land in the cache first: the model keeps the one final sync,
+        // which covered them before the node's sync moved ahead of the loop's end.
+        nodes[i].disk.processCrash()
+        var synced = true
         if nodes[i].core.role == .primary {
-            nodes[i].superblockFlags.remove(.wasPrimary)
-            persistMetadata(i)
+            if nodes[i].core.disk != .failed {
+                synced = !(nodes[i].disk.errorPermille > 0 && rng.below(1000) < nodes[i].disk.errorPermille)
+                if synced { nodes[i].disk.flushNow() }
+            }
+            if synced {
+                nodes[i].superblockFlags.remove(.wasPrimary)
+                persistMetadata(i)
+            } else {
+                // The model: until the pair is in sync again this disk is the source of its log's
+                // extents, with what a power loss keeps of them (writes no flush covered).
+                record(.note("n\(i) stops with its final sync failed: wasPrimary kept"))
+                count("stop after a failed final sync: wasPrimary kept")
+                nodes[i].stoppedUnflushed = true
+            }
         }
         dropClients(of: i)
         if let w = nodes[i].witnessConn { killWitnessLink(w, nodeDelay: 0, witnessDelay: rng.between(10, 1000) * SimTime.us) }
-        nodes[i].disk.processCrash()
-        nodes[i].disk.flushNow()
+        if synced { nodes[i].disk.flushNow() }
         nodes[i].die()
         if let c { kill(c, noticeDelay: [0, 0].map { _ in rng.between(10, 1000) * SimTime.us }) }
     }

@@ -166,6 +166,19 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true, switchover: true)))
     }
 
+    /// A clean stop as primary whose final sync fails (a failing disk) keeps `wasPrimary`
+    /// (`ReplicatedNode.stop`), and the machine loses power before the restart: the restart, a
+    /// crashed primary's, resyncs the log's extents from what the disk kept. These seeds run that
+    /// path; none was found where the old order (the flag cleared before the sync) broke an
+    /// invariant, so they pin the path and the model, not the bug.
+    @Test(arguments: SimRegressions.stopWhoseFinalSyncFailed)
+    func aStopWhoseFinalSyncFailedKeepsWasPrimary(seed: UInt64) {
+        let report = Simulator.run(seed: seed, options: SimOptions(failover: true, primaryDiskErrors: true, doubleFaults: true))
+        Self.check(report)
+        #expect(report.counts["stop after a failed final sync: wasPrimary kept", default: 0] > 0)
+        #expect(report.counts["fault power loss while stopped", default: 0] > 0)
+    }
+
     /// The node evicted activity-log extents whose writes were still in the volatile cache: after
     /// a primary power loss they were neither on its disk nor resynced.
     @Test(arguments: SimRegressions.alEvictionWithoutDataSync)
@@ -598,6 +611,7 @@ enum SimRegressions {
     static let unsyncedAtAttach: [UInt64] = [996]
     static let barrierOnUnsyncedWrites: [UInt64] = [65, 188, 216]
     static let rollbackMarksLost: [UInt64] = [6, 10, 21]
+    static let stopWhoseFinalSyncFailed: [UInt64] = [54214, 61492]
     static let barrierAfterFailedWrite: [UInt64] = [1, 31, 35, 252, 1643]
     static let writesIntoPendingBarrier: [UInt64] = [135, 169]
     static let generationAtPromotion: [UInt64] = [883]
