@@ -174,6 +174,15 @@ struct SimNode {
     /// extents, with whatever a power loss keeps of them.
     var stoppedUnflushed = false
 
+    /// The pair is one copy again (in sync, or rolled back together): nothing is this node's
+    /// alone any more.
+    mutating func forgetDivergence() {
+        wroteAlone = false
+        submittedAlone = false
+        demotedUnflushed = false
+        stoppedUnflushed = false
+    }
+
     init(id: Int, meta: SimMetadata) {
         self.id = id
         self.meta = meta

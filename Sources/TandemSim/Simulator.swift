@@ -420,10 +420,7 @@ final class World {
             let core = nodes[i].core!
             if core.link == .connected && core.sync == .established && core.peerDisk == .upToDate && core.disk == .upToDate
                 && core.bitmap.setBitCount == 0 {
-                nodes[i].wroteAlone = false
-                nodes[i].submittedAlone = false
-                nodes[i].demotedUnflushed = false
-                nodes[i].stoppedUnflushed = false
+                nodes[i].forgetDivergence()
                 // In sync again: what its power loss took was resynced (marked by the peer).
                 lostAtPowerLoss[i] = Array(repeating: false, count: SimLayout.blocks)
             }

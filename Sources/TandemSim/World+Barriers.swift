@@ -484,14 +484,7 @@ extension World {
             unsettledSeq[b] = 0
         }
         stabilized = ackLog.count
-        nodes[0].wroteAlone = false
-        nodes[1].wroteAlone = false
-        nodes[0].submittedAlone = false
-        nodes[1].submittedAlone = false
-        nodes[0].demotedUnflushed = false
-        nodes[1].demotedUnflushed = false
-        nodes[0].stoppedUnflushed = false
-        nodes[1].stoppedUnflushed = false
+        for i in nodes.indices { nodes[i].forgetDivergence() }
         switchover = .restoring(node: s, barrier: id)
         if nodes[s].rollbackSlow { count("rollback slow") }
         queue.push(now + rollbackStepNanos(s), .rollbackStep(node: s, life: nodes[s].life))
