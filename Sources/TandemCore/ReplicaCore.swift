@@ -115,6 +115,10 @@ public struct ReplicaCore {
 
     /// The resync role the connect decided, waiting for the peer's bitmap.
     private var pendingSync: SyncState?
+    /// The link went down while this side was, or was about to be, the resync source (`sync`
+    /// and `pendingSync` end with the link): the peer may be left an interrupted target,
+    /// Inconsistent, that only this disk can resync. Until the next connect decides again.
+    private var sourceWhenTheLinkDropped = false
     /// The node sent its hello on a new link (`helloSent`) and the peer's has not come yet: the
     /// peer decides on the UUIDs that hello carried, so no generation starts until this side has
     /// decided too (`clientWrite` holds the answers).
@@ -581,13 +585,18 @@ public struct ReplicaCore {
     }
 
     /// A consistent disk that holds writes its peer lacks: it wrote since the generation its
-    /// bitmap tracks (the peer's: a bitmap UUID), or it is, or is about to be, the resync source.
-    /// The peer is no full copy then, whether or not the link is up: a secondary source whose
-    /// flush failed just after its link dropped, its peer an interrupted resync target, detached
-    /// the only copy of the newest data and left a pair that neither a promotion nor a resync
-    /// could bring back (`--witness --barriers --failover` 102100484).
+    /// bitmap tracks (the peer's: a bitmap UUID), or it is, or is about to be, the resync source,
+    /// or was when the link dropped (`sourceWhenTheLinkDropped`). The peer is no full copy then,
+    /// whether or not the link is up: a secondary source whose flush failed just after its link
+    /// dropped, its peer an interrupted resync target, detached the only copy of the newest data
+    /// and left a pair that neither a promotion nor a resync could bring back (`--witness
+    /// --barriers --failover` 102100484, a bitmap UUID; `--failover --double-faults
+    /// --primary-disk-errors --overlapping-writes` 195654 and 199606, a crashed primary, the
+    /// source of its hot extents in the peer's own generation: no bitmap UUID, only the source
+    /// role, which the link loss had ended).
     private var holdsWritesThePeerLacks: Bool {
-        disk != .inconsistent && (uuids.bitmap != 0 || sync == .syncSource || pendingSync == .syncSource)
+        disk != .inconsistent
+            && (uuids.bitmap != 0 || sync == .syncSource || pendingSync == .syncSource || sourceWhenTheLinkDropped)
     }
 
     /// A writeback error a sync of no request took (`localSyncFailed`), for the next local flush
@@ -918,6 +927,7 @@ public struct ReplicaCore {
         peerRole = hello.role
         sync = .established
         pendingSync = nil
+        sourceWhenTheLinkDropped = false
         awaitingSkippedSyncUUID = false
         peerCurrentUUID = hello.uuids.current
         // What failed on an earlier link is marked in the bitmap this connect exchanges.
@@ -1897,6 +1907,7 @@ public struct ReplicaCore {
         }
         peerDisk = nil
         peerRole = nil
+        sourceWhenTheLinkDropped = sync == .syncSource || pendingSync == .syncSource
         sync = .established
         pendingSync = nil
         awaitingSkippedSyncUUID = false

@@ -269,6 +269,85 @@ import Testing
         #expect(pair.primary.localSyncFailed(result: -5, into: &actions))
         #expect(pair.primary.disk == .failed)
     }
+
+    /// Found by the simulator (`--failover --double-faults --primary-disk-errors
+    /// --overlapping-writes`, seeds 195654 and 199606): as 102100484, but the secondary was a
+    /// crashed primary restarted secondary (its hot extents marked, `crashedPrimary`), the
+    /// source of them in the peer's own generation: no bitmap UUID. The link dropped just after
+    /// the connect made the peer an Inconsistent target, so the source role had ended too when
+    /// its flush before the first read came back failed, and it detached. After its restart
+    /// both disks were Inconsistent and every promotion was refused. The source role a link
+    /// loss ended counts now (`sourceWhenTheLinkDropped`): it keeps its disk.
+    @Test func aFailedSyncKeepsTheDiskOfACrashedPrimaryItsPeerResyncsFrom() {
+        var pair = Pair()
+        pair.dropLink()
+        // `primary` lost power as primary and restarted secondary: the attach marked its hot
+        // extents and kept the crash as `crashedPrimary`. Same generation as the peer.
+        var marked = pair.primary.bitmap
+        marked.setRange(offset: 1 << 20, length: 65536)
+        pair.primary = ReplicaCore(configuration: pair.primary.configuration, role: .secondary, disk: .upToDate,
+                                   uuids: pair.primary.uuids, bitmap: marked, flags: [.consistent, .crashedPrimary])
+        #expect(pair.primary.uuids == pair.secondary.uuids && pair.primary.uuids.bitmap == 0)
+        var actions: [ReplicaCore.Action] = []
+        pair.primary.linkUp(peer: Pair.hello(of: pair.secondary), freshUUID: 0x7000, into: &actions)
+        pair.applyPrimary(actions)
+        actions.removeAll()
+        pair.secondary.linkUp(peer: Pair.hello(of: pair.primary, flags: PeerFlags.Hello.crashedPrimary), freshUUID: 0x8000, into: &actions)
+        pair.applySecondary(actions)
+        for _ in 0..<4 {
+            pair.deliverToSecondary()
+            pair.deliverToPrimary()
+        }
+        #expect(pair.primary.lastDecision?.decision == .becomeSource && pair.primary.lastDecision?.rule == .equalCurrents)
+        #expect(pair.primary.sync == .syncSource && pair.primaryDisk.map(\.tag) == [.resyncFlush])
+        #expect(pair.secondary.sync == .syncTarget && pair.secondary.disk == .inconsistent)
+        pair.dropLink()
+        #expect(pair.primary.sync == .established, "the source role ended with the link")
+        pair.completePrimary(.resyncFlush, -5)
+        #expect(pair.primary.disk == .upToDate && pair.primary.localFlags.contains(.consistent), "the peer's source stays")
+        #expect(!pair.primary.localFlags.contains(.resyncTarget))
+        pair.reconnect(freshUUIDs: (0x7_0000, 0x8_0000))
+        #expect(pair.primary.sync == .syncSource && pair.secondary.sync == .syncTarget)
+        ReplicaCoreTests.driveResync(&pair)
+        #expect(pair.primary.sync == .established && pair.secondary.disk == .upToDate)
+        #expect(!pair.primary.localFlags.contains(.crashedPrimary) && pair.primary.bitmap.setBitCount == 0)
+
+        // Its hot extents copied, it is an UpToDate secondary of the peer's generation like any
+        // other: a failed sync detaches it.
+        actions.removeAll()
+        #expect(pair.primary.localSyncFailed(result: -5, into: &actions))
+        #expect(pair.primary.disk == .failed)
+    }
+
+    /// The same window by another road: a primary lost its link with a write the peer had not
+    /// flushed (the transfer log marked it) and demoted. The next connect (same generation,
+    /// `noSync`) makes it the source of its marks between secondaries, no bitmap UUID and no
+    /// crash flag to say so; the link drops and its flush before the first read fails.
+    @Test func aFailedSyncKeepsTheDiskOfADemotedSecondaryItsPeerResyncsFrom() {
+        var pair = Pair()
+        pair.write(1, at: 0, 65536)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(1))
+        pair.deliverToPrimary()
+        pair.completePrimary(.client(1))
+        #expect(pair.completed[1] == 0)
+        pair.dropLink()
+        #expect(pair.primary.bitmap.setBitCount > 0 && pair.primary.uuids.bitmap == 0, "marked, and no generation started")
+        var actions: [ReplicaCore.Action] = []
+        #expect(pair.primary.demote(into: &actions) == nil)
+        pair.applyPrimary(actions)
+        pair.reconnect()
+        #expect(pair.primary.lastDecision?.decision == .noSync)
+        #expect(pair.primary.sync == .syncSource && pair.primaryDisk.map(\.tag) == [.resyncFlush])
+        #expect(pair.secondary.sync == .syncTarget && pair.secondary.disk == .inconsistent)
+        pair.dropLink()
+        pair.completePrimary(.resyncFlush, -5)
+        #expect(pair.primary.disk == .upToDate && !pair.primary.localFlags.contains(.resyncTarget), "the peer's source stays")
+        pair.reconnect(freshUUIDs: (0x7_0000, 0x8_0000))
+        #expect(pair.primary.sync == .syncSource && pair.secondary.sync == .syncTarget)
+        ReplicaCoreTests.driveResync(&pair)
+        #expect(pair.primary.sync == .established && pair.secondary.disk == .upToDate && pair.primary.bitmap.setBitCount == 0)
+    }
 }
 
 /// Limits.peerRequestsPendingMax: a burst of requests past it (8,200 flushes trapped the node

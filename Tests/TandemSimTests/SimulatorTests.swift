@@ -294,6 +294,16 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, witness: true, barriers: true)))
     }
 
+    /// The same with a crashed primary restarted secondary, the source of its hot extents in
+    /// the peer's own generation (no bitmap UUID): the link dropped just after the connect made
+    /// the peer an Inconsistent target, then its flush before the first read failed and it
+    /// detached; both disks ended Inconsistent and every promotion was refused (no end after
+    /// 2000000 events). Now the source role that the link loss ended still keeps the disk.
+    @Test(arguments: SimRegressions.sourceDetachedAfterTheLinkDropped)
+    func aSourceWhoseLinkDroppedKeepsItsDisk(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, primaryDiskErrors: true, doubleFaults: true)))
+    }
+
     /// With a witness, a secondary restarted after a power loss came back UpToDate without the
     /// acknowledged writes its cache lost, and the witness let it take over (now it attaches
     /// Consistent until a connect finds it current, as DRBD does with fencing).
@@ -600,6 +610,7 @@ enum SimRegressions {
     static let detachedBeforeBecomingSource: [UInt64] = [103109819]
     static let evictedBeforeTheDetachWasMarked: [UInt64] = [101118196]
     static let onlyCopyDetachedAsSecondary: [UInt64] = [102100484]
+    static let sourceDetachedAfterTheLinkDropped: [UInt64] = [195654, 199606]
     static let stalePromotionDuringSwitchover: [UInt64] = [101103302, 101107362, 101116884]
     static let restartedSecondaryTookOver: [UInt64] = [6, 51, 87]
     static let restartedWitnessTwoPrimaries: [UInt64] = [347, 600]
