@@ -29,6 +29,12 @@ public enum Limits {
     public static let nbdBlockStatusExtentsMax = 1024
     /// Concurrent NBD connections to one node (default; the CLI may lower it).
     public static let nbdConnectionsMax = 64
+    /// Event loops (threads) of one `tandem serve`, each with its own ring and buffer pool.
+    public static let serveLoopsMax = 16
+    /// Loops `tandem serve` runs by default: one per CPU up to this.
+    public static let serveLoopsDefaultMax = 4
+    /// Milliseconds a loop of `tandem serve` may take to start its engine.
+    public static let serveLoopStartMillisMax = 5000
     /// Bytes of a connection's plaintext receive buffer.
     public static let nbdReceiveBufferBytes = 256 * 1024
     /// Replies gathered into one sendmsg.

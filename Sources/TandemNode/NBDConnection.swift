@@ -115,6 +115,7 @@ final class NBDConnection: IOHandler {
         self.peer = peer
         var logger = server.logger
         logger[metadataKey: "client"] = "\(peer)"
+        if let spread = server.spread { logger[metadataKey: "loop"] = "\(spread.index)" }
         self.logger = logger
         handshake = NBDHandshake(exports: [server.configuration.export], tlsMode: server.configuration.tlsMode)
         input = allocateAligned(inputCapacity)

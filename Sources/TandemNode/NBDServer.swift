@@ -1,6 +1,7 @@
 import CTandem
 import Glibc
 import Logging
+import Synchronization
 import TandemIO
 import TandemNBD
 import TandemCore
@@ -43,6 +44,40 @@ protocol NBDReplicator: AnyObject {
     func clientRead(_ connection: NBDConnection, slot: Int, _ request: NBDRequest)
 }
 
+/// The connections of each loop of a `tandem serve` that runs several (`Serve`): the connection
+/// limit counts all of them, and a new client goes to the loop that has the fewest.
+final class LoopConnections: Sendable {
+    private let counts: Mutex<[Int]>
+
+    init(loops: Int) {
+        counts = Mutex(Array(repeating: 0, count: loops))
+    }
+
+    /// The loop with the fewest connections, counted for the new one; nil at `limit`.
+    func reserve(limit: Int) -> Int? {
+        counts.withLock { counts in
+            guard counts.reduce(0, +) < limit else { return nil }
+            let loop = counts.indices.min { counts[$0] < counts[$1] }!
+            counts[loop] += 1
+            return loop
+        }
+    }
+
+    func release(_ loop: Int) {
+        counts.withLock { $0[loop] -= 1 }
+    }
+}
+
+/// Hands an accepted connection to another loop of the same `tandem serve`.
+struct LoopSpread {
+    let connections: LoopConnections
+    /// This server's loop.
+    let index: Int
+    /// Gives the socket (and the client's address) to loop `index`; nil on the loops that do not
+    /// accept.
+    let handOff: ((_ index: Int, _ fd: Int32, _ peer: String) -> Void)?
+}
+
 public final class NBDServer: IOHandler {
     let loop: IOLoop
     /// Set on a replicated node: writes go through replication instead of straight to disk.
@@ -63,7 +98,10 @@ public final class NBDServer: IOHandler {
     private(set) var configuration: NBDServerConfiguration
     let tlsContext: TLSContext?
     let logger: Logger
+    /// -1 on a loop that only runs connections another loop accepted (`adopt`).
     private let listenFD: Int32
+    /// Set when `tandem serve` runs several loops (`LoopSpread`).
+    let spread: LoopSpread?
     private(set) var id: UInt32 = 0
     private var connections: [UInt32: NBDConnection] = [:]
     private var acceptPosted = false
@@ -86,12 +124,25 @@ public final class NBDServer: IOHandler {
     private static let tagDrainTimer: UInt32 = 2
     private static let tagClientDrainTimer: UInt32 = 4
 
-    public init(loop: IOLoop, device: BackingDevice, configuration: NBDServerConfiguration, tlsContext: TLSContext?, logger: Logger) throws(ServeError) {
+    public convenience init(loop: IOLoop, device: BackingDevice, configuration: NBDServerConfiguration, tlsContext: TLSContext?, logger: Logger) throws(ServeError) {
+        try self.init(loop: loop, device: device, configuration: configuration, tlsContext: tlsContext, logger: logger, spread: nil)
+    }
+
+    /// With `spread`: one loop of several. The loop with a `handOff` listens and accepts for
+    /// all; the others only run the connections handed to them (`adopt`).
+    init(loop: IOLoop, device: BackingDevice, configuration: NBDServerConfiguration, tlsContext: TLSContext?, logger: Logger, spread: LoopSpread?) throws(ServeError) {
         self.loop = loop
         self.device = device
         self.configuration = configuration
         self.tlsContext = tlsContext
         self.logger = logger
+        self.spread = spread
+        zeroBuffer = allocateAligned(Self.zeroBufferBytes)
+        if let spread, spread.handOff == nil {
+            listenFD = -1
+            boundAddress = ""
+            return
+        }
         do {
             let (fd, bound) = try Sockets.listen(host: configuration.host, port: configuration.port)
             listenFD = fd
@@ -100,11 +151,10 @@ public final class NBDServer: IOHandler {
             throw ServeError(error.errno == EADDRINUSE ? error.operation : error.description)
         }
         loop.engine.adoptSocket(listenFD)
-        zeroBuffer = allocateAligned(Self.zeroBufferBytes)
     }
 
     deinit {
-        closeDescriptor(listenFD)
+        if listenFD >= 0 { closeDescriptor(listenFD) }
         freeAligned(zeroBuffer, Self.zeroBufferBytes)
     }
 
@@ -116,7 +166,7 @@ public final class NBDServer: IOHandler {
     }
 
     private func postAccept() {
-        guard !acceptPosted, !shuttingDown else { return }
+        guard !acceptPosted, !shuttingDown, listenFD >= 0 else { return }
         acceptPosted = true
         loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept))
     }
@@ -160,9 +210,32 @@ public final class NBDServer: IOHandler {
             closeDescriptor(fd)
             return
         }
-        if connections.count >= configuration.connectionsMax {
-            logger.warning("refusing NBD client \(peer): \(configuration.connectionsMax) connections already")
+        var target = 0
+        if let spread {
+            guard let loop = spread.connections.reserve(limit: configuration.connectionsMax) else {
+                return refuse(fd, peer)
+            }
+            target = loop
+        } else if connections.count >= configuration.connectionsMax {
+            return refuse(fd, peer)
+        }
+        if let spread, target != spread.index {
+            spread.handOff!(target, fd, peer)
+            return
+        }
+        adopt(fd, peer: peer)
+    }
+
+    private func refuse(_ fd: Int32, _ peer: String) {
+        logger.warning("refusing NBD client \(peer): \(configuration.connectionsMax) connections already")
+        closeDescriptor(fd)
+    }
+
+    /// Runs a client accepted here or, with several loops, by the loop that listens.
+    func adopt(_ fd: Int32, peer: String) {
+        if shuttingDown {
             closeDescriptor(fd)
+            spread?.connections.release(spread!.index)
             return
         }
         Sockets.setNoDelay(fd)
@@ -175,6 +248,7 @@ public final class NBDServer: IOHandler {
 
     func connectionClosed(_ connection: NBDConnection) {
         connections[connection.id] = nil
+        if let spread { spread.connections.release(spread.index) }
         bufferWaiters.removeAll { $0 === connection }
         finishIfIdle()
         finishDrainIfIdle()
@@ -234,7 +308,7 @@ public final class NBDServer: IOHandler {
         guard !shuttingDown else { return }
         shuttingDown = true
         logger.info("shutting down: \(connections.count) NBD connection(s) to drain")
-        shutdown(listenFD, Int32(SHUT_RDWR))
+        if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
         for connection in connections.values { connection.serverShuttingDown() }
         loop.addTimer(id: id, tag: Self.tagDrainTimer, afterNanos: UInt64(Limits.shutdownDrainSeconds) * 1_000_000_000)
         finishIfIdle()

@@ -173,6 +173,11 @@ struct Serve: ParsableCommand {
     @Option(help: "Most NBD connections at once.")
     var maxConnections: Int = Limits.nbdConnectionsMax
 
+    @Option(help: ArgumentHelp(
+        "Event loops (threads), each with its own io_uring and buffers; new clients go to the one with the fewest (default: one per CPU, at most \(Limits.serveLoopsDefaultMax); 1 with --inject-fault).",
+        valueName: "n"))
+    var loops: Int?
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -185,6 +190,9 @@ struct Serve: ParsableCommand {
             throw ValidationError("--max-connections must be between 1 and \(Limits.nbdConnectionsMax)")
         }
         guard exportName.utf8.count <= Limits.nbdStringLengthMax else { throw ValidationError("--export-name is too long") }
+        if let loops, !(1...Limits.serveLoopsMax).contains(loops) {
+            throw ValidationError("--loops must be between 1 and \(Limits.serveLoopsMax)")
+        }
     }
 
     func run() throws {
@@ -202,6 +210,7 @@ struct Serve: ParsableCommand {
             tlsKey: tlsKey, tlsCA: tlsCa, tlsAnonymousClients: tlsAnonymousClients, connectionsMax: maxConnections)
         options.faults = io.faults
         options.pollMicros = io.pollMicros ?? Limits.pollMicrosDefault
+        options.loops = loops
         do {
             try TandemNode.Serve.run(options, logger: logger)
         } catch {

@@ -1,0 +1,195 @@
+"""`tandem serve --loops N`: connections spread over N event loops (threads), each with its own
+ring; one file, one connection limit, one clean stop."""
+
+import re
+import threading
+import time
+
+import nbd
+import pytest
+
+from conftest import HOST, MiB, KiB, TANDEM_BIN, pattern, run
+import nbdproto as P
+
+
+def loops_of(srv, clients):
+    """{client address: loop} from the server's "attached to export" lines (`loop=` metadata)."""
+    found = {}
+    deadline = time.monotonic() + 10
+    while True:
+        for line in srv.log_text(since_start=True).splitlines():
+            if "attached to export" not in line:
+                continue
+            m = re.search(r"client=(\S+).*\bloop=(\d+)", line)
+            assert m, f"no loop= in a multi-loop server's line: {line}"
+            found[m.group(1)] = int(m.group(2))
+        if len(found) >= clients or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_clients_spread_over_every_loop_and_share_one_file(serve, engine):
+    srv = serve.start(size=32 * MiB, engine=engine, extra=["--loops", "3"])
+    assert "3 loops" in srv.log_text(since_start=True)
+    handles = [srv.libnbd() for _ in range(3)]
+    loops = loops_of(srv, 3)
+    assert sorted(loops.values()) == [0, 1, 2], f"3 clients on 3 loops should take one each: {loops}"
+    a, b, c = handles
+    # A write on one loop, a flush on another, a read on the third: one file underneath.
+    data = pattern("loops", 2 * MiB + 8 * KiB)
+    a.pwrite(data, 3 * MiB)
+    b.flush()
+    assert c.pread(len(data), 3 * MiB) == data
+    with open(srv.backing, "rb") as f:
+        f.seek(3 * MiB)
+        assert f.read(len(data)) == data, "a flush on another loop did not cover the write"
+    c.zero(MiB, 3 * MiB)
+    assert a.pread(MiB, 3 * MiB) == bytes(MiB)
+    # A client that leaves frees its loop's place: the next one goes there.
+    b.shutdown()
+    left = None
+    deadline = time.monotonic() + 10
+    while left is None:
+        m = re.search(r"client=(\S+).*\bloop=(\d+).*NBD client \S+ disconnected", srv.log_text(since_start=True))
+        if m:
+            left = int(m.group(2))
+        else:
+            assert time.monotonic() < deadline, "the server did not log the client that left"
+            time.sleep(0.05)
+    d = srv.libnbd()
+    later = loops_of(srv, 4)
+    new = [addr for addr in later if addr not in loops]
+    assert new and later[new[0]] == left, f"after loop {left}'s client left, the next should go there: {later}"
+    assert d.pread(4096, 3 * MiB + MiB) == data[MiB:MiB + 4096]
+    for h in (a, c, d):
+        h.shutdown()
+
+
+def test_concurrent_writers_on_several_loops(serve):
+    """4 clients from 4 threads on 2 loops, random writes of their own regions, then every
+    client reads every region back through its own loop."""
+    size = 32 * MiB
+    srv = serve.start(size=size, extra=["--loops", "2"], cache="page")
+    errors = []
+    shadows = [dict() for _ in range(4)]
+
+    def worker(k):
+        try:
+            h = srv.libnbd()
+            base = k * (size // 4)
+            for i in range(200):
+                off = base + (i * 7919 % ((size // 4) // (16 * KiB))) * 16 * KiB
+                d = pattern(f"w{k}.{i}", 16 * KiB)
+                h.pwrite(d, off, nbd.CMD_FLAG_FUA if i % 50 == 0 else 0)
+                shadows[k][off] = d
+            h.flush()
+            h.shutdown()
+        except BaseException as e:  # reported below
+            errors.append(f"worker {k}: {e!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "worker thread hung"
+    assert not errors, errors
+    loops = loops_of(srv, 4)
+    assert sorted(loops.values()) == [0, 0, 1, 1], f"4 clients on 2 loops: {loops}"
+    readers = [srv.libnbd() for _ in range(2)]
+    for r in readers:
+        for shadow in shadows:
+            for off, d in shadow.items():
+                assert r.pread(len(d), off) == d, f"offset {off}"
+        r.shutdown()
+
+
+def test_max_connections_counts_every_loop(serve):
+    srv = serve.start(size=4 * MiB, extra=["--loops", "2", "--max-connections", "3"])
+    held = [srv.libnbd() for _ in range(3)]
+    third_served = False
+    try:
+        with P.RawNBD(HOST, srv.port, timeout=3) as c:
+            c.handshake()
+            third_served = c.go("tandem") == P.REP_ACK
+    except (OSError, P.Closed, AssertionError):
+        pass
+    assert not third_served, "a fourth client was served with --max-connections 3 over 2 loops"
+    assert "3 connections already" in srv.log_text(since_start=True)
+    held.pop().shutdown()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            h = srv.libnbd()
+            h.pread(512, 0)
+            h.shutdown()
+            break
+        except nbd.Error:
+            assert time.monotonic() < deadline, "no client served after one of three left"
+            time.sleep(0.2)
+    for h in held:
+        h.shutdown()
+
+
+def test_stop_drains_every_loop(serve):
+    """SIGTERM with clients on both loops, writes in flight on each: every acknowledged write
+    is in the file, and the server exits 0."""
+    srv = serve.start(size=16 * MiB, extra=["--loops", "2"])
+    handles = [srv.libnbd() for _ in range(2)]
+    assert sorted(loops_of(srv, 2).values()) == [0, 1]
+    sent = []
+    for k, h in enumerate(handles):
+        for i in range(16):
+            d = pattern(f"s{k}.{i}", 64 * KiB)
+            off = (k * 16 + i) * 64 * KiB
+            sent.append((h, h.aio_pwrite(d, off), off, d))
+    srv.stop_clean()
+    for h, cookie, off, d in sent:
+        while True:
+            try:
+                done = h.aio_command_completed(cookie)
+            except nbd.Error:
+                break  # answered with an error (ESHUTDOWN) or the connection closed: not acked
+            if done:
+                with open(srv.backing, "rb") as f:
+                    f.seek(off)
+                    assert f.read(len(d)) == d, f"acknowledged write at {off} not in the file"
+                break
+            try:
+                h.poll(100)
+            except nbd.Error:
+                break
+    assert "stopped" in srv.log_text(since_start=True)
+
+
+def test_tls_on_every_loop(serve, certs_dir):
+    """Every loop runs its own TLS sessions from the one context."""
+    srv = serve.start(size=8 * MiB, tls_dir=certs_dir, extra=["--loops", "2"])
+    handles = []
+    for _ in range(2):
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(str(certs_dir))
+        h.set_export_name("tandem")
+        h.connect_tcp(HOST, str(srv.port))
+        assert h.get_tls_negotiated()
+        handles.append(h)
+    assert sorted(loops_of(srv, 2).values()) == [0, 1]
+    for k, h in enumerate(handles):
+        d = pattern(f"tls{k}", MiB + 4096)
+        h.pwrite(d, k * 2 * MiB)
+        h.flush()
+        other = handles[1 - k]
+        assert other.pread(len(d), k * 2 * MiB) == d
+    for h in handles:
+        h.shutdown()
+
+
+@pytest.mark.parametrize("value", ["0", "17", "two"])
+def test_loops_out_of_range_is_refused(tmp_path, value):
+    backing = tmp_path / "d.img"
+    backing.write_bytes(bytes(MiB))
+    r = run([TANDEM_BIN, "serve", backing, "--loops", value], check=False, timeout=30)
+    assert r.returncode != 0
+    err = r.stderr_text + r.stdout_text
+    assert "--loops" in err, err
