@@ -37,6 +37,15 @@ public final class BufferPool {
         .init(bytes: 4 << 20, count: 8), .init(bytes: 8 << 20, count: 4),
         .init(bytes: 16 << 20, count: 2), .init(bytes: 32 << 20, count: 2),
     ]
+    /// The default layout for one of `loops` event loops that share a server's connections
+    /// (`tandem serve --loops`): each class's count divided among them, at least one buffer of
+    /// each size, so the loops together hold and pin about what one loop does alone (the
+    /// registered classes are pinned at start).
+    public static func classes(sharedBy loops: Int) -> [SizeClass] {
+        precondition(loops >= 1)
+        return defaultClasses.map { .init(bytes: $0.bytes, count: max(1, ($0.count + loops - 1) / loops)) }
+    }
+
     /// Classes up to this size are registered with io_uring.
     public static let registeredBytesMax = 256 << 10
 

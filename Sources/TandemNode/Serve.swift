@@ -114,7 +114,7 @@ public enum Serve {
         precondition((1...Limits.serveLoopsMax).contains(loopCount), "loops checked by the CLI")
         let engine = try makeEngine(options)
         logger.info("io engine: \(engine.kind.rawValue) (\(engine.reason)), \(pollText(options.pollMicros)), \(loopCount) loop\(loopCount == 1 ? "" : "s")")
-        let pool = BufferPool()
+        let pool = BufferPool(classes: BufferPool.classes(sharedBy: loopCount))
         let loop = IOLoop(engine: engine, pool: pool, logger: logger)
         let export = NBDExport(
             name: options.exportName, description: options.description, size: device.size, readOnly: options.readOnly,
@@ -128,7 +128,7 @@ public enum Serve {
         var others: [ServeLoop] = []
         defer { for other in others { other.stopAndJoin() } }
         for index in 1..<loopCount {
-            let other = try ServeLoop(index: index, options: options, device: device, configuration: configuration, tlsContext: tlsContext,
+            let other = try ServeLoop(index: index, of: loopCount, options: options, device: device, configuration: configuration, tlsContext: tlsContext,
                                   connections: connections, logger: logger)
             try other.start()
             others.append(other)
@@ -235,6 +235,8 @@ final class MailboxWatcher: IOHandler {
 final class ServeLoop: @unchecked Sendable {
     let index: Int
     let mailbox: LoopMailbox
+    /// How many loops the server runs (each pool holds its share).
+    private let loops: Int
     private let options: ServeOptions
     private let device: BackingDevice
     private let configuration: NBDServerConfiguration
@@ -245,9 +247,10 @@ final class ServeLoop: @unchecked Sendable {
     /// Set by the thread once its engine is up (nil) or could not start (the error).
     private let started = Mutex<(done: Bool, error: ServeError?)>((false, nil))
 
-    init(index: Int, options: ServeOptions, device: BackingDevice, configuration: NBDServerConfiguration, tlsContext: TLSContext?,
+    init(index: Int, of loops: Int, options: ServeOptions, device: BackingDevice, configuration: NBDServerConfiguration, tlsContext: TLSContext?,
          connections: LoopConnections, logger: Logger) throws(ServeError) {
         self.index = index
+        self.loops = loops
         self.options = options
         self.device = device
         self.configuration = configuration
@@ -295,7 +298,7 @@ final class ServeLoop: @unchecked Sendable {
             started.withLock { $0 = (true, error) }
             return
         }
-        let loop = IOLoop(engine: engine, pool: BufferPool(), logger: logger)
+        let loop = IOLoop(engine: engine, pool: BufferPool(classes: BufferPool.classes(sharedBy: loops)), logger: logger)
         let server: NBDServer
         do {
             server = try NBDServer(loop: loop, device: device, configuration: configuration, tlsContext: tlsContext, logger: logger,
