@@ -137,20 +137,20 @@ public final class NBDServer: IOHandler {
         self.tlsContext = tlsContext
         self.logger = logger
         self.spread = spread
-        zeroBuffer = allocateAligned(Self.zeroBufferBytes)
         if let spread, spread.handOff == nil {
             listenFD = -1
             boundAddress = ""
-            return
+        } else {
+            do {
+                let (fd, bound) = try Sockets.listen(host: configuration.host, port: configuration.port)
+                listenFD = fd
+                boundAddress = bound.description
+            } catch {
+                throw ServeError(error.errno == EADDRINUSE ? error.operation : error.description)
+            }
+            loop.engine.adoptSocket(listenFD)
         }
-        do {
-            let (fd, bound) = try Sockets.listen(host: configuration.host, port: configuration.port)
-            listenFD = fd
-            boundAddress = bound.description
-        } catch {
-            throw ServeError(error.errno == EADDRINUSE ? error.operation : error.description)
-        }
-        loop.engine.adoptSocket(listenFD)
+        zeroBuffer = allocateAligned(Self.zeroBufferBytes)
     }
 
     deinit {

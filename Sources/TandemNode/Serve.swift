@@ -308,6 +308,9 @@ final class ServeLoop: @unchecked Sendable {
             return
         }
         server.onStopped = { loop.stop() }
+        // Registers it with the loop (its buffer waiters, batch ends and drain timers); it
+        // accepts nothing, having no listener.
+        server.start()
         let watcher = MailboxWatcher(loop: loop, mailbox: mailbox, server: server)
         started.withLock { $0 = (true, nil) }
         loop.run()

@@ -104,6 +104,39 @@ def test_concurrent_writers_on_several_loops(serve):
         r.shutdown()
 
 
+def test_a_loop_that_runs_out_of_buffers_resumes(serve):
+    """One client takes every 1 MiB buffer of its loop's share of the pool; a second client on
+    that loop, with nothing in flight, waits for a buffer and must be woken when one comes back,
+    on every loop, not only the listening one (the other loops' servers once had no handler id
+    there, and such a waiter slept for good)."""
+    srv = serve.start(size=64 * MiB, extra=["--loops", "2"], cache="page")
+    # The fewest-connections rule alternates: 0, 1, 0, 1.
+    handles = [srv.libnbd() for _ in range(4)]
+    assert sorted(loops_of(srv, 4).values()) == [0, 0, 1, 1]
+    data = pattern("buffers", 48 * MiB)
+    for off in range(0, len(data), 16 * MiB):
+        handles[0].pwrite(data[off:off + 16 * MiB], off)
+    reads = []
+    for hog, waiter in ((handles[0], handles[2]), (handles[1], handles[3])):
+        for i in range(48):
+            buf = nbd.Buffer(MiB)
+            reads.append((hog, hog.aio_pread(buf, i * MiB), buf, i * MiB))
+        time.sleep(0.2)  # the hog's reads take the buffers first
+        buf = nbd.Buffer(MiB)
+        reads.append((waiter, waiter.aio_pread(buf, 5 * MiB), buf, 5 * MiB))
+    deadline = time.monotonic() + 30
+    for h in handles:
+        while h.aio_in_flight() > 0:
+            assert time.monotonic() < deadline, (
+                f"{[x.aio_in_flight() for x in handles]} reads in flight per client after 30 s: a loop stalled")
+            h.poll(100)
+    for h, cookie, buf, off in reads:
+        assert h.aio_command_completed(cookie)
+        assert buf.to_bytearray() == data[off:off + MiB], f"offset {off}"
+    for h in handles:
+        h.shutdown()
+
+
 def test_max_connections_counts_every_loop(serve):
     srv = serve.start(size=4 * MiB, extra=["--loops", "2", "--max-connections", "3"])
     held = [srv.libnbd() for _ in range(3)]
