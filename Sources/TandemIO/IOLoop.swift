@@ -105,6 +105,9 @@ public final class IOLoop {
     /// One iteration: submit, wait (at most until the next timer or `timeoutNanos`), dispatch.
     public func runOnce(timeoutNanos: UInt64?) {
         var timeout = timeoutNanos
+        // Batch-end calls left over from the last iteration (asked for again in its last round)
+        // run after this wait, and what they send may be what the peers wait for: no sleeping.
+        if !batchEndIDs.isEmpty { timeout = 0 }
         if let next = timers.lazy.map(\.deadline).min() {
             let now = monotonicNanos()
             let untilNext = next > now ? next - now : 0

@@ -204,6 +204,48 @@ func joinThread(_ thread: pthread_t) {
     }
 }
 
+/// Asks for `ioBatchEnded` again from inside it, `rounds` times in all.
+final class ChainedBatchEnd: IOHandler {
+    let loop: IOLoop
+    var id: UInt32 = 0
+    var batchEnds = 0
+    let rounds: Int
+    var timersFired: [UInt32] = []
+
+    init(loop: IOLoop, rounds: Int) {
+        self.loop = loop
+        self.rounds = rounds
+        id = loop.register(self)
+    }
+
+    func ioCompleted(tag: UInt32, result: Int32) {
+        timersFired.append(tag)
+        if tag == 1 { loop.callAtBatchEnd(id) }
+    }
+
+    func ioBatchEnded() {
+        batchEnds += 1
+        if batchEnds < rounds { loop.callAtBatchEnd(id) }
+    }
+}
+
+@Suite struct IOLoopTests {
+    /// A loop runs a few rounds of batch-end calls per iteration; what is asked for after the
+    /// last runs in the next one, and that one must not sleep first: nothing may be in flight to
+    /// wake it (a server's resumed connection sending the replies its clients wait for).
+    @Test func batchEndsLeftOverDoNotWaitForACompletion() throws {
+        let loop = IOLoop(engine: try IOEngineFactory.make(.threads), pool: BufferPool(), logger: Logger(label: "test"))
+        let handler = ChainedBatchEnd(loop: loop, rounds: 10)
+        loop.addTimer(id: handler.id, tag: 1, afterNanos: 0)
+        // A sleeping iteration would end when this timer fires (or after the 1 s bound): the
+        // timer must not fire before every batch-end call ran.
+        loop.addTimer(id: handler.id, tag: 2, afterNanos: 500_000_000)
+        for _ in 0..<10 where handler.batchEnds < 10 { loop.runOnce(timeoutNanos: 1_000_000_000) }
+        #expect(handler.batchEnds == 10)
+        #expect(handler.timersFired == [1], "the loop slept until the next timer with batch-end calls pending")
+    }
+}
+
 @Suite struct BufferPoolTests {
     @Test func takesTheSmallestFittingClassAndRunsOut() {
         let pool = BufferPool(classes: [.init(bytes: 4096, count: 2), .init(bytes: 32 << 20, count: 1)])
