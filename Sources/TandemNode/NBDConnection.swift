@@ -75,6 +75,8 @@ final class NBDConnection: IOHandler {
     private let headers: UnsafeMutableRawPointer
     private var payloadSlot: Int32 = -1
     private var skipRemaining = 0
+    /// The refused request whose payload is being skipped: answered once it has all been read.
+    private var skipReply: (slot: Int32, error: NBD.Errno)?
     private var waitingForBuffer = false
     private var bufferBytesHeld = 0
     private var runs: [(length: UInt32, flags: UInt32)] = []
@@ -210,6 +212,10 @@ final class NBDConnection: IOHandler {
                 if skipRemaining > 0 {
                     if pullTLS() { continue }
                     break
+                }
+                if let (slot, error) = skipReply {
+                    skipReply = nil
+                    reply(slot, error: error)
                 }
             }
             if payloadSlot >= 0 {
@@ -443,10 +449,17 @@ final class NBDConnection: IOHandler {
         var error = NBDTransmission.validate(request, session)
         if error == .ok && server.refusingRequests && request.command != .disconnect { error = .shutdown }
         if error != .ok {
-            if request.payloadLength > 0 { skipRemaining = request.payloadLength }
             logger.debug("request \(request.command.map { "\($0)" } ?? "type \(request.type)") offset \(request.offset) length \(request.length) flags 0x\(String(request.flags, radix: 16)): \(error)")
             let slot = takeSlot(request)
-            reply(slot, error: error)
+            if request.payloadLength > 0 {
+                // Answered once its payload is read: a client still sending it may not expect
+                // the reply yet (libnbd took a reply to a request it had not finished sending
+                // for a stray cookie, "no matching cookie", and dropped the connection).
+                skipRemaining = request.payloadLength
+                skipReply = (slot, error)
+            } else {
+                reply(slot, error: error)
+            }
             return true
         }
         let device = server.device

@@ -2,6 +2,7 @@
 with strict mode off.  After every case the server must still be running and
 must still serve a good client the data it served before (see `healthcheck`)."""
 
+import errno
 import os
 import socket
 import struct
@@ -426,6 +427,22 @@ def test_write_too_big_not_applied(tx):
         err, data = c.request(P.CMD_READ, 0, 4096, cookie=12)
         assert err == 0 and data == SENTINEL[:4096]
         c.disconnect()
+
+
+def test_write_too_big_from_libnbd_is_refused_and_the_connection_lives(serve):
+    """libnbd sends a 33 MiB write whole (a client may ignore the advertised maximum): the
+    error comes after the payload, and the same connection goes on. Answered before the
+    payload was read, libnbd found no request for the reply's cookie and dropped the link."""
+    import nbd
+    srv = serve.start(size=64 * MiB, cache="page")
+    h = srv.libnbd()
+    for n in (33 * MiB, 48 * MiB):
+        with pytest.raises(nbd.Error) as e:
+            h.pwrite(b"\xab" * n, 0)
+        assert e.value.errnum == errno.EINVAL, e.value
+    h.pwrite(b"\xcd" * MiB, 0)
+    assert h.pread(MiB, 0) == b"\xcd" * MiB
+    h.shutdown()
 
 
 @pytest.mark.parametrize("cmd", [P.CMD_TRIM, P.CMD_WRITE_ZEROES, P.CMD_CACHE])
