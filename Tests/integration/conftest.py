@@ -295,6 +295,31 @@ class TandemServer:
         assert self.alive(), (f"tandem serve died (exit {self.proc.poll()}); log:\n"
                               f"{self.log_text()[-LOG_TAIL:]}")
 
+    def served_again(self, why, timeout=10):
+        """Connects until a client is served: a place frees once a client has left."""
+        import nbd
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                h = self.libnbd()
+                h.pread(512, 0)
+                h.shutdown()
+                return
+            except nbd.Error:
+                assert time.monotonic() < deadline, why
+                time.sleep(0.2)
+
+    def libnbd_tls(self, certs_dir, export="tandem"):
+        """A libnbd handle over TLS with the client certificate of `certs_dir`."""
+        import nbd
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(str(certs_dir))
+        h.set_export_name(export)
+        h.connect_tcp(self.host, str(self.port))
+        assert h.get_tls_negotiated()
+        return h
+
     def libnbd(self, export=None, strict=True, structured=True):
         import nbd
         h = nbd.NBD()

@@ -150,16 +150,7 @@ def test_max_connections_counts_every_loop(serve):
     assert not third_served, "a fourth client was served with --max-connections 3 over 2 loops"
     assert "3 connections already" in srv.log_text(since_start=True)
     held.pop().shutdown()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            h = srv.libnbd()
-            h.pread(512, 0)
-            h.shutdown()
-            break
-        except nbd.Error:
-            assert time.monotonic() < deadline, "no client served after one of three left"
-            time.sleep(0.2)
+    srv.served_again("no client served after one of three left")
     for h in held:
         h.shutdown()
 
@@ -198,15 +189,7 @@ def test_stop_drains_every_loop(serve):
 def test_tls_on_every_loop(serve, certs_dir):
     """Every loop runs its own TLS sessions from the one context."""
     srv = serve.start(size=8 * MiB, tls_dir=certs_dir, extra=["--loops", "2"])
-    handles = []
-    for _ in range(2):
-        h = nbd.NBD()
-        h.set_tls(nbd.TLS_REQUIRE)
-        h.set_tls_certificates(str(certs_dir))
-        h.set_export_name("tandem")
-        h.connect_tcp(HOST, str(srv.port))
-        assert h.get_tls_negotiated()
-        handles.append(h)
+    handles = [srv.libnbd_tls(certs_dir) for _ in range(2)]
     assert sorted(loops_of(srv, 2).values()) == [0, 1]
     for k, h in enumerate(handles):
         d = pattern(f"tls{k}", MiB + 4096)

@@ -47,12 +47,7 @@ def test_tls_nbdinfo(serve, certs_dir):
 def test_tls_libnbd_io(serve, certs_dir):
     import nbd
     srv = serve.start(size=8 * MiB, tls_dir=certs_dir)
-    h = nbd.NBD()
-    h.set_tls(nbd.TLS_REQUIRE)
-    h.set_tls_certificates(str(certs_dir))
-    h.set_export_name("tandem")
-    h.connect_tcp(HOST, str(srv.port))
-    assert h.get_tls_negotiated()
+    h = srv.libnbd_tls(certs_dir)
     data = os.urandom(MiB + 4096)
     h.pwrite(data, 4096)
     h.flush()
