@@ -309,6 +309,17 @@ class TandemServer:
                 assert time.monotonic() < deadline, why
                 time.sleep(0.2)
 
+    def one_more_served(self):
+        """Whether a new client gets through the handshake to the export (a server at its
+        connection limit refuses, closes or holds it)."""
+        import nbdproto as P
+        try:
+            with P.RawNBD(self.host, self.port, timeout=3) as c:
+                c.handshake()
+                return c.go(self.export_name) == P.REP_ACK
+        except (OSError, P.Closed, AssertionError):
+            return False
+
     def libnbd_tls(self, certs_dir, export="tandem"):
         """A libnbd handle over TLS with the client certificate of `certs_dir`."""
         import nbd
@@ -383,6 +394,27 @@ class ServerFactory:
         self.servers.clear()
         if problems:
             raise AssertionError("\n\n".join(problems))
+
+
+def run_workers(worker, count, timeout=240):
+    """Runs worker(k) for k in range(count) on threads; fails on a hung thread or on what any
+    worker raised."""
+    import threading
+    errors = []
+
+    def guarded(k):
+        try:
+            worker(k)
+        except BaseException as e:  # reported below
+            errors.append(f"worker {k}: {e!r}")
+
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "worker thread hung"
+    assert not errors, errors
 
 
 @pytest.fixture
