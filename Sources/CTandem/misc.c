@@ -7,6 +7,8 @@
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <pthread.h>
 
 #include "ctandem.h"
@@ -31,6 +33,20 @@ int ctandem_set_nonblocking(int fd, int on) {
     flags = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
     if (fcntl(fd, F_SETFL, flags) < 0) return -errno;
     return 0;
+}
+
+// Declared here: Debian 12's kernel headers predate cachestat (451 on every architecture).
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+struct ctandem_cachestat_range { uint64_t off, len; };
+struct ctandem_cachestat { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; };
+
+int64_t ctandem_cached_pages(int fd, uint64_t offset, uint64_t len) {
+    struct ctandem_cachestat_range range = { offset, len };
+    struct ctandem_cachestat cs;
+    if (syscall(__NR_cachestat, fd, &range, &cs, 0) < 0) return -errno;
+    return (int64_t)cs.nr_cache;
 }
 
 const int ctandem_RWF_DSYNC = RWF_DSYNC;

@@ -48,6 +48,8 @@ protocol NBDReplicator: AnyObject {
 /// limit counts all of them, and a new client goes to the loop that has the fewest.
 final class LoopConnections: Sendable {
     private let counts: Mutex<[Int]>
+    /// Loops with at least one connection (kept with `counts`, read without the lock).
+    private let busy = Atomic<Int>(0)
 
     init(loops: Int) {
         counts = Mutex(Array(repeating: 0, count: loops))
@@ -59,13 +61,19 @@ final class LoopConnections: Sendable {
             guard counts.reduce(0, +) < limit else { return nil }
             let loop = counts.indices.min { counts[$0] < counts[$1] }!
             counts[loop] += 1
+            if counts[loop] == 1 { busy.add(1, ordering: .relaxed) }
             return loop
         }
     }
 
     func release(_ loop: Int) {
-        counts.withLock { $0[loop] -= 1 }
+        counts.withLock { counts in
+            counts[loop] -= 1
+            if counts[loop] == 0 { busy.subtract(1, ordering: .relaxed) }
+        }
     }
+
+    var busyLoops: Int { busy.load(ordering: .relaxed) }
 }
 
 /// Hands an accepted connection to another loop of the same `tandem serve`.
@@ -91,6 +99,19 @@ public final class NBDServer: IOHandler {
     /// knows that barrier: the range is then reported dirty (never under-report).
     var changedRuns: ((_ key: UInt64, _ offset: UInt64, _ length: UInt32, _ runsMax: Int,
                        _ runs: inout [(length: UInt32, flags: UInt32)]) -> Bool)?
+    /// Whether every CPU has a loop with connections to keep it busy. Then a loop copies its large
+    /// cached reads itself; otherwise it hands them to a kernel worker, which copies on a CPU no
+    /// loop uses. 1 MiB QD16 reads of cached data through the read window, on 2 cores, medians of
+    /// four alternating runs: at 1 connection (one busy loop) handing off gave 4470 MiB/s against
+    /// 4036 copying on the loop; at 4 connections on 2 loops copying on the loop gave 5658
+    /// against 5166.
+    var everyCPUHasABusyLoop: Bool {
+        guard let spread else { return false }
+        return spread.connections.busyLoops >= Self.cpus
+    }
+
+    static let cpus = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+
     /// Reads served (for metrics): requests and bytes.
     var readRequests: UInt64 = 0
     var readBytes: UInt64 = 0

@@ -319,6 +319,27 @@ final class ChainedBatchEnd: IOHandler {
         #expect(seen == Set((0..<40).map { UInt64(1000 + $0) }))
     }
 
+    /// The read window's test (NBDConnection.largeReadIsCached): cachestat counts the pages of a
+    /// range the page cache holds, none once they are dropped.
+    @Test func cachedPagesCountsWhatThePageCacheHolds() throws {
+        let (path, fd) = tempFile(size: 0)
+        defer { close(fd); unlink(path) }
+        let bytes = 1 << 20
+        let data = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
+        defer { data.deallocate() }
+        memset(data, 0x5a, bytes)
+        #expect(pwrite(fd, data, bytes, 0) == bytes)
+        let pages = ctandem_cached_pages(fd, 0, UInt64(bytes))
+        try #require(pages != -Int64(ENOSYS), "cachestat needs Linux 6.5")
+        #expect(pages == Int64(bytes / 4096))
+        // Partly: a range starting mid-page counts each page it touches.
+        #expect(ctandem_cached_pages(fd, 100, 8192) == 3)
+        #expect(fdatasync(fd) == 0)
+        #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        #expect(ctandem_cached_pages(fd, 0, UInt64(bytes)) == 0)
+        #expect(ctandem_cached_pages(-1, 0, 4096) == -Int64(EBADF))
+    }
+
     @Test func listenReportsPortInUse() throws {
         let (fd, bound) = try Sockets.listen(host: "127.0.0.1", port: 0)
         defer { close(fd) }
