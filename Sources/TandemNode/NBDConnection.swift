@@ -631,7 +631,7 @@ final class NBDConnection: IOHandler {
         loop.engine.read(
             fd: server.device.fd, buffer: buffer.pointer + s.done, length: Int(s.request.length) - s.done,
             offset: s.request.offset + UInt64(s.done), fixedIndex: s.done == 0 ? buffer.fixedIndex : -1,
-            offload: s.windowed ? !server.everyCPUHasABusyLoop : offloads(Int(s.request.length), atLeast: Self.offloadReadBytesMin),
+            offload: offloads(Int(s.request.length), atLeast: Self.offloadReadBytesMin) && !(s.windowed && server.everyCPUHasABusyLoop),
             userData: IOLoop.userData(id, UInt32(index)))
     }
 
