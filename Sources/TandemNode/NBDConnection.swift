@@ -649,6 +649,7 @@ final class NBDConnection: IOHandler {
     /// Reads the disk must answer need their queue depth, not a window: only a range the page
     /// cache holds whole (cachestat, Linux 6.5) is windowed. A range evicted between the check and
     /// the read just waits for the disk inside the window. Kernels without cachestat get no window.
+    /// The check is one system call per large read.
     ///
     /// Returns whether the page cache holds the whole range of a large local READ through the page
     /// cache (true: it goes through the window), or nil for every other READ.

@@ -101,8 +101,9 @@ public final class NBDServer: IOHandler {
                        _ runs: inout [(length: UInt32, flags: UInt32)]) -> Bool)?
     /// Whether every CPU has a loop with connections to keep it busy. Then a loop copies its large
     /// cached reads of the read window itself; otherwise it hands those of 256 KiB or more to a
-    /// kernel worker, which copies on a CPU no loop uses (`NBDConnection.offloadReadBytesMin`). 1 MiB QD16 reads of cached data through the read window, on 2 cores, medians of
-    /// four alternating runs: at 1 connection (one busy loop) handing off gave 4470 MiB/s against
+    /// kernel worker, which copies on a CPU no loop uses (`NBDConnection.offloadReadBytesMin`).
+    /// 1 MiB QD16 reads of cached data through the read window, on 2 cores, medians of four
+    /// alternating runs: at 1 connection (one busy loop) handing off gave 4470 MiB/s against
     /// 4036 copying on the loop; at 4 connections on 2 loops copying on the loop gave 5658
     /// against 5166.
     var everyCPUHasABusyLoop: Bool {

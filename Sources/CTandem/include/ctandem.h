@@ -223,10 +223,10 @@ int ctandem_epoll_create(void);
 int ctandem_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
 /// epoll_wait: the number of events or -errno (EINTR is returned as 0 events).
 int ctandem_epoll_wait(int epfd, ctandem_epoll_event *out, int max, int timeout_ms);
-/// Flag constants whose headers Swift would otherwise need.
 /// Pages of [offset, offset + len) of `fd` in the page cache (cachestat(2), Linux 6.5), or -errno
 /// (-ENOSYS on older kernels).
 int64_t ctandem_cached_pages(int fd, uint64_t offset, uint64_t len);
+/// Flag constants whose headers Swift would otherwise need.
 extern const int ctandem_RWF_DSYNC;
 extern const int ctandem_FALLOC_FL_PUNCH_HOLE;
 extern const int ctandem_FALLOC_FL_KEEP_SIZE;
