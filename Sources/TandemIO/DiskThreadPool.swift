@@ -5,7 +5,7 @@ import Glibc
 /// epoll engine. Jobs and results sit in two fixed-capacity arrays under one mutex; a finished job
 /// signals the engine's eventfd. The capacity is every request the node can have in flight, so
 /// `submit` never waits for room.
-final class DiskThreadPool: @unchecked Sendable {
+final class DiskThreadPool: ThreadMain, @unchecked Sendable {
     enum Op: UInt8 { case read, write, fsync, fdatasync, fallocate }
 
     struct Job {
@@ -53,15 +53,11 @@ final class DiskThreadPool: @unchecked Sendable {
     private func startThreads() {
         started = true
         for _ in 0..<threadCount {
-            var thread = pthread_t()
-            let context = Unmanaged.passRetained(self).toOpaque()
-            let rc = pthread_create(&thread, nil, { context in
-                let pool = Unmanaged<DiskThreadPool>.fromOpaque(context!).takeRetainedValue()
-                pool.work()
-                return nil
-            }, context)
-            precondition(rc == 0, "pthread_create: \(rc)")
-            threads.append(thread)
+            do {
+                threads.append(try startThread(self))
+            } catch {
+                preconditionFailure("disk thread: \(error)")
+            }
         }
     }
 
@@ -95,7 +91,7 @@ final class DiskThreadPool: @unchecked Sendable {
         threads.removeAll()
     }
 
-    private func work() {
+    func threadMain() {
         while true {
             pthread_mutex_lock(mutex)
             while jobsHead == jobs.count && !stopping { pthread_cond_wait(cond, mutex) }

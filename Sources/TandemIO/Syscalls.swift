@@ -81,3 +81,29 @@ public func readTextFile(_ path: String, maxBytes: Int) throws(SystemError) -> S
     }
     return String(decoding: bytes, as: UTF8.self)
 }
+
+/// What a thread started by `startThread` runs.
+public protocol ThreadMain: AnyObject {
+    func threadMain()
+}
+
+/// Holds the object a new thread runs, from pthread_create until the thread takes it.
+private final class ThreadStart {
+    let object: any ThreadMain
+    init(_ object: any ThreadMain) { self.object = object }
+}
+
+/// Starts a thread that runs `object.threadMain()` and holds `object` until it returns.
+public func startThread(_ object: any ThreadMain) throws(SystemError) -> pthread_t {
+    let context = Unmanaged.passRetained(ThreadStart(object)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, nil, { context in
+        Unmanaged<ThreadStart>.fromOpaque(context!).takeRetainedValue().object.threadMain()
+        return nil
+    }, context)
+    guard rc == 0 else {
+        Unmanaged<ThreadStart>.fromOpaque(context).release()
+        throw SystemError("pthread_create", errno: rc)
+    }
+    return thread
+}

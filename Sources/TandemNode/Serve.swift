@@ -232,7 +232,7 @@ final class MailboxWatcher: IOHandler {
 }
 
 /// One loop of a `tandem serve` besides the listening one, on its own thread.
-final class ServeLoop: @unchecked Sendable {
+final class ServeLoop: ThreadMain, @unchecked Sendable {
     let index: Int
     let mailbox: LoopMailbox
     /// How many loops the server runs (each pool holds its share).
@@ -263,16 +263,11 @@ final class ServeLoop: @unchecked Sendable {
     /// Starts the thread and waits until its engine runs (a ring must be made on the thread
     /// that submits to it: IORING_SETUP_SINGLE_ISSUER).
     func start() throws(ServeError) {
-        var handle = pthread_t()
-        let context = Unmanaged.passRetained(self).toOpaque()
-        let rc = pthread_create(&handle, nil, { context in
-            let loop = Unmanaged<ServeLoop>.fromOpaque(context!).takeRetainedValue()
-            loop.main()
-            return nil
-        }, context)
-        guard rc == 0 else {
-            Unmanaged<ServeLoop>.fromOpaque(context).release()
-            throw ServeError("cannot start loop \(index): pthread_create: \(SystemError.text(rc))")
+        let handle: pthread_t
+        do {
+            handle = try startThread(self)
+        } catch {
+            throw ServeError("cannot start loop \(index): \(error)")
         }
         // Bounded: the engine starts or fails in milliseconds.
         for _ in 0..<Limits.serveLoopStartMillisMax {
@@ -290,7 +285,7 @@ final class ServeLoop: @unchecked Sendable {
         throw ServeError("loop \(index) did not start within \(Limits.serveLoopStartMillisMax) ms")
     }
 
-    private func main() {
+    func threadMain() {
         let engine: any IOEngine
         do {
             engine = try Serve.makeEngine(options)

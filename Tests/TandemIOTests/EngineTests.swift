@@ -23,23 +23,14 @@ func tempFile(size: Int) -> (String, Int32) {
 }
 
 /// Runs `body` on a new thread (the engine's loop stays on the test's thread).
-private final class ThreadBody: Sendable {
+private final class ThreadBody: ThreadMain, Sendable {
     let run: @Sendable () -> Void
     init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+    func threadMain() { run() }
 }
 
 func startThread(_ body: @escaping @Sendable () -> Void) throws -> pthread_t {
-    let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
-    var thread = pthread_t()
-    let rc = pthread_create(&thread, nil, { context in
-        Unmanaged<ThreadBody>.fromOpaque(context!).takeRetainedValue().run()
-        return nil
-    }, context)
-    guard rc == 0 else {
-        Unmanaged<ThreadBody>.fromOpaque(context).release()
-        throw SystemError("pthread_create", errno: rc)
-    }
-    return thread
+    try TandemIO.startThread(ThreadBody(body))
 }
 
 func joinThread(_ thread: pthread_t) {
