@@ -1,7 +1,7 @@
 """The read window: a connection's large READs of cached data wait while 2 MiB of them are read and
 not yet answered (NBDConnection.largeReadIsCached). Pipelined clients must still get every reply
-right, parsing must go on past a full window, and reads of data the page cache lacks must not be
-held to the window (they need their queue depth for the disk)."""
+right, the requests behind waiting reads must go on, and reads of data the page cache lacks must
+not be held to the window (they need their queue depth for the disk)."""
 
 import os
 import platform
@@ -72,8 +72,8 @@ def test_pipelined_cached_reads_are_all_answered_through_the_window(serve, engin
     backing.read_bytes()  # cached whole
     offsets = [i * MiB for i in range(READS)]
     random.Random(7).shuffle(offsets)
-    # 40 MiB of reads, then a write and a flush behind them: the window (2 MiB) stops parsing at
-    # the third read until replies go out, and parsing must resume each time to reach the write.
+    # 40 MiB of reads, then a write and a flush behind them: the window (2 MiB) holds the reads
+    # from the third on until replies go out, and starts each as room comes.
     got, errors, write_data = pipelined(srv, offsets, write_at=60 * MiB)
     for off in offsets:
         assert got[off] == data[off:off + MiB], f"READ at {off} returned wrong data"
