@@ -112,7 +112,7 @@ final class NBDConnection: IOHandler {
     /// lacked part of their range (for the closing line).
     private var reads: UInt64 = 0
     private var windowedReads: UInt64 = 0
-    private var readsFromDisk: UInt64 = 0
+    private var largeReadsNotCached: UInt64 = 0
 
     // Lifecycle.
     private var opsInFlight = 0
@@ -487,7 +487,7 @@ final class NBDConnection: IOHandler {
             guard let buffer = takeBuffer(Int(request.length)) else { return false }
             if request.command == .read {
                 reads &+= 1
-                if cached == false { readsFromDisk &+= 1 }
+                if cached == false { largeReadsNotCached &+= 1 }
                 server.readRequests &+= 1
                 server.readBytes &+= UInt64(request.length)
             }
@@ -638,16 +638,20 @@ final class NBDConnection: IOHandler {
 
     /// Large READs from the page cache go through a window: a connection starts one only while
     /// those it started and has not answered yet leave room for it in `readWindowBytes` (one
-    /// always goes). The others wait in arrival order, holding a slot and a buffer they do not
-    /// touch yet, and the requests behind them go on: a cached read must not hold back a read the
-    /// disk answers (holding them all, random reads of a half-cached file lost 7%), or a write. A 1 MiB read is copied out of the page cache into a buffer and, once its reply's
-    /// turn comes, from the buffer into the socket. With every request of QD16 read at once the
-    /// buffers waited their turn for milliseconds, the 64 MiB of four such clients outgrew the
-    /// 32 MiB L3, and both copies (and the client's receive) ran from memory: perf showed each
-    /// copy costing 1.4-2x nbdkit's per byte. With the window the data is still in cache when it
-    /// is sent. On 2 cores, 1 MiB QD16 reads: 4100 → 5050 MiB/s at 1 connection and 4760 → 5640
-    /// at 4 (nbdkit 5270, 5580); windows of 1, 2, 3, 4 and 8 MiB measured, 1 MiB too few to
-    /// keep reading and sending overlapped.
+    /// always goes). A 1 MiB read is copied out of the page cache into a buffer and, once its
+    /// reply's turn comes, from the buffer into the socket. With every request of QD16 read at
+    /// once the buffers waited their turn for milliseconds, the 64 MiB of four such clients
+    /// outgrew the 32 MiB L3, and both copies (and the client's receive) ran from memory: perf
+    /// showed each copy costing 1.4-2x nbdkit's per byte. With the window the data is still in
+    /// cache when it is sent. On 2 cores, 1 MiB QD16 reads, alternating runs: 4056-4155 → 4603-
+    /// 4739 MiB/s at 1 connection (`--loops 1`) and 4818-4968 → 5273-5944 at 4 (nbdkit
+    /// 5104-5464, 5322-5678). Windows of 1, 2, 3, 4 and 8 MiB were measured; 1 MiB was too few
+    /// to keep reading and sending overlapped.
+    ///
+    /// READs that do not fit wait in arrival order (`readWindowQueue`), holding a slot and a
+    /// buffer they do not touch yet, while the requests behind them go on: stopping the parser
+    /// instead let a cached read hold back reads the disk answers (random 1 MiB reads from an
+    /// evicted file, against that version: 2884-3709 → 3436-3939 MiB/s).
     ///
     /// Reads the disk must answer need their queue depth, not a window: only a range the page
     /// cache holds whole (cachestat, Linux 6.5) is windowed. A range evicted between the check and
@@ -1088,7 +1092,7 @@ final class NBDConnection: IOHandler {
     /// How many READs the connection had, and how many large ones the page cache did not hold
     /// (see `largeReadIsCached`).
     private var readsText: String {
-        reads == 0 ? "" : " after \(reads) read\(reads == 1 ? "" : "s") (\(windowedReads) windowed, \(readsFromDisk) large not cached)"
+        reads == 0 ? "" : " after \(reads) read\(reads == 1 ? "" : "s") (\(windowedReads) windowed, \(largeReadsNotCached) large not cached)"
     }
 
     private func finishIfDone() {

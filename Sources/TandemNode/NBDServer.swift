@@ -111,6 +111,7 @@ public final class NBDServer: IOHandler {
         return spread.connections.busyLoops >= Self.cpus
     }
 
+    /// CPUs online (at least one): the default loop count and the test above.
     static let cpus = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
 
     /// Reads served (for metrics): requests and bytes.

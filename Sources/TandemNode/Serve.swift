@@ -88,7 +88,7 @@ public enum Serve {
     /// rules count operations per engine (`--inject-fault`'s after= and count=).
     public static func defaultLoops(faults: [FaultRule]) -> Int {
         if !faults.isEmpty { return 1 }
-        return max(1, min(Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))), Limits.serveLoopsDefaultMax))
+        return min(NBDServer.cpus, Limits.serveLoopsDefaultMax)
     }
 
     public static func run(_ options: ServeOptions, logger: Logger) throws(ServeError) {

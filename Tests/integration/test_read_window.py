@@ -7,11 +7,12 @@ import os
 import platform
 import random
 import re
+import struct
 
 import pytest
 
 from conftest import MiB, pattern
-from nbdproto import CMD_FLUSH, CMD_READ, CMD_WRITE, RawNBD
+from nbdproto import CMD_FLUSH, CMD_READ, CMD_WRITE, REQUEST_MAGIC, RawNBD
 
 SIZE = 64 * MiB
 READS = 40
@@ -60,8 +61,8 @@ def pipelined(srv, offsets, write_at=None):
 
 
 def _header(cmd, cookie, offset, length):
-    import struct
-    return struct.pack(">IHHQQI", 0x25609513, 0, cmd, cookie, offset, length)
+    """A request header (RawNBD.send_request sends at once; these go out together)."""
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, cookie, offset, length)
 
 
 @pytest.mark.parametrize("engine", ["uring", "threads"])
