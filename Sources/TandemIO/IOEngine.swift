@@ -70,28 +70,29 @@ public protocol IOEngine: AnyObject {
 
 /// Picks the engine: the one asked for, or for `nil` the best that works here, with the reason.
 public enum IOEngineFactory {
-    /// `pollNanos`: how long a wait may poll before it sleeps (`PollPolicy`; 0: never).
-    public static func make(_ requested: IOEngineKind?, pollNanos: UInt64 = 0) throws(SystemError) -> any IOEngine {
+    /// `pollNanos`: how long a wait may poll before it sleeps (`PollPolicy`; 0: never);
+    /// `busyLoops`: the server's loops, when the engine is one of several.
+    public static func make(_ requested: IOEngineKind?, pollNanos: UInt64 = 0, busyLoops: BusyLoops? = nil) throws(SystemError) -> any IOEngine {
         switch requested {
         case .uring?:
-            return try UringEngine(reason: "requested with --io-engine uring", pollNanos: pollNanos)
+            return try UringEngine(reason: "requested with --io-engine uring", pollNanos: pollNanos, busyLoops: busyLoops)
         case .aio?:
-            return try EpollEngine(disk: .aio, reason: "requested with --io-engine aio", pollNanos: pollNanos)
+            return try EpollEngine(disk: .aio, reason: "requested with --io-engine aio", pollNanos: pollNanos, busyLoops: busyLoops)
         case .threads?:
-            return try EpollEngine(disk: .threads, reason: "requested with --io-engine threads", pollNanos: pollNanos)
+            return try EpollEngine(disk: .threads, reason: "requested with --io-engine threads", pollNanos: pollNanos, busyLoops: busyLoops)
         case nil:
             let why: String
             do {
-                return try UringEngine(reason: "io_uring is available", pollNanos: pollNanos)
+                return try UringEngine(reason: "io_uring is available", pollNanos: pollNanos, busyLoops: busyLoops)
             } catch {
                 why = uringUnavailableReason(error)
             }
             do {
-                return try EpollEngine(disk: .aio, reason: "io_uring unavailable (\(why)); using libaio", pollNanos: pollNanos)
+                return try EpollEngine(disk: .aio, reason: "io_uring unavailable (\(why)); using libaio", pollNanos: pollNanos, busyLoops: busyLoops)
             } catch {
                 return try EpollEngine(
                     disk: .threads, reason: "io_uring unavailable (\(why)) and libaio unavailable (\(error)); using threads",
-                    pollNanos: pollNanos)
+                    pollNanos: pollNanos, busyLoops: busyLoops)
             }
         }
     }

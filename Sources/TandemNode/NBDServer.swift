@@ -49,7 +49,7 @@ protocol NBDReplicator: AnyObject {
 final class LoopConnections: Sendable {
     private let counts: Mutex<[Int]>
     /// Loops with at least one connection (kept with `counts`, read without the lock).
-    private let busy = Atomic<Int>(0)
+    let busy = BusyLoops(cpus: NBDServer.cpus)
 
     init(loops: Int) {
         counts = Mutex(Array(repeating: 0, count: loops))
@@ -61,7 +61,7 @@ final class LoopConnections: Sendable {
             guard counts.reduce(0, +) < limit else { return nil }
             let loop = counts.indices.min { counts[$0] < counts[$1] }!
             counts[loop] += 1
-            if counts[loop] == 1 { busy.add(1, ordering: .relaxed) }
+            if counts[loop] == 1 { busy.add(1) }
             return loop
         }
     }
@@ -69,11 +69,9 @@ final class LoopConnections: Sendable {
     func release(_ loop: Int) {
         counts.withLock { counts in
             counts[loop] -= 1
-            if counts[loop] == 0 { busy.subtract(1, ordering: .relaxed) }
+            if counts[loop] == 0 { busy.add(-1) }
         }
     }
-
-    var busyLoops: Int { busy.load(ordering: .relaxed) }
 }
 
 /// Hands an accepted connection to another loop of the same `tandem serve`.
@@ -108,7 +106,7 @@ public final class NBDServer: IOHandler {
     /// against 5166.
     var everyCPUHasABusyLoop: Bool {
         guard let spread else { return false }
-        return spread.connections.busyLoops >= Self.cpus
+        return spread.connections.busy.everyCPUHasOne
     }
 
     /// CPUs online (at least one): the default loop count and the test above.

@@ -112,8 +112,11 @@ public enum Serve {
         }
         let loopCount = options.loops ?? defaultLoops(faults: options.faults)
         precondition((1...Limits.serveLoopsMax).contains(loopCount), "loops checked by the CLI")
-        let engine = try makeEngine(options)
-        logger.info("io engine: \(engine.kind.rawValue) (\(engine.reason)), \(pollText(options.pollMicros)), \(loopCount) loop\(loopCount == 1 ? "" : "s")")
+        // Counted before any engine exists: every loop's waits consult it (`PollPolicy`).
+        let connections = LoopConnections(loops: loopCount)
+        let busyLoops = loopCount > 1 ? connections.busy : nil
+        let engine = try makeEngine(options, busyLoops: busyLoops)
+        logger.info("io engine: \(engine.kind.rawValue) (\(engine.reason)), \(pollText(options.pollMicros))\(busyLoops != nil && options.pollMicros > 0 ? " (not while every CPU has a loop with clients)" : ""), \(loopCount) loop\(loopCount == 1 ? "" : "s")")
         let pool = BufferPool(classes: BufferPool.classes(sharedBy: loopCount))
         let loop = IOLoop(engine: engine, pool: pool, logger: logger)
         let export = NBDExport(
@@ -124,7 +127,6 @@ public enum Serve {
             host: options.host, port: options.port, export: export, tlsMode: tlsContext == nil ? .none : .forced,
             connectionsMax: options.connectionsMax)
         // The other loops start first: the listener hands clients to them from its first accept.
-        let connections = LoopConnections(loops: loopCount)
         var others: [ServeLoop] = []
         defer { for other in others { other.stopAndJoin() } }
         for index in 1..<loopCount {
@@ -154,10 +156,10 @@ public enum Serve {
         logger.info("stopped")
     }
 
-    static func makeEngine(_ options: ServeOptions) throws(ServeError) -> any IOEngine {
+    static func makeEngine(_ options: ServeOptions, busyLoops: BusyLoops?) throws(ServeError) -> any IOEngine {
         var engine: any IOEngine
         do {
-            engine = try IOEngineFactory.make(options.engine, pollNanos: UInt64(options.pollMicros) * 1000)
+            engine = try IOEngineFactory.make(options.engine, pollNanos: UInt64(options.pollMicros) * 1000, busyLoops: busyLoops)
         } catch {
             throw ServeError("cannot start the \(options.engine?.rawValue ?? "") I/O engine: \(error)")
         }
@@ -288,7 +290,7 @@ final class ServeLoop: ThreadMain, @unchecked Sendable {
     func threadMain() {
         let engine: any IOEngine
         do {
-            engine = try Serve.makeEngine(options)
+            engine = try Serve.makeEngine(options, busyLoops: connections.busy)
         } catch {
             started.withLock { $0 = (true, error) }
             return

@@ -88,8 +88,8 @@ func joinThread(_ thread: pthread_t) {
         var fds: [Int32] = [-1, -1]
         let incoming = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
 
-        init(_ kind: IOEngineKind, pollNanos: UInt64 = 0) throws {
-            engine = try IOEngineFactory.make(kind, pollNanos: pollNanos)
+        init(_ kind: IOEngineKind, pollNanos: UInt64 = 0, busyLoops: BusyLoops? = nil) throws {
+            engine = try IOEngineFactory.make(kind, pollNanos: pollNanos, busyLoops: busyLoops)
             loop = IOLoop(engine: engine, pool: BufferPool(), logger: Logger(label: "test"))
             id = loop.register(recorder)
             guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { throw SystemError("socketpair", errno: errno) }
@@ -180,6 +180,33 @@ func joinThread(_ thread: pthread_t) {
         #expect(write(idle.fds[1], "x", 1) == 1)
         run(idle.loop) { idle.recorder.results[2] != nil }
         #expect(idle.recorder.results[2] == 1)
+    }
+
+    /// While every CPU has a busy loop, a wait sleeps at once instead of polling; once a loop
+    /// goes idle, waits poll again.
+    @Test(arguments: kinds)
+    func noPollingWhileEveryCPUHasABusyLoop(kind: IOEngineKind) throws {
+        let busy = BusyLoops(cpus: 2)
+        busy.add(1)
+        busy.add(1)
+        let rig = try SocketRig(kind, pollNanos: 2_000_000_000, busyLoops: busy)
+        rig.recv(tag: 1)
+        // Nothing comes: a poll would take the whole 10 ms timeout and count a miss.
+        rig.loop.runOnce(timeoutNanos: 10_000_000)
+        #expect(rig.recorder.results[1] == nil)
+        #expect(rig.engine.pollStats.skipped == 1)
+        #expect(rig.engine.pollStats.misses == 0 && rig.engine.pollStats.hits == 0 && rig.engine.pollStats.pollNanos == 0)
+        #expect(write(rig.fds[1], "x", 1) == 1)
+        run(rig.loop) { rig.recorder.results[1] != nil }
+        #expect(rig.recorder.results[1] == 1)
+        #expect(rig.engine.pollStats.pollNanos == 0)
+        // One loop loses its last connection: a CPU is spare, and the next wait polls.
+        let skipped = rig.engine.pollStats.skipped
+        busy.add(-1)
+        rig.recv(tag: 2)
+        rig.loop.runOnce(timeoutNanos: 10_000_000)
+        #expect(rig.engine.pollStats.misses == 1)
+        #expect(rig.engine.pollStats.skipped == skipped)
     }
 
     @Test func timersFire() throws {
