@@ -50,7 +50,7 @@ public final class EpollEngine: IOEngine {
     /// Whether a wait polls epoll before it sleeps (`PollPolicy`).
     private var poll: PollPolicy
     public var pollStats: PollStats { poll.stats }
-    /// The other loops of the server this engine's loop belongs to, if any (`PollPolicy`).
+    /// The loops of the server this engine's loop is one of, when it runs several (`PollPolicy`).
     private let busyLoops: BusyLoops?
 
     public init(disk: Disk, reason: String, pollNanos: UInt64 = 0, busyLoops: BusyLoops? = nil) throws(SystemError) {

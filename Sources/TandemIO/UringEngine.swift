@@ -20,7 +20,7 @@ public final class UringEngine: IOEngine {
     /// Whether a wait polls the ring before it sleeps (`PollPolicy`).
     private var poll: PollPolicy
     public var pollStats: PollStats { poll.stats }
-    /// The other loops of the server this engine's loop belongs to, if any (`PollPolicy`).
+    /// The loops of the server this engine's loop is one of, when it runs several (`PollPolicy`).
     private let busyLoops: BusyLoops?
 
     public init(reason: String, entries: Int = Limits.ringEntries, pollNanos: UInt64 = 0, busyLoops: BusyLoops? = nil) throws(SystemError) {
