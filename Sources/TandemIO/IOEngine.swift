@@ -40,9 +40,10 @@ public protocol IOEngine: AnyObject {
     /// off the loop's thread (an io-wq worker, or the engine's threads), in parallel with the
     /// loop's own copies into sockets, as a threaded server's reads are.
     func read(fd: Int32, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, offload: Bool, userData: UInt64)
-    /// Writes `length` bytes. `offload` marks a write through the page cache: engines run it on
-    /// worker threads in parallel (io_uring would serialize buffered writes to one file on one
-    /// io-wq worker, and libaio would block in io_submit).
+    /// Writes `length` bytes. `offload` marks a large write through the page cache, which must not
+    /// copy on the loop's thread: io_uring hands it to its io-wq worker for the file (one at a
+    /// time), or with FUA to the engine's threads, which wait for the disk in parallel; the epoll
+    /// engine to its threads (libaio would block in io_submit).
     func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, offload: Bool, userData: UInt64)
     /// Writes into the page cache now, on the caller's thread: for small whole-page writes
     /// without FUA to a file opened without O_DIRECT, where a memcpy costs less than a trip

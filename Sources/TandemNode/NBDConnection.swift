@@ -702,9 +702,9 @@ final class NBDConnection: IOHandler {
     /// replies from io-wq too (IOSQE_ASYNC on sendmsg) was slower, 3111 → 2187 MiB/s in one run.
     static let offloadReadBytesMin = 256 << 10
 
-    /// Whether an I/O through the page cache is large enough to copy off the loop's thread. Large
-    /// writes go to worker threads, which copy in parallel; small ones stay on io_uring, whose
-    /// single io-wq worker per file handles them with less hand-off. Reads: see above.
+    /// Whether an I/O through the page cache is large enough to copy off the loop's thread
+    /// (`IOEngine.write`); smaller writes are copied on it (`writesInline`) or go to io_uring
+    /// like any write. Reads: see above.
     private func offloads(_ length: Int, atLeast minimum: Int = offloadWriteBytesMin) -> Bool {
         server.device.cache == .page && length >= minimum
     }

@@ -78,6 +78,34 @@ func joinThread(_ thread: pthread_t) {
         pool.release(buffer)
     }
 
+    /// io_uring: an offloaded page-cache write goes to the ring (its io-wq worker for the file)
+    /// unless it has FUA, which goes to the engine's threads; both land.
+    @Test func uringOffloadedWritesTakeTheRingUnlessFUA() throws {
+        let engine = try UringEngine(reason: "test")
+        let pool = BufferPool()
+        let loop = IOLoop(engine: engine, pool: pool, logger: Logger(label: "test"))
+        let recorder = Recorder()
+        let id = loop.register(recorder)
+        let (path, fd) = tempFile(size: 1 << 20)
+        defer { close(fd); unlink(path) }
+        let buffer = pool.take(1 << 18)!
+        defer { pool.release(buffer) }
+        memset(buffer.pointer, 0x33, 1 << 18)
+        engine.write(fd: fd, buffer: buffer.pointer, length: 1 << 18, offset: 0, fixedIndex: -1, fua: false, offload: true, userData: IOLoop.userData(id, 1))
+        run(loop) { recorder.results[1] != nil }
+        #expect(recorder.results[1] == 1 << 18)
+        #expect(!engine.offloadPoolStarted)
+        memset(buffer.pointer, 0x44, 1 << 18)
+        engine.write(fd: fd, buffer: buffer.pointer, length: 1 << 18, offset: 1 << 18, fixedIndex: -1, fua: true, offload: true, userData: IOLoop.userData(id, 2))
+        run(loop) { recorder.results[2] != nil }
+        #expect(recorder.results[2] == 1 << 18)
+        #expect(engine.offloadPoolStarted)
+        var check = [UInt8](repeating: 0, count: 1 << 19)
+        #expect(pread(fd, &check, 1 << 19, 0) == 1 << 19)
+        #expect(check[0..<(1 << 18)].allSatisfy { $0 == 0x33 })
+        #expect(check[(1 << 18)...].allSatisfy { $0 == 0x44 })
+    }
+
     /// An engine and loop with a connected socket pair: `fds[0]` adopted by the engine, `fds[1]`
     /// the test's end; `incoming` receives 64 bytes.
     final class SocketRig {
