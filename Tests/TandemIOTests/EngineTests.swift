@@ -37,19 +37,37 @@ func joinThread(_ thread: pthread_t) {
     pthread_join(thread, nil)
 }
 
+/// An engine with its loop, pool and a recorder, and a 1 MiB temporary file (removed on deinit).
+final class DiskRig {
+    let engine: any IOEngine
+    let pool = BufferPool()
+    let loop: IOLoop
+    let recorder = Recorder()
+    let id: UInt32
+    let path: String
+    let fd: Int32
+
+    init(_ engine: any IOEngine) {
+        self.engine = engine
+        loop = IOLoop(engine: engine, pool: pool, logger: Logger(label: "test"))
+        id = loop.register(recorder)
+        (path, fd) = tempFile(size: 1 << 20)
+    }
+
+    deinit {
+        close(fd)
+        unlink(path)
+    }
+}
+
 @Suite(.serialized) struct EngineTests {
     static let kinds: [IOEngineKind] = IOEngineKind.allCases
 
     @Test(arguments: kinds)
     func diskReadWriteSyncAndZero(kind: IOEngineKind) throws {
-        let engine = try IOEngineFactory.make(kind)
+        let rig = DiskRig(try IOEngineFactory.make(kind))
+        let (engine, pool, loop, recorder, id, fd) = (rig.engine, rig.pool, rig.loop, rig.recorder, rig.id, rig.fd)
         #expect(engine.kind == kind)
-        let pool = BufferPool()
-        let loop = IOLoop(engine: engine, pool: pool, logger: Logger(label: "test"))
-        let recorder = Recorder()
-        let id = loop.register(recorder)
-        let (path, fd) = tempFile(size: 1 << 20)
-        defer { close(fd); unlink(path) }
         let buffer = pool.take(65536)!
         memset(buffer.pointer, 0x5a, 65536)
         engine.write(fd: fd, buffer: buffer.pointer, length: 65536, offset: 4096, fixedIndex: buffer.fixedIndex, fua: true, offload: false, userData: IOLoop.userData(id, 1))
@@ -82,12 +100,8 @@ func joinThread(_ thread: pthread_t) {
     /// unless it has FUA, which goes to the engine's threads; both land.
     @Test func uringOffloadedWritesTakeTheRingUnlessFUA() throws {
         let engine = try UringEngine(reason: "test")
-        let pool = BufferPool()
-        let loop = IOLoop(engine: engine, pool: pool, logger: Logger(label: "test"))
-        let recorder = Recorder()
-        let id = loop.register(recorder)
-        let (path, fd) = tempFile(size: 1 << 20)
-        defer { close(fd); unlink(path) }
+        let rig = DiskRig(engine)
+        let (pool, loop, recorder, id, fd) = (rig.pool, rig.loop, rig.recorder, rig.id, rig.fd)
         let buffer = pool.take(1 << 18)!
         defer { pool.release(buffer) }
         memset(buffer.pointer, 0x33, 1 << 18)
