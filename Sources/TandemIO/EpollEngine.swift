@@ -50,12 +50,9 @@ public final class EpollEngine: IOEngine {
     /// Whether a wait polls epoll before it sleeps (`PollPolicy`).
     private var poll: PollPolicy
     public var pollStats: PollStats { poll.stats }
-    /// The loops of the server this engine's loop is one of, when it runs several (`PollPolicy`).
-    private let busyLoops: BusyLoops?
 
     public init(disk: Disk, reason: String, pollNanos: UInt64 = 0, busyLoops: BusyLoops? = nil) throws(SystemError) {
-        poll = PollPolicy(budgetNanos: pollNanos)
-        self.busyLoops = busyLoops
+        poll = PollPolicy(budgetNanos: pollNanos, busy: busyLoops)
         let depth = Limits.diskQueueDepthMax
         epfd = ctandem_epoll_create()
         if epfd < 0 { throw SystemError("epoll_create1", errno: -epfd) }
@@ -270,7 +267,7 @@ public final class EpollEngine: IOEngine {
         if ready.count > readyHead {
             waitEvents(timeoutMs: 0)
         } else {
-            let polled = poll.pollFirst(timeoutNanos: timeoutNanos, busy: busyLoops) { budget in
+            let polled = poll.pollFirst(timeoutNanos: timeoutNanos) { budget in
                 // Bounded by the budget; each round is one epoll_wait that does not sleep.
                 let start = monotonicNanos()
                 repeat { waitEvents(timeoutMs: 0) } while ready.count == readyHead && monotonicNanos() &- start < budget

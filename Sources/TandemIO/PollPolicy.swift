@@ -32,7 +32,7 @@ import TandemCore
 /// An idle loop so polls once per 64 wake-ups at most, and a loop whose completions come in
 /// bursts polls only while they do. The struct is bookkeeping (tested alone); `pollFirst` and
 /// `timeSleep` below read the clock and the preemption count for both engines.
-public struct PollPolicy: Sendable, Equatable {
+public struct PollPolicy: Sendable {
     /// Nanoseconds one poll may last; 0 turns polling off.
     public let budgetNanos: UInt64
     /// Waits left to sleep through without polling.
@@ -41,12 +41,17 @@ public struct PollPolicy: Sendable, Equatable {
     private var nextBackoff = 1
     public private(set) var stats = PollStats()
 
+    /// The loops of the server this one belongs to, when it runs several: no poll while they
+    /// keep every CPU.
+    public let busy: BusyLoops?
+
     public static let backoffMax = 64
     /// How often a poll yields its CPU (see above).
     public static let yieldNanos: UInt64 = 8_000
 
-    public init(budgetNanos: UInt64) {
+    public init(budgetNanos: UInt64, busy: BusyLoops? = nil) {
         self.budgetNanos = budgetNanos
+        self.busy = busy
     }
 
     public var enabled: Bool { budgetNanos > 0 }
@@ -105,9 +110,9 @@ extension PollPolicy {
     /// Before a wait sleeps: when the policy says so, polls for at most the budget (or less when
     /// the timeout is shorter) in slices of `yieldNanos`: `attempt(slice)` polls for at most
     /// `slice` nanoseconds and says whether a completion came, and between slices the thread
-    /// yields its CPU. `busy`: the loops this one shares the machine with, if any; no poll while
-    /// they keep every CPU. Returns whether one came, and the timeout left for the sleep.
-    mutating func pollFirst(timeoutNanos: UInt64?, busy: BusyLoops?, _ attempt: (UInt64) -> Bool) -> (hit: Bool, timeoutNanos: UInt64?) {
+    /// yields its CPU; not at all while `busy` says every CPU has a loop. Returns whether one
+    /// came, and the timeout left for the sleep.
+    mutating func pollFirst(timeoutNanos: UInt64?, _ attempt: (UInt64) -> Bool) -> (hit: Bool, timeoutNanos: UInt64?) {
         guard timeoutNanos != 0, enabled else { return (false, timeoutNanos) }
         if let busy, busy.everyCPUHasOne {
             stats.skipped &+= 1

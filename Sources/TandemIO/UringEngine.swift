@@ -22,12 +22,9 @@ public final class UringEngine: IOEngine {
     /// Whether a wait polls the ring before it sleeps (`PollPolicy`).
     private var poll: PollPolicy
     public var pollStats: PollStats { poll.stats }
-    /// The loops of the server this engine's loop is one of, when it runs several (`PollPolicy`).
-    private let busyLoops: BusyLoops?
 
     public init(reason: String, entries: Int = Limits.ringEntries, pollNanos: UInt64 = 0, busyLoops: BusyLoops? = nil) throws(SystemError) {
-        poll = PollPolicy(budgetNanos: pollNanos)
-        self.busyLoops = busyLoops
+        poll = PollPolicy(budgetNanos: pollNanos, busy: busyLoops)
         var ring: OpaquePointer?
         let rc = ctandem_ring_create(UInt32(entries), &ring)
         if rc < 0 { throw SystemError("io_uring_setup", errno: -rc) }
@@ -171,7 +168,7 @@ public final class UringEngine: IOEngine {
             return offloadPool == nil ? n : mergeOffloaded(out, n)
         }
         let ring = ring
-        let polled = poll.pollFirst(timeoutNanos: timeoutNanos, busy: busyLoops) { budget in
+        let polled = poll.pollFirst(timeoutNanos: timeoutNanos) { budget in
             let spent = ctandem_ring_poll(ring, 1, Int64(min(budget, UInt64(Int64.max))))
             if spent < -1 { fatalError("io_uring_enter failed: \(SystemError.text(Int32(-spent)))") }
             return spent >= 0

@@ -109,26 +109,26 @@ import Testing
     /// With every CPU taken by a busy loop a wait neither polls nor spends its backoff; the
     /// backoff it had is still there once a CPU is spare.
     @Test func everyCPUBusySkipsPollingWithoutTouchingTheBackoff() {
-        var policy = PollPolicy(budgetNanos: 50_000)
+        let busy = BusyLoops(cpus: 2)
+        var policy = PollPolicy(budgetNanos: 50_000, busy: busy)
         policy.polled(hit: false, nanos: 50_000)
         #expect(policy.sleepsLeft == 1)
-        let busy = BusyLoops(cpus: 2)
         busy.add(1)
         #expect(!busy.everyCPUHasOne)
         busy.add(1)
         #expect(busy.everyCPUHasOne && busy.value == 2)
         var attempts = 0
         for _ in 0..<3 {
-            let (hit, timeout) = policy.pollFirst(timeoutNanos: 1_000_000, busy: busy) { _ in attempts += 1; return true }
+            let (hit, timeout) = policy.pollFirst(timeoutNanos: 1_000_000) { _ in attempts += 1; return true }
             #expect(!hit && timeout == 1_000_000)
         }
         #expect(attempts == 0)
         #expect(policy.stats.skipped == 3)
         #expect(policy.sleepsLeft == 1, "skipped waits do not count down the backoff")
         busy.add(-1)
-        _ = policy.pollFirst(timeoutNanos: 1_000_000, busy: busy) { _ in attempts += 1; return true }
+        _ = policy.pollFirst(timeoutNanos: 1_000_000) { _ in attempts += 1; return true }
         #expect(attempts == 0, "the backoff's one wait without polling")
-        let (hit, _) = policy.pollFirst(timeoutNanos: 1_000_000, busy: busy) { _ in attempts += 1; return true }
+        let (hit, _) = policy.pollFirst(timeoutNanos: 1_000_000) { _ in attempts += 1; return true }
         #expect(hit && attempts == 1)
         #expect(BusyLoops(cpus: 0).cpus == 1)
     }
