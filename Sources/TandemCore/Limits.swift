@@ -55,6 +55,10 @@ public enum Limits {
 
     /// Submission-queue entries of the io_uring (completion queue is four times larger).
     public static let ringEntries = 1024
+    /// Page-cache writes larger than this are written in pieces of this size. The page cache
+    /// then holds no folio larger: a small write into a large ext4 folio walks all its block
+    /// buffers (Linux 6.18), so 4 KiB writes after 1 MiB ones cost 3-10x more.
+    public static let pageCacheWritePieceBytes = 256 << 10
     /// Completions reaped per loop iteration.
     public static let completionBatchMax = 256
     /// Worker threads of the thread-pool disk engine.

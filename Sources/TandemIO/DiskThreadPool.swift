@@ -16,6 +16,9 @@ final class DiskThreadPool: ThreadMain, @unchecked Sendable {
         var offset: UInt64 = 0
         /// RWF_* flags for writes, the mode for fallocate.
         var flags: Int32 = 0
+        /// A write larger than this (if not 0) is written in pieces of this size
+        /// (`Limits.pageCacheWritePieceBytes`).
+        var pieceBytes = 0
         var userData: UInt64
     }
 
@@ -118,6 +121,16 @@ final class DiskThreadPool: ThreadMain, @unchecked Sendable {
         switch job.op {
         case .read:
             return Int32(ctandem_pread(job.fd, job.buffer, job.length, job.offset))
+        case .write where job.pieceBytes > 0 && job.length > job.pieceBytes:
+            var done = 0
+            while done < job.length {
+                let n = min(job.pieceBytes, job.length - done)
+                let rc = ctandem_pwrite_flags(job.fd, job.buffer! + done, n, job.offset + UInt64(done), job.flags)
+                if rc < 0 { return Int32(rc) }
+                done += rc
+                if rc < n { break }
+            }
+            return Int32(done)
         case .write:
             return Int32(ctandem_pwrite_flags(job.fd, job.buffer, job.length, job.offset, job.flags))
         case .fsync, .fdatasync:

@@ -130,7 +130,8 @@ public final class EpollEngine: IOEngine {
             }
             return
         }
-        pool.submit(.init(op: .write, fd: fd, buffer: UnsafeMutableRawPointer(mutating: buffer), length: length, offset: offset, flags: flags, userData: userData))
+        pool.submit(.init(op: .write, fd: fd, buffer: UnsafeMutableRawPointer(mutating: buffer), length: length, offset: offset, flags: flags,
+                          pieceBytes: offload && !fua ? Limits.pageCacheWritePieceBytes : 0, userData: userData))
     }
 
     public func fsync(fd: Int32, datasync: Bool, userData: UInt64) {

@@ -43,7 +43,8 @@ public protocol IOEngine: AnyObject {
     /// Writes `length` bytes. `offload` marks a large write through the page cache, which must not
     /// copy on the loop's thread: io_uring hands it to its io-wq worker for the file (one at a
     /// time), or with FUA to the engine's threads, which wait for the disk in parallel; the epoll
-    /// engine to its threads (libaio would block in io_submit).
+    /// engine to its threads (libaio would block in io_submit). Without FUA it is written in
+    /// pieces of at most `Limits.pageCacheWritePieceBytes` and completes once, for all of them.
     func write(fd: Int32, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fixedIndex: Int32, fua: Bool, offload: Bool, userData: UInt64)
     /// Writes into the page cache now, on the caller's thread: for small whole-page writes
     /// without FUA to a file opened without O_DIRECT, where a memcpy costs less than a trip

@@ -1,6 +1,7 @@
 import CTandem
 import Glibc
 import Logging
+import TandemCore
 import Testing
 @testable import TandemIO
 
@@ -118,6 +119,60 @@ final class DiskRig {
         #expect(pread(fd, &check, 1 << 19, 0) == 1 << 19)
         #expect(check[0..<(1 << 18)].allSatisfy { $0 == 0x33 })
         #expect(check[(1 << 18)...].allSatisfy { $0 == 0x44 })
+    }
+
+    /// A large page-cache write without FUA is written in pieces, so the page cache holds no
+    /// folio larger than a piece, and completes once with all its bytes; a failed piece fails it.
+    @Test(arguments: kinds)
+    func largePageCacheWritesGoInPieces(kind: IOEngineKind) throws {
+        let rig = DiskRig(try IOEngineFactory.make(kind))
+        let (engine, pool, loop, recorder, id, fd) = (rig.engine, rig.pool, rig.loop, rig.recorder, rig.id, rig.fd)
+        let length = 1 << 20
+        let buffer = pool.take(length)!
+        defer { pool.release(buffer) }
+        for i in 0..<length { buffer.pointer.storeBytes(of: UInt8(truncatingIfNeeded: i / 4096 &+ i), toByteOffset: i, as: UInt8.self) }
+        engine.write(fd: fd, buffer: buffer.pointer, length: length, offset: 0, fixedIndex: -1, fua: false, offload: true, userData: IOLoop.userData(id, 1))
+        run(loop) { recorder.results[1] != nil }
+        #expect(recorder.results[1] == Int32(length))
+        var check = [UInt8](repeating: 0, count: length)
+        #expect(pread(fd, &check, length, 0) == length)
+        #expect(check.withUnsafeBytes { memcmp($0.baseAddress!, buffer.pointer, length) } == 0)
+        if let largest = largestCachedFolio(fd: fd, length: length) {
+            #expect(largest <= Limits.pageCacheWritePieceBytes, "a folio of \(largest) bytes")
+        }
+        // Every piece fails on a descriptor not open for writing: one completion, the error.
+        let readOnly = open(rig.path, O_RDONLY)
+        defer { close(readOnly) }
+        engine.write(fd: readOnly, buffer: buffer.pointer, length: length, offset: 0, fixedIndex: -1, fua: false, offload: true, userData: IOLoop.userData(id, 2))
+        run(loop) { recorder.results[2] != nil }
+        #expect(recorder.results[2] == -EBADF)
+        recorder.results[2] = nil
+        loop.runOnce(timeoutNanos: 10_000_000)
+        #expect(recorder.results[2] == nil, "a second completion for the failed write")
+    }
+
+    /// The largest folio among the file's cached pages in `0..<length`, from the page flags
+    /// (`/proc/kpageflags`); nil where page frames are not readable (not root).
+    func largestCachedFolio(fd: Int32, length: Int) -> Int? {
+        guard let map = mmap(nil, length, PROT_READ, MAP_SHARED, fd, 0), map != MAP_FAILED else { return nil }
+        defer { munmap(map, length) }
+        let pages = length / 4096
+        var resident = [UInt8](repeating: 0, count: pages)
+        guard mincore(map, length, &resident) == 0 else { return nil }
+        let pagemap = open("/proc/self/pagemap", O_RDONLY), flags = open("/proc/kpageflags", O_RDONLY)
+        defer { close(pagemap); close(flags) }
+        guard pagemap >= 0, flags >= 0 else { return nil }
+        var largest = 0, run = 0
+        for page in 0..<pages where resident[page] & 1 != 0 {
+            _ = map.load(fromByteOffset: page * 4096, as: UInt8.self)
+            var entry: UInt64 = 0, pageFlags: UInt64 = 0
+            guard pread(pagemap, &entry, 8, off_t((UInt(bitPattern: map) / 4096 + UInt(page)) * 8)) == 8 else { return nil }
+            let frame = entry & ((1 << 55) - 1)
+            guard entry >> 63 == 1, frame != 0, pread(flags, &pageFlags, 8, off_t(frame * 8)) == 8 else { return nil }
+            run = pageFlags >> 16 & 1 == 1 ? run + 1 : 1  // KPF_COMPOUND_TAIL continues a folio
+            largest = max(largest, run * 4096)
+        }
+        return largest
     }
 
     /// An engine and loop with a connected socket pair: `fds[0]` adopted by the engine, `fds[1]`
