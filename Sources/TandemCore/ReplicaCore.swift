@@ -38,7 +38,7 @@ public struct ReplicaCore {
         /// without quorum those answers fail. So the link loss alone starts no generation.
         public var fencing = false
 
-        public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = 8192,
+        public init(nodeID: UInt8, deviceBytes: UInt64, granularityBytes: Int = 4096, transferLogEntriesMax: Int = Limits.transferLogEntriesMax,
                     resyncInFlightMax: Int = Limits.resyncRunsUnacknowledgedMax, resyncRunBytesMax: Int = 1 << 20, resyncBytesPerSecond: UInt64 = 256 << 20,
                     resyncBytesPerSecondMin: UInt64 = 10 << 20, splitBrainPolicy: SplitBrainPolicy = .disconnect, fencing: Bool = false) {
             self.splitBrainPolicy = splitBrainPolicy
