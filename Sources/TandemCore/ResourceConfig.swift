@@ -162,6 +162,8 @@ public struct ResourceConfig: Sendable {
         public var buffersMax = 2048
         /// Microseconds the node's loop polls before it sleeps; 0: never.
         public var pollMicros = Limits.pollMicrosDefault
+        /// SO_SNDBUF of the NBD export's client sockets; 0: the kernel's autotuning.
+        public var nbdSendBufferBytes = Limits.nbdSendBufferBytesDefault
 
         public init() {}
 
@@ -177,6 +179,7 @@ public struct ResourceConfig: Sendable {
         public static let connectRetryMillisRange = 10...60_000
         public static let buffersMaxRange = 32...131_072
         public static let pollMicrosRange = 0...Limits.pollMicrosMax
+        public static let nbdSendBufferBytesRange = 0...Limits.nbdSendBufferBytesMax
     }
 
     // MARK: Accessors
@@ -984,6 +987,8 @@ private struct TuningKey {
                       powerOfTwo: false, field: \.buffersMax),
             TuningKey(name: "poll-us", isSize: false, range: T.pollMicrosRange,
                       powerOfTwo: false, field: \.pollMicros),
+            TuningKey(name: "nbd-send-buffer", isSize: true, range: T.nbdSendBufferBytesRange,
+                      powerOfTwo: false, field: \.nbdSendBufferBytes),
         ]
     }
 

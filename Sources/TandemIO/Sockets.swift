@@ -93,6 +93,12 @@ public enum Sockets {
         return (fd, SocketAddress(of: fd, peer: false) ?? address)
     }
 
+    /// SO_SNDBUF (which turns the kernel's autotuning of it off for this socket).
+    public static func setSendBuffer(_ fd: Int32, bytes: Int) {
+        var value = Int32(clamping: bytes)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+
     /// TCP_NODELAY: replies and acks are small and must not wait for Nagle.
     public static func setNoDelay(_ fd: Int32) {
         var one: Int32 = 1

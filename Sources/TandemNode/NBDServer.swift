@@ -13,13 +13,17 @@ public struct NBDServerConfiguration: Sendable {
     public var export: NBDExport
     public var tlsMode: NBDTLSMode
     public var connectionsMax: Int
+    /// SO_SNDBUF of every client's socket; 0: the kernel's autotuning.
+    public var sendBufferBytes: Int
 
-    public init(host: String, port: UInt16, export: NBDExport, tlsMode: NBDTLSMode, connectionsMax: Int) {
+    public init(host: String, port: UInt16, export: NBDExport, tlsMode: NBDTLSMode, connectionsMax: Int,
+                sendBufferBytes: Int = Limits.nbdSendBufferBytesDefault) {
         self.host = host
         self.port = port
         self.export = export
         self.tlsMode = tlsMode
         self.connectionsMax = connectionsMax
+        self.sendBufferBytes = sendBufferBytes
     }
 }
 
@@ -260,6 +264,7 @@ public final class NBDServer: IOHandler {
             return
         }
         Sockets.setNoDelay(fd)
+        if configuration.sendBufferBytes > 0 { Sockets.setSendBuffer(fd, bytes: configuration.sendBufferBytes) }
         loop.engine.adoptSocket(fd)
         let connection = NBDConnection(server: self, fd: fd, peer: peer)
         connections[connection.id] = connection

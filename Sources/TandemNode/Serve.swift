@@ -28,6 +28,8 @@ public struct ServeOptions: Sendable {
     /// Event loops (threads), each with its own ring, buffer pool and share of the connections;
     /// nil: `Serve.defaultLoops`.
     public var loops: Int?
+    /// SO_SNDBUF of every client's socket; 0: the kernel's autotuning.
+    public var sendBufferBytes = Limits.nbdSendBufferBytesDefault
 
     public init(backingPath: String, host: String, port: UInt16, exportName: String, description: String, readOnly: Bool, engine: IOEngineKind?, cache: CacheMode, tlsCertificate: String?, tlsKey: String?, tlsCA: String?, tlsAnonymousClients: Bool, connectionsMax: Int) {
         self.backingPath = backingPath
@@ -125,7 +127,7 @@ public enum Serve {
             canTrim: true, canZero: true, canFastZero: !device.isBlockDevice)
         let configuration = NBDServerConfiguration(
             host: options.host, port: options.port, export: export, tlsMode: tlsContext == nil ? .none : .forced,
-            connectionsMax: options.connectionsMax)
+            connectionsMax: options.connectionsMax, sendBufferBytes: options.sendBufferBytes)
         // The other loops start first: the listener hands clients to them from its first accept.
         var others: [ServeLoop] = []
         defer { for other in others { other.stopAndJoin() } }

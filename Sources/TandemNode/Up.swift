@@ -66,7 +66,8 @@ public enum Up {
                 canTrim: true, canZero: true, canFastZero: false)
             let s = try NBDServer(
                 loop: loop, device: device,
-                configuration: NBDServerConfiguration(host: nbd.hostText, port: nbd.port, export: export, tlsMode: .none, connectionsMax: Limits.nbdConnectionsMax),
+                configuration: NBDServerConfiguration(host: nbd.hostText, port: nbd.port, export: export, tlsMode: .none, connectionsMax: Limits.nbdConnectionsMax,
+                                                       sendBufferBytes: options.config.tuning.nbdSendBufferBytes),
                 tlsContext: nil, logger: logger)
             node.attach(server: s)
             server = s

@@ -178,6 +178,11 @@ struct Serve: ParsableCommand {
         valueName: "n"))
     var loops: Int?
 
+    @Option(help: ArgumentHelp(
+        "Send buffer of each client's socket in KiB (SO_SNDBUF; 0: the kernel's autotuning). Bounded, replies reach the client while they are in the CPU's cache; a long network path may want more.",
+        valueName: "KiB"))
+    var sendBufferKib: Int = Limits.nbdSendBufferBytesDefault >> 10
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -192,6 +197,9 @@ struct Serve: ParsableCommand {
         guard exportName.utf8.count <= Limits.nbdStringLengthMax else { throw ValidationError("--export-name is too long") }
         if let loops, !(1...Limits.serveLoopsMax).contains(loops) {
             throw ValidationError("--loops must be between 1 and \(Limits.serveLoopsMax)")
+        }
+        guard (0...(Limits.nbdSendBufferBytesMax >> 10)).contains(sendBufferKib) else {
+            throw ValidationError("--send-buffer-kib must be between 0 and \(Limits.nbdSendBufferBytesMax >> 10), got \(sendBufferKib)")
         }
     }
 
@@ -211,6 +219,7 @@ struct Serve: ParsableCommand {
         options.faults = io.faults
         options.pollMicros = io.pollMicros ?? Limits.pollMicrosDefault
         options.loops = loops
+        options.sendBufferBytes = sendBufferKib << 10
         do {
             try TandemNode.Serve.run(options, logger: logger)
         } catch {

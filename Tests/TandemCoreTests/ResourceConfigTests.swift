@@ -202,7 +202,7 @@ import TandemCore
             12: "resync-rate-max = \"2G\"",
             13: "ping-interval-ms = 250",
             14: "peer-timeout-ms = 251",
-            16: "max-buffers = 32\npoll-us = 0",
+            16: "max-buffers = 32\npoll-us = 0\nnbd-send-buffer = \"0\"",
         ])
         let t = try ResourceConfig.parse(text, path: "r0.toml").get().tuning
         #expect(t.bitmapGranularityBytes == 65536)
@@ -213,7 +213,10 @@ import TandemCore
         #expect(t.peerTimeoutMillis == 251)
         #expect(t.buffersMax == 32)
         #expect(t.pollMicros == 0)
-        #expect(try ResourceConfig.parse(Self.example, path: "r0.toml").get().tuning.pollMicros == Limits.pollMicrosDefault)
+        #expect(t.nbdSendBufferBytes == 0)
+        let defaults = try ResourceConfig.parse(Self.example, path: "r0.toml").get().tuning
+        #expect(defaults.pollMicros == Limits.pollMicrosDefault)
+        #expect(defaults.nbdSendBufferBytes == Limits.nbdSendBufferBytesDefault)
     }
 
     // MARK: Sizes and addresses
@@ -515,6 +518,8 @@ import TandemCore
                   "'max-buffers' must be from 32 to 131072, got 1000000", fix: "max-buffers = 131072")
         expectOne(Self.example([16: "poll-us = 5000"]), line: 16,
                   "'poll-us' must be from 0 to 1000, got 5000", fix: "poll-us = 1000")
+        expectOne(Self.example([16: "nbd-send-buffer = \"1GiB\""]), line: 16,
+                  "'nbd-send-buffer' must be from 0B to 64MiB, got 1GiB")
         expectOne(Self.example([14: "peer-timeout-ms = 9999999999"]), line: 14, "'peer-timeout-ms' must be from 200 to 600000")
     }
 

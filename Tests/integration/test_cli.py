@@ -68,6 +68,12 @@ def test_poll_us_out_of_range(disk):
     serve_fails([disk, *listen_arg(), "--poll-us", "-1"])
 
 
+def test_send_buffer_out_of_range(disk):
+    cp = serve_fails([disk, *listen_arg(), "--send-buffer-kib", "65537"])
+    assert "--send-buffer-kib must be between 0 and 65536, got 65537" in cp.stderr_text, cp.stderr_text
+    serve_fails([disk, *listen_arg(), "--send-buffer-kib", "-1"])
+
+
 def test_bad_listen_address(disk):
     serve_fails([disk, "--listen", "not-an-address"])
 
