@@ -164,6 +164,8 @@ public struct ResourceConfig: Sendable {
         public var pollMicros = Limits.pollMicrosDefault
         /// SO_SNDBUF of the NBD export's client sockets; 0: the kernel's autotuning.
         public var nbdSendBufferBytes = Limits.nbdSendBufferBytesDefault
+        /// SO_SNDBUF of the replication link's socket; 0: the kernel's autotuning.
+        public var linkSendBufferBytes = Limits.linkSendBufferBytesDefault
 
         public init() {}
 
@@ -179,7 +181,7 @@ public struct ResourceConfig: Sendable {
         public static let connectRetryMillisRange = 10...60_000
         public static let buffersMaxRange = 32...131_072
         public static let pollMicrosRange = 0...Limits.pollMicrosMax
-        public static let nbdSendBufferBytesRange = 0...Limits.nbdSendBufferBytesMax
+        public static let sendBufferBytesRange = 0...Limits.socketSendBufferBytesMax
     }
 
     // MARK: Accessors
@@ -987,8 +989,10 @@ private struct TuningKey {
                       powerOfTwo: false, field: \.buffersMax),
             TuningKey(name: "poll-us", isSize: false, range: T.pollMicrosRange,
                       powerOfTwo: false, field: \.pollMicros),
-            TuningKey(name: "nbd-send-buffer", isSize: true, range: T.nbdSendBufferBytesRange,
+            TuningKey(name: "nbd-send-buffer", isSize: true, range: T.sendBufferBytesRange,
                       powerOfTwo: false, field: \.nbdSendBufferBytes),
+            TuningKey(name: "link-send-buffer", isSize: true, range: T.sendBufferBytesRange,
+                      powerOfTwo: false, field: \.linkSendBufferBytes),
         ]
     }
 

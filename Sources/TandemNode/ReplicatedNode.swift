@@ -1025,6 +1025,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     private func attach(_ fd: Int32, server: Bool) {
         Sockets.setNoDelay(fd)
+        if config.tuning.linkSendBufferBytes > 0 { Sockets.setSendBuffer(fd, bytes: config.tuning.linkSendBufferBytes) }
         let connection = PeerConnection(loop: loop, fd: fd, context: server ? serverTLS : clientTLS, expectedPeerName: peer.name, delegate: self)
         link = connection
         connection.start()

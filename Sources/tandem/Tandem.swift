@@ -198,8 +198,8 @@ struct Serve: ParsableCommand {
         if let loops, !(1...Limits.serveLoopsMax).contains(loops) {
             throw ValidationError("--loops must be between 1 and \(Limits.serveLoopsMax)")
         }
-        guard (0...(Limits.nbdSendBufferBytesMax >> 10)).contains(sendBufferKib) else {
-            throw ValidationError("--send-buffer-kib must be between 0 and \(Limits.nbdSendBufferBytesMax >> 10), got \(sendBufferKib)")
+        guard (0...(Limits.socketSendBufferBytesMax >> 10)).contains(sendBufferKib) else {
+            throw ValidationError("--send-buffer-kib must be between 0 and \(Limits.socketSendBufferBytesMax >> 10), got \(sendBufferKib)")
         }
     }
 

@@ -202,7 +202,7 @@ import TandemCore
             12: "resync-rate-max = \"2G\"",
             13: "ping-interval-ms = 250",
             14: "peer-timeout-ms = 251",
-            16: "max-buffers = 32\npoll-us = 0\nnbd-send-buffer = \"0\"",
+            16: "max-buffers = 32\npoll-us = 0\nnbd-send-buffer = \"0\"\nlink-send-buffer = \"1MiB\"",
         ])
         let t = try ResourceConfig.parse(text, path: "r0.toml").get().tuning
         #expect(t.bitmapGranularityBytes == 65536)
@@ -217,6 +217,8 @@ import TandemCore
         let defaults = try ResourceConfig.parse(Self.example, path: "r0.toml").get().tuning
         #expect(defaults.pollMicros == Limits.pollMicrosDefault)
         #expect(defaults.nbdSendBufferBytes == Limits.nbdSendBufferBytesDefault)
+        #expect(t.linkSendBufferBytes == 1 << 20)
+        #expect(defaults.linkSendBufferBytes == Limits.linkSendBufferBytesDefault)
     }
 
     // MARK: Sizes and addresses

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import MiB, TANDEM_BIN, free_port, make_backing, run
 from nodes import NodeProcesses
+from nbdproto import CMD_WRITE, RawNBD
 
 SIZE = 64 * MiB
 
@@ -531,3 +532,26 @@ def test_a_crashed_primary_resyncs_only_its_hot_extents(pair, tmp_path):
     assert pair.stop("alpha") == 0
     assert pair.stop("beta") == 0
     assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_link_and_export_sockets_get_the_send_buffers_of_the_resource_file(make_pair):
+    """`link-send-buffer` sets SO_SNDBUF on both ends of the replication link, `nbd-send-buffer`
+    on the export's client sockets (ss shows what the kernel keeps: twice the value)."""
+    pair = make_pair('link-send-buffer = "128KiB"\nnbd-send-buffer = "64KiB"\n')
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    link_port = int(re.search(r'address = "127\.0\.0\.1:(\d+)"', pair.resource.read_text()).group(1))
+
+    def send_buffers(selector):
+        out = run(["ss", "-tmnH", "state", "established", f"( {selector} )"]).stdout_text
+        return sorted(int(x) for x in re.findall(r"\btb(\d+)", out))
+
+    # alpha (the lower id) listens, beta dials: both ends are tandem's.
+    assert send_buffers(f"sport = :{link_port} or dport = :{link_port}") == [256 * 1024, 256 * 1024]
+    c = RawNBD("127.0.0.1", pair.nbd_port, timeout=30).connect(name="r0")
+    try:
+        assert c.request(CMD_WRITE, 0, 4096, cookie=1, payload=bytes(4096))[0] == 0
+        assert send_buffers(f"sport = :{pair.nbd_port}") == [128 * 1024]
+    finally:
+        c.close()
