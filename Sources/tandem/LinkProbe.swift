@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import TandemCore
 import TandemIO
 
 /// `tandem link-probe` (hidden; `tools/bench` runs it): one TLS 1.3 stream over loopback through
@@ -106,6 +107,8 @@ struct LinkProbe: ParsableCommand {
         defer { closeDescriptor(listener) }
         let fd = Glibc.accept(listener, nil, nil)
         guard fd >= 0 else { throw SystemError("accept", errno: errno) }
+        // The replication link's own socket settings (ReplicatedNode.attach).
+        Sockets.setSendBuffer(fd, bytes: Limits.linkSendBufferBytesDefault)
         return fd
     }
 
@@ -117,6 +120,7 @@ struct LinkProbe: ParsableCommand {
             closeDescriptor(fd)
             throw SystemError("connect to 127.0.0.1:\(port)", errno: err)
         }
+        Sockets.setSendBuffer(fd, bytes: Limits.linkSendBufferBytesDefault)
         return fd
     }
 
