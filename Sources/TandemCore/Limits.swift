@@ -95,6 +95,7 @@ public enum Limits {
     /// on a long path: 1 MiB is 8 Gbit/s at a 1 ms round trip (`--send-buffer-kib 0` to leave it
     /// to the kernel).
     public static let nbdSendBufferBytesDefault = 512 << 10
+    /// The largest send buffer either setting takes.
     public static let socketSendBufferBytesMax = 64 << 20
 
     // MARK: Replication link
@@ -104,8 +105,8 @@ public enum Limits {
     /// own buffer instead of piling up in the socket, and the peer decrypts them while they are
     /// still in the CPU's cache. A pair's 1 MiB writes through the page cache on 2 cores,
     /// alternating runs: 1008-1621 MiB/s autotuned, 1703-2044 at 256 KiB, 1661-1672 at 512 KiB,
-    /// 1192-1670 at 128 KiB, 1300-1486 at 64 KiB; the two nodes' CPU per write 1.1-1.5 ms
-    /// autotuned, 0.78-0.82 ms at 256 KiB. 4 KiB random and QD1 writes unchanged.
+    /// 1192-1670 at 128 KiB, 1300-1486 at 64 KiB; the two nodes' CPU per write 0.95-1.52 ms
+    /// autotuned, 0.77-0.85 ms at 256 KiB. 4 KiB random and QD1 writes unchanged.
     public static let linkSendBufferBytesDefault = 256 << 10
 
     /// Writes a primary keeps in its transfer log (acknowledged by the peer, not yet covered by a
