@@ -57,7 +57,8 @@ public enum Limits {
     public static let ringEntries = 1024
     /// Page-cache writes larger than this are written in pieces of this size. The page cache
     /// then holds no folio larger: a small write into a large ext4 folio walks all its block
-    /// buffers (Linux 6.18), so 4 KiB writes after 1 MiB ones cost 3-10x more.
+    /// buffers (Linux 6.18): a 4 KiB random write into a file written in 1 MiB chunks cost
+    /// 6.9-13 µs here, in 256 KiB chunks 3.2-4.5 µs, in 4 KiB ones 1.2-1.5 µs.
     public static let pageCacheWritePieceBytes = 256 << 10
     /// Completions reaped per loop iteration.
     public static let completionBatchMax = 256

@@ -93,8 +93,10 @@ public enum Sockets {
         return (fd, SocketAddress(of: fd, peer: false) ?? address)
     }
 
-    /// SO_SNDBUF (which turns the kernel's autotuning of it off for this socket).
+    /// SO_SNDBUF (which turns the kernel's autotuning of it off for this socket); 0 leaves the
+    /// autotuning.
     public static func setSendBuffer(_ fd: Int32, bytes: Int) {
+        guard bytes > 0 else { return }
         var value = Int32(clamping: bytes)
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
     }

@@ -23,7 +23,6 @@ public final class UringEngine: IOEngine {
     /// in flight, the bytes they wrote and the first error. Slots are free when `piecesLeft` is 0.
     private var splits: [(userData: UInt64, piecesLeft: Int32, bytes: Int32, error: Int32)] = []
     private var freeSplits: [Int32] = []
-    private var splitsInFlight = 0
     /// A piece's user data: this marker (no handler has the id) and its split's slot.
     private static let pieceMarker: UInt64 = 0xFFFF_FFFE << 32
     /// Whether a wait polls the ring before it sleeps (`PollPolicy`).
@@ -144,7 +143,6 @@ public final class UringEngine: IOEngine {
             // io-wq runs the pieces one after another, in order, on the file's worker.
             let pieces = (length + Limits.pageCacheWritePieceBytes - 1) / Limits.pageCacheWritePieceBytes
             splits[Int(slot)] = (userData, Int32(pieces), 0, 0)
-            splitsInFlight += 1
             var done = 0
             while done < length {
                 let n = min(Limits.pageCacheWritePieceBytes, length - done)
@@ -221,7 +219,7 @@ public final class UringEngine: IOEngine {
     /// writes, the offload pool's results merged.
     @inline(__always)
     private func finish(_ out: UnsafeMutableBufferPointer<ctandem_cqe>, _ n: Int) -> Int {
-        let n = splitsInFlight == 0 ? n : joinPieces(out, n)
+        let n = freeSplits.count == Self.splitsMax ? n : joinPieces(out, n)
         return offloadPool == nil ? n : mergeOffloaded(out, n)
     }
 
@@ -248,7 +246,6 @@ public final class UringEngine: IOEngine {
             out[count] = ctandem_cqe(user_data: split.userData, res: split.error != 0 ? split.error : split.bytes, flags: 0)
             count += 1
             freeSplits.append(Int32(slot))
-            splitsInFlight -= 1
         }
         return count
     }

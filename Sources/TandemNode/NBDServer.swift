@@ -264,7 +264,7 @@ public final class NBDServer: IOHandler {
             return
         }
         Sockets.setNoDelay(fd)
-        if configuration.sendBufferBytes > 0 { Sockets.setSendBuffer(fd, bytes: configuration.sendBufferBytes) }
+        Sockets.setSendBuffer(fd, bytes: configuration.sendBufferBytes)
         loop.engine.adoptSocket(fd)
         let connection = NBDConnection(server: self, fd: fd, peer: peer)
         connections[connection.id] = connection

@@ -561,7 +561,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
         let server: NBDServer
         do {
             server = try NBDServer(loop: loop, device: device,
-                                   configuration: NBDServerConfiguration(host: address.hostText, port: address.port, export: export, tlsMode: .none, connectionsMax: 16),
+                                   configuration: NBDServerConfiguration(host: address.hostText, port: address.port, export: export, tlsMode: .none, connectionsMax: 16,
+                                                                         sendBufferBytes: config.tuning.nbdSendBufferBytes),
                                    tlsContext: nil, logger: logger)
         } catch {
             return Self.error("cannot listen on \(listen): \(error)")
@@ -1025,7 +1026,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
 
     private func attach(_ fd: Int32, server: Bool) {
         Sockets.setNoDelay(fd)
-        if config.tuning.linkSendBufferBytes > 0 { Sockets.setSendBuffer(fd, bytes: config.tuning.linkSendBufferBytes) }
+        Sockets.setSendBuffer(fd, bytes: config.tuning.linkSendBufferBytes)
         let connection = PeerConnection(loop: loop, fd: fd, context: server ? serverTLS : clientTLS, expectedPeerName: peer.name, delegate: self)
         link = connection
         connection.start()

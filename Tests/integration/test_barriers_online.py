@@ -13,12 +13,13 @@ import time
 import pytest
 
 from conftest import MiB, TANDEM_BIN, free_port, read_export, run, _die_with_parent
+from nbdproto import CMD_READ, RawNBD
 from test_filesystem import Cleanup, _have_fs_support, _mounted, check_files, write_files
 from test_replication import make_pair, qemu_io  # noqa: F401 (fixture)
 
 
-def barrier_pair(make_pair, tmp_path, barriers=""):
-    p = make_pair()
+def barrier_pair(make_pair, tmp_path, barriers="", tuning=""):
+    p = make_pair(tuning)
     text = p.resource.read_text()
     for name in ("alpha", "beta"):
         meta = f'metadata = "{tmp_path}/{name}.meta"\n'
@@ -254,3 +255,21 @@ def test_diff_on_a_running_secondary_round_trips_while_it_replicates(make_pair, 
     # The primary keeps no barriers (its undo store is empty): nothing to diff there.
     cp = tandem(p, "diff", "--node", "alpha", str(first), str(second), "--output", tmp_path / "x.tds", check=False)
     assert cp.returncode != 0 and f"no barrier {first} is retained" in cp.stderr_text, cp.stderr_text
+
+
+def test_a_barrier_export_takes_the_resource_files_send_buffer(make_pair, tmp_path):
+    """A barrier export's client sockets get `nbd-send-buffer`, as the node's own export's do
+    (ss shows what the kernel keeps: twice the value)."""
+    p = barrier_pair(make_pair, tmp_path, tuning='nbd-send-buffer = "64KiB"\n')
+    qemu_io(p.uri, "write -P 0x5a 0 1M", "flush")
+    b = create_barrier(p, "sndbuf")
+    port = free_port()
+    tandem(p, "barrier", "export", "--node", "beta", str(b), "--listen", f"127.0.0.1:{port}")
+    c = RawNBD("127.0.0.1", port, timeout=30).connect(name=f"r0@{b}")
+    try:
+        assert c.request(CMD_READ, 0, MiB, cookie=1) == (0, b"\x5a" * MiB)
+        out = run(["ss", "-tmnH", "state", "established", f"( sport = :{port} )"]).stdout_text
+        assert [int(x) for x in re.findall(r"\btb(\d+)", out)] == [128 * 1024], out
+    finally:
+        c.close()
+    tandem(p, "barrier", "unexport", "--node", "beta", str(b))
