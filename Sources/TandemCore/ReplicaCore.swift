@@ -411,7 +411,15 @@ public struct ReplicaCore {
         return true
     }
 
-    public var readsFromPeer: Bool { disk == .failed && link == .connected && peerDisk == .upToDate }
+    public var readsFromPeer: Bool { Self.readsFromPeer(disk: disk, link: link, peerDisk: peerDisk) }
+
+    /// The rule behind `readsFromPeer`, from the three states it reads. A class that keeps the
+    /// core in a stored property calls this with the fields: reading a computed property of the
+    /// core there copies the whole core first (retaining and releasing everything it holds),
+    /// which the node did once per NBD READ.
+    @inlinable public static func readsFromPeer(disk: PeerDiskState, link: LinkState, peerDisk: PeerDiskState?) -> Bool {
+        disk == .failed && link == .connected && peerDisk == .upToDate
+    }
 
     // MARK: Local completions
 
