@@ -62,7 +62,8 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private var stopping = false
     var onStopped: (() -> Void)?
     /// The NBD export: writable through replication while primary, read-only while secondary.
-    /// Held strongly (the server holds this node weakly, so there is no cycle): a weak reference
+    /// Held strongly: the server holds this node weakly, and the `onStopped` closure `Up` gives
+    /// it at shutdown (which holds the node) is dropped once it has run. A weak reference
     /// gives the server a side table, and then every `unowned` access of its connections to it
     /// takes the runtime's slow path (with the per-READ copy of the core that `readsFromPeer`
     /// made, reference counting was 7.6% of a primary's samples under 4 KiB random reads,
