@@ -158,7 +158,7 @@ public struct NBDHandshake {
             }
             let name = String(decoding: data, as: UTF8.self)
             guard let export = export(named: name) else {
-                return .close(send: [], reason: "unknown export \"\(name.prefix(64))\"")
+                return .close(send: [], reason: "unknown export \(Printable.quoted(name))")
             }
             let session = makeSession(export, requestedName: name)
             var out: [UInt8] = []

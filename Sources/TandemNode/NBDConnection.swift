@@ -441,7 +441,7 @@ final class NBDConnection: IOHandler {
         case .ok:
             phase = .handshake
             handshake.tlsEstablished()
-            logger.debug("TLS \(tls.version) with \(peer)\(tls.peerName.isEmpty ? "" : " (\(tls.peerName))")")
+            logger.debug("TLS \(tls.version) with \(peer)\(tls.peerName.isEmpty ? "" : " (\(Printable.quoted(tls.peerName)))")")
             tlsWantsCiphertext = false
             flushSend()
             processInput()

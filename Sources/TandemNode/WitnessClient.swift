@@ -160,6 +160,7 @@ final class WitnessClient: IOHandler, PeerConnectionDelegate {
             guard let done = pending.removeValue(forKey: change.id) else { return }
             done(change.flags & PeerFlags.State.refused == 0 ? .recorded : .refused(peerRollsBack: change.flags & PeerFlags.State.rollingBack != 0))
         case .message(.disconnect(let reason, let text)):
+            let text = Printable.escaped(text)
             if reason == .roleConflict { onDeposed?(text) }
             connection.close(reason: "witness: \(text)")
         case .message(.pingAck):

@@ -122,20 +122,21 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             connection.close(reason: "protocol error: \(why)")
         case .message(.hello(let hello)):
             let certificate = connection.certificateName
-            guard link.node == nil else { return connection.close(reason: "protocol error: a second hello from \(certificate)") }
+            let shown = Printable.quoted(certificate)
+            guard link.node == nil else { return connection.close(reason: "protocol error: a second hello from \(shown)") }
             guard hello.resourceName == config.name, arbiter.isDataNode(hello.nodeID), name(hello.nodeID) == certificate
             else {
-                return connection.close(reason: "refusing '\(certificate)' (node \(hello.nodeID) of \(hello.resourceName)): not a data node of \(config.name)")
+                return connection.close(reason: "refusing \(shown) (node \(hello.nodeID) of \(hello.resourceName)): not a data node of \(config.name)")
             }
             if let old = links.first(where: { $0.key != key && $0.value.node == hello.nodeID }) {
-                old.value.connection.close(reason: "replaced by a new link from \(certificate)")
+                old.value.connection.close(reason: "replaced by a new link from \(shown)")
             }
             link.node = hello.nodeID
             links[key] = link
             let rollingBack = hello.flags & PeerFlags.Hello.rollingBack != 0
             let records = rollbackRecords()
             let deposed = arbiter.connected(hello.nodeID, role: hello.role, disk: hello.diskState, uuids: hello.uuids, rollingBack: rollingBack)
-            logger.info("witness: \(certificate) connected (\(hello.role), disk \(hello.diskState)\(rollingBack ? ", rolling back to a barrier" : ""))")
+            logger.info("witness: \(shown) connected (\(hello.role), disk \(hello.diskState)\(rollingBack ? ", rolling back to a barrier" : ""))")
             logRollbackRecords(since: records)
             if let deposed {
                 logger.warning("witness: \(deposed)")
@@ -220,7 +221,7 @@ final class WitnessNode: IOHandler, PeerConnectionDelegate {
             arbiter.disconnected(node)
             logger.warning("witness: lost \(name(node)): \(reason)")
         } else if link.node == nil {
-            logger.warning("witness: dropped a link from '\(connection.certificateName)' before its hello: \(reason)")
+            logger.warning("witness: dropped a link from \(Printable.quoted(connection.certificateName)) before its hello: \(reason)")
         }
     }
 

@@ -694,3 +694,138 @@ def test_read_only_libnbd(ro):
         assert h.pread(4096, 0) == SENTINEL[:4096]
     finally:
         h.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# seeded fuzz over the wire
+
+
+def fuzzed_session(rng):
+    """Client flags, a few options, usually GO or EXPORT_NAME, then request headers (writes with
+    their payloads), with one to three mutations: a flipped bit, an overwritten byte, a field set
+    to an extreme, a cut, random bytes inserted, a part repeated. Half the sessions mutate only
+    what follows the handshake, so that many reach the transmission phase."""
+    def option(code, data=b""):
+        return struct.pack(">QII", P.IHAVEOPT, code, len(data)) + data
+
+    name = rng.choice([b"", b"tandem", b"tandem", b"other", b"x" * 300])
+    queries = [b"", b"base:", b"base:allocation", b"qemu:", b"qemu:dirty-bitmap:", b"qemu:dirty-bitmap:x", b"odd:thing"]
+
+    def meta():
+        chosen = [rng.choice(queries) for _ in range(rng.randint(0, 3))]
+        return (struct.pack(">I", len(name)) + name + struct.pack(">I", len(chosen))
+                + b"".join(struct.pack(">I", len(q)) + q for q in chosen))
+
+    def name_infos():
+        infos = [rng.randint(0, 4) for _ in range(rng.randint(0, 3))]
+        return struct.pack(">I", len(name)) + name + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos)
+
+    out = struct.pack(">I", rng.choice([3, 3, 3, 3, 3, 1, 2]))
+    for _ in range(rng.randint(0, 5)):
+        out += rng.choice([
+            lambda: option(P.OPT_LIST), lambda: option(P.OPT_STRUCTURED_REPLY), lambda: option(P.OPT_STRUCTURED_REPLY),
+            lambda: option(P.OPT_SET_META_CONTEXT, meta()), lambda: option(P.OPT_LIST_META_CONTEXT, meta()),
+            lambda: option(P.OPT_INFO, name_infos()), lambda: option(P.OPT_STARTTLS),
+            lambda: option(rng.randint(11, 40)),
+        ])()
+    out += rng.choice([lambda: option(P.OPT_GO, name_infos())] * 3 + [lambda: option(P.OPT_EXPORT_NAME, name), lambda: b""])()
+    handshake = len(out)
+    for _ in range(rng.randint(0, 6)):
+        cmd = rng.choice([P.CMD_READ, P.CMD_READ, P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES, P.CMD_FLUSH,
+                          P.CMD_CACHE, P.CMD_BLOCK_STATUS, P.CMD_DISC, 9])
+        length = rng.choice([4096, 512, 0, 1 << 20, RO_SIZE])
+        offset = rng.choice([0, 4096, RO_SIZE - 4096, RO_SIZE, 1 << 62])
+        out += struct.pack(">IHHQQI", P.REQUEST_MAGIC, rng.choice([0, 0, P.CMD_FLAG_FUA, 0x1F]), cmd, rng.getrandbits(64), offset, length)
+        if cmd == P.CMD_WRITE and length <= 1 << 20:
+            out += bytes([rng.randint(0, 255)]) * length
+    b = bytearray(out)
+    lo = 0 if rng.random() < 0.5 else handshake
+    for _ in range(rng.randint(1, 3)):
+        if len(b) <= lo:
+            break
+        at = rng.randrange(lo, len(b))
+        kind = rng.randrange(6)
+        if kind == 0:
+            b[at] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            b[at] = rng.randrange(256)
+        elif kind == 2:
+            width = min(rng.choice([1, 2, 4, 8]), len(b) - at)
+            b[at:at + width] = bytes([rng.choice([0, 0xFF, 0x7F])]) * width
+        elif kind == 3:
+            del b[at:]
+        elif kind == 4:
+            b[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
+        else:
+            end = rng.randrange(at, len(b) + 1)
+            b[end:end] = b[at:end]
+    return bytes(b)
+
+
+def test_mutated_sessions_leave_the_server_serving_and_the_data_intact(ro):
+    """400 mutated sessions from a fixed seed, each on its own connection, sent whole (sometimes
+    in small pieces) with the write side then shut: the server answers or closes every one, stays
+    up, serves a good client after each fifty, and the read-only export's data is unchanged
+    (the healthcheck after the test reads the sentinel again)."""
+    import random
+    rng = random.Random(0x7A4D_F022)
+    answered = closed_by_server = 0
+    for i in range(400):
+        data = fuzzed_session(rng)
+        s = socket.create_connection((HOST, ro.port), timeout=10)
+        try:
+            greeting = b""
+            while len(greeting) < 18:
+                chunk = s.recv(18 - len(greeting))
+                assert chunk, f"session {i}: closed before the greeting"
+                greeting += chunk
+            assert struct.unpack(">QQH", greeting)[:2] == (P.NBDMAGIC, P.IHAVEOPT)
+            try:
+                if i % 4 == 0:
+                    for at in range(0, len(data), 7):
+                        s.send(data[at:at + 7])
+                else:
+                    s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server closed first: what it read was enough to refuse
+            got = 0
+            while True:
+                try:
+                    chunk = s.recv(1 << 20)
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    closed_by_server += 1
+                    break
+                got += len(chunk)
+            answered += got > 0
+        finally:
+            s.close()
+        if i % 50 == 49:
+            healthy(ro, RO_SIZE)
+    # Every session ended with the server closing the connection (the recv loop above only ends
+    # there, or on the 10 s timeout, which fails the test), and most got some answer first.
+    assert closed_by_server == 400
+    assert answered > 100, answered
+    assert "fatal" not in ro.log_text().lower()
+
+
+def test_an_export_name_cannot_forge_a_log_line(hs):
+    """EXPORT_NAME with a newline, a fake log line and a terminal escape: the server closes the
+    connection and logs the name escaped, on its own line."""
+    name = b"evil\n2026-11-27T00:00:00+0000 critical forged\x1b[31m"
+    s = socket.create_connection((HOST, hs.port), timeout=10)
+    try:
+        s.recv(18)
+        s.sendall(struct.pack(">I", 3) + struct.pack(">QII", P.IHAVEOPT, P.OPT_EXPORT_NAME, len(name)) + name)
+        assert s.recv(100) == b""
+    finally:
+        s.close()
+    deadline = time.monotonic() + 10
+    while "unknown export" not in hs.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = hs.log_text()
+    assert 'unknown export "evil\\n2026-11-27T00:00:00+0000 critical forged\\u{1B}[31m"' in log, log[-2000:]
+    assert not any(line.startswith("2026-11-27T00:00:00+0000 critical") for line in log.splitlines())
+    assert "\x1b" not in log

@@ -207,10 +207,10 @@ def test_a_witness_refuses_frames_out_of_order_or_of_the_wrong_kind(tmp_path):
     try:
         w.wait_for("witness", r"witness .*listening|listening")
         cases = [
-            (lambda hello: W.ping(1), r"dropped a link from 'alpha' before its hello: protocol error: ping before hello"),
-            (lambda hello: W.trim(1, 0, 4096), r"dropped a link from 'alpha' before its hello: protocol error: trim frame on a witness link"),
+            (lambda hello: W.ping(1), r'dropped a link from "alpha" before its hello: protocol error: ping before hello'),
+            (lambda hello: W.trim(1, 0, 4096), r'dropped a link from "alpha" before its hello: protocol error: trim frame on a witness link'),
             (lambda hello: W.hello_as(hello, 0) + W.data(1, 0, b"\x5a" * 4096), r"lost alpha: protocol error: data frame on a witness link"),
-            (lambda hello: W.hello_as(hello, 0) + W.hello_as(hello, 0), r"lost alpha: protocol error: a second hello from alpha"),
+            (lambda hello: W.hello_as(hello, 0) + W.hello_as(hello, 0), r'lost alpha: protocol error: a second hello from "alpha"'),
         ]
         for make, reason in cases:
             since = w.mark("witness")
