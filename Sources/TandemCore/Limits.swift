@@ -74,6 +74,9 @@ public enum Limits {
     /// against 243 µs, 1 MiB and 4 KiB writes unchanged within the noise. 0 turns polling off.
     public static let pollMicrosDefault = 100
     public static let pollMicrosMax = 1000
+    /// Seconds a control-socket or metrics connection has to send its whole request before it
+    /// is closed.
+    public static let streamRequestTimeoutSeconds = 10
     /// Timers the event loop tracks at once.
     public static let timersMax = 4096
 

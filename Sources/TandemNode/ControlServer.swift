@@ -7,9 +7,14 @@ import TandemIO
 /// The node's control socket (a Unix stream socket): a client sends one request line, the node
 /// answers with one JSON document and closes. Requests: `status`.
 ///
-/// Bounded: one request of at most 4 KiB per connection, at most 16 connections at once.
+/// Bounded: one request of at most 4 KiB per connection, at most 16 connections at once. A
+/// connection has `Limits.streamRequestTimeoutSeconds` to send its request line, and when all 16
+/// are taken a new one replaces the one that has waited longest for its request (one answered
+/// or being answered, and an events subscriber, stay).
 final class ControlServer: IOHandler {
     private static let tagAccept: UInt32 = 0xFFFF_FFFF
+    /// Set on a connection's key: its request timer.
+    private static let tagTimer: UInt32 = 0x8000_0000
     private static let requestBytesMax = 4096
     private static let connectionsMax = 16
 
@@ -71,17 +76,27 @@ final class ControlServer: IOHandler {
     func ioCompleted(tag: UInt32, result: Int32) {
         if tag == Self.tagAccept {
             if result >= 0 {
+                if clients.count >= Self.connectionsMax && !stopping, let oldest = clients.oldestWaitingForItsRequest() {
+                    finish(oldest)
+                }
                 if clients.count >= Self.connectionsMax || stopping {
                     close(result)
                 } else {
                     loop.engine.adoptSocket(result)
                     let client = StreamClient(fd: result, capacity: ControlServer.requestBytesMax)
-                    nextTag = (nextTag + 1) & 0x7FFF_FFFF
+                    // Keys are even and below the timer bit (the send completion sets bit 0).
+                    nextTag = (nextTag + 1) & 0x3FFF_FFFF
                     clients[nextTag << 1] = client
+                    loop.addTimer(id: id, tag: nextTag << 1 | Self.tagTimer, afterNanos: UInt64(Limits.streamRequestTimeoutSeconds) * 1_000_000_000)
                     postRecv(nextTag << 1, client)
                 }
             }
             if !stopping && result != -EINVAL { loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept)) }
+            return
+        }
+        if tag & Self.tagTimer != 0 {
+            let key = tag & ~Self.tagTimer
+            if let client = clients[key], !client.requestDone { finish(key) }
             return
         }
         let key = tag & ~1
@@ -97,6 +112,7 @@ final class ControlServer: IOHandler {
                 return postRecv(key, client)
             }
             if let newline = text.firstIndex(of: "\n"), text[..<newline] == "events" {
+                client.requestDone = true
                 guard clients.values.filter(\.streaming).count < Self.subscribersMax else {
                     client.reply = Array("{\"error\":\"\(Self.subscribersMax) event subscribers already\"}\n".utf8)
                     return postSend(key, client)
@@ -107,12 +123,14 @@ final class ControlServer: IOHandler {
                 if let first = subscribed?() { publish(first, to: key, client) }
             } else if let newline = text.firstIndex(of: "\n") {
                 // The answer may come later (a demotion waits for its clients and a flush).
+                client.requestDone = true
                 handle(String(text[..<newline])) { [weak self, weak client] answer in
                     guard let self, let client, self.clients[key] === client, client.reply.isEmpty else { return }
                     client.reply = Array((answer + "\n").utf8)
                     self.postSend(key, client)
                 }
             } else if client.received >= Self.requestBytesMax {
+                client.requestDone = true
                 client.reply = Array("{\"error\":\"request too long\"}\n".utf8)
                 postSend(key, client)
             } else {
@@ -168,6 +186,7 @@ final class ControlServer: IOHandler {
 
     private func finish(_ key: UInt32) {
         guard let client = clients.removeValue(forKey: key) else { return }
+        loop.cancelTimers(id: id, tag: key | Self.tagTimer)
         // A receive may still be posted (subscribers wait for EOF): wake it first.
         shutdown(client.fd, Int32(SHUT_RDWR))
         close(client.fd)

@@ -6,9 +6,13 @@ import TandemIO
 
 /// A minimal HTTP/1.0 responder for Prometheus: `GET /metrics` answers the text exposition
 /// format from `render`, anything else 404; one request per connection. Bounded: 16
-/// connections and 8 KiB of request each.
+/// connections and 8 KiB of request each; a connection has `Limits.streamRequestTimeoutSeconds`
+/// to send its request, and when all 16 are taken a new one replaces the one that has waited
+/// longest for its request.
 final class MetricsServer: IOHandler {
     private static let tagAccept: UInt32 = 0xFFFF_FFFF
+    /// Set on a connection's key: its request timer.
+    private static let tagTimer: UInt32 = 0x8000_0000
     private static let requestBytesMax = 8192
     private static let connectionsMax = 16
 
@@ -50,6 +54,9 @@ final class MetricsServer: IOHandler {
     func ioCompleted(tag: UInt32, result: Int32) {
         if tag == Self.tagAccept {
             if result >= 0 {
+                if clients.count >= Self.connectionsMax && !stopping, let oldest = clients.oldestWaitingForItsRequest() {
+                    finish(oldest)
+                }
                 if clients.count >= Self.connectionsMax || stopping {
                     closeDescriptor(result)
                 } else {
@@ -57,10 +64,16 @@ final class MetricsServer: IOHandler {
                     nextKey = (nextKey + 1) & 0x3FFF_FFFF
                     let client = StreamClient(fd: result, capacity: MetricsServer.requestBytesMax)
                     clients[nextKey << 1] = client
+                    loop.addTimer(id: id, tag: nextKey << 1 | Self.tagTimer, afterNanos: UInt64(Limits.streamRequestTimeoutSeconds) * 1_000_000_000)
                     postRecv(nextKey << 1, client)
                 }
             }
             if !stopping && result != -EINVAL { loop.engine.accept(fd: listenFD, userData: IOLoop.userData(id, Self.tagAccept)) }
+            return
+        }
+        if tag & Self.tagTimer != 0 {
+            let key = tag & ~Self.tagTimer
+            if let client = clients[key], !client.requestDone { finish(key) }
             return
         }
         let key = tag & ~1
@@ -89,6 +102,7 @@ final class MetricsServer: IOHandler {
     }
 
     private func respond(_ key: UInt32, _ client: StreamClient, status: String, type: String, body: String) {
+        client.requestDone = true
         let bodyBytes = Array(body.utf8)
         client.reply = Array("HTTP/1.0 \(status)\r\nContent-Type: \(type)\r\nContent-Length: \(bodyBytes.count)\r\nConnection: close\r\n\r\n".utf8) + bodyBytes
         postSend(key, client)
@@ -104,6 +118,7 @@ final class MetricsServer: IOHandler {
 
     private func finish(_ key: UInt32) {
         guard let client = clients.removeValue(forKey: key) else { return }
+        loop.cancelTimers(id: id, tag: key | Self.tagTimer)
         shutdown(client.fd, Int32(SHUT_RDWR))
         closeDescriptor(client.fd)
     }

@@ -14,6 +14,11 @@ final class StreamClient {
     /// Control socket only: an `events` subscriber, and whether a send is posted.
     var streaming = false
     var sending = false
+    /// The request has arrived whole (it is being answered, or the client subscribed): the
+    /// request timeout and the eviction of a full server no longer apply.
+    var requestDone = false
+    /// When the connection was accepted.
+    let acceptedNanos = monotonicNanos()
     private let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
     private let message = UnsafeMutablePointer<msghdr>.allocate(capacity: 1)
 
@@ -43,5 +48,19 @@ final class StreamClient {
         message.pointee.msg_iov = iov
         message.pointee.msg_iovlen = 1
         loop.engine.sendmsg(fd: fd, message: message, userData: userData)
+    }
+}
+
+/// The connections of a small server, by key.
+extension Dictionary where Key == UInt32, Value == StreamClient {
+    /// The connection that has waited longest without sending a whole request. A full server
+    /// closes it to take a new one, so clients that connect and say nothing cannot lock the
+    /// others out for longer than it takes the next one to connect.
+    func oldestWaitingForItsRequest() -> UInt32? {
+        var oldest: (key: UInt32, at: UInt64)?
+        for (key, client) in self where !client.requestDone && client.acceptedNanos < oldest?.at ?? .max {
+            oldest = (key, client.acceptedNanos)
+        }
+        return oldest?.key
     }
 }

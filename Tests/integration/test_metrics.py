@@ -1,5 +1,6 @@
 """Prometheus metrics over HTTP (`metrics = "HOST:PORT"` in a [[node]])."""
 
+import json
 import re
 import urllib.error
 import urllib.request
@@ -88,3 +89,43 @@ def test_polling_before_sleeping_is_counted_and_can_be_turned_off(make_pair, tmp
     b = scrape(ports["beta"])
     assert value(b, "tandem_poll_hits_total") == 0 and value(b, "tandem_poll_misses_total") == 0
     assert value(b, "tandem_poll_seconds_total") == 0
+
+
+def test_connections_that_say_nothing_cannot_lock_out_scrapes_or_the_control_socket(make_pair, tmp_path):
+    """Both small servers take 16 connections. Twenty that connect and send nothing (to each)
+    do not keep Prometheus or `tandem status` out: a new connection replaces the one that has
+    waited longest for its request, and an idle one is closed after the request timeout (10 s)."""
+    import socket
+    import time
+    from conftest import TANDEM_BIN, run
+    p = make_pair()
+    ports = serve_metrics(p, tmp_path)
+    p.up("alpha", "--primary")
+    p.wait_for("alpha", r"metrics: http://")
+    control = str(tmp_path / "alpha.sock")
+    assert json.loads(run([TANDEM_BIN, "status", str(p.resource), "--node", "alpha", "--json"]).stdout)["role"] == "Primary"
+    idle = []
+    for _ in range(20):
+        idle.append(socket.create_connection(("127.0.0.1", ports["alpha"]), timeout=30))
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        u.connect(control)  # blocking: waits while the listen backlog is full
+        u.settimeout(30)
+        idle.append(u)
+    try:
+        assert value(scrape(ports["alpha"]), "tandem_primary", node="alpha") == 1
+        out = run([TANDEM_BIN, "status", str(p.resource), "--node", "alpha", "--json"]).stdout
+        assert json.loads(out)["role"] == "Primary", out
+        # The idle connections still open are closed by the timeout: recv sees the end.
+        started = time.monotonic()
+        for s in idle:
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - started < 25
+    finally:
+        for s in idle:
+            s.close()
+    # Both servers still answer after all that.
+    assert value(scrape(ports["alpha"]), "tandem_primary", node="alpha") == 1
+    assert json.loads(run([TANDEM_BIN, "status", str(p.resource), "--node", "alpha", "--json"]).stdout)["role"] == "Primary"
