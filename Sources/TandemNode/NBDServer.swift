@@ -252,9 +252,21 @@ public final class NBDServer: IOHandler {
     }
 
     private func refuse(_ fd: Int32, _ peer: String) {
-        logger.warning("refusing NBD client \(peer): \(configuration.connectionsMax) connections already")
         closeDescriptor(fd)
+        // One line per refusal would let a client that reconnects in a loop flood the log: the
+        // first is logged, then at most one a minute with the number refused meanwhile.
+        refusedUnlogged += 1
+        let now = monotonicNanos()
+        guard refusalLoggedNanos == 0 || now &- refusalLoggedNanos >= 60_000_000_000 else { return }
+        let others = refusedUnlogged - 1
+        logger.warning("refusing NBD client \(peer): \(configuration.connectionsMax) connections already\(others > 0 ? " (and \(others) more since the last such line)" : "")")
+        refusedUnlogged = 0
+        refusalLoggedNanos = now
     }
+
+    /// Refusals for the connection limit not logged yet, and when the last was.
+    private var refusedUnlogged = 0
+    private var refusalLoggedNanos: UInt64 = 0
 
     /// Runs a client accepted here or, with several loops, by the loop that listens.
     func adopt(_ fd: Int32, peer: String) {

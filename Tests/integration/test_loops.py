@@ -132,6 +132,9 @@ def test_max_connections_counts_every_loop(serve):
     held = [srv.libnbd() for _ in range(3)]
     assert not srv.one_more_served(), "a fourth client was served with --max-connections 3 over 2 loops"
     assert "3 connections already" in srv.log_text(since_start=True)
+    # A client refused over and over does not flood the log: one line a minute at most.
+    assert not any(srv.one_more_served() for _ in range(20))
+    assert srv.log_text(since_start=True).count("connections already") == 1
     held.pop().shutdown()
     srv.served_again("no client served after one of three left")
     for h in held:
