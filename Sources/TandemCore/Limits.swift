@@ -77,6 +77,9 @@ public enum Limits {
     /// Seconds a control-socket or metrics connection has to send its whole request before it
     /// is closed.
     public static let streamRequestTimeoutSeconds = 10
+    /// Seconds a clean stop of a connected primary waits for its final flush on both sides
+    /// (`ReplicatedNode.settle`) before it stops anyway.
+    public static let stopSettleSeconds = 5
     /// Timers the event loop tracks at once.
     public static let timersMax = 4096
 

@@ -20,6 +20,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     private static let tagDiffSync: UInt32 = 0x1000_0005
     private static let tagRollbackAnswer: UInt32 = 0x1000_0006
     private static let tagCheckpointSync: UInt32 = 0x1000_0007
+    private static let tagSettleTimer: UInt32 = 0x1000_0008
     /// Verify reads: this base plus the request's window slot (primary) or the peer's request
     /// slot (secondary).
     private static let tagVerifyLocal: UInt32 = 0x2000_0000
@@ -1070,6 +1071,9 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             rollbackNoticeAnswered()
         case Self.tagCheckpointSync:
             checkpointSynced(result)
+        case Self.tagSettleTimer:
+            logger.warning("the flush before stopping took over \(Limits.stopSettleSeconds) s: stopping anyway")
+            settleDone?()
         case Self.tagTick:
             beginActions()
             // Reads served from the local disk compete with a resync too (writes the core sees).
@@ -2220,6 +2224,38 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     }
 
     // MARK: Stopping
+
+    /// Before a clean stop of a connected primary (its clients gone): one flush on both sides,
+    /// so the peer acknowledges every write's epoch and the link's end marks nothing out of sync.
+    /// Without it the writes since the last flush stayed in the transfer log, the stop marked
+    /// them, and the restart made the peer a resync target for them (Inconsistent meanwhile, so
+    /// a disk failure then had no good copy to serve from). Bounded: after
+    /// `Limits.stopSettleSeconds` the stop goes on (and marks what is still unacknowledged).
+    func settle(then done: @escaping () -> Void) {
+        guard !stopping, core.role == .primary, core.link == .connected, link != nil else { return done() }
+        var finished = false
+        let finish = { [self] in
+            guard !finished else { return }
+            finished = true
+            settleDone = nil
+            done()
+        }
+        settleDone = finish
+        loop.addTimer(id: id, tag: Self.tagSettleTimer, afterNanos: UInt64(Limits.stopSettleSeconds) * 1_000_000_000)
+        let flushID = nextClientID
+        nextClientID += 1
+        internalFlushes[flushID] = { [self] result in
+            loop.cancelTimers(id: id, tag: Self.tagSettleTimer)
+            if result != 0 { logger.warning("the flush before stopping failed (\(SystemError.text(-result)))") }
+            finish()
+        }
+        beginActions()
+        core.clientFlush(id: flushID, into: &actions)
+        perform()
+    }
+
+    /// What a settle calls when its flush completes or its time is up.
+    private var settleDone: (() -> Void)?
 
     func stop() {
         guard !stopping else { return }

@@ -87,13 +87,17 @@ public enum Up {
             metrics?.stop()
             if let server {
                 server.onStopped = {
-                    node.stop()
-                    loop.stop()
+                    node.settle {
+                        node.stop()
+                        loop.stop()
+                    }
                 }
                 server.beginShutdown()
             } else {
-                node.stop()
-                loop.stop()
+                node.settle {
+                    node.stop()
+                    loop.stop()
+                }
             }
         }
         try node.start()

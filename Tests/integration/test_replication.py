@@ -534,6 +534,54 @@ def test_a_crashed_primary_resyncs_only_its_hot_extents(pair, tmp_path):
     assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
 
 
+def test_a_clean_stop_of_the_primary_leaves_nothing_to_resync(pair, tmp_path):
+    """Writes with no flush after them, then SIGTERM: the primary flushes both sides before the
+    link goes, so nothing is marked out of sync and the restart needs no resync (before, the
+    writes of the open epoch were marked and the peer became a resync target for them)."""
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    with RawNBD("127.0.0.1", pair.nbd_port).connect("r0") as c:
+        for i in range(32):
+            err, _ = c.request(CMD_WRITE, i * 2 * MiB, 64 * 1024, payload=bytes([i + 1]) * (64 * 1024), cookie=i + 1)
+            assert err == 0
+        c.disconnect()
+    since = pair.mark("alpha")
+    assert pair.stop("alpha") == 0
+    text = pair.log("alpha")[since:]
+    assert re.search(r"link to beta down: node stopping\n.*established, 0 bytes out of sync", text), text
+    since_b = pair.mark("beta")
+    pair.up("alpha", "--primary")
+    text = pair.wait_for("beta", r"connected to alpha: (\w+)", since=since_b)
+    assert "connected to alpha: noSync" in text, text
+    pair.wait_in_sync()
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
+def test_a_clean_stop_does_not_wait_for_a_frozen_peer_for_ever(pair, tmp_path):
+    """The flush before stopping is bounded: with the secondary frozen (SIGSTOP) the primary
+    stops anyway, and what the peer did not acknowledge is marked for the next connect."""
+    pair.up("beta")
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync()
+    qemu_io(pair.uri, "write -P 0x5a 0 1M")
+    pair.procs["beta"].send_signal(signal.SIGSTOP)
+    try:
+        since = pair.mark("alpha")
+        assert pair.stop("alpha") == 0  # fails after 30 s if the stop hangs
+        text = pair.log("alpha")[since:]
+        assert re.search(r"flush before stopping took over 5 s: stopping anyway", text), text
+    finally:
+        pair.procs["beta"].send_signal(signal.SIGCONT)
+    pair.up("alpha", "--primary")
+    pair.wait_in_sync(since=0)
+    assert pair.stop("alpha") == 0
+    assert pair.stop("beta") == 0
+    assert (tmp_path / "alpha.img").read_bytes() == (tmp_path / "beta.img").read_bytes()
+
+
 def test_link_and_export_sockets_get_the_send_buffers_of_the_resource_file(make_pair):
     """`link-send-buffer` sets SO_SNDBUF on both ends of the replication link, `nbd-send-buffer`
     on the export's client sockets (ss shows what the kernel keeps: twice the value)."""
