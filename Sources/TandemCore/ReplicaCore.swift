@@ -796,8 +796,11 @@ public struct ReplicaCore {
         case .disconnect(let reason, _):
             if reason == .splitBrain || reason == .unrelatedData {
                 // The peer found it first (its hello decided before ours arrived): same verdict.
+                // Only for the link it came on: after this side's own verdict took the link
+                // down, a flag set now would outlive it and turn the next ordinary link loss
+                // (after the split brain was resolved) into StandAlone for good.
                 splitBrain = true
-                peerDisconnectedForSplitBrain = true
+                if link == .connected || link == .handshaking { peerDisconnectedForSplitBrain = true }
             }
             if reason == .shutdown && peerRole == .primary && role == .secondary && disk == .upToDate {
                 // The primary leaves on purpose and will write without us: our copy is now older
@@ -925,6 +928,7 @@ public struct ReplicaCore {
             return
         }
         peerLeftForRollback = false
+        peerDisconnectedForSplitBrain = false
         linkSequence = 0
         epoch = 1
         epochClosePending = false

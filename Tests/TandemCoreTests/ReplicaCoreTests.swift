@@ -609,6 +609,39 @@ struct Pair {
         #expect(pair.primary.link == .standalone)
     }
 
+    /// Found by tools/chaos (seed 33): both sides found the split brain, the peer's
+    /// `disconnect(splitBrain)` came in after this side's own verdict had taken the link down,
+    /// and the flag it set outlived that link. Once the operator had resolved the split brain and
+    /// the pair was back in sync, the next ordinary link loss (the primary crashed) left this
+    /// node StandAlone for good instead of reconnecting.
+    @Test func aSplitBrainVerdictFromThePeerDoesNotOutliveItsLink() {
+        var pair = Pair()
+        pair.dropLink()
+        pair.write(1, at: 0)
+        pair.completePrimary(.client(1))
+        var forced = ReplicaCore(configuration: pair.secondary.configuration, role: .primary, disk: .upToDate,
+                                 uuids: pair.secondary.uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: 0x9000),
+                                 bitmap: pair.secondary.bitmap)
+        var actions: [ReplicaCore.Action] = []
+        forced.linkUp(peer: Pair.hello(of: pair.primary), freshUUID: 1, into: &actions)
+        #expect(forced.link == .standalone)
+        // The peer's own verdict arrives after this side dropped the link.
+        forced.peerMessage(.disconnect(reason: .splitBrain, text: "split brain"), into: &actions)
+        #expect(forced.splitBrain)
+        // The operator resolves it: this side demotes and gives up its changes.
+        #expect(forced.demote(into: &actions) == nil)
+        forced.connect(discardMyData: true, into: &actions)
+        #expect(forced.link == .connecting)
+        var peer = pair.primary
+        peer.connect(discardMyData: false, into: &actions)
+        forced.linkUp(peer: Pair.hello(of: peer, flags: 0), freshUUID: 2, into: &actions)
+        #expect(forced.link == .handshaking || forced.link == .connected)
+        // Later the link drops for an ordinary reason: the node must try to connect again.
+        actions.removeAll()
+        forced.linkDown(.peerClosed, freshUUID: 3, into: &actions)
+        #expect(forced.link == .connecting, "an ordinary link loss after a resolved split brain leaves the node StandAlone")
+    }
+
     @Test func newZeroedPairsSkipTheInitialSyncAndAgreeOnAGeneration() {
         let config = { (id: UInt8) in ReplicaCore.Configuration(nodeID: id, deviceBytes: Pair.size) }
         var a = ReplicaCore(configuration: config(0), role: .primary, disk: .inconsistent, uuids: GenerationUUIDs(), bitmap: DirtyBitmap(deviceBytes: Pair.size), flags: [.newZeroed])
