@@ -242,7 +242,11 @@ struct WaitSync: ParsableCommand {
         var totalBytes: UInt64 = 0
         while true {
             let s = try target.status()
-            if s.splitBrain { throw fail("\(target.node) is in split brain with \(s.peerName): see tandem connect --help") }
+            // A split brain being resolved (`tandem connect` given, the node connecting again)
+            // is waited for: the README's playbook runs wait-sync right after the connects.
+            if s.splitBrain && s.connection == "Standalone" {
+                throw fail("\(target.node) is in split brain with \(s.peerName): see tandem connect --help")
+            }
             if s.connection == "Standalone" { throw fail("\(target.node) is StandAlone: it will not connect until tandem connect") }
             if s.inSync {
                 // Nothing to report when it was in sync from the start.

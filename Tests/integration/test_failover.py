@@ -218,9 +218,17 @@ def test_split_brain_is_detected_and_discard_my_data_resolves_it(make_cluster, t
     cp = c.tandem("connect", "--node", "beta", "--discard-my-data", check=False)
     assert cp.returncode != 0 and "demote it first" in cp.stderr_text
     c.tandem("secondary", "--node", "beta")
-    c.tandem("connect", "--node", "beta", "--discard-my-data")
     since = (c.mark("alpha"), c.mark("beta"))
+    # alpha first: it keeps trying to connect, and wait-sync waits for that rather than giving
+    # up on the split brain being resolved (it gave up at once, found by tools/chaos).
     c.tandem("connect", "--node", "alpha")
+    waiter = subprocess.Popen([TANDEM_BIN, "wait-sync", str(c.resource), "--node", "alpha", "--no-progress", "--timeout", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1)
+    assert waiter.poll() is None, f"wait-sync gave up while alpha was reconnecting: {waiter.communicate()}"
+    c.tandem("connect", "--node", "beta", "--discard-my-data")
+    out, err = waiter.communicate(timeout=130)
+    assert waiter.returncode == 0, out + err
     text = c.wait_for("alpha", r"syncSource, (\d+) bytes out of sync", since=since[0])
     moved = int(re.findall(r"syncSource, (\d+) bytes out of sync", text)[-1])
     assert 3 * MiB <= moved <= 3 * MiB + 2 * 4 * MiB, f"resync moved {moved} bytes, expected both sides' 3 MiB of changes"
