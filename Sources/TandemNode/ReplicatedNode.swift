@@ -1073,7 +1073,7 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
             checkpointSynced(result)
         case Self.tagSettleTimer:
             logger.warning("the flush before stopping took over \(Limits.stopSettleSeconds) s: stopping anyway")
-            settleDone?()
+            settled()
         case Self.tagTick:
             beginActions()
             // Reads served from the local disk compete with a resync too (writes the core sees).
@@ -2233,29 +2233,28 @@ final class ReplicatedNode: IOHandler, NBDReplicator, PeerConnectionDelegate {
     /// `Limits.stopSettleSeconds` the stop goes on (and marks what is still unacknowledged).
     func settle(then done: @escaping () -> Void) {
         guard !stopping, core.role == .primary, core.link == .connected, link != nil else { return done() }
-        var finished = false
-        let finish = { [self] in
-            guard !finished else { return }
-            finished = true
-            settleDone = nil
-            done()
-        }
-        settleDone = finish
+        settleDone = done
         loop.addTimer(id: id, tag: Self.tagSettleTimer, afterNanos: UInt64(Limits.stopSettleSeconds) * 1_000_000_000)
         let flushID = nextClientID
         nextClientID += 1
         internalFlushes[flushID] = { [self] result in
             loop.cancelTimers(id: id, tag: Self.tagSettleTimer)
             if result != 0 { logger.warning("the flush before stopping failed (\(SystemError.text(-result)))") }
-            finish()
+            settled()
         }
         beginActions()
         core.clientFlush(id: flushID, into: &actions)
         perform()
     }
 
-    /// What a settle calls when its flush completes or its time is up.
+    /// What to run once the settle's flush completes or its time is up, whichever comes first.
     private var settleDone: (() -> Void)?
+
+    private func settled() {
+        guard let done = settleDone else { return }
+        settleDone = nil
+        done()
+    }
 
     func stop() {
         guard !stopping else { return }
