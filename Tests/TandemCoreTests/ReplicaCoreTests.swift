@@ -590,15 +590,21 @@ struct Pair {
         for bit in bits { #expect(copy.isDirty(offset: UInt64(bit) * 4096, length: 4096)) }
     }
 
-    @Test func bothSidesWritingApartIsSplitBrainAndNeverMerged() {
+    /// A pair whose primary wrote after the link dropped, and its secondary forced primary while
+    /// apart (its own new generation): the two will find a split brain.
+    static func splitApart() -> (pair: Pair, forced: ReplicaCore) {
         var pair = Pair()
         pair.dropLink()
         pair.write(1, at: 0)
         pair.completePrimary(.client(1))
-        // The secondary is forced primary while apart and writes too (its own new generation).
-        var forced = ReplicaCore(configuration: pair.secondary.configuration, role: .primary, disk: .upToDate,
+        let forced = ReplicaCore(configuration: pair.secondary.configuration, role: .primary, disk: .upToDate,
                                  uuids: pair.secondary.uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: 0x9000),
                                  bitmap: pair.secondary.bitmap)
+        return (pair, forced)
+    }
+
+    @Test func bothSidesWritingApartIsSplitBrainAndNeverMerged() {
+        var (pair, forced) = Self.splitApart()
         var actions: [ReplicaCore.Action] = []
         forced.linkUp(peer: Pair.hello(of: pair.primary), freshUUID: 1, into: &actions)
         #expect(actions.contains(.dropLink(.splitBrain)))
@@ -615,13 +621,7 @@ struct Pair {
     /// the pair was back in sync, the next ordinary link loss (the primary crashed) left this
     /// node StandAlone for good instead of reconnecting.
     @Test func aSplitBrainVerdictFromThePeerDoesNotOutliveItsLink() {
-        var pair = Pair()
-        pair.dropLink()
-        pair.write(1, at: 0)
-        pair.completePrimary(.client(1))
-        var forced = ReplicaCore(configuration: pair.secondary.configuration, role: .primary, disk: .upToDate,
-                                 uuids: pair.secondary.uuids.rotatedForNewPrimaryDataWhileDisconnected(newCurrent: 0x9000),
-                                 bitmap: pair.secondary.bitmap)
+        var (pair, forced) = Self.splitApart()
         var actions: [ReplicaCore.Action] = []
         forced.linkUp(peer: Pair.hello(of: pair.primary), freshUUID: 1, into: &actions)
         #expect(forced.link == .standalone)
