@@ -22,8 +22,10 @@
 /// its peer acknowledged the notice over the link (Protocol/barriers.md "Rollback and the
 /// witness"): its image is about to become the newest and the peer's older, so while the record
 /// stands the peer is not promoted. The record is refused while the peer is (recorded as)
-/// primary, or while the witness has not heard from it since it started (it may be a primary
-/// the witness let take over before a restart); the first request the witness handles wins
+/// primary, while the witness has not heard from it since it started (it may be a primary
+/// the witness let take over before a restart), or while the peer's generation descends from
+/// the node's (it wrote without the node, then demoted: the rolled-back generation would meet
+/// it as a split brain); the first request the witness handles wins
 /// (a grant to the peer, or the record). It ends when the node says it no longer rolls back
 /// (its peer resynced from it, or the rollback did not start), when it becomes primary, or once
 /// the peer reports the rolled-back generation as its own (it resynced, and the node could not
@@ -146,8 +148,9 @@ public struct WitnessArbiter: Sendable {
     /// refused, so that a witness that restarted since does not promote the other node.
     ///
     /// `rollingBack` (a secondary): record that it rolls back to a barrier. Granted at once if
-    /// recorded already; refused, and not recorded, while the other node is recorded as primary
-    /// or the witness has not heard from it since it started. A state without it ends the record.
+    /// recorded already; refused, and not recorded, while the other node is recorded as primary,
+    /// the witness has not heard from it since it started, or its generation descends from this
+    /// node's (it holds writes this one lacks). A state without it ends the record.
     /// The role and disk are recorded in every case.
     @discardableResult
     public mutating func announced(_ id: UInt8, role: PeerRole, disk: PeerDiskState, writesWithoutPeer: Bool, uuids: PeerGenerationUUIDs? = nil,
@@ -169,6 +172,11 @@ public struct WitnessArbiter: Sendable {
                 rollback = .refused("\(them) is primary: \(me) may not roll back under it (demote \(them) first)")
             } else if !nodes[o]!.known {
                 rollback = .refused("the witness has not heard from \(them) since it started: \(them) may be primary elsewhere")
+            } else if Self.descends(nodes[o]!.uuids, from: nodes[id]!.uuids) {
+                // The other node wrote since this one's generation (it wrote without this one as
+                // primary, then demoted): the rolled-back generation would not descend from its
+                // data, and the two would meet as a split brain. This node resyncs first.
+                rollback = .refused("\(them) holds writes \(me) lacks (its generation descends from \(me)'s): \(me) may not roll back before it resynced from \(them)")
             } else {
                 nodes[id]!.rollingBackFrom = Self.compared(nodes[id]!.uuids)
             }

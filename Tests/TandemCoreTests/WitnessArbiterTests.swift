@@ -153,6 +153,33 @@ import TandemCore
         #expect(b.nodes[0]?.role == .secondary)
     }
 
+    /// Found by the simulator (`--witness --barriers --failover --overlapping-writes`, seed
+    /// 310036700): a partition hid the primary (alpha) from its secondary; alpha fenced beta
+    /// through the witness, started a generation and answered writes alone, then demoted for the
+    /// rollback's switchover. Beta, which had seen neither the promotion nor the link loss, asked
+    /// to roll back and the witness recorded it: the rolled-back generation and alpha's both
+    /// descended from the one they shared, a split brain at every connect, for good. Now the
+    /// record is refused while the peer's generation descends from the node's.
+    @Test func aPeerThatWroteWithoutTheNodeRefusesItsRollback() {
+        var a = arbiter()
+        a.announced(0, role: .primary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100))
+        a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100))
+        #expect(a.announced(0, role: .primary, disk: .upToDate, writesWithoutPeer: true, uuids: u(0x100)) == .granted)
+        a.announced(0, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x200, 0x100))
+        if case .refused(let why) = a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x100), rollingBack: true) {
+            #expect(why.contains("alpha holds writes beta lacks"), "\(why)")
+        } else {
+            Issue.record("a rollback was recorded on data older than the peer's")
+        }
+        #expect(!a.rollsBack(1))
+        // The node that holds the newer data may take the role back.
+        #expect(a.requestPrimary(0, disk: .upToDate, uuids: u(0x200, 0x100)) == .granted)
+        // Once beta resynced from alpha (it reports alpha's generation), it may roll back again.
+        a.announced(0, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x200))
+        #expect(a.announced(1, role: .secondary, disk: .upToDate, writesWithoutPeer: false, uuids: u(0x200), rollingBack: true) == .granted)
+        #expect(a.rollsBack(1))
+    }
+
     /// A restarted witness knows nothing: a rollback is not recorded before it heard from the
     /// peer (it may be a primary the witness let take over before the restart); a rollback
     /// already running comes back with the node's hello, before anything else.

@@ -477,6 +477,18 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(witness: true, barriers: true)))
     }
 
+    /// A partition hid a survivor's promotion from its secondary; the primary fenced the
+    /// secondary through the witness, wrote alone, and demoted for the rollback's switchover.
+    /// The secondary, on its stale view (connected, the peer secondary and in sync), asked to
+    /// roll back and the witness recorded it: the rolled-back generation and the primary's
+    /// both descended from the one they shared, a split brain at every connect (no end after
+    /// 2000000 events). Now the witness refuses the record while the peer's generation descends
+    /// from the node's.
+    @Test(arguments: SimRegressions.rollbackOnOlderData)
+    func aRollbackIsNotRecordedOnDataOlderThanThePeers(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(failover: true, overlappingClientWrites: true, witness: true, barriers: true)))
+    }
+
     /// The checker's error: a node rolling back stands alone until it is done (it neither dials
     /// nor accepts), and a slow rollback that began as the faults stopped was taken for a split
     /// brain by the operator's nudge.
@@ -642,6 +654,7 @@ enum SimRegressions {
     static let staleWasPrimaryWonTheTie: [UInt64] = [1393, 3952]
     static let rollbackNotRecorded: [UInt64] = [37, 232]
     static let rollbackRecordNotEnforced: [UInt64] = [6, 19]
+    static let rollbackOnOlderData: [UInt64] = [310036700]
     static let unfinishedWritesAtCleanStop: [UInt64] = [21570, 27782]
     static let answeredFromADetachedDisk: [UInt64] = [20824]
     static let switchoverOnAStaleView: [UInt64] = [27437]
