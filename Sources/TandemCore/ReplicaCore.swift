@@ -1666,13 +1666,7 @@ public struct ReplicaCore {
             localFlags.remove(.outdated)
         }
         sync = .established
-        // The peer is UpToDate only once it says so (its `stateChange` after `resyncDone`, which
-        // it persists first): `resyncDone` may be lost with the link, and the target then stays
-        // Inconsistent. Counted as a full copy before that, it let this side detach its own disk
-        // at the next local error (a primary's failed write or flush that the peer's copy
-        // answered), and the link loss that followed left two Inconsistent disks, though the
-        // target held every acknowledged write: no promotion, no resync (`--switchover
-        // --primary-disk-errors --overlapping-writes --barriers` 320004187, 320013541).
+        peerDisk = .upToDate
         // The generation the target adopts: this side's now (a write during the handshake may
         // have started one since the hello).
         actions.append(.send(.stateChange(PeerStateChange(role: role, diskState: disk, uuids: Self.wire(uuids)))))
@@ -1857,10 +1851,7 @@ public struct ReplicaCore {
         }
         bitmap.clearAll()
         disk = .upToDate
-        // Persisted (the node writes the metadata on `stateChanged`) before the source hears of
-        // it: the source counts this copy as UpToDate only from this announcement on.
         actions.append(.stateChanged(status))
-        actions.append(.send(.stateChange(PeerStateChange(role: role, diskState: disk, uuids: Self.wire(uuids)))))
     }
 
     public static func uuids(of hello: PeerHello) -> GenerationUUIDs {
