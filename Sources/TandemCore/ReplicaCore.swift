@@ -476,14 +476,15 @@ public struct ReplicaCore {
         writes[id] = nil
         var result = write.localResult
         let peerHasIt = write.peerResult == 0 && write.linkSequence != 0
-        if result < 0 && peerHasIt && (disk == .failed || (peerDisk == .upToDate && pendingSync != .syncSource)) {
+        if result < 0 && peerHasIt && (disk == .failed || (peerDisk == .upToDate && pendingSync != .syncSource && !resyncDoneUnconfirmed)) {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
             // Nor is one this side is about to resync (a verify's or a connect's handshake: its
             // hello said UpToDate, but the blocks marked here are copied from this disk): the
             // detached disk would still become the source at `bitmapDone` and send its stale
             // copy of this write's blocks over the peer's good one (`--witness --switchover
-            // --primary-disk-errors --double-faults --overlapping-writes` 103109819).
+            // --primary-disk-errors --double-faults --overlapping-writes` 103109819). Nor is one
+            // that has not yet confirmed the end of this side's resync (`resyncDoneUnconfirmed`).
             result = 0
             markOutOfSync(offset: write.offset, length: UInt64(write.length))
             detachLocalDisk(into: &actions)
@@ -590,7 +591,18 @@ public struct ReplicaCore {
     /// its local disk can detach after an error and the peer serve.
     private var peerIsFullCopy: Bool {
         role == .primary && link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount == 0
+            && !resyncDoneUnconfirmed
     }
+
+    /// A resync this side was the source of ended (`resyncDone` sent) and the target has not yet
+    /// said it is UpToDate (its `stateChange` after `resyncDone`). Until then the peer counts as
+    /// UpToDate for everything but one decision: detaching this disk for its copy. `resyncDone`
+    /// may be lost with the link, leaving the target Inconsistent; a source that detached at a
+    /// local error in that window left two Inconsistent disks, though the target held every
+    /// acknowledged write (`--switchover --primary-disk-errors --overlapping-writes --barriers`
+    /// 320004187, 320013541). Counting the peer Inconsistent for everything in that window
+    /// instead broke the generation and witness rules (split brains undetected).
+    private var resyncDoneUnconfirmed = false
 
     /// A consistent disk that holds writes its peer lacks: it wrote since the generation its
     /// bitmap tracks (the peer's: a bitmap UUID), or it is, or is about to be, the resync source,
@@ -746,6 +758,8 @@ public struct ReplicaCore {
         case .bitmapDone(let totalBits, _):
             receivedBitmapDone(totalBits: totalBits, into: &actions)
         case .stateChange(let change):
+            // The target's announcement after `resyncDone` (it sent nothing UpToDate before it).
+            if change.diskState == .upToDate { resyncDoneUnconfirmed = false }
             let changed = peerDisk != change.diskState || peerRole != change.role
             peerDisk = change.diskState
             peerRole = change.role
@@ -929,6 +943,7 @@ public struct ReplicaCore {
         }
         peerLeftForRollback = false
         peerDisconnectedForSplitBrain = false
+        resyncDoneUnconfirmed = false
         linkSequence = 0
         epoch = 1
         epochClosePending = false
@@ -1667,6 +1682,7 @@ public struct ReplicaCore {
         }
         sync = .established
         peerDisk = .upToDate
+        resyncDoneUnconfirmed = true
         // The generation the target adopts: this side's now (a write during the handshake may
         // have started one since the hello).
         actions.append(.send(.stateChange(PeerStateChange(role: role, diskState: disk, uuids: Self.wire(uuids)))))
@@ -1851,7 +1867,10 @@ public struct ReplicaCore {
         }
         bitmap.clearAll()
         disk = .upToDate
+        // Persisted (the node writes the metadata on `stateChanged`) before the source hears of
+        // it: the source detaches its own disk for this copy only from this announcement on.
         actions.append(.stateChanged(status))
+        actions.append(.send(.stateChange(PeerStateChange(role: role, diskState: disk, uuids: Self.wire(uuids)))))
     }
 
     public static func uuids(of hello: PeerHello) -> GenerationUUIDs {

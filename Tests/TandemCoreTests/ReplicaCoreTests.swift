@@ -187,12 +187,12 @@ struct Pair {
         while secondaryDisk.contains(where: { $0.tag == .resyncTargetFlush }) { completeSecondary(.resyncTargetFlush) }
     }
 
-    mutating func dropLink() {
+    mutating func dropLink(freshUUIDs: (primary: UInt64, secondary: UInt64) = (0x2000, 0x3000)) {
         var actions: [ReplicaCore.Action] = []
-        primary.linkDown(.peerClosed, freshUUID: 0x2000, into: &actions)
+        primary.linkDown(.peerClosed, freshUUID: freshUUIDs.primary, into: &actions)
         applyPrimary(actions)
         actions.removeAll()
-        secondary.linkDown(.peerClosed, freshUUID: 0x3000, into: &actions)
+        secondary.linkDown(.peerClosed, freshUUID: freshUUIDs.secondary, into: &actions)
         applySecondary(actions)
         toSecondary.removeAll()
         toPrimary.removeAll()

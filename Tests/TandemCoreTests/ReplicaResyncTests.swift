@@ -168,6 +168,67 @@ extension Pair {
         #expect(pair.primary.sync == .established && pair.primary.bitmap.setBitCount == 0, "copied again")
     }
 
+    /// Found by the simulator (`--switchover --primary-disk-errors --overlapping-writes
+    /// --barriers` 320013541): the source counted the target UpToDate as it sent `resyncDone`, a
+    /// client write then failed on its disk and the target's ack answered it, so the disk
+    /// detached; the link reset took `resyncDone` with it, and the pair was left with two
+    /// Inconsistent disks (the target held every acknowledged write) that neither a promotion
+    /// nor a resync could bring back. Now the source detaches its disk for the target's copy only
+    /// once the target has said it is UpToDate (for everything else it counts as UpToDate at
+    /// once: counting it Inconsistent broke the generation rules).
+    @Test func aFailedWriteBeforeTheTargetConfirmedTheResyncsEndKeepsTheSourcesDisk() {
+        var pair = Pair()
+        pair.resyncAfterWriteAlone(65536)
+        pair.readResyncRuns()
+        pair.deliverToSecondary()
+        pair.completeResyncWritesAndFlush()
+        pair.write(2, at: 1 << 20)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        pair.completePrimary(.resyncFlush)
+        #expect(pair.primary.sync == .established && pair.toSecondary.contains(.send(.resyncDone)), "the source ended the resync")
+        #expect(pair.primary.peerDisk == .upToDate, "UpToDate for everything but detaching this disk")
+        pair.completePrimary(.client(2), -5)
+        #expect(pair.primary.disk == .upToDate, "the target may not know it is a full copy: the disk stays")
+        #expect(pair.completed[2] == -5 && pair.primary.bitmap.isDirty(offset: 1 << 20, length: 4096))
+        pair.dropLink(freshUUIDs: (0x2_0000, 0x3_0000))
+        #expect(pair.secondary.disk == .inconsistent, "the link reset took `resyncDone`")
+        pair.reconnect(freshUUIDs: (0x7_0000, 0x8_0000))  // other resync ids than the first link's
+        #expect(pair.primary.sync == .syncSource && pair.secondary.sync == .syncTarget, "the next connect resyncs the target from it")
+        ReplicaCoreTests.driveResync(&pair)
+        #expect(pair.secondary.disk == .upToDate && pair.primary.peerDisk == .upToDate)
+    }
+
+    /// The same for a client flush (`--switchover --primary-disk-errors --overlapping-writes
+    /// --barriers` 320004187): the target's flush answered it, then the source ended the resync
+    /// and the flush failed on its own disk; the disk detached, and a partition that took
+    /// `resyncDone` and a crash left both disks Inconsistent.
+    @Test func aFailedFlushBeforeTheTargetConfirmedTheResyncsEndKeepsTheSourcesDisk() {
+        var pair = Pair()
+        pair.resyncAfterWriteAlone(65536)
+        pair.readResyncRuns()
+        pair.deliverToSecondary()
+        pair.completeResyncWritesAndFlush()
+        pair.flush(7)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerFlush(7))
+        pair.deliverToPrimary()
+        pair.completePrimary(.resyncFlush)
+        #expect(pair.primary.sync == .established && pair.toSecondary.contains(.send(.resyncDone)), "the source ended the resync")
+        pair.completePrimary(.clientFlush(7), -5)
+        #expect(pair.primary.disk == .upToDate && pair.flushed[7] == -5, "the target may not know it is a full copy: the disk stays")
+        pair.dropLink(freshUUIDs: (0x2_0000, 0x3_0000))
+        #expect(pair.secondary.disk == .inconsistent && pair.primary.disk == .upToDate)
+        pair.reconnect(freshUUIDs: (0x7_0000, 0x8_0000))
+        ReplicaCoreTests.driveResync(&pair)
+        #expect(pair.secondary.disk == .upToDate && pair.primary.peerDisk == .upToDate)
+        // Confirmed, the target is a full copy: a failed flush its flush answers detaches the
+        // disk, as before.
+        pair.flushThroughBoth(8, local: -5)
+        #expect(pair.primary.disk == .failed && pair.flushed[8] == 0)
+    }
+
     /// A source keeps at most `Limits.resyncRunsUnacknowledgedMax` runs unacknowledged; the
     /// target holds no more acks than that.
     @Test func moreResyncRunsUnacknowledgedThanTheLimitIsAProtocolError() {

@@ -273,6 +273,17 @@ import TandemSim
         Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, switchover: true, barriers: true)))
     }
 
+    /// A resync source counted its target UpToDate as it sent `resyncDone`; a client write or
+    /// flush then failed on its disk and the target's answer detached it, and a reset or a
+    /// partition took `resyncDone`: both disks ended Inconsistent, though the target held every
+    /// acknowledged write, and every promotion was refused (no end after 2000000 events, or no
+    /// convergence). Now the source detaches its disk for the target's copy only once the target
+    /// has said it is UpToDate.
+    @Test(arguments: SimRegressions.detachedBeforeTheTargetKnewItWasDone)
+    func theSourceKeepsItsDiskUntilTheTargetConfirmsTheResyncsEnd(seed: UInt64) {
+        Self.check(Simulator.run(seed: seed, options: SimOptions(overlappingClientWrites: true, primaryDiskErrors: true, switchover: true, barriers: true)))
+    }
+
     /// A primary's write failed on its disk during a verify's handshake that made it the resync
     /// source; the peer's hello said UpToDate, so the disk detached and the write was answered,
     /// and the detached disk still became the source and copied its stale blocks over the peer's
@@ -621,6 +632,7 @@ enum SimRegressions {
     static let resyncSourceReadUnflushed: [UInt64] = [92120945]
     static let detachedBeforeBecomingSource: [UInt64] = [103109819]
     static let evictedBeforeTheDetachWasMarked: [UInt64] = [101118196]
+    static let detachedBeforeTheTargetKnewItWasDone: [UInt64] = [320004187, 320013541]
     static let onlyCopyDetachedAsSecondary: [UInt64] = [102100484]
     static let sourceDetachedAfterTheLinkDropped: [UInt64] = [195654, 199606]
     static let stalePromotionDuringSwitchover: [UInt64] = [101103302, 101107362, 101116884]
