@@ -476,6 +476,9 @@ public struct ReplicaCore {
         writes[id] = nil
         var result = write.localResult
         let peerHasIt = write.peerResult == 0 && write.linkSequence != 0
+        if result < 0 && peerHasIt && disk != .failed && peerDisk == .upToDate && pendingSync != .syncSource && resyncDoneUnconfirmed {
+            detachWhenResyncDoneConfirmed = true
+        }
         if result < 0 && peerHasIt && (disk == .failed || (peerDisk == .upToDate && pendingSync != .syncSource && !resyncDoneUnconfirmed)) {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
@@ -510,6 +513,7 @@ public struct ReplicaCore {
     private mutating func finishFlushIfDone(_ id: UInt64, into actions: inout [Action]) {
         guard let flush = flushes[id], flush.localDone, !flush.peerPending else { return }
         flushes[id] = nil
+        if flush.localResult < 0 && flush.peerResult == 0 && peerIsFullCopyOnceConfirmed { detachWhenResyncDoneConfirmed = true }
         if flush.localResult < 0 && flush.peerResult == 0 && peerIsFullCopy {
             // The writes this flush covers may not be on the local disk, and the peer's flush
             // made every write it got durable there: handled as a failed write (and as
@@ -582,6 +586,7 @@ public struct ReplicaCore {
         } else if peerIsFullCopy {
             detachLocalDisk(into: &actions)
         } else {
+            if peerIsFullCopyOnceConfirmed { detachWhenResyncDoneConfirmed = true }
             writebackErrorPending = result
         }
         return disk == .failed
@@ -603,6 +608,15 @@ public struct ReplicaCore {
     /// 320004187, 320013541). Counting the peer Inconsistent for everything in that window
     /// instead broke the generation and witness rules (split brains undetected).
     private var resyncDoneUnconfirmed = false
+    /// A local error in that window that would have detached the disk for the peer's copy: the
+    /// client got the error, and the disk detaches once the target confirms (a link loss first
+    /// keeps it, and the next connect resyncs the marked blocks from it).
+    private var detachWhenResyncDoneConfirmed = false
+
+    /// Whether the peer would be a full copy but for the target's confirmation of the resync's end.
+    private var peerIsFullCopyOnceConfirmed: Bool {
+        resyncDoneUnconfirmed && role == .primary && link == .connected && sync == .established && peerDisk == .upToDate
+    }
 
     /// A consistent disk that holds writes its peer lacks: it wrote since the generation its
     /// bitmap tracks (the peer's: a bitmap UUID), or it is, or is about to be, the resync source,
@@ -759,7 +773,11 @@ public struct ReplicaCore {
             receivedBitmapDone(totalBits: totalBits, into: &actions)
         case .stateChange(let change):
             // The target's announcement after `resyncDone` (it sent nothing UpToDate before it).
-            if change.diskState == .upToDate { resyncDoneUnconfirmed = false }
+            if change.diskState == .upToDate && resyncDoneUnconfirmed {
+                resyncDoneUnconfirmed = false
+                if detachWhenResyncDoneConfirmed && disk != .failed && role == .primary { detachLocalDisk(into: &actions) }
+                detachWhenResyncDoneConfirmed = false
+            }
             let changed = peerDisk != change.diskState || peerRole != change.role
             peerDisk = change.diskState
             peerRole = change.role
@@ -944,6 +962,7 @@ public struct ReplicaCore {
         peerLeftForRollback = false
         peerDisconnectedForSplitBrain = false
         resyncDoneUnconfirmed = false
+        detachWhenResyncDoneConfirmed = false
         linkSequence = 0
         epoch = 1
         epochClosePending = false

@@ -200,6 +200,31 @@ extension Pair {
         #expect(pair.secondary.disk == .upToDate && pair.primary.peerDisk == .upToDate)
     }
 
+    /// The decision deferred, not dropped: once the target confirms, the disk that failed a write
+    /// in the window detaches, as it would have with a confirmed full copy (its marks stay for a
+    /// resync into it after it is attached again). Kept instead, the pair stood connected and
+    /// established with blocks out of sync and no resync (`--failover --double-faults
+    /// --primary-disk-errors --overlapping-writes` 380009286).
+    @Test func aDiskThatFailedInTheWindowDetachesOnceTheTargetConfirms() {
+        var pair = Pair()
+        pair.resyncAfterWriteAlone(65536)
+        pair.readResyncRuns()
+        pair.deliverToSecondary()
+        pair.completeResyncWritesAndFlush()
+        pair.write(2, at: 1 << 20)
+        pair.deliverToSecondary()
+        pair.completeSecondary(.peerWrite(2))
+        pair.deliverToPrimary()
+        pair.completePrimary(.resyncFlush)
+        pair.completePrimary(.client(2), -5)
+        #expect(pair.primary.disk == .upToDate && pair.completed[2] == -5)
+        pair.deliverToSecondary()
+        #expect(pair.secondary.disk == .upToDate, "the target got resyncDone")
+        pair.deliverToPrimary()
+        #expect(pair.primary.disk == .failed, "confirmed a full copy, the failing disk detaches")
+        #expect(pair.primary.bitmap.isDirty(offset: 1 << 20, length: 4096))
+    }
+
     /// The same for a client flush (`--switchover --primary-disk-errors --overlapping-writes
     /// --barriers` 320004187): the target's flush answered it, then the source ended the resync
     /// and the flush failed on its own disk; the disk detached, and a partition that took
