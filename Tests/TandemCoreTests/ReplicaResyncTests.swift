@@ -168,15 +168,9 @@ extension Pair {
         #expect(pair.primary.sync == .established && pair.primary.bitmap.setBitCount == 0, "copied again")
     }
 
-    /// Found by the simulator (`--switchover --primary-disk-errors --overlapping-writes
-    /// --barriers` 320013541): the source counted the target UpToDate as it sent `resyncDone`, a
-    /// client write then failed on its disk and the target's ack answered it, so the disk
-    /// detached; the link reset took `resyncDone` with it, and the pair was left with two
-    /// Inconsistent disks (the target held every acknowledged write) that neither a promotion
-    /// nor a resync could bring back. Now the source detaches its disk for the target's copy only
-    /// once the target has said it is UpToDate (for everything else it counts as UpToDate at
-    /// once: counting it Inconsistent broke the generation rules).
-    @Test func aFailedWriteBeforeTheTargetConfirmedTheResyncsEndKeepsTheSourcesDisk() {
+    /// A resync that ended on the source (`resyncDone` sent, not delivered yet) while client write
+    /// 2 is on the peer and still on the source's disk: the window before the target confirms.
+    static func resyncEndedUnconfirmedWithWrite2OnThePeer() -> Pair {
         var pair = Pair()
         pair.resyncAfterWriteAlone(65536)
         pair.readResyncRuns()
@@ -187,6 +181,19 @@ extension Pair {
         pair.completeSecondary(.peerWrite(2))
         pair.deliverToPrimary()
         pair.completePrimary(.resyncFlush)
+        return pair
+    }
+
+    /// Found by the simulator (`--switchover --primary-disk-errors --overlapping-writes
+    /// --barriers` 320013541): the source counted the target UpToDate as it sent `resyncDone`, a
+    /// client write then failed on its disk and the target's ack answered it, so the disk
+    /// detached; the link reset took `resyncDone` with it, and the pair was left with two
+    /// Inconsistent disks (the target held every acknowledged write) that neither a promotion
+    /// nor a resync could bring back. Now the source detaches its disk for the target's copy only
+    /// once the target has said it is UpToDate (for everything else it counts as UpToDate at
+    /// once: counting it Inconsistent broke the generation rules).
+    @Test func aFailedWriteBeforeTheTargetConfirmedTheResyncsEndKeepsTheSourcesDisk() {
+        var pair = Self.resyncEndedUnconfirmedWithWrite2OnThePeer()
         #expect(pair.primary.sync == .established && pair.toSecondary.contains(.send(.resyncDone)), "the source ended the resync")
         #expect(pair.primary.peerDisk == .upToDate, "UpToDate for everything but detaching this disk")
         pair.completePrimary(.client(2), -5)
@@ -206,16 +213,7 @@ extension Pair {
     /// established with blocks out of sync and no resync (`--failover --double-faults
     /// --primary-disk-errors --overlapping-writes` 380009286).
     @Test func aDiskThatFailedInTheWindowDetachesOnceTheTargetConfirms() {
-        var pair = Pair()
-        pair.resyncAfterWriteAlone(65536)
-        pair.readResyncRuns()
-        pair.deliverToSecondary()
-        pair.completeResyncWritesAndFlush()
-        pair.write(2, at: 1 << 20)
-        pair.deliverToSecondary()
-        pair.completeSecondary(.peerWrite(2))
-        pair.deliverToPrimary()
-        pair.completePrimary(.resyncFlush)
+        var pair = Self.resyncEndedUnconfirmedWithWrite2OnThePeer()
         pair.completePrimary(.client(2), -5)
         #expect(pair.primary.disk == .upToDate && pair.completed[2] == -5)
         pair.deliverToSecondary()
