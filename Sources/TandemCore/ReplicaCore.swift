@@ -476,10 +476,9 @@ public struct ReplicaCore {
         writes[id] = nil
         var result = write.localResult
         let peerHasIt = write.peerResult == 0 && write.linkSequence != 0
-        if result < 0 && peerHasIt && disk != .failed && peerDisk == .upToDate && pendingSync != .syncSource && resyncDoneUnconfirmed {
-            detachWhenResyncDoneConfirmed = true
-        }
-        if result < 0 && peerHasIt && (disk == .failed || (peerDisk == .upToDate && pendingSync != .syncSource && !resyncDoneUnconfirmed)) {
+        let peerCoversIt = peerHasIt && peerDisk == .upToDate && pendingSync != .syncSource
+        if result < 0 && peerCoversIt && disk != .failed && resyncDoneUnconfirmed { detachWhenResyncDoneConfirmed = true }
+        if result < 0 && peerHasIt && (disk == .failed || (peerCoversIt && !resyncDoneUnconfirmed)) {
             // The peer has the data and is a full copy: the client loses nothing (the local disk
             // is detached). A peer still being resynced is not: detaching would leave no good copy.
             // Nor is one this side is about to resync (a verify's or a connect's handshake: its
@@ -513,7 +512,7 @@ public struct ReplicaCore {
     private mutating func finishFlushIfDone(_ id: UInt64, into actions: inout [Action]) {
         guard let flush = flushes[id], flush.localDone, !flush.peerPending else { return }
         flushes[id] = nil
-        if flush.localResult < 0 && flush.peerResult == 0 && peerIsFullCopyOnceConfirmed { detachWhenResyncDoneConfirmed = true }
+        if flush.localResult < 0 && flush.peerResult == 0 && peerIsFullCopyButUnconfirmed { detachWhenResyncDoneConfirmed = true }
         if flush.localResult < 0 && flush.peerResult == 0 && peerIsFullCopy {
             // The writes this flush covers may not be on the local disk, and the peer's flush
             // made every write it got durable there: handled as a failed write (and as
@@ -586,7 +585,7 @@ public struct ReplicaCore {
         } else if peerIsFullCopy {
             detachLocalDisk(into: &actions)
         } else {
-            if peerIsFullCopyOnceConfirmed { detachWhenResyncDoneConfirmed = true }
+            if peerIsFullCopyButUnconfirmed { detachWhenResyncDoneConfirmed = true }
             writebackErrorPending = result
         }
         return disk == .failed
@@ -594,10 +593,17 @@ public struct ReplicaCore {
 
     /// A primary whose peer holds every block (connected, in sync, UpToDate, nothing marked):
     /// its local disk can detach after an error and the peer serve.
-    private var peerIsFullCopy: Bool {
+    private var peerIsFullCopy: Bool { peerHoldsEveryBlock && !resyncDoneUnconfirmed }
+
+    /// Connected, in sync and UpToDate as far as this side knows; a full copy once the target
+    /// of this side's last resync has also confirmed its end.
+    private var peerHoldsEveryBlock: Bool {
         role == .primary && link == .connected && sync == .established && peerDisk == .upToDate && bitmap.setBitCount == 0
-            && !resyncDoneUnconfirmed
     }
+
+    /// The peer would be a full copy but for that confirmation: a local error now detaches the
+    /// disk only once it comes (`detachWhenResyncDoneConfirmed`).
+    private var peerIsFullCopyButUnconfirmed: Bool { peerHoldsEveryBlock && resyncDoneUnconfirmed }
 
     /// A resync this side was the source of ended (`resyncDone` sent) and the target has not yet
     /// said it is UpToDate (its `stateChange` after `resyncDone`). Until then the peer counts as
@@ -612,11 +618,6 @@ public struct ReplicaCore {
     /// client got the error, and the disk detaches once the target confirms (a link loss first
     /// keeps it, and the next connect resyncs the marked blocks from it).
     private var detachWhenResyncDoneConfirmed = false
-
-    /// Whether the peer would be a full copy but for the target's confirmation of the resync's end.
-    private var peerIsFullCopyOnceConfirmed: Bool {
-        resyncDoneUnconfirmed && role == .primary && link == .connected && sync == .established && peerDisk == .upToDate
-    }
 
     /// A consistent disk that holds writes its peer lacks: it wrote since the generation its
     /// bitmap tracks (the peer's: a bitmap UUID), or it is, or is about to be, the resync source,
