@@ -89,11 +89,22 @@ def _txt(b):
     return b.decode("utf-8", "replace")
 
 
+_ports_given = set()
+
+
 def free_port(host=HOST):
+    """A port nothing listens on now, and not one this test run handed out before: the kernel
+    may give a just-closed port out again, and a resource file that got the same port for two
+    listeners was refused (seen once in CI)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(1000):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+    raise AssertionError("no fresh free port in 1000 tries")
 
 
 def hostport(host, port):
